@@ -1,0 +1,267 @@
+"""CPConfig: the one documented context-parallel state, and its validation.
+
+Pure Python (no torch.distributed): the CLI, the Megatron argument hook and the runtime all validate
+through :meth:`CPConfig.validate`, so an impossible configuration is refused before any collective.
+
+Every error names the flags and the values involved, e.g.::
+
+    --num-attention-heads 6 is not divisible by --tensor-model-parallel-size 2 x
+    --context-parallel-size 4 (ulysses_cp_algo)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+ULYSSES = "ulysses_cp_algo"
+RING = "megatron_cp_algo"
+HYBRID = "hybrid_cp_algo"
+ALGORITHMS = (ULYSSES, RING, HYBRID)
+MASK_TYPES = ("causal", "general")
+
+
+class CPConfigError(ValueError):
+    """A context-parallel configuration that cannot run. The message names the flags involved."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class CPConfig:
+    """The seven context-parallel options (MindSpeed's flag names and defaults).
+
+    ``context_parallel_size``   ``--context-parallel-size`` (Megatron's own flag): ranks sharing a sequence.
+    ``context_parallel_algo``   ``ulysses_cp_algo`` (default) | ``megatron_cp_algo`` (ring) | ``hybrid_cp_algo``.
+    ``ulysses_degree_in_cp``    hybrid only: ranks per Ulysses group (U); the ring then has CP/U ranks.
+    ``cp_window_size``          ring/hybrid: >1 selects Double Ring with inner windows of this many ranks.
+    ``use_cp_send_recv_overlap``  ring/hybrid: post the next KV exchange before computing the current block.
+    ``megatron_cp_in_bnsd``     ring/hybrid: compute blocks in ``[b, n, s, d]`` layout.
+    ``attention_mask_type``     ``causal`` (default) | ``general`` (explicit boolean mask, True = masked).
+    """
+
+    context_parallel_size: int = 1
+    context_parallel_algo: str = ULYSSES
+    ulysses_degree_in_cp: Optional[int] = None
+    cp_window_size: int = 1
+    use_cp_send_recv_overlap: bool = False
+    megatron_cp_in_bnsd: bool = False
+    attention_mask_type: str = "causal"
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def fields(cls) -> tuple:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_namespace(cls, namespace: Any = None, **flags: Any) -> "CPConfig":
+        """Build from an argparse namespace (Megatron's ``args``) and/or keyword flags (flags win).
+
+        Attributes the namespace lacks keep their defaults; ``None`` for an option whose default is not
+        ``None`` also keeps the default (argparse leaves unset ints as None in some Megatron versions).
+        """
+        unknown = sorted(set(flags) - set(cls.fields()))
+        if unknown:
+            raise CPConfigError(
+                f"unknown context-parallel option(s) {', '.join(unknown)}; "
+                f"known: {', '.join(cls.fields())}")
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in flags:
+                values[f.name] = flags[f.name]
+            elif namespace is not None and getattr(namespace, f.name, None) is not None:
+                values[f.name] = getattr(namespace, f.name)
+        for name, value in list(values.items()):
+            if value is None and getattr(cls, name) is not None:
+                del values[name]
+        return cls(**values)
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def cp(self) -> int:
+        return self.context_parallel_size
+
+    @property
+    def ulysses_size(self) -> int:
+        """Ranks in one Ulysses all-to-all group (1 when the algorithm has no Ulysses level)."""
+        if self.cp == 1:
+            return 1
+        if self.context_parallel_algo == ULYSSES:
+            return self.cp
+        if self.context_parallel_algo == HYBRID:
+            return self.ulysses_degree_in_cp
+        return 1
+
+    @property
+    def ring_size(self) -> int:
+        """Ranks in one KV ring (1 when the algorithm has no ring level)."""
+        return self.cp // self.ulysses_size
+
+    @property
+    def is_double_ring(self) -> bool:
+        return self.ring_size > 1 and self.cp_window_size > 1
+
+    @property
+    def uses_zigzag(self) -> bool:
+        """Ring and Hybrid shard the sequence in 2*ring zigzag chunks (causal load balance)."""
+        return self.ring_size > 1
+
+    # ------------------------------------------------------------------ validation
+    def validate(
+        self,
+        *,
+        tensor_model_parallel_size: int = 1,
+        num_attention_heads: Optional[int] = None,
+        num_query_groups: Optional[int] = None,
+        seq_length: Optional[int] = None,
+        world_size: Optional[int] = None,
+        pipeline_model_parallel_size: int = 1,
+    ) -> "CPConfig":
+        """Check this configuration against the model and layout; raise :class:`CPConfigError`.
+
+        Arguments left as None are not checked (e.g. the CLI knows no head count). Returns ``self``.
+        """
+        self._validate_options()
+        self._validate_layout(world_size, tensor_model_parallel_size, pipeline_model_parallel_size)
+        self._validate_heads(tensor_model_parallel_size, num_attention_heads, num_query_groups)
+        if seq_length is not None:
+            self._validate_seq(seq_length)
+        return self
+
+    def _validate_options(self) -> None:
+        algo, cp = self.context_parallel_algo, self.context_parallel_size
+        if algo not in ALGORITHMS:
+            raise CPConfigError(
+                f"--context-parallel-algo {algo!r} is not one of {', '.join(ALGORITHMS)}")
+        if not isinstance(cp, int) or isinstance(cp, bool) or cp < 1:
+            raise CPConfigError(f"--context-parallel-size {cp!r} must be a positive integer")
+        if self.attention_mask_type not in MASK_TYPES:
+            raise CPConfigError(
+                f"--attention-mask-type {self.attention_mask_type!r} is not one of {', '.join(MASK_TYPES)}")
+        k = self.cp_window_size
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise CPConfigError(f"--cp-window-size {k!r} must be an integer >= 1")
+        u = self.ulysses_degree_in_cp
+        if u is not None and (not isinstance(u, int) or isinstance(u, bool) or u < 1):
+            raise CPConfigError(f"--ulysses-degree-in-cp {u!r} must be a positive integer")
+
+        if algo == HYBRID and cp > 1:
+            if u is None:
+                raise CPConfigError(
+                    f"--context-parallel-algo hybrid_cp_algo needs --ulysses-degree-in-cp "
+                    f"(a divisor of --context-parallel-size {cp})")
+            if cp % u:
+                raise CPConfigError(
+                    f"--ulysses-degree-in-cp {u} does not divide --context-parallel-size {cp} (hybrid_cp_algo)")
+            if u == cp:
+                raise CPConfigError(
+                    f"--ulysses-degree-in-cp {u} equals --context-parallel-size {cp}: the ring level would be "
+                    f"empty; use --context-parallel-algo ulysses_cp_algo")
+            if u == 1:
+                raise CPConfigError(
+                    f"--ulysses-degree-in-cp 1 leaves no Ulysses level in --context-parallel-size {cp}; "
+                    f"use --context-parallel-algo megatron_cp_algo")
+        elif u is not None and u != 1 and cp > 1:
+            raise CPConfigError(
+                f"--ulysses-degree-in-cp {u} only applies to --context-parallel-algo hybrid_cp_algo "
+                f"(got {algo})")
+
+        ring_only = [name for name, on in (("use_cp_send_recv_overlap", self.use_cp_send_recv_overlap),
+                                            ("megatron_cp_in_bnsd", self.megatron_cp_in_bnsd)) if on]
+        if cp > 1 and algo == ULYSSES and (ring_only or k > 1):
+            names = [_flag(n) for n in ring_only] + ([f"--cp-window-size {k}"] if k > 1 else [])
+            raise CPConfigError(
+                f"{', '.join(names)} only apply to the ring level (megatron_cp_algo or hybrid_cp_algo); "
+                f"--context-parallel-algo ulysses_cp_algo would ignore them")
+        if k > 1:
+            ring = self.ring_size if cp > 1 else 1
+            where = "--context-parallel-size" if algo != HYBRID else \
+                "the ring size --context-parallel-size / --ulysses-degree-in-cp"
+            if ring % k:
+                raise CPConfigError(
+                    f"--cp-window-size {k} does not divide {where} ({ring}) ({algo})")
+            if k >= ring:
+                raise CPConfigError(
+                    f"--cp-window-size {k} must be smaller than {where} ({ring}) for Double Ring; "
+                    f"use --cp-window-size 1 for a single ring ({algo})")
+
+    def _validate_layout(self, world_size, tp, pp) -> None:
+        for name, v in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise CPConfigError(f"{name} {v!r} must be a positive integer")
+        if world_size is None:
+            return
+        if not isinstance(world_size, int) or world_size < 1:
+            raise CPConfigError(f"world size {world_size!r} must be a positive integer")
+        mp = tp * pp * self.cp
+        if world_size % mp:
+            raise CPConfigError(
+                f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+                f"--pipeline-model-parallel-size {pp} x --context-parallel-size {self.cp} (= {mp})")
+
+    def _validate_heads(self, tp, heads, kv_heads) -> None:
+        if heads is None:
+            return
+        algo, cp = self.context_parallel_algo, self.cp
+        if heads % tp:
+            raise CPConfigError(
+                f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size {tp}")
+        kv = heads if kv_heads is None else kv_heads
+        if kv < 1 or heads % kv:
+            raise CPConfigError(
+                f"--num-query-groups {kv} does not divide --num-attention-heads {heads}")
+        if kv % tp:
+            raise CPConfigError(
+                f"--num-query-groups {kv} is not divisible by --tensor-model-parallel-size {tp}")
+        u = self.ulysses_size
+        if u == 1:
+            return
+        if heads % (tp * u):
+            if algo == ULYSSES:
+                raise CPConfigError(
+                    f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size {tp} x "
+                    f"--context-parallel-size {cp} (ulysses_cp_algo)")
+            raise CPConfigError(
+                f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size {tp} x "
+                f"--ulysses-degree-in-cp {u} (hybrid_cp_algo)")
+        # GQA: each Ulysses rank needs whole KV heads. With fewer local KV heads than Ulysses ranks they
+        # are replicated (u % kv_local == 0); with more they are scattered (kv_local % u == 0).
+        kv_local = kv // tp
+        if (kv_local < u and u % kv_local) or (kv_local >= u and kv_local % u):
+            deg = "--context-parallel-size" if algo == ULYSSES else "--ulysses-degree-in-cp"
+            raise CPConfigError(
+                f"--num-query-groups {kv} / --tensor-model-parallel-size {tp} = {kv_local} KV heads per "
+                f"tensor-parallel rank cannot be shared evenly by {deg} {u} Ulysses ranks "
+                f"(one must divide the other) ({algo})")
+
+    def _validate_seq(self, seq: int) -> None:
+        algo, cp = self.context_parallel_algo, self.cp
+        if cp == 1:
+            return
+        if self.uses_zigzag:
+            if seq % (2 * cp):
+                raise CPConfigError(
+                    f"--seq-length {seq} is not divisible by 2 x --context-parallel-size {cp} = {2 * cp} "
+                    f"({algo} splits the sequence into 2*CP zigzag chunks for causal load balance)")
+        elif seq < cp:
+            raise CPConfigError(
+                f"--seq-length {seq} is shorter than --context-parallel-size {cp}: every rank must hold "
+                f"at least one token (ulysses_cp_algo)")
+
+    # ------------------------------------------------------------------ misc
+    def replace(self, **changes: Any) -> "CPConfig":
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        parts = [f"CP={self.cp}", self.context_parallel_algo]
+        if self.context_parallel_algo == HYBRID:
+            parts.append(f"ulysses={self.ulysses_size} ring={self.ring_size}")
+        if self.cp_window_size > 1:
+            parts.append(f"window={self.cp_window_size}")
+        for name in ("use_cp_send_recv_overlap", "megatron_cp_in_bnsd"):
+            if getattr(self, name):
+                parts.append(name)
+        parts.append(f"mask={self.attention_mask_type}")
+        return " ".join(parts)

@@ -1,0 +1,118 @@
+"""``import mindspeed_cp.megatron_adaptor`` applies every Megatron patch of the plugin, once.
+
+This module is the one place that lists what the plugin replaces in Megatron (:data:`PATCHES`;
+``mindspeed-cp patches`` prints it). Each entry is a dotted target, the function that builds the
+replacement from the original, and why. Implementations live next to the feature they serve.
+
+Usage (MindSpeed's convention)::
+
+    import mindspeed_cp.megatron_adaptor as adaptor          # patches megatron.core
+    adaptor.configure(context_parallel_size=4, context_parallel_algo="megatron_cp_algo")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=4)
+    # ... build a GPTModel as usual; its core attention now runs ring attention.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from . import device
+from .config import CPConfig, CPConfigError
+from .patching import Patch, PatchRegistry, wrap
+from .state import STATE, CPStateError
+
+
+# ----------------------------------------------------------------------------- parallel_state
+def _initialize_model_parallel(original, *args, **kwargs):
+    """Megatron's groups first, then ours from the same layout function, on every rank in one order."""
+    import inspect
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    bound = inspect.signature(original).bind_partial(*args, **kwargs)
+    params = {**{k: p.default for k, p in inspect.signature(original).parameters.items()},
+              **bound.arguments}
+    tp = params.get("tensor_model_parallel_size", 1) or 1
+    pp = params.get("pipeline_model_parallel_size", 1) or 1
+    cp = params.get("context_parallel_size", 1) or 1
+    order = params.get("order", "tp-cp-ep-dp-pp")
+    world = dist.get_world_size()
+
+    config = STATE.config
+    if cp != config.cp:
+        if STATE.configured and STATE.cp_explicit:
+            raise CPConfigError(
+                f"initialize_model_parallel(context_parallel_size={cp}) contradicts "
+                f"configure(context_parallel_size={config.cp}) (--context-parallel-size)")
+        config = config.replace(context_parallel_size=cp)
+    config.validate(world_size=world, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    if cp > 1 and order != "tp-cp-ep-dp-pp":
+        raise CPConfigError(
+            f"mindspeed-cp lays out context-parallel sub-groups for Megatron's default rank order "
+            f"tp-cp-ep-dp-pp, got order={order!r}")
+    result = original(*args, **kwargs)
+    STATE.config = config
+    if cp > 1:
+        STATE.build_groups(world, dist.get_rank(), tp, pp,
+                           new_group=lambda ranks: dist.new_group(ranks),
+                           cp_group=ps.get_context_parallel_group())
+    return result
+
+
+def _destroy_model_parallel(original, *args, **kwargs):
+    STATE.clear_groups()
+    return original(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- the list
+PATCHES = PatchRegistry()
+for _patch in (
+    Patch("megatron.core.parallel_state.initialize_model_parallel", wrap(_initialize_model_parallel),
+          "after Megatron's groups, create the Ulysses / ring / double-ring groups (and the overlap "
+          "communicators) from mindspeed_cp.topology, the function `mindspeed-cp groups` draws"),
+    Patch("megatron.core.parallel_state.destroy_model_parallel", wrap(_destroy_model_parallel),
+          "drop the context-parallel groups together with Megatron's"),
+    *device.PATCHES,
+):
+    PATCHES.add(_patch)
+
+
+def apply() -> None:
+    """Apply every patch (a no-op for those already applied)."""
+    PATCHES.apply_all()
+
+
+def undo() -> None:
+    """Restore every original (tests use this; a training job never needs it)."""
+    PATCHES.undo_all()
+
+
+def configure(namespace: Optional[Any] = None, **flags: Any) -> CPConfig:
+    """Make these CP options active, validated. Call before ``initialize_model_parallel``.
+
+    ``namespace`` is Megatron's parsed ``args`` (or any object with the option attributes); keyword
+    ``flags`` override it. Model facts found on the namespace (``tensor_model_parallel_size``,
+    ``num_attention_heads``, ``num_query_groups``, ``seq_length``, ``world_size``) are validated too.
+    """
+    config = CPConfig.from_namespace(namespace, **flags)
+    ns = namespace
+    gqa = getattr(ns, "group_query_attention", True)
+    config.validate(
+        tensor_model_parallel_size=getattr(ns, "tensor_model_parallel_size", None) or 1,
+        pipeline_model_parallel_size=getattr(ns, "pipeline_model_parallel_size", None) or 1,
+        num_attention_heads=getattr(ns, "num_attention_heads", None),
+        num_query_groups=getattr(ns, "num_query_groups", None) if gqa else None,
+        seq_length=getattr(ns, "seq_length", None),
+        world_size=getattr(ns, "world_size", None),
+    )
+    if STATE.groups_built and config != STATE.config:
+        raise CPStateError(
+            f"configure({config.describe()}) while groups for {STATE.config.describe()} exist: call "
+            f"parallel_state.destroy_model_parallel() first")
+    STATE.set_config(config)
+    STATE.cp_explicit = "context_parallel_size" in flags or (
+        ns is not None and getattr(ns, "context_parallel_size", None) is not None)
+    return config
+
+
+apply()

@@ -1,0 +1,163 @@
+"""A registry of patches keyed by dotted target path: apply once, undo, list.
+
+A :class:`Patch` names what it replaces (``megatron.core.parallel_state.initialize_model_parallel``), a
+*wrapper factory* ``make(original) -> replacement`` and one line saying why. Applying replaces the
+attribute at its home and in every already-imported module that bound the same object under the same
+name (``from x import f`` copies), so callers see the patch whichever way they imported it.
+
+Every patch of the plugin is declared in one list, ``mindspeed_cp.megatron_adaptor.PATCHES``;
+``mindspeed-cp patches`` prints it.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+_MISSING = object()
+
+
+def wrap(impl: Callable) -> Callable[[Any], Any]:
+    """Patch factory: the replacement calls ``impl(original, *args, **kwargs)``."""
+
+    def make(original):
+        @functools.wraps(original)
+        def replacement(*args, **kwargs):
+            return impl(original, *args, **kwargs)
+
+        replacement.__mindspeed_cp_original__ = original
+        return replacement
+
+    return make
+
+
+def replace(impl: Any) -> Callable[[Any], Any]:
+    """Patch factory: the replacement is ``impl`` itself (the original is not needed)."""
+    return lambda original: impl
+
+
+def resolve(target: str) -> Tuple[Any, str]:
+    """``"pkg.mod.Class.attr"`` -> (owner object, attribute name). Imports the longest module prefix."""
+    parts = target.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            owner = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:-1]:
+            owner = getattr(owner, name)
+        return owner, parts[-1]
+    raise ImportError(f"cannot import any module prefix of {target!r}")
+
+
+@dataclass
+class Patch:
+    """One replacement in a third-party module.
+
+    ``make(original)`` returns the replacement; ``original`` is ``None`` when the attribute does not
+    exist yet (``create=True`` patches add something). ``when`` decides at apply time whether the
+    patch is needed (e.g. only without an accelerator, only for some Megatron versions).
+    """
+
+    target: str
+    make: Callable[[Any], Any]
+    why: str
+    when: Optional[Callable[[], bool]] = None
+    when_doc: str = "always"
+    create: bool = False
+    # filled when applied
+    applied: bool = field(default=False, init=False)
+    status: str = field(default="not applied", init=False)
+    _undo: List[Tuple[Any, str, Any]] = field(default_factory=list, init=False, repr=False)
+
+    def apply(self) -> None:
+        if self.applied:
+            return
+        if self.when is not None and not self.when():
+            self.status = f"skipped ({self.when_doc} does not hold)"
+            return
+        try:
+            owner, name = resolve(self.target)
+        except (ImportError, AttributeError) as e:
+            self.status = f"skipped (target absent in this version: {e})"
+            return
+        original = getattr(owner, name, _MISSING)
+        if original is _MISSING and not self.create:
+            self.status = "skipped (target absent in this version)"
+            return
+        replacement = self.make(None if original is _MISSING else original)
+        self._undo = [(owner, name, original)]
+        setattr(owner, name, replacement)
+        if original is not _MISSING and callable(original):
+            # `from megatron.core.x import f` elsewhere bound the old object: rebind those names too.
+            root = self.target.split(".")[0]
+            for mod_name, mod in list(sys.modules.items()):
+                if mod is None or mod is owner or not (mod_name == root or mod_name.startswith(root + ".")):
+                    continue
+                if getattr(mod, "__dict__", {}).get(name, _MISSING) is original:
+                    self._undo.append((mod, name, original))
+                    setattr(mod, name, replacement)
+        self.applied = True
+        self.status = "applied" + (f" (+{len(self._undo) - 1} import sites)" if len(self._undo) > 1 else "")
+
+    def undo(self) -> None:
+        for owner, name, original in reversed(self._undo):
+            if original is _MISSING:
+                try:
+                    delattr(owner, name)
+                except AttributeError:
+                    pass
+            else:
+                setattr(owner, name, original)
+        self._undo = []
+        self.applied = False
+        self.status = "not applied"
+
+
+class PatchRegistry:
+    """Ordered patches, keyed by target. Applying twice is a no-op; undo restores every original."""
+
+    def __init__(self) -> None:
+        self._patches: Dict[str, Patch] = {}
+
+    def add(self, patch: Patch) -> Patch:
+        if patch.target in self._patches:
+            raise ValueError(f"two patches for {patch.target}: merge them into one")
+        self._patches[patch.target] = patch
+        return patch
+
+    def __iter__(self):
+        return iter(self._patches.values())
+
+    def __len__(self) -> int:
+        return len(self._patches)
+
+    def __getitem__(self, target: str) -> Patch:
+        return self._patches[target]
+
+    def apply_all(self) -> None:
+        for p in self._patches.values():
+            p.apply()
+
+    def undo_all(self) -> None:
+        for p in reversed(list(self._patches.values())):
+            p.undo()
+
+    @property
+    def applied(self) -> bool:
+        return any(p.applied for p in self._patches.values())
+
+    def table(self) -> List[Dict[str, str]]:
+        return [{"target": p.target, "why": p.why, "when": p.when_doc, "status": p.status}
+                for p in self._patches.values()]
+
+    def format(self) -> str:
+        rows = self.table()
+        width = max((len(r["target"]) for r in rows), default=10)
+        lines = [f"{'target'.ljust(width)}  status / when / why"]
+        for r in rows:
+            lines.append(f"{r['target'].ljust(width)}  [{r['status']}] ({r['when']})")
+            lines.append(f"{''.ljust(width)}  {r['why']}")
+        return "\n".join(lines)

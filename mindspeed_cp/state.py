@@ -1,0 +1,129 @@
+"""The runtime CP state: the active :class:`CPConfig` and this rank's context-parallel groups.
+
+There is exactly one :data:`STATE`. ``configure()`` sets its config; the patched
+``parallel_state.initialize_model_parallel`` fills its groups from :func:`topology.layout_for` right
+after Megatron's own groups; ``destroy_model_parallel`` clears them. Algorithms never read this object:
+they take their process groups as arguments (the Megatron glue looks them up here), so two models with
+different groups never share hidden state.
+
+Group kinds (see :mod:`mindspeed_cp.topology`): ``ulysses``, ``ring``, ``ring_intra_window``,
+``ring_inter_window``. Under ``--use-cp-send-recv-overlap`` each ring kind has a second communicator,
+:meth:`CPState.overlap_group`, so a send and a receive posted together do not serialise.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional
+
+from .config import CPConfig
+from .topology import CP_KINDS, RING_KINDS, layout_for
+
+
+class CPStateError(RuntimeError):
+    pass
+
+
+class CPState:
+    def __init__(self) -> None:
+        self.config: CPConfig = CPConfig()
+        self.configured: bool = False  # configure() was called
+        self.cp_explicit: bool = False  # configure() named context_parallel_size
+        self._groups: Dict[str, object] = {}
+        self._overlap: Dict[str, object] = {}
+        self._ranks: Dict[str, List[int]] = {}
+        self.layout: Optional[Dict[str, List[List[int]]]] = None
+
+    # ------------------------------------------------------------ config
+    def set_config(self, config: CPConfig) -> None:
+        if self.groups_built and config.cp != self.config.cp:
+            raise CPStateError(
+                f"configure(context_parallel_size={config.cp}) after groups for "
+                f"--context-parallel-size {self.config.cp} were built: call "
+                f"parallel_state.destroy_model_parallel() first")
+        self.config = config
+        self.configured = True
+
+    def reset(self) -> None:
+        self.__init__()
+
+    # ------------------------------------------------------------ groups
+    @property
+    def groups_built(self) -> bool:
+        return self.layout is not None
+
+    def build_groups(self, world_size: int, rank: int, tp: int, pp: int,
+                     new_group: Callable[[List[int]], object], cp_group: object) -> None:
+        """Create the CP sub-groups on every rank, in the same order everywhere (a collective).
+
+        Kinds equal to the CP group itself reuse Megatron's ``cp_group`` instead of a new communicator.
+        """
+        layout = layout_for(self.config, world_size, tp, pp)
+        self._groups, self._overlap, self._ranks = {}, {}, {}
+        for kind in CP_KINDS:
+            if kind not in layout:
+                continue
+            same_as_cp = layout[kind] == layout["cp"]
+            for ranks in layout[kind]:
+                pg = cp_group if same_as_cp else None
+                if not same_as_cp:
+                    pg = new_group(ranks)
+                if rank in ranks:
+                    self._groups[kind] = pg
+                    self._ranks[kind] = list(ranks)
+            if kind in RING_KINDS and self.config.use_cp_send_recv_overlap:
+                for ranks in layout[kind]:
+                    pg = new_group(ranks)
+                    if rank in ranks:
+                        self._overlap[kind] = pg
+        self.layout = layout
+
+    def clear_groups(self) -> None:
+        self._groups, self._overlap, self._ranks = {}, {}, {}
+        self.layout = None
+
+    def _need(self, kind: str, table: Dict[str, object]):
+        if not self.groups_built:
+            raise CPStateError(
+                "context-parallel groups are not initialized: call mindspeed_cp.megatron_adaptor.configure(...) "
+                "and then megatron.core.parallel_state.initialize_model_parallel(...)")
+        if kind not in table:
+            raise CPStateError(
+                f"no {kind!r} group for {self.config.describe()} (available: {', '.join(sorted(table)) or 'none'})")
+        return table[kind]
+
+    def group(self, kind: str):
+        """This rank's process group of ``kind`` (``ulysses``, ``ring``, ``ring_intra_window``, ...)."""
+        return self._need(kind, self._groups)
+
+    def overlap_group(self, kind: str):
+        """The second communicator of a ring kind (only with ``use_cp_send_recv_overlap``)."""
+        return self._need(kind, self._overlap)
+
+    def ranks(self, kind: str) -> List[int]:
+        """Global ranks of this rank's group of ``kind``, in group order."""
+        return list(self._need(kind, self._ranks))
+
+    def has(self, kind: str) -> bool:
+        return kind in self._groups
+
+
+STATE = CPState()
+
+
+def get_cp_config() -> CPConfig:
+    return STATE.config
+
+
+def get_ulysses_group():
+    return STATE.group("ulysses")
+
+
+def get_ring_group():
+    return STATE.group("ring")
+
+
+def get_ring_intra_window_group():
+    return STATE.group("ring_intra_window")
+
+
+def get_ring_inter_window_group():
+    return STATE.group("ring_inter_window")
