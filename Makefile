@@ -28,3 +28,8 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) *.egg-info test-artifacts
+
+groups-example: setup
+	mkdir -p test-artifacts
+	$(VENV)/bin/mindspeed-cp groups --world-size 16 --tp 2 --cp 8 --cp-algo hybrid_cp_algo \
+	  --ulysses-degree-in-cp 2 --cp-window-size 2 --format html --output test-artifacts/groups-example.html

@@ -1,0 +1,6 @@
+"""``python -m mindspeed_cp`` = the ``mindspeed-cp`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
