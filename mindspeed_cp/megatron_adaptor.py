@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from . import device
+from . import attention, device
 from .config import CPConfig, CPConfigError
-from .patching import Patch, PatchRegistry, wrap
+from .patching import Patch, PatchRegistry, replace, wrap
 from .state import STATE, CPStateError
 
 
@@ -72,6 +72,25 @@ for _patch in (
           "communicators) from mindspeed_cp.topology, the function `mindspeed-cp groups` draws"),
     Patch("megatron.core.parallel_state.destroy_model_parallel", wrap(_destroy_model_parallel),
           "drop the context-parallel groups together with Megatron's"),
+    # core attention swap (local spec); with CP = 1 both calls go straight to Megatron's own code
+    Patch("megatron.core.transformer.dot_product_attention.DotProductAttention.__init__",
+          wrap(attention.dot_product_attention_init),
+          "with CP > 1 build Megatron's attention as the CP=1 local attention (its assert refuses CP) and "
+          "attach the configured algorithm (Ulysses heads per rank set for the all-to-all)"),
+    Patch("megatron.core.transformer.dot_product_attention.DotProductAttention.forward",
+          wrap(attention.dot_product_attention_forward),
+          "run Ulysses / ring / hybrid attention around (or instead of) the local attention"),
+    # sharding
+    Patch("megatron.core.utils.get_batch_on_this_cp_rank", wrap(attention.get_batch_on_this_cp_rank),
+          "split the batch per algorithm: contiguous (Ulysses, unaligned lengths too), zigzag (ring), "
+          "zigzag then contiguous (hybrid); records the global length"),
+    Patch("megatron.core.models.common.embeddings.rope_utils.get_pos_emb_on_this_cp_rank",
+          replace(attention.get_pos_emb_on_this_cp_rank),
+          "RoPE positions of the tokens this rank holds, for every algorithm (Megatron's is zigzag only, and "
+          "its index goes through .cuda())"),
+    Patch("megatron.core.models.common.embeddings.rotary_pos_embedding.RotaryEmbedding.get_rotary_seq_len",
+          wrap(attention.get_rotary_seq_len),
+          "RoPE table covers the global length when Ulysses lengths are unaligned (Megatron assumes s*CP)"),
     *device.PATCHES,
 ):
     PATCHES.add(_patch)

@@ -31,6 +31,12 @@ class CPState:
         self._overlap: Dict[str, object] = {}
         self._ranks: Dict[str, List[int]] = {}
         self.layout: Optional[Dict[str, List[List[int]]]] = None
+        # Global sequence length of the batch last split by get_batch_on_this_cp_rank. Ulysses in Megatron
+        # takes its gather size (and RoPE its positions) from it when lengths are unaligned; the Ulysses
+        # all-to-all re-checks it against every rank's local length, so a stale value is an error, not a
+        # wrong result.
+        self.seq_len: Optional[int] = None
+        self.warned_unsplit: bool = False
 
     # ------------------------------------------------------------ config
     def set_config(self, config: CPConfig) -> None:
@@ -79,6 +85,7 @@ class CPState:
     def clear_groups(self) -> None:
         self._groups, self._overlap, self._ranks = {}, {}, {}
         self.layout = None
+        self.seq_len = None
 
     def _need(self, kind: str, table: Dict[str, object]):
         if not self.groups_built:

@@ -86,11 +86,15 @@ def _worker(rank: int, world_size: int, port: int, conn) -> None:
             break
         fn, args, kwargs = msg
         try:
-            conn.send(("ok", fn(*args, **kwargs)))
+            result = ("ok", fn(*args, **kwargs))
         except BaseException as e:  # noqa: BLE001 - report everything, keep serving
-            conn.send(("err", RankError(rank, type(e).__name__, str(e), traceback.format_exc())))
+            result = ("err", RankError(rank, type(e).__name__, str(e), traceback.format_exc()))
         finally:
             _cleanup_rank()
+        try:
+            conn.send(result)
+        except Exception as e:  # noqa: BLE001 - e.g. an unpicklable result
+            conn.send(("err", RankError(rank, type(e).__name__, f"cannot return the result: {e}", "")))
 
 
 class Pool:

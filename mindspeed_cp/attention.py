@@ -1,0 +1,232 @@
+"""Megatron glue: the core attention runs the configured CP algorithm; batches and RoPE follow its sharding.
+
+Megatron's local-spec ``DotProductAttention`` refuses CP (it asserts ``context_parallel_size == 1``). With CP
+active, the patched constructor builds it as a CP=1 *local* attention and attaches a :class:`CPCoreAttention`
+that the patched ``forward`` hands the call to:
+
+* ``ulysses_cp_algo``: ``UlyssesContextAttention`` around Megatron's own attention, which now sees the full
+  sequence and ``heads / (TP*CP)`` heads (its per-partition head counts are set for that);
+* ``megatron_cp_algo``: ring attention (zigzag causal or general mask) over the ring group;
+* ``hybrid_cp_algo``: Ulysses over the Ulysses group around ring attention over the ring group.
+
+Process groups come from :data:`mindspeed_cp.state.STATE`, looked up once per module at construction.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from .config import HYBRID, RING, ULYSSES, CPConfig, CPConfigError
+from .sharding import split_batch, token_indices
+from .state import STATE
+
+
+def _causal(attn_mask_type) -> bool:
+    return getattr(attn_mask_type, "name", str(attn_mask_type)).endswith("causal")
+
+
+def gather_mask_rows(mask: Optional[torch.Tensor], group, seq_len: int) -> Optional[torch.Tensor]:
+    """``[b, 1, s_local, S]`` -> ``[b, 1, S_group, S]``: the rows of every rank of ``group``, in group order.
+
+    Masks are not differentiable; ranks may hold different row counts (unaligned Ulysses).
+    """
+    if mask is None or mask.shape[2] == seq_len:
+        return mask
+    world = dist.get_world_size(group)
+    counts = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([mask.shape[2]], dtype=torch.long), group=group)
+    most = max(int(c) for c in counts)
+    padded = torch.zeros(*mask.shape[:2], most, mask.shape[3], dtype=mask.dtype, device=mask.device)
+    padded[:, :, : mask.shape[2]] = mask
+    rows = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(rows, padded.contiguous(), group=group)
+    return torch.cat([r[:, :, : int(c)] for r, c in zip(rows, counts)], dim=2)
+
+
+class _StateGatherSize:
+    """Ulysses gather size for Megatron: the batch length recorded by ``get_batch_on_this_cp_rank``.
+
+    None (aligned) when no batch was split through it. The all-to-all re-checks the value against every
+    rank's local length, so a stale or wrong value is an error on every rank.
+    """
+
+    def calculate(self, *args, **kwargs) -> Optional[int]:
+        return STATE.seq_len
+
+
+@dataclass
+class CPCoreAttention:
+    """Runs one attention layer under the active CP algorithm (attached to a ``DotProductAttention``)."""
+
+    config: CPConfig
+    softmax_scale: float
+    causal: bool
+    ulysses_group: Any = None
+    ring_group: Any = None
+    ring_overlap_group: Any = None
+    window: Any = None
+
+    @classmethod
+    def for_module(cls, module, cfg: CPConfig) -> "CPCoreAttention":
+        groups = {}
+        if cfg.ulysses_size > 1:
+            groups["ulysses_group"] = STATE.group("ulysses")
+        if cfg.ring_size > 1:
+            from .ring import window_groups_from_state
+
+            groups["ring_group"] = STATE.group("ring")
+            if cfg.use_cp_send_recv_overlap:
+                groups["ring_overlap_group"] = STATE.overlap_group("ring")
+            if cfg.is_double_ring:
+                groups["window"] = window_groups_from_state(STATE, cfg)
+        return cls(config=cfg, softmax_scale=module.softmax_scale, causal=_causal(module.attn_mask_type),
+                   **groups)
+
+    # -------------------------------------------------------------------------------- ring level
+    def _ring(self, q, k, v, attention_mask):
+        from .ring import ring_attention
+
+        cfg = self.config
+        general = cfg.attention_mask_type == "general"
+        if general and attention_mask is None:
+            raise CPConfigError("--attention-mask-type general needs an attention_mask in the batch "
+                                "([b, 1, S, S] bool, True = masked); got None")
+        # [s, b, n, d] -> [s, b, n, d]
+        return ring_attention(
+            q, k, v, self.ring_group, causal=not general, attention_mask=attention_mask if general else None,
+            softmax_scale=self.softmax_scale, bnsd=cfg.megatron_cp_in_bnsd,
+            overlap_group=self.ring_overlap_group, window=self.window)
+
+    def __call__(self, module, local_forward, query, key, value, attention_mask, *args, **kwargs):
+        cfg = self.config
+        if module.training and module.config.attention_dropout > 0 and cfg.ring_size > 1:
+            raise CPConfigError(
+                f"--attention-dropout {module.config.attention_dropout} is not supported by the ring level of "
+                f"{cfg.context_parallel_algo}; set it to 0")
+        s_local, b = query.shape[0], query.shape[1]
+        if cfg.context_parallel_algo == RING:
+            out = self._ring(query, key, value, attention_mask)  # [s/cp, b, n, d]
+            return out.reshape(s_local, b, -1)
+
+        from .ulysses import UlyssesContextAttention
+
+        if cfg.context_parallel_algo == ULYSSES:
+            seq = STATE.seq_len if STATE.seq_len is not None else s_local * cfg.cp
+
+            def local(q, k, v, mask, *a, **kw):
+                # Megatron's attention on the full sequence, h/(tp*cp) heads: [S, b, h', d] -> [S, b, h'*d]
+                return local_forward(q, k, v, gather_mask_rows(mask, self.ulysses_group, seq), *a, **kw)
+        else:
+            assert cfg.context_parallel_algo == HYBRID
+
+            def local(q, k, v, mask, *a, **kw):
+                # the ring level sees this Ulysses group's chunk pair: [S/R, b, h/U, d]
+                mask = gather_mask_rows(mask, self.ulysses_group, q.shape[0])
+                out = self._ring(q, k, v, mask)
+                return out.reshape(out.shape[0], out.shape[1], -1)
+        ulysses = UlyssesContextAttention(local, self.ulysses_group,
+                                          gather_size_calculator=_StateGatherSize() if cfg.context_parallel_algo
+                                          == ULYSSES else None)
+        out = ulysses(query, key, value, attention_mask, *args, **kwargs)  # [s/cp, b, h*d]
+        return out.reshape(s_local, b, -1)
+
+
+# ------------------------------------------------------------------------------------ patches
+def _active_cp_config(transformer_config) -> Optional[CPConfig]:
+    """The CP config a module built with ``transformer_config`` must run, or None for CP = 1."""
+    cp = getattr(transformer_config, "context_parallel_size", 1) or 1
+    if cp == 1:
+        return None
+    cfg = STATE.config
+    if not STATE.groups_built or cfg.cp != cp:
+        raise CPConfigError(
+            f"TransformerConfig.context_parallel_size={cp} but mindspeed-cp's groups are "
+            f"{'not built' if not STATE.groups_built else f'for --context-parallel-size {cfg.cp}'}: call "
+            f"mindspeed_cp.megatron_adaptor.configure(...) and parallel_state.initialize_model_parallel("
+            f"context_parallel_size={cp}) before building the model")
+    return cfg
+
+
+def dot_product_attention_init(original, self, config, *args, **kwargs):
+    """Build Megatron's attention as the CP=1 local attention, then attach the CP algorithm."""
+    cfg = _active_cp_config(config)
+    if cfg is None:
+        return original(self, config, *args, **kwargs)
+    tp = config.tensor_model_parallel_size
+    heads, kv = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
+    cfg.validate(tensor_model_parallel_size=tp, num_attention_heads=heads, num_query_groups=kv)
+    config.context_parallel_size = 1  # Megatron's assert; the module keeps the same config object
+    try:
+        original(self, config, *args, **kwargs)
+    finally:
+        config.context_parallel_size = cfg.cp
+    u = cfg.ulysses_size
+    if u > 1:
+        # after the Ulysses all-to-all: h/(tp*u) query heads, max(kv/(tp*u), 1) KV heads (replicated GQA)
+        self.num_attention_heads_per_partition = heads // (tp * u)
+        self.num_query_groups_per_partition = max(kv // (tp * u), 1)
+        self.hidden_size_per_partition = self.num_attention_heads_per_partition * config.kv_channels
+    self._mindspeed_cp = CPCoreAttention.for_module(self, cfg)
+
+
+def dot_product_attention_forward(original, self, query, key, value, attention_mask, *args, **kwargs):
+    runner = getattr(self, "_mindspeed_cp", None)
+    if runner is None:
+        return original(self, query, key, value, attention_mask, *args, **kwargs)
+    local_forward = lambda *a, **kw: original(self, *a, **kw)  # noqa: E731
+    return runner(self, local_forward, query, key, value, attention_mask, *args, **kwargs)
+
+
+def get_batch_on_this_cp_rank(original, batch, *args, **kwargs):
+    """Split tokens / labels / loss_mask / position_ids / attention_mask for the active algorithm."""
+    from megatron.core import parallel_state as ps
+
+    cp_group = kwargs.get("cp_group", args[0] if args else None)
+    size = cp_group.size() if cp_group is not None else ps.get_context_parallel_world_size()
+    if size == 1:
+        return batch
+    cfg = STATE.config
+    if cfg.cp != size:
+        raise CPConfigError(f"get_batch_on_this_cp_rank: CP group of {size} ranks but --context-parallel-size "
+                            f"{cfg.cp} is configured")
+    rank = cp_group.rank() if cp_group is not None else ps.get_context_parallel_rank()
+    out = split_batch(batch, cfg, rank)
+    lengths = [v.shape[1] for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "attention_mask"
+               and v.dim() >= 2]
+    STATE.seq_len = max(lengths) if lengths else None
+    batch.update(out)  # Megatron's version updates the dict in place and returns it
+    return batch
+
+
+def get_rotary_seq_len(original, self, *args, **kwargs):
+    """RoPE table length: the recorded global length when Ulysses lengths are unaligned."""
+    n = original(self, *args, **kwargs)
+    cfg = STATE.config
+    if cfg.cp > 1 and not cfg.uses_zigzag and STATE.seq_len is not None:
+        return max(n, STATE.seq_len)
+    return n
+
+
+def get_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
+    """The rotary positions of the tokens this CP rank holds (contiguous, zigzag or hybrid)."""
+    cfg = STATE.config
+    size = cp_group.size()
+    if cfg.cp != size:
+        raise CPConfigError(f"RoPE: CP group of {size} ranks but --context-parallel-size {cfg.cp} is configured")
+    seq = pos_emb.shape[seq_dim]
+    if STATE.seq_len is not None:
+        if not cfg.uses_zigzag:
+            seq = STATE.seq_len
+    elif not STATE.warned_unsplit:
+        STATE.warned_unsplit = True
+        warnings.warn(
+            f"mindspeed-cp: RoPE runs before any batch went through the patched get_batch_on_this_cp_rank; "
+            f"positions assume this rank holds the tokens of {cfg.context_parallel_algo}'s layout "
+            f"(mindspeed_cp.sharding.token_indices). Import mindspeed_cp.megatron_adaptor before binding "
+            f"Megatron's get_batch_on_this_cp_rank.", stacklevel=2)
+    idx = token_indices(cfg, cp_group.rank(), seq).to(pos_emb.device)
+    return pos_emb.index_select(seq_dim, idx)

@@ -1,0 +1,91 @@
+"""Which global tokens a CP rank holds, per algorithm (batch split and RoPE positions). Pure torch.
+
+``cp_rank`` is the rank's index in its CP group (Megatron's ``get_context_parallel_rank()``). Worked
+examples, S = 16 tokens, CP = 4:
+
+* Ulysses (contiguous; unaligned lengths allowed)::
+
+      rank 0: 0-3   rank 1: 4-7   rank 2: 8-11   rank 3: 12-15
+      (S = 13: tensor_split -> 0-3, 4-6, 7-9, 10-12)
+
+* Ring (Megatron's zigzag: 2*CP chunks, rank r holds chunks r and 2*CP-1-r)::
+
+      rank 0: 0,1 + 14,15   rank 1: 2,3 + 12,13   rank 2: 4,5 + 10,11   rank 3: 6,7 + 8,9
+
+* Hybrid, U = 2 Ulysses x R = 2 ring (CP rank i: ring position i // U, Ulysses position i % U): zigzag
+  over the R ring ranks (4 chunks of 4), then each ring rank's chunk pair split contiguously among its U
+  Ulysses ranks, so the Ulysses all-to-all re-assembles exactly one ring rank's pair::
+
+      ring 0 pair = 0-3 + 12-15  ->  rank 0: 0-3    rank 1: 12-15
+      ring 1 pair = 4-7 + 8-11   ->  rank 2: 4-7    rank 3: 8-11
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+from .config import CPConfig, CPConfigError
+
+
+def zigzag_indices(ring_rank: int, ring_size: int, seq_len: int) -> torch.Tensor:
+    """Global positions of chunks ``ring_rank`` and ``2*ring_size-1-ring_rank`` of ``2*ring_size``."""
+    chunk = seq_len // (2 * ring_size)
+    first = torch.arange(ring_rank * chunk, (ring_rank + 1) * chunk)
+    second_start = (2 * ring_size - 1 - ring_rank) * chunk
+    return torch.cat([first, torch.arange(second_start, second_start + chunk)])
+
+
+def token_indices(config: CPConfig, cp_rank: int, seq_len: int) -> torch.Tensor:
+    """Global token positions held by CP rank ``cp_rank``, in the rank's local order."""
+    cp = config.cp
+    if not 0 <= cp_rank < cp:
+        raise ValueError(f"cp_rank {cp_rank} outside --context-parallel-size {cp}")
+    if cp == 1:
+        return torch.arange(seq_len)
+    config._validate_seq(seq_len)
+    if not config.uses_zigzag:  # Ulysses: contiguous, possibly uneven
+        return torch.tensor_split(torch.arange(seq_len), cp)[cp_rank]
+    u = config.ulysses_size
+    pair = zigzag_indices(cp_rank // u, config.ring_size, seq_len)
+    return pair.chunk(u)[cp_rank % u] if u > 1 else pair
+
+
+def local_lengths(config: CPConfig, seq_len: int) -> list:
+    """Tokens held by each CP rank (uneven only for unaligned Ulysses)."""
+    return [int(token_indices(config, r, seq_len).numel()) for r in range(config.cp)]
+
+
+def split_batch(batch: Dict[str, Any], config: CPConfig, cp_rank: int,
+                seq_len: Optional[int] = None) -> Dict[str, Any]:
+    """This rank's slice of a Megatron batch (``tokens``, ``labels``, ``loss_mask``, ``position_ids``: sequence
+    on dim 1; ``attention_mask`` ``[b, 1, S, S]``: rows (dim 2) only, keys stay global, True = masked).
+
+    Every sequence tensor must have the same global length; a mismatch is an error naming the keys.
+    """
+    lengths = {k: (v.shape[2] if k == "attention_mask" else v.shape[1])
+               for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() >= 2}
+    if seq_len is None:
+        if not lengths:
+            return dict(batch)
+        seq_len = max(lengths.values())
+    wrong = {k: n for k, n in lengths.items() if n != seq_len}
+    if wrong:
+        raise CPConfigError(
+            f"get_batch_on_this_cp_rank: batch tensors disagree on the sequence length {seq_len}: "
+            + ", ".join(f"{k} has {n}" for k, n in sorted(wrong.items())))
+    if "attention_mask" in batch and isinstance(batch["attention_mask"], torch.Tensor):
+        m = batch["attention_mask"]
+        if m.dim() != 4 or m.shape[-1] != seq_len:
+            raise CPConfigError(
+                f"get_batch_on_this_cp_rank: attention_mask of shape {tuple(m.shape)} is not "
+                f"[b, 1, {seq_len}, {seq_len}]")
+    idx = token_indices(config, cp_rank, seq_len)
+    out = {}
+    for key, val in batch.items():
+        if isinstance(val, torch.Tensor) and key in lengths:
+            dim = 2 if key == "attention_mask" else 1
+            out[key] = val.index_select(dim, idx.to(val.device))
+        else:
+            out[key] = val
+    return out
