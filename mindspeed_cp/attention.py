@@ -18,33 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 
 from .config import HYBRID, RING, ULYSSES, CPConfig, CPConfigError
 from .sharding import split_batch, token_indices
 from .state import STATE
-
-
-def _causal(attn_mask_type) -> bool:
-    return getattr(attn_mask_type, "name", str(attn_mask_type)).endswith("causal")
-
-
-def gather_mask_rows(mask: Optional[torch.Tensor], group, seq_len: int) -> Optional[torch.Tensor]:
-    """``[b, 1, s_local, S]`` -> ``[b, 1, S_group, S]``: the rows of every rank of ``group``, in group order.
-
-    Masks are not differentiable; ranks may hold different row counts (unaligned Ulysses).
-    """
-    if mask is None or mask.shape[2] == seq_len:
-        return mask
-    world = dist.get_world_size(group)
-    counts = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-    dist.all_gather(counts, torch.tensor([mask.shape[2]], dtype=torch.long), group=group)
-    most = max(int(c) for c in counts)
-    padded = torch.zeros(*mask.shape[:2], most, mask.shape[3], dtype=mask.dtype, device=mask.device)
-    padded[:, :, : mask.shape[2]] = mask
-    rows = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(rows, padded.contiguous(), group=group)
-    return torch.cat([r[:, :, : int(c)] for r, c in zip(rows, counts)], dim=2)
 
 
 class _StateGatherSize:
@@ -58,13 +35,26 @@ class _StateGatherSize:
         return STATE.seq_len
 
 
+def _double_ring_window(cfg: CPConfig):
+    """This rank's Double Ring groups from the CP state (None for a single ring)."""
+    from .ring import DoubleRingWindow
+
+    if not cfg.is_double_ring:
+        return None
+    overlap = cfg.use_cp_send_recv_overlap
+    return DoubleRingWindow(
+        size=cfg.cp_window_size,
+        intra_group=STATE.group("ring_intra_window"), inter_group=STATE.group("ring_inter_window"),
+        intra_overlap_group=STATE.overlap_group("ring_intra_window") if overlap else None,
+        inter_overlap_group=STATE.overlap_group("ring_inter_window") if overlap else None)
+
+
 @dataclass
 class CPCoreAttention:
     """Runs one attention layer under the active CP algorithm (attached to a ``DotProductAttention``)."""
 
     config: CPConfig
     softmax_scale: float
-    causal: bool
     ulysses_group: Any = None
     ring_group: Any = None
     ring_overlap_group: Any = None
@@ -76,30 +66,21 @@ class CPCoreAttention:
         if cfg.ulysses_size > 1:
             groups["ulysses_group"] = STATE.group("ulysses")
         if cfg.ring_size > 1:
-            from .ring import window_groups_from_state
-
             groups["ring_group"] = STATE.group("ring")
             if cfg.use_cp_send_recv_overlap:
                 groups["ring_overlap_group"] = STATE.overlap_group("ring")
-            if cfg.is_double_ring:
-                groups["window"] = window_groups_from_state(STATE, cfg)
-        return cls(config=cfg, softmax_scale=module.softmax_scale, causal=_causal(module.attn_mask_type),
-                   **groups)
+            groups["window"] = _double_ring_window(cfg)
+        return cls(config=cfg, softmax_scale=module.softmax_scale, **groups)
 
-    # -------------------------------------------------------------------------------- ring level
-    def _ring(self, q, k, v, attention_mask):
-        from .ring import ring_attention
-
+    def _ring_options(self, attention_mask) -> dict:
         cfg = self.config
         general = cfg.attention_mask_type == "general"
         if general and attention_mask is None:
             raise CPConfigError("--attention-mask-type general needs an attention_mask in the batch "
                                 "([b, 1, S, S] bool, True = masked); got None")
-        # [s, b, n, d] -> [s, b, n, d]
-        return ring_attention(
-            q, k, v, self.ring_group, causal=not general, attention_mask=attention_mask if general else None,
-            softmax_scale=self.softmax_scale, bnsd=cfg.megatron_cp_in_bnsd,
-            overlap_group=self.ring_overlap_group, window=self.window)
+        return dict(causal=not general, attention_mask=attention_mask if general else None,
+                    softmax_scale=self.softmax_scale, bnsd=cfg.megatron_cp_in_bnsd,
+                    overlap_group=self.ring_overlap_group, window=self.window)
 
     def __call__(self, module, local_forward, query, key, value, attention_mask, *args, **kwargs):
         cfg = self.config
@@ -108,30 +89,30 @@ class CPCoreAttention:
                 f"--attention-dropout {module.config.attention_dropout} is not supported by the ring level of "
                 f"{cfg.context_parallel_algo}; set it to 0")
         s_local, b = query.shape[0], query.shape[1]
-        if cfg.context_parallel_algo == RING:
-            out = self._ring(query, key, value, attention_mask)  # [s/cp, b, n, d]
-            return out.reshape(s_local, b, -1)
+        algo = cfg.context_parallel_algo
+        if algo == RING:
+            from .ring import ring_attention
 
-        from .ulysses import UlyssesContextAttention
+            # [s/cp, b, n, d] -> [s/cp, b, n, d]
+            out = ring_attention(query, key, value, self.ring_group, **self._ring_options(attention_mask))
+        elif algo == HYBRID:
+            from .hybrid import hybrid_attention
 
-        if cfg.context_parallel_algo == ULYSSES:
+            out = hybrid_attention(query, key, value, self.ulysses_group, self.ring_group,
+                                   **self._ring_options(attention_mask))
+        else:
+            assert algo == ULYSSES
+            from .hybrid import gather_mask_rows
+            from .ulysses import UlyssesContextAttention
+
             seq = STATE.seq_len if STATE.seq_len is not None else s_local * cfg.cp
 
             def local(q, k, v, mask, *a, **kw):
                 # Megatron's attention on the full sequence, h/(tp*cp) heads: [S, b, h', d] -> [S, b, h'*d]
                 return local_forward(q, k, v, gather_mask_rows(mask, self.ulysses_group, seq), *a, **kw)
-        else:
-            assert cfg.context_parallel_algo == HYBRID
 
-            def local(q, k, v, mask, *a, **kw):
-                # the ring level sees this Ulysses group's chunk pair: [S/R, b, h/U, d]
-                mask = gather_mask_rows(mask, self.ulysses_group, q.shape[0])
-                out = self._ring(q, k, v, mask)
-                return out.reshape(out.shape[0], out.shape[1], -1)
-        ulysses = UlyssesContextAttention(local, self.ulysses_group,
-                                          gather_size_calculator=_StateGatherSize() if cfg.context_parallel_algo
-                                          == ULYSSES else None)
-        out = ulysses(query, key, value, attention_mask, *args, **kwargs)  # [s/cp, b, h*d]
+            ulysses = UlyssesContextAttention(local, self.ulysses_group, gather_size_calculator=_StateGatherSize())
+            out = ulysses(query, key, value, attention_mask, *args, **kwargs)  # [s/cp, b, h*d]
         return out.reshape(s_local, b, -1)
 
 

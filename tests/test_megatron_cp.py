@@ -107,3 +107,52 @@ ULYSSES_CASES = [
 @pytest.mark.parametrize("world,case", ULYSSES_CASES)
 def test_ulysses_gpt_matches_cp1(world, case):
     _check(world, dict(case, context_parallel_algo="ulysses_cp_algo"))
+
+
+RING_CASES = [
+    pytest.param(2, dict(tp=1, cp=2, seq=32), id="cp2"),
+    pytest.param(4, dict(tp=1, cp=4, seq=32), id="cp4"),
+    pytest.param(4, dict(tp=2, cp=2, seq=32), id="tp2-cp2"),
+    pytest.param(4, dict(tp=1, cp=4, seq=32, cp_window_size=2), id="cp4-double-ring-w2"),
+    pytest.param(4, dict(tp=1, cp=4, seq=32, attention_mask_type="general"), id="cp4-general-mask"),
+    pytest.param(4, dict(tp=1, cp=4, seq=32, use_cp_send_recv_overlap=True), id="cp4-overlap"),
+    pytest.param(4, dict(tp=1, cp=4, seq=32, megatron_cp_in_bnsd=True, heads=8, kv_heads=2), id="cp4-bnsd-gqa"),
+    pytest.param(4, dict(tp=1, cp=4, seq=32, cp_window_size=2, use_cp_send_recv_overlap=True,
+                         megatron_cp_in_bnsd=True, attention_mask_type="general"), id="cp4-all-options"),
+]
+
+
+@pytest.mark.parametrize("world,case", RING_CASES)
+def test_ring_gpt_matches_cp1(world, case):
+    _check(world, dict(case, context_parallel_algo="megatron_cp_algo"))
+
+
+HYBRID_CASES = [
+    pytest.param(4, dict(tp=1, cp=4, seq=32, ulysses_degree_in_cp=2), id="cp4-u2"),
+    pytest.param(4, dict(tp=1, cp=4, seq=32, ulysses_degree_in_cp=2, heads=4, kv_heads=2,
+                         attention_mask_type="general"), id="cp4-u2-gqa-general"),
+    pytest.param(8, dict(tp=1, cp=8, seq=32, ulysses_degree_in_cp=2, cp_window_size=2,
+                         use_cp_send_recv_overlap=True), id="cp8-u2-w2-overlap"),
+    pytest.param(8, dict(tp=2, cp=4, seq=32, ulysses_degree_in_cp=2, megatron_cp_in_bnsd=True), id="tp2-cp4-u2-bnsd"),
+]
+
+
+@pytest.mark.parametrize("world,case", HYBRID_CASES)
+def test_hybrid_gpt_matches_cp1(world, case):
+    _check(world, dict(case, context_parallel_algo="hybrid_cp_algo"))
+
+
+def _cp1_untouched():
+    import mindspeed_cp.megatron_adaptor  # noqa: F401
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from tests.gpt_helpers import build_gpt, init_parallel
+
+    init_parallel(tp=1, cp=1)
+    model = build_gpt(seq=16)
+    cores = [m for m in model.modules() if isinstance(m, DotProductAttention)]
+    return len(cores), sum(hasattr(m, "_mindspeed_cp") for m in cores)
+
+
+def test_cp1_leaves_megatron_attention_untouched():
+    assert run_on_ranks(2, _cp1_untouched) == [(2, 0), (2, 0)]

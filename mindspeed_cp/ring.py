@@ -1,0 +1,518 @@
+"""Ring attention (``--context-parallel-algo megatron_cp_algo``) over any ring process group.
+
+    out = ring_attention(q, k, v, ring_group, causal=True)      # q/k/v/out [s_local, b, n, d] (sbhd)
+
+Sequence layout: Megatron's zigzag. The global sequence of ``S`` tokens is cut into ``2P`` chunks of
+``c = S / 2P`` tokens; ring position ``r`` holds chunks ``r`` and ``2P-1-r`` (``s_local = 2c``), see
+:func:`zigzag_index`. KV blocks travel around the ring; each rank merges its partial results in float32
+log-sum-exp form (:func:`mindspeed_cp.kernels.merge`).
+
+* Causal: the block of the rank's own KV is causal (top-left on the concatenated chunks); a KV block
+  from an earlier ring position needs only its first chunk (both local query chunks attend fully); from a
+  later position only the second query chunk attends, to the whole block. No fully masked block is ever
+  computed and every rank does the same work (:func:`count_blocks` measures it).
+* General (``causal=False`` with ``attention_mask``, ``--attention-mask-type general``): every block is
+  computed with its slice of the boolean mask (True = masked); blocks that are entirely masked are
+  skipped. The mask is ``[b|1, 1|n, s_local, S]`` (rows: this rank's tokens in zigzag order, columns:
+  global order, what Megatron's ``get_batch_on_this_cp_rank`` gives) or the full ``[b|1, 1|n, S, S]``.
+* Backward recomputes every block with the global output/LSE; dQ stays local; each KV block's dK/dV
+  accumulator follows the block and ends at its owner. The owner keeps its own block's share locally and
+  the accumulator starts at the next rank, so it needs P-1 hops: per rank, forward + backward,
+  ``3 (P-1) 2 s b hk d e`` bytes (KV forward, KV and dKV backward; DESIGN.md section 3).
+* ``overlap_group`` (``--use-cp-send-recv-overlap``): the next KV exchange is posted before the current
+  block is computed, send and receive on separate communicators (:mod:`mindspeed_cp.ring_comm`);
+  without it the exchange runs synchronously after each block.
+* ``bnsd=True`` (``--megatron-cp-in-bnsd``): q/k/v are converted once to ``[b, n, s, d]``, KV travels in
+  that layout and the output is converted back once; otherwise blocks are handed to the kernel as
+  ``[b, n, s, d]`` views of the ``[s, b, n, d]`` tensors.
+* ``window`` (``--cp-window-size K > 1``, Double Ring / LoongTrain): an inner ring inside each window of
+  K consecutive ring positions and an outer ring across the ``W = P/K`` windows (same position in every
+  window). The outer exchange of the next window's KV overlaps the whole inner ring. Results equal the
+  plain ring's; the volume too: per KV pass ``W (K-1)`` intra-window hops plus ``W-1`` inter-window hops
+  ``= P-1``. dK/dV: summed over the window's inner ring (K-1 hops), then along the outer ring (W-1 hops).
+
+Every input check runs before any point-to-point message and is agreed through one small all-gather on
+the ring group (shapes, dtypes, options of every rank), so a mismatch raises the same error on every rank
+instead of hanging.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .kernels import acc_dtype, get_kernel, merge
+from .ring_comm import RingExchanger
+
+Tensor = torch.Tensor
+
+__all__ = ["ring_attention", "RingAttentionFunction", "DoubleRingWindow", "RingAttentionError",
+           "BlockStats", "count_blocks", "zigzag_index", "ring_comm_volume"]
+
+
+class RingAttentionError(ValueError):
+    """Ring attention inputs or options that cannot run (raised on every rank of the ring)."""
+
+
+@dataclass(frozen=True)
+class DoubleRingWindow:
+    """Double Ring groups of this rank: for the ring list ``Rg`` and window ``size`` K,
+    ``intra_group`` = ``Rg[x*K:(x+1)*K]`` (this rank's window), ``inter_group`` = ``Rg[a::K]`` (the same
+    position in every window); the ``*_overlap_group`` twins (same ranks) enable send/recv overlap."""
+
+    size: int
+    intra_group: Any = None
+    inter_group: Any = None
+    intra_overlap_group: Any = None
+    inter_overlap_group: Any = None
+
+
+def ring_comm_volume(s_local: int, b: int, kv_heads: int, d: int, elem_bytes: int, ring_size: int) -> dict:
+    """Textbook bytes one rank sends, forward + backward (equal for the plain and the Double Ring)."""
+    block = 2 * s_local * b * kv_heads * d * elem_bytes  # one K+V block
+    hops = ring_size - 1
+    return {"ring_kv": 2 * hops * block, "ring_dkv": hops * block, "total": 3 * hops * block}
+
+
+# ------------------------------------------------------------------------------------------ block stats
+class BlockStats:
+    """Attention blocks one rank computed, by phase (``"forward"``, ``"backward"``)."""
+
+    def __init__(self) -> None:
+        self.blocks: Counter = Counter()   # blocks handed to the kernel
+        self.scores: Counter = Counter()   # (query, key) score elements of those blocks, b*n*sq*sk summed
+        self.masked: Counter = Counter()   # of which masked (causal triangle, mask)
+        self.skipped: Counter = Counter()  # blocks not computed because the mask hides all of them
+        self.empty: Counter = Counter()    # blocks computed although every score was masked (should be 0)
+
+    def work(self, phase: str) -> int:
+        """Unmasked score elements: the useful work of a phase."""
+        return self.scores[phase] - self.masked[phase]
+
+    def as_dict(self) -> dict:
+        return {k: dict(getattr(self, k)) for k in ("blocks", "scores", "masked", "skipped", "empty")}
+
+
+_BLOCK_STATS: List[BlockStats] = []
+
+
+@contextlib.contextmanager
+def count_blocks() -> Iterator[BlockStats]:
+    """Count the attention blocks computed on this rank inside the ``with`` body."""
+    stats = BlockStats()
+    _BLOCK_STATS.append(stats)
+    try:
+        yield stats
+    finally:
+        _BLOCK_STATS.remove(stats)
+
+
+def _record(phase: str, bn: int, sq: int, sk: int, causal: bool, mask: Optional[Tensor]) -> None:
+    if not _BLOCK_STATS:
+        return
+    scores = bn * sq * sk
+    if causal:
+        masked = bn * sq * (sq - 1) // 2  # strict upper triangle of the square diagonal block
+    elif mask is not None:
+        masked = int(mask.sum()) * (bn // (mask.shape[0] * mask.shape[1]))
+    else:
+        masked = 0
+    for st in _BLOCK_STATS:
+        st.blocks[phase] += 1
+        st.scores[phase] += scores
+        st.masked[phase] += masked
+        st.empty[phase] += int(masked == scores)
+
+
+def _record_skip(phase: str) -> None:
+    for st in _BLOCK_STATS:
+        st.skipped[phase] += 1
+
+
+# ------------------------------------------------------------------------------------------ layout
+def zigzag_index(seq_len: int, ring_size: int, pos: int, device=None) -> Tensor:
+    """Global token positions held by ring position ``pos``: chunks ``pos`` and ``2P-1-pos`` of ``2P``."""
+    c = seq_len // (2 * ring_size)
+    first = torch.arange(pos * c, (pos + 1) * c, device=device)
+    second = torch.arange((2 * ring_size - 1 - pos) * c, (2 * ring_size - pos) * c, device=device)
+    return torch.cat([first, second])
+
+
+def _bnsd(x: Tensor) -> Tensor:
+    return x.permute(1, 2, 0, 3)  # [s, b, n, d] -> [b, n, s, d] (view)
+
+
+def _sbhd(x: Tensor) -> Tensor:
+    return x.permute(2, 0, 1, 3)  # [b, n, s, d] -> [s, b, n, d] (view)
+
+
+def _zigzag_cols(x: Tensor, j: int, c: int, ring_size: int) -> Tensor:
+    # [..., S] -> [..., 2c]: the columns of the tokens ring position j holds
+    return torch.cat([x[..., j * c:(j + 1) * c], x[..., (2 * ring_size - 1 - j) * c:(2 * ring_size - j) * c]], -1)
+
+
+# ------------------------------------------------------------------------------------------ validation
+_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.bool)
+_FLOATS = _DTYPES[:4]  # codes 0..3
+_WINDOW_PROBLEMS = {
+    1: "--cp-window-size {K} must be >= 1, divide the ring size {P} and be smaller than it",
+    2: "this rank is not a member of the Double Ring window groups (intra_group/inter_group) it was given",
+    3: "Double Ring groups have the wrong sizes: intra-window {ki} ranks (expected {K}), inter-window "
+       "{wi} ranks (expected {W})",
+    4: "Double Ring groups do not match the ring order: intra = Rg[x*K:(x+1)*K], inter = Rg[a::K] expected",
+    5: "send/recv overlap with Double Ring needs both window.intra_overlap_group and "
+       "window.inter_overlap_group (got overlap_group={og}, intra twin={it}, inter twin={et})",
+}
+
+
+def _tensor_sig(t: Optional[Tensor]) -> List[int]:
+    if t is None:
+        return [-1] * 6
+    dims = list(t.shape[:4]) + [-1] * (4 - min(t.dim(), 4))
+    code = _DTYPES.index(t.dtype) if t.dtype in _DTYPES else len(_DTYPES)
+    return [t.dim()] + dims + [code]
+
+
+def _window_code(window: Optional[DoubleRingWindow], ring_group, P: int, r: int, overlap_group) -> Tuple[int, dict]:
+    """Local consistency of the Double Ring groups (0 = fine), and the numbers its message names."""
+    if window is None or window.size == 1:
+        return 0, {}
+    K = window.size
+    info = {"K": K, "P": P, "W": P // K if isinstance(K, int) and K > 0 else 0, "ki": -1, "wi": -1,
+            "og": overlap_group is not None,
+            "it": window.intra_overlap_group is not None, "et": window.inter_overlap_group is not None}
+    if not isinstance(K, int) or K < 1 or P % K or K >= P:
+        return 1, info
+    W = P // K
+    if window.intra_group is None or window.inter_group is None:
+        return 2, info
+    a, x = dist.get_rank(window.intra_group), dist.get_rank(window.inter_group)
+    if a < 0 or x < 0:
+        return 2, info
+    info.update(ki=dist.get_world_size(window.intra_group), wi=dist.get_world_size(window.inter_group))
+    if info["ki"] != K or info["wi"] != W:
+        return 3, info
+    ring_rank = lambda p: dist.get_global_rank(ring_group, p)  # noqa: E731
+    if x * K + a != r or any(
+            dist.get_global_rank(window.intra_group, i) != ring_rank(x * K + i) for i in range(K)) or any(
+            dist.get_global_rank(window.inter_group, y) != ring_rank(y * K + a) for y in range(W)):
+        return 4, info
+    twins = (window.intra_overlap_group is not None, window.inter_overlap_group is not None)
+    if twins[0] != twins[1] or (overlap_group is not None and not all(twins)):
+        return 5, info
+    return 0, info
+
+
+def _signature(q, k, v, mask, causal, bnsd, overlap, K, window_code) -> List[int]:
+    return (_tensor_sig(q) + _tensor_sig(k) + _tensor_sig(v) + _tensor_sig(mask)
+            + [int(causal), int(bnsd), int(overlap), K if isinstance(K, int) else -1, int(window_code)])
+
+
+def _describe(sig: List[int]) -> str:
+    def t(name, part):
+        if part[0] < 0:
+            return f"{name} none"
+        dtype = str(_DTYPES[part[5]]).replace("torch.", "") if part[5] < len(_DTYPES) else "other"
+        return f"{name} {[x for x in part[1:5] if x >= 0]}{'...' if part[0] > 4 else ''} {dtype}"
+    parts = [t(n, sig[i * 6:(i + 1) * 6]) for i, n in enumerate(("q", "k", "v", "attention_mask"))]
+    causal, bnsd, overlap, K, _ = sig[24:]
+    return ", ".join(parts) + f", causal={bool(causal)}, bnsd={bool(bnsd)}, overlap={bool(overlap)}, window={K}"
+
+
+def _problem(sig: List[int], P: int, window_info: dict) -> Optional[str]:
+    """What is wrong with one rank's inputs (a pure function of its signature), or None."""
+    q, k, v, m = (sig[i * 6:(i + 1) * 6] for i in range(4))
+    causal, _, _, _, wcode = sig[24:]
+    if q[0] != 4 or k[0] != 4 or v[0] != 4:
+        return "q, k, v must be 4-D [s_local, b, heads, head_dim] (sbhd)"
+    if not (q[5] == k[5] == v[5] and q[5] < len(_FLOATS)):
+        return "q, k, v must share one floating dtype (float16, bfloat16, float32 or float64)"
+    s, b, n, d = q[1:5]
+    if k[1:5] != v[1:5] or k[1] != s or k[2] != b or k[4] != d:
+        return "k and v must be [s_local, b, kv_heads, head_dim] with q's s_local, b and head_dim"
+    if k[3] < 1 or n % k[3]:
+        return f"query heads {n} are not a multiple of key/value heads {k[3]} (GQA needs heads % kv_heads == 0)"
+    if (causal or m[0] >= 0) and s % 2:
+        return (f"s_local {s} is odd: the zigzag layout gives each ring rank two equal chunks "
+                f"(--seq-length must be divisible by 2 x ring size {P})")
+    if m[0] >= 0:
+        if causal:
+            return ("attention_mask was given with causal=True: pass causal=False for a general mask "
+                    "(--attention-mask-type general), or no mask for causal")
+        if m[5] != _DTYPES.index(torch.bool):
+            return "attention_mask must be bool (True = masked)"
+        S = s * P
+        if m[0] != 4 or m[1] not in (1, b) or m[2] not in (1, n) or m[3] not in (s, S) or m[4] != S:
+            return (f"attention_mask must be [b|1, heads|1, s_local|S, S] = [{b}|1, {n}|1, {s}|{S}, {S}] "
+                    f"(columns in global token order)")
+    if wcode:
+        return _WINDOW_PROBLEMS[wcode].format(**window_info)
+    return None
+
+
+def _validate(q, k, v, mask, causal, bnsd, overlap_group, window, ring_group, P: int, r: int) -> None:
+    """Agree on every rank's inputs (one all-gather), then raise the same error everywhere if any is off."""
+    double = window is not None and window.size != 1
+    K = window.size if double else 1
+    wcode, winfo = _window_code(window, ring_group, P, r, overlap_group)
+    overlap = window.intra_overlap_group is not None if double else overlap_group is not None
+    mine = _signature(q, k, v, mask, causal, bnsd, overlap, K, wcode)
+    if P > 1:
+        local = torch.tensor(mine, dtype=torch.int64, device=q.device)
+        gathered = [torch.empty_like(local) for _ in range(P)]
+        dist.all_gather(gathered, local, group=ring_group)
+        sigs = [g.tolist() for g in gathered]
+    else:
+        sigs = [mine]
+    if any(sig != sigs[0] for sig in sigs):
+        listing = "; ".join(f"rank {i}: {_describe(sig)}" for i, sig in enumerate(sigs))
+        raise RingAttentionError(
+            f"ring attention inputs differ across the {P} ranks of the ring group (every rank must pass the "
+            f"same shapes, dtypes and options; q/k/v are [s_local, b, heads, head_dim]): {listing}")
+    for i, sig in enumerate(sigs):
+        problem = _problem(sig, P, winfo)
+        if problem:
+            raise RingAttentionError(f"ring attention, ring rank {i}: {problem} (got {_describe(sig)})")
+
+
+# ------------------------------------------------------------------------------------------ plan
+class _MaskBlocks:
+    """A general mask cut per KV block owner: ``block(j)`` is ``[B, N, s_local, s_local]`` bool."""
+
+    def __init__(self, mask: Tensor, P: int, r: int, s_local: int) -> None:
+        c = s_local // 2
+        if mask.shape[-2] != s_local:  # full [.., S, S]: keep this rank's zigzag rows
+            mask = _zigzag_cols(mask.transpose(-1, -2), r, c, P).transpose(-1, -2)
+        self.mask, self.c, self.P = mask, c, P
+        B, N = mask.shape[:2]
+        chunks = mask.reshape(B, N, s_local, 2 * P, c)
+        every = chunks.all(-1).all(2).all(1).all(0)  # [2P]: chunk fully masked for every row
+        some = chunks.any(-1).any(2).any(1).any(0)
+        every, some = every.tolist(), some.tolist()  # one host sync for the whole call
+        self.all_masked = [every[j] and every[2 * P - 1 - j] for j in range(P)]
+        self.any_masked = [some[j] or some[2 * P - 1 - j] for j in range(P)]
+
+    def block(self, j: int) -> Optional[Tensor]:
+        return _zigzag_cols(self.mask, j, self.c, self.P) if self.any_masked[j] else None
+
+
+class _Plan:
+    """Everything fixed for one call: ring geometry, exchangers, kernel, mask blocks."""
+
+    def __init__(self, *, P, r, window, ring_group, overlap_group, causal, bnsd, scale, kernel, masks):
+        self.P, self.r, self.causal, self.bnsd, self.scale, self.kernel, self.masks = \
+            P, r, causal, bnsd, scale, kernel, masks
+        if window is None or window.size == 1:
+            # plain ring = one inner ring over the whole group, no outer level
+            self.K, self.W = P, 1
+            self.overlap = overlap_group is not None
+            self.inner = RingExchanger(ring_group, overlap_group) if P > 1 else None
+            self.outer = None
+        else:
+            self.K, self.W = window.size, P // window.size
+            self.overlap = window.intra_overlap_group is not None
+            self.inner = RingExchanger(window.intra_group, window.intra_overlap_group)
+            self.outer = RingExchanger(window.inter_group, window.inter_overlap_group)
+        self.x, self.a = divmod(r, self.K)
+
+    def owner(self, o: int, i: int) -> int:
+        """Ring position whose KV this rank holds at outer step ``o``, inner step ``i``."""
+        return ((self.x - o) % self.W) * self.K + (self.a - i) % self.K
+
+    def block(self, j: int, c: int):
+        """(query rows, key cols, causal, mask) of this rank's block with KV owner ``j``; None = skip."""
+        whole = slice(None)
+        if self.causal:
+            if j == self.r:
+                return whole, whole, True, None
+            if j < self.r:  # earlier owner: only its first chunk precedes our tokens
+                return whole, slice(0, c), False, None
+            return slice(c, None), whole, False, None  # later owner: only our second chunk follows it
+        if self.masks is None:
+            return whole, whole, False, None
+        if self.masks.all_masked[j]:
+            return None
+        return whole, whole, False, self.masks.block(j)
+
+
+def _pack_kv(k: Tensor, v: Tensor, bnsd: bool) -> Tensor:
+    # KV as it travels: [2, b, hk, s, d] (bnsd) or [2, s, b, hk, d]
+    if not bnsd:
+        return torch.stack((k, v))
+    kv = k.new_empty((2,) + tuple(_bnsd(k).shape))
+    kv[0].copy_(_bnsd(k))
+    kv[1].copy_(_bnsd(v))
+    return kv
+
+
+def _kv_views(kv: Tensor, bnsd: bool) -> Tuple[Tensor, Tensor]:
+    # travel layout -> ([b, hk, s, d], [b, hk, s, d]) views
+    return (kv[0], kv[1]) if bnsd else (_bnsd(kv[0]), _bnsd(kv[1]))
+
+
+def _as_bnsd(x: Tensor, bnsd: bool) -> Tensor:
+    return _bnsd(x).contiguous() if bnsd else _bnsd(x)
+
+
+# ------------------------------------------------------------------------------------------ forward
+def _forward_block(plan: _Plan, qb: Tensor, kv: Tensor, j: int, out: Tensor, lse: Tensor) -> None:
+    blk = plan.block(j, qb.shape[2] // 2)
+    if blk is None:
+        _record_skip("forward")
+        return
+    rows, cols, causal, mask = blk
+    kb, vb = _kv_views(kv, plan.bnsd)
+    q_, k_ = qb[:, :, rows], kb[:, :, cols]
+    _record("forward", q_.shape[0] * q_.shape[1], q_.shape[2], k_.shape[2], causal, mask)
+    bo, bl = plan.kernel.forward(q_, k_, vb[:, :, cols], scale=plan.scale, causal=causal, mask=mask)
+    out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows], bo, bl)
+
+
+def _ring_forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    """q/k/v ``[s, b, n|hk, d]`` -> out ``[b, n, s, d]`` and lse ``[b, n, s]`` (float32/float64)."""
+    s, b, n, d = q.shape
+    dt = acc_dtype(q.dtype)
+    qb = _as_bnsd(q, plan.bnsd)
+    out = torch.zeros((b, n, s, d), dtype=dt, device=q.device)
+    lse = torch.full((b, n, s), -math.inf, dtype=dt, device=q.device)
+    outer_kv = _pack_kv(k, v, plan.bnsd)
+    for o in range(plan.W):
+        last_outer = o == plan.W - 1
+        outer_next = plan.outer.start(outer_kv, "ring_kv") if plan.overlap and not last_outer else None
+        kv = outer_kv
+        for i in range(plan.K):
+            last = i == plan.K - 1
+            inner_next = plan.inner.start(kv, "ring_kv") if plan.overlap and not last else None
+            _forward_block(plan, qb, kv, plan.owner(o, i), out, lse)
+            if not last:
+                kv = (inner_next or plan.inner.start(kv, "ring_kv")).wait()
+        if not last_outer:
+            outer_kv = (outer_next or plan.outer.start(outer_kv, "ring_kv")).wait()
+    return out, lse
+
+
+# ------------------------------------------------------------------------------------------ backward
+def _backward_block(plan: _Plan, qb, dob, ob, lse, kv, j: int, dq: Tensor, dkv: Tensor) -> None:
+    blk = plan.block(j, qb.shape[2] // 2)
+    if blk is None:
+        _record_skip("backward")
+        return
+    rows, cols, causal, mask = blk
+    kb, vb = _kv_views(kv, plan.bnsd)
+    dk, dv = _kv_views(dkv, plan.bnsd)
+    q_, k_ = qb[:, :, rows], kb[:, :, cols]
+    _record("backward", q_.shape[0] * q_.shape[1], q_.shape[2], k_.shape[2], causal, mask)
+    gq, gk, gv = plan.kernel.backward(dob[:, :, rows], q_, k_, vb[:, :, cols], ob[:, :, rows], lse[:, :, rows],
+                                      scale=plan.scale, causal=causal, mask=mask)
+    dq[:, :, rows] += gq
+    dk[:, :, cols] += gk
+    dv[:, :, cols] += gv
+
+
+def _inner_backward(plan: _Plan, o: int, kv: Tensor, qb, dob, ob, lse, dq: Tensor) -> Tensor:
+    """One pass of the inner ring starting from ``kv``; returns the dK/dV of ``kv`` summed over the ring.
+
+    The dK/dV accumulator of the block held at step i >= 1 starts at step 1 and moves with the block; the
+    block's starting rank keeps its own share (step 0) and receives the rest after the last step.
+    """
+    own = pending = None
+    for i in range(plan.K):
+        last = i == plan.K - 1
+        kv_next = plan.inner.start(kv, "ring_kv") if plan.overlap and not last else None
+        grad = torch.zeros(kv.shape, dtype=dq.dtype, device=kv.device)
+        _backward_block(plan, qb, dob, ob, lse, kv, plan.owner(o, i), dq, grad)
+        if i == 0:
+            own = grad
+        else:
+            if pending is not None:
+                grad += pending.wait()  # the previous ranks' share of this block
+            pending = plan.inner.start(grad.to(kv.dtype), "ring_dkv")
+            if not plan.overlap:
+                pending.wait()
+        if not last:
+            kv = (kv_next or plan.inner.start(kv, "ring_kv")).wait()
+    if pending is not None:
+        own += pending.wait()
+    return own
+
+
+def _ring_backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor):
+    """-> dq ``[b, n, s, d]`` and dkv (travel layout), both float32/float64."""
+    s, b, n, d = q.shape
+    qb, dob, ob = (_as_bnsd(t, plan.bnsd) for t in (q, dout, out))
+    dq = torch.zeros((b, n, s, d), dtype=lse.dtype, device=q.device)
+    outer_kv = _pack_kv(k, v, plan.bnsd)
+    own = pending = None
+    for o in range(plan.W):
+        last_outer = o == plan.W - 1
+        outer_next = plan.outer.start(outer_kv, "ring_kv") if plan.overlap and not last_outer else None
+        window_sum = _inner_backward(plan, o, outer_kv, qb, dob, ob, lse, dq)
+        if o == 0:
+            own = window_sum
+        else:  # the same accumulator scheme one level up, along the outer ring
+            if pending is not None:
+                window_sum += pending.wait()
+            pending = plan.outer.start(window_sum.to(k.dtype), "ring_dkv")
+            if not plan.overlap:
+                pending.wait()
+        if not last_outer:
+            outer_kv = (outer_next or plan.outer.start(outer_kv, "ring_kv")).wait()
+    if pending is not None:
+        own += pending.wait()
+    return dq, own
+
+
+# ------------------------------------------------------------------------------------------ autograd
+class RingAttentionFunction(torch.autograd.Function):
+    """``apply(q, k, v, plan)``; build the plan with :func:`ring_attention` (which validates)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan):
+        out, lse = _ring_forward(plan, q, k, v)
+        out = _sbhd(out).to(q.dtype).contiguous()  # [b, n, s, d] -> [s, b, n, d], once
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan = ctx.plan
+        dq, dkv = _ring_backward(plan, dout, q, k, v, out, lse)
+        dq = _sbhd(dq).to(q.dtype).contiguous()
+        dk, dv = (x.to(k.dtype) for x in ((_sbhd(dkv[0]), _sbhd(dkv[1])) if plan.bnsd else (dkv[0], dkv[1])))
+        return dq, dk.contiguous(), dv.contiguous(), None
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, ring_group=None, *, causal: bool = True,
+                   attention_mask: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
+                   bnsd: bool = False, overlap_group=None, window: Optional[DoubleRingWindow] = None,
+                   kernel=None) -> Tensor:
+    """Attention over the sequence shared by the ranks of ``ring_group`` (zigzag layout).
+
+    q ``[s_local, b, n, d]``, k/v ``[s_local, b, nk, d]`` (``n % nk == 0``) -> out ``[s_local, b, n, d]``.
+    ``ring_group``: the ring (None = the default group), ranks in ring order. ``causal``: zigzag causal;
+    ``attention_mask`` (with ``causal=False``): bool ``[b|1, n|1, s_local|S, S]``, True = masked.
+    ``softmax_scale``: default ``1/sqrt(d)``. ``bnsd``: compute in ``[b, n, s, d]`` (converted once).
+    ``overlap_group``: a second communicator over the same ranks (send/recv overlap). ``window``:
+    Double Ring groups (:class:`DoubleRingWindow`; size 1 or None = plain ring). ``kernel``: a name of
+    :data:`mindspeed_cp.kernels.KERNELS`, a kernel object, or None (by device).
+    """
+    if ring_group is None:
+        ring_group = dist.group.WORLD
+    P, r = dist.get_world_size(ring_group), dist.get_rank(ring_group)
+    if r < 0:
+        raise RingAttentionError("this rank is not a member of the ring process group it was given")
+    _validate(q, k, v, attention_mask, causal, bnsd, overlap_group, window, ring_group, P, r)
+    s_local = q.shape[0]
+    masks = None if attention_mask is None else _MaskBlocks(attention_mask, P, r, s_local)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    plan = _Plan(P=P, r=r, window=window, ring_group=ring_group, overlap_group=overlap_group,
+                 causal=causal and attention_mask is None, bnsd=bnsd, scale=scale,
+                 kernel=get_kernel(kernel, q.device), masks=masks)
+    return RingAttentionFunction.apply(q, k, v, plan)

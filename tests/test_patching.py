@@ -1,0 +1,101 @@
+"""The patch registry: keyed by dotted path, applied once, undoable, listable; import sites rebound."""
+import subprocess
+import sys
+import types
+
+import pytest
+
+from mindspeed_cp.patching import Patch, PatchRegistry, replace, wrap
+
+
+@pytest.fixture
+def fake_pkg(monkeypatch):
+    """A throwaway package `mscp_fake` with a function, a class and a module that imported the function."""
+    pkg = types.ModuleType("mscp_fake")
+    pkg.__path__ = []
+    core = types.ModuleType("mscp_fake.core")
+
+    def double(x):
+        return 2 * x
+
+    class Box:
+        def value(self):
+            return 1
+
+    core.double, core.Box = double, Box
+    user = types.ModuleType("mscp_fake.user")
+    user.double = double  # `from mscp_fake.core import double`
+    for name, mod in (("mscp_fake", pkg), ("mscp_fake.core", core), ("mscp_fake.user", user)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    pkg.core, pkg.user = core, user
+    return core, user, double, Box
+
+
+def test_apply_once_rebinds_import_sites_and_undo_restores(fake_pkg):
+    core, user, double, Box = fake_pkg
+    calls = []
+
+    def traced(original, x):
+        calls.append(x)
+        return original(x) + 1
+
+    reg = PatchRegistry()
+    reg.add(Patch("mscp_fake.core.double", wrap(traced), "trace"))
+    reg.add(Patch("mscp_fake.core.Box.value", replace(lambda self: 42), "constant"))
+    reg.apply_all()
+    reg.apply_all()  # a second apply changes nothing (no double wrapping)
+    assert core.double(3) == 7 and user.double(3) == 7 and calls == [3, 3]
+    assert Box().value() == 42
+    assert reg["mscp_fake.core.double"].status == "applied (+1 import sites)"
+    reg.undo_all()
+    assert core.double is double and user.double is double and Box().value() == 1
+    assert not reg.applied
+
+
+def test_conditions_missing_targets_and_duplicates(fake_pkg):
+    reg = PatchRegistry()
+    reg.add(Patch("mscp_fake.core.double", replace(None), "never", when=lambda: False, when_doc="never"))
+    reg.add(Patch("mscp_fake.core.renamed_in_this_version", replace(None), "absent"))
+    reg.add(Patch("mscp_fake_missing.mod.f", replace(None), "absent module"))
+    reg.apply_all()
+    statuses = [p.status for p in reg]
+    assert statuses[0] == "skipped (never does not hold)"
+    assert statuses[1].startswith("skipped (target absent")
+    assert statuses[2].startswith("skipped (target absent")
+    with pytest.raises(ValueError, match="two patches for mscp_fake.core.double"):
+        reg.add(Patch("mscp_fake.core.double", replace(None), "again"))
+    assert "mscp_fake.core.double" in reg.format()
+
+
+def _adaptor_state():
+    """In a fresh interpreter: import twice, list, undo, re-apply."""
+    code = r"""
+import json
+import megatron.core.parallel_state as ps
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+orig_init, orig_fwd = ps.initialize_model_parallel, DotProductAttention.forward
+import mindspeed_cp.megatron_adaptor as a
+first = ps.initialize_model_parallel
+import mindspeed_cp.megatron_adaptor
+a.apply()
+same = ps.initialize_model_parallel is first
+a.undo()
+restored = ps.initialize_model_parallel is orig_init and DotProductAttention.forward is orig_fwd
+a.apply()
+print(json.dumps(dict(patched=first is not orig_init, same=same, restored=restored,
+                      reapplied=ps.initialize_model_parallel is not orig_init,
+                      targets=[r["target"] for r in a.PATCHES.table()])))
+"""
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
+    import json
+
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_megatron_adaptor_applies_once_and_undoes():
+    s = _adaptor_state()
+    assert s["patched"] and s["same"] and s["restored"] and s["reapplied"]
+    for target in ("megatron.core.parallel_state.initialize_model_parallel",
+                   "megatron.core.transformer.dot_product_attention.DotProductAttention.forward",
+                   "megatron.core.utils.get_batch_on_this_cp_rank"):
+        assert target in s["targets"]
