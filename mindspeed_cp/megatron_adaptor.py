@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from . import attention, device
+from . import attention, device, megatron_lm
 from .config import CPConfig, CPConfigError
 from .patching import Patch, PatchRegistry, replace, wrap
 from .state import STATE, CPStateError
@@ -92,6 +92,7 @@ for _patch in (
           wrap(attention.get_rotary_seq_len),
           "RoPE table covers the global length when Ulysses lengths are unaligned (Megatron assumes s*CP)"),
     *device.PATCHES,
+    *megatron_lm.PATCHES,
 ):
     PATCHES.add(_patch)
 
