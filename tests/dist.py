@@ -98,7 +98,7 @@ def _worker(rank: int, world_size: int, port: int, conn) -> None:
 
 
 class Pool:
-    def __init__(self, world_size: int, start_timeout: float = 180):
+    def __init__(self, world_size: int, start_timeout: float = 300):
         ctx = mp.get_context("spawn")
         port = _free_port()
         self.world_size = world_size

@@ -1,0 +1,116 @@
+"""Differentiable all-to-all over a process group, for equal and uneven splits.
+
+One exchange covers both Ulysses cases. Every rank cuts its tensor along ``scatter_dim`` into P pieces
+(``scatter_sizes``; piece j goes to rank j) and receives from every rank i a piece that is ``gather_sizes[i]``
+long along ``gather_dim``; the received pieces are concatenated along ``gather_dim``::
+
+    # q, aligned:   [s/P, b, h, d] -> [s, b, h/P, d]     scatter heads, gather sequence
+    # out, aligned: [s, b, h/P, d] -> [s/P, b, h, d]     scatter sequence, gather heads
+    # uneven (S=13, P=4, rank 3 holds 3 tokens): [3, b, h, d] -> [13, b, h/4, d], gather_sizes [4, 3, 3, 3]
+
+The backward of an all-to-all is the inverse all-to-all (the roles of the two dims and of the two size
+lists swap), so gradients travel exactly the reverse route. All dims other than the two named ones must
+be equal on every rank; callers check that before the first collective (see :mod:`mindspeed_cp.ulysses`).
+
+Communication goes through ``torch.distributed.all_to_all_single`` with split sizes (NCCL, HCCL and gloo
+all implement it); every exchange reports the bytes it sends to *other* ranks to
+:func:`mindspeed_cp.comm_stats.record` under the kind ``"all_to_all"``.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import comm_stats
+
+
+def split_sizes(total: int, parts: int) -> List[int]:
+    """Sizes of ``torch.tensor_split(range(total), parts)``: the first ``total % parts`` get one more."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def _resized(shape: Sequence[int], dim_a: int, size_a: int, dim_b: int, size_b: int) -> List[int]:
+    """``shape`` with dims ``dim_a`` and ``dim_b`` set to ``size_a`` and ``size_b``."""
+    out = list(shape)
+    out[dim_a], out[dim_b] = size_a, size_b
+    return out
+
+
+def _exchange(x: torch.Tensor, group, scatter_dim: int, gather_dim: int,
+              scatter_sizes: List[int], gather_sizes: List[int]) -> torch.Tensor:
+    """The all-to-all itself (no autograd). One copy into the send buffer, one out of the receive buffer."""
+    me, world = dist.get_rank(group), len(scatter_sizes)
+    # Send buffer: piece j (scatter_sizes[j] along scatter_dim) laid out contiguously, pieces in rank order,
+    # because all_to_all_single cuts its flat input into consecutive runs of send_counts elements.
+    pieces = torch.split(x, scatter_sizes, dim=scatter_dim)
+    send_counts = [p.numel() for p in pieces]
+    send = x.new_empty(sum(send_counts))
+    if len(set(scatter_sizes)) == 1:  # equal pieces (heads): one strided copy [.., P*n, ..] -> [P, .., n, ..]
+        grouped = x.unflatten(scatter_dim, (world, scatter_sizes[0])).movedim(scatter_dim, 0)
+        send.view(grouped.shape).copy_(grouped)
+    else:
+        for run, piece in zip(send.split(send_counts), pieces):
+            run.view(piece.shape).copy_(piece)
+    # From rank i we receive its gather-dim share (gather_sizes[i]) of the heads/tokens we own here.
+    recv_shapes = [_resized(x.shape, scatter_dim, scatter_sizes[me], gather_dim, n) for n in gather_sizes]
+    recv_counts = [math.prod(s) for s in recv_shapes]
+    recv = x.new_empty(sum(recv_counts))
+    comm_stats.record("all_to_all", (send.numel() - send_counts[me]) * send.element_size())
+    dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts,
+                           group=group)
+    return torch.cat([run.view(s) for run, s in zip(recv.split(recv_counts), recv_shapes)], dim=gather_dim)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Autograd wrapper: forward scatters ``scatter_dim`` / gathers ``gather_dim``; backward inverts it."""
+
+    @staticmethod
+    def forward(ctx, x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes):
+        ctx.route = (group, scatter_dim, gather_dim, scatter_sizes, gather_sizes)
+        return _exchange(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, scatter_dim, gather_dim, scatter_sizes, gather_sizes = ctx.route
+        # Inverse route: what was gathered is scattered back to where it came from, and vice versa.
+        grad_x = _AllToAll.apply(grad, group, gather_dim, scatter_dim, gather_sizes, scatter_sizes)
+        return grad_x, None, None, None, None, None
+
+
+def all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int,
+               scatter_sizes: Optional[Sequence[int]] = None,
+               gather_sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Differentiable all-to-all: ``x`` cut along ``scatter_dim``, pieces gathered along ``gather_dim``.
+
+    ``scatter_sizes``: how much of ``scatter_dim`` goes to each rank (default: equal parts; must then divide).
+    ``gather_sizes``: how long each rank's piece is along ``gather_dim`` (default: all as long as ours).
+    Returns a tensor whose ``gather_dim`` is ``sum(gather_sizes)`` and ``scatter_dim`` is
+    ``scatter_sizes[rank]``. With one rank it returns ``x`` itself.
+    """
+    world = dist.get_world_size(group)
+    me = dist.get_rank(group)
+    scatter_dim %= x.dim()
+    gather_dim %= x.dim()
+    if scatter_dim == gather_dim:
+        raise ValueError(f"all_to_all: scatter_dim and gather_dim are both {scatter_dim}")
+    if scatter_sizes is None:
+        if x.shape[scatter_dim] % world:
+            raise ValueError(f"all_to_all: dim {scatter_dim} of shape {tuple(x.shape)} is not divisible by "
+                             f"the {world} ranks of the group")
+        scatter_sizes = [x.shape[scatter_dim] // world] * world
+    if gather_sizes is None:
+        gather_sizes = [x.shape[gather_dim]] * world
+    scatter_sizes, gather_sizes = [int(n) for n in scatter_sizes], [int(n) for n in gather_sizes]
+    if len(scatter_sizes) != world or len(gather_sizes) != world:
+        raise ValueError(f"all_to_all: need {world} scatter and gather sizes, got {scatter_sizes} and "
+                         f"{gather_sizes}")
+    if sum(scatter_sizes) != x.shape[scatter_dim] or gather_sizes[me] != x.shape[gather_dim]:
+        raise ValueError(f"all_to_all: shape {tuple(x.shape)} does not match scatter sizes {scatter_sizes} "
+                         f"(dim {scatter_dim}) / gather sizes {gather_sizes} (dim {gather_dim}, rank {me})")
+    if world == 1:
+        return x
+    return _AllToAll.apply(x, group, scatter_dim, gather_dim, tuple(scatter_sizes), tuple(gather_sizes))

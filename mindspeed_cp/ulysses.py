@@ -1,0 +1,316 @@
+"""Ulysses context parallelism: all-to-all from sequence shards to head shards and back.
+
+Each of the P ranks of the Ulysses group holds a contiguous slice of the sequence with all heads. One
+all-to-all per input trades that for the full sequence with h/P heads, any local attention runs on it,
+and one all-to-all on the output trades back (DeepSpeed-Ulysses; MindSpeed's ``UlyssesContextAttention``)::
+
+    # q, k, v: [s/P, b, h, d] -> [s, b, h/P, d]     (all-to-all: scatter heads, gather sequence)
+    # out = local_attention(q, k, v, *args, **kwargs)      [s, b, h/P, d] or [s, b, h/P*d]
+    # out:     [s, b, h/P, d] -> [s/P, b, h, d]     (all-to-all: scatter sequence, gather heads)
+
+The backward of each all-to-all is its inverse (:mod:`mindspeed_cp.comm`).
+
+Unaligned sequences (MindSpeed's "非对齐 Ulysses"): a :class:`GatherSizeCalculator` names the global length
+S; rank r then holds tokens ``torch.tensor_split(torch.arange(S), P)[r]`` (the first S % P ranks one more
+token) and the all-to-alls use those split sizes. Ranks may even hold no token (S < P).
+
+Before the first all-to-all every rank shares a small metadata row (one all-gather of ~20 integers): its
+local length, the shapes and dtypes of q/k/v, the declared S and whether its own inputs were rejected.
+Every rank then runs the same checks on the same table, so a bad input raises the same
+:class:`UlyssesError` on every rank instead of hanging the others in an all-to-all or silently producing
+wrong rows. ``check_inputs=False`` skips that exchange (then only rank-local checks run).
+"""
+from __future__ import annotations
+
+import operator
+import zlib
+from abc import ABC, abstractmethod
+from typing import Any, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import comm_stats
+from .comm import all_to_all, split_sizes
+
+__all__ = [
+    "UlyssesContextAttention", "DistributedAttention", "UlyssesError", "GatherSizeCalculator",
+    "DefaultGatherSizeCalculator", "DynamicGatherSizeCalculator", "kv_head_repeats",
+]
+
+
+class UlyssesError(ValueError):
+    """Inputs Ulysses cannot shard; raised on every rank of the group (the message names shapes/ranks)."""
+
+
+# ----------------------------------------------------------------------------- gather size calculators
+class GatherSizeCalculator(ABC):
+    """Says how long the global sequence is (the size along ``gather_idx`` after the all-to-all).
+
+    ``calculate`` receives the ``*args, **kwargs`` given to :meth:`UlyssesContextAttention.forward` after
+    q, k, v. ``None`` means aligned: every rank holds the same number of tokens and S = s_local * P.
+    """
+
+    @abstractmethod
+    def calculate(self, *args: Any, **kwargs: Any) -> Optional[int]:
+        """The global sequence length S, or None for the aligned layout."""
+
+
+class DefaultGatherSizeCalculator(GatherSizeCalculator):
+    """Always aligned (None)."""
+
+    def calculate(self, *args: Any, **kwargs: Any) -> Optional[int]:
+        return None
+
+
+class DynamicGatherSizeCalculator(GatherSizeCalculator):
+    """S = last dim of the attention mask (first positional arg after q, k, v, or ``attention_mask=``).
+
+    Returns None when that mask is not a tensor (e.g. no mask, or MindSpeed's list-of-masks form).
+    """
+
+    def calculate(self, *args: Any, **kwargs: Any) -> Optional[int]:
+        mask = args[0] if args else kwargs.get("attention_mask")
+        return int(mask.shape[-1]) if isinstance(mask, torch.Tensor) else None
+
+
+# ----------------------------------------------------------------------------- GQA rule
+def kv_head_repeats(heads: int, kv_heads: int, ranks: int) -> int:
+    """How often each KV head is repeated before the all-to-all so every rank gets the KV its queries use.
+
+    Query head i uses KV head ``i // (heads // kv_heads)`` (Megatron/SDPA grouping); rank r receives query
+    heads ``[r*heads/P, (r+1)*heads/P)``.
+
+    * ``kv_heads >= P``: KV heads are scattered like query heads (needs ``kv_heads % P == 0``); rank r's
+      query heads use exactly KV heads ``[r*kv/P, (r+1)*kv/P)``. Returns 1.
+    * ``kv_heads < P``: each KV head is repeated ``P // kv_heads`` times (needs ``P % kv_heads == 0``), so
+      the all-to-all hands every rank exactly one KV head -- the one its query heads use. KV is never
+      expanded to full multi-head. Example: h=8, kv=2, P=4 -> K becomes [k0, k0, k1, k1]; rank r gets query
+      heads 2r, 2r+1 and KV head k_{r//2} (queries 0-3 use k0, 4-7 use k1). Gradients of the copies sum
+      back into the original head (the repeat is part of the autograd graph).
+
+    The local attention sees ``heads/P`` query heads and ``max(kv_heads, P)/P`` KV heads and groups them by
+    shape. Raises :class:`UlyssesError` for combinations that cannot be split this way.
+    """
+    if heads % ranks:
+        raise UlyssesError(f"query has {heads} heads, not divisible by the {ranks} ranks of the Ulysses group")
+    if kv_heads < 1 or heads % kv_heads:
+        raise UlyssesError(f"query has {heads} heads and key/value {kv_heads}: grouped-query attention needs "
+                           f"the query heads to be a multiple of the key/value heads")
+    if kv_heads >= ranks:
+        if kv_heads % ranks:
+            raise UlyssesError(f"key/value have {kv_heads} heads, not divisible by the {ranks} ranks of the "
+                               f"Ulysses group (with {kv_heads} >= {ranks} KV heads are scattered like query "
+                               f"heads)")
+        return 1
+    if ranks % kv_heads:
+        raise UlyssesError(f"key/value have {kv_heads} heads, fewer than the {ranks} ranks of the Ulysses group "
+                           f"and not a divisor of {ranks}: KV heads cannot be replicated so that every rank "
+                           f"gets the one its query heads use")
+    return ranks // kv_heads
+
+
+# ----------------------------------------------------------------------------- input checks
+_NAMES = ("query", "key", "value")
+_COLS = 6  # metadata columns per tensor: 4 dims, dtype, requires grad
+
+
+def _signature(t: torch.Tensor) -> List[int]:
+    # crc32 of the dtype name is stable across processes (unlike hash()); a rank whose tensor needs a
+    # gradient while another's does not would wait forever in the backward all-to-all.
+    return list(t.shape) + [zlib.crc32(str(t.dtype).encode()), int(t.requires_grad and torch.is_grad_enabled())]
+
+
+def _as_length(size: Any) -> Optional[int]:
+    """The calculator's answer as an int (None stays None); anything else is a TypeError."""
+    if size is None:
+        return None
+    if isinstance(size, bool):
+        raise TypeError(f"gather size must be an int (the global sequence length), got {size!r}")
+    try:
+        return operator.index(size)
+    except TypeError:
+        raise TypeError(f"gather size must be an int (the global sequence length), got {size!r}") from None
+
+
+def _local_problem(qkv, seq_dim: int, head_dim: int, gather_size, ranks: int, rank: int) -> Optional[str]:
+    """What is wrong with this rank's own inputs (None if nothing); needs no communication."""
+    for name, t in zip(_NAMES, qkv):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            return (f"{name} must be a 4-D tensor with the sequence at dim {seq_dim} and heads at dim "
+                    f"{head_dim}, got {got}")
+    q, k, v = qkv
+    shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(_NAMES, qkv))
+    other = [d for d in range(3) if d not in (seq_dim, head_dim)]  # the batch dim(s)
+    for d in [seq_dim] + other:
+        if not q.shape[d] == k.shape[d] == v.shape[d]:
+            return f"query, key and value differ at dim {d} ({shapes})"
+    if k.shape[head_dim] != v.shape[head_dim] or q.shape[3] != k.shape[3]:
+        return f"key and value need the same heads and query and key the same head size ({shapes})"
+    try:
+        kv_head_repeats(q.shape[head_dim], k.shape[head_dim], ranks)
+    except UlyssesError as e:
+        return str(e)
+    s_local = q.shape[seq_dim]
+    if gather_size is None:
+        return None if s_local > 0 else (
+            f"query holds 0 tokens along dim {seq_dim}: aligned Ulysses needs the same non-zero local "
+            f"length on every rank")
+    if gather_size < 1:
+        return f"gather size must be a positive global sequence length, got {gather_size}"
+    want = split_sizes(gather_size, ranks)
+    if s_local != want[rank]:
+        return (f"gather size {gather_size} over {ranks} ranks means rank {rank} holds {want[rank]} tokens "
+                f"(torch.tensor_split: {want}), but its {_NAMES[0]} has {s_local} along dim {seq_dim}")
+    return None
+
+
+def _agree(qkv, seq_dim: int, gather_size, problem: Optional[str], group) -> None:
+    """Share every rank's metadata and raise the same error on every rank if anything is inconsistent."""
+    ranks = dist.get_world_size(group)
+    device = next((t.device for t in qkv if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    message = (problem or "").encode()
+    row = [len(message), -1 if gather_size is None else int(gather_size)]
+    ok = problem is None
+    for t in qkv:  # zeros when this rank's inputs are unusable (then only the message matters)
+        row += _signature(t) if ok else [0] * _COLS
+    table = _all_gather_rows(torch.tensor(row, dtype=torch.int64, device=device), group)
+
+    longest = max(r[0] for r in table)
+    if longest:  # some rank rejected its own inputs: gather the reasons so every rank can name them
+        buf = torch.zeros(longest, dtype=torch.uint8, device=device)
+        buf[:len(message)] = torch.tensor(list(message), dtype=torch.uint8)
+        texts = [bytes(t[:r[0]]).decode() for t, r in zip(_all_gather_rows(buf, group), table)]
+        bad = [(r, t) for r, t in enumerate(texts) if t]
+        if len({t for _, t in bad}) == 1 and len(bad) == ranks:
+            raise UlyssesError(bad[0][1] + " (on every rank)")
+        raise UlyssesError("Ulysses inputs rejected on " + "; ".join(f"rank {r}: {t}" for r, t in bad))
+
+    # Everything but the local sequence length must agree (else the all-to-all pieces would not match).
+    seq_cols = [2 + _COLS * i + seq_dim for i in range(3)]
+    key = [[x for c, x in enumerate(r) if c not in seq_cols] for r in table]
+    if any(k != key[0] for k in key):
+        raise UlyssesError("q/k/v shapes, dtypes, requires_grad or gather sizes differ across the ranks of the "
+                           "Ulysses group (only the sequence dim may differ): "
+                           + "; ".join(f"rank {i}: {_describe(r)}" for i, r in enumerate(table)))
+    lengths = [r[seq_cols[0]] for r in table]
+    if gather_size is None and len(set(lengths)) > 1:
+        raise UlyssesError(f"aligned Ulysses needs the same local sequence length on every rank, got {lengths}; "
+                           f"for uneven lengths give UlyssesContextAttention a gather_size_calculator "
+                           f"(e.g. DynamicGatherSizeCalculator) that returns the global length")
+    # With a declared S each rank already checked its own length against tensor_split(S, P) above.
+
+
+def _describe(row: List[int]) -> str:
+    dtypes = {zlib.crc32(str(d).encode()): str(d).replace("torch.", "")
+              for d in vars(torch).values() if isinstance(d, torch.dtype)}
+    parts = []
+    for i, name in enumerate(_NAMES):
+        col = row[2 + _COLS * i: 2 + _COLS * (i + 1)]
+        grad = " requires_grad" if col[5] else ""
+        parts.append(f"{name} {tuple(col[:4])} {dtypes.get(col[4], '?')}{grad}")
+    return ", ".join(parts) + (", aligned" if row[1] < 0 else f", gather size {row[1]}")
+
+
+def _all_gather_rows(row: torch.Tensor, group) -> List[List[int]]:
+    rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
+    comm_stats.record("metadata", row.numel() * row.element_size() * (len(rows) - 1))
+    dist.all_gather(rows, row, group=group)
+    return [r.tolist() for r in rows]
+
+
+# ----------------------------------------------------------------------------- the module
+class UlyssesContextAttention(torch.nn.Module):
+    """Ulysses context-parallel attention around any local attention (DeepSpeed ``DistributedAttention``
+    and MindSpeed ``UlyssesContextAttention`` compatible).
+
+    Args:
+        local_attention: callable ``local_attention(q, k, v, *args, **kwargs)`` on the full sequence and
+            h/P heads, returning ``[S, b, h/P, d]`` or ``[S, b, h/P*d]`` (bshd: ``[b, S, ...]``).
+        sequence_process_group: the Ulysses group (P ranks holding one sequence).
+        scatter_idx: dim of the heads in q/k/v (2 for both sbhd and bshd).
+        gather_idx: dim of the sequence: 0 for ``[s, b, h, d]`` (Megatron), 1 for ``[b, s, h, d]``.
+        gather_size_calculator: gives the global length S for unaligned sequences
+            (default :class:`DefaultGatherSizeCalculator`: aligned).
+        check_inputs: exchange metadata before the first all-to-all so bad inputs fail on every rank
+            (one small all-gather per forward). False trusts the caller.
+
+    GQA/MQA: key/value may have fewer heads than query; see :func:`kv_head_repeats` for the rule (KV heads
+    are scattered when there are at least P of them, otherwise each is repeated P/kv times, e.g. h=8, kv=2,
+    P=4: every rank gets 2 query heads and 1 KV head).
+    """
+
+    def __init__(self, local_attention, sequence_process_group, scatter_idx: int = 2, gather_idx: int = 0,
+                 gather_size_calculator: Optional[GatherSizeCalculator] = None, *,
+                 check_inputs: bool = True) -> None:
+        super().__init__()
+        dims = {scatter_idx % 4, gather_idx % 4}
+        if len(dims) != 2 or 3 in dims:
+            raise UlyssesError(f"scatter_idx ({scatter_idx}) and gather_idx ({gather_idx}) must name two different "
+                               f"dims of the 4-D q/k/v other than the last (the head size)")
+        self.local_attn = local_attention
+        self.spg = sequence_process_group
+        self.scatter_idx = scatter_idx % 4
+        self.gather_idx = gather_idx % 4
+        if gather_size_calculator is None:
+            gather_size_calculator = DefaultGatherSizeCalculator()
+        self.gather_size_calculator = gather_size_calculator
+        self.check_inputs = check_inputs
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any,
+                **kwargs: Any) -> torch.Tensor:
+        group, head_dim, seq_dim = self.spg, self.scatter_idx, self.gather_idx
+        ranks, rank = dist.get_world_size(group), dist.get_rank(group)
+        gather_size, problem, cause = None, None, None
+        try:
+            gather_size = _as_length(self.gather_size_calculator.calculate(*args, **kwargs))
+            problem = _local_problem((query, key, value), seq_dim, head_dim, gather_size, ranks, rank)
+        except Exception as e:  # noqa: BLE001 - a failing calculator must fail every rank, not hang them
+            gather_size, problem, cause = None, f"{type(e).__name__}: {e}", e
+        if self.check_inputs:
+            try:
+                _agree((query, key, value), seq_dim, gather_size, problem, group)
+            except UlyssesError as e:
+                raise e from cause
+        elif problem is not None:
+            raise UlyssesError(problem) from cause
+
+        heads, s_local = query.shape[head_dim], query.shape[seq_dim]
+        total = s_local * ranks if gather_size is None else gather_size
+        seq_sizes = split_sizes(total, ranks)
+        repeats = kv_head_repeats(heads, key.shape[head_dim], ranks)
+        if repeats > 1:
+            # [s/P, b, kv, d] -> [s/P, b, P, d]: KV head j repeated for the P/kv ranks whose queries use it
+            key = key.repeat_interleave(repeats, dim=head_dim)
+            value = value.repeat_interleave(repeats, dim=head_dim)
+
+        # [s/P, b, h, d] -> [s, b, h/P, d]   (key/value: [s/P, b, kv', d] -> [s, b, kv'/P, d])
+        q, k, v = (all_to_all(t, group, head_dim, seq_dim, gather_sizes=seq_sizes) for t in (query, key, value))
+
+        out = self.local_attn(q, k, v, *args, **kwargs)
+        flat = self._check_output(out, q, total)
+        if flat:  # [s, b, h/P*d] -> [s, b, h/P, d]
+            out = out.unflatten(-1, (heads // ranks, -1))
+        # [s, b, h/P, d] -> [s/P, b, h, d]
+        out = all_to_all(out, group, seq_dim, head_dim, scatter_sizes=seq_sizes)
+        return out.flatten(-2) if flat else out  # [s/P, b, h*d] if the local attention flattened
+
+    def _check_output(self, out, q: torch.Tensor, total: int) -> bool:
+        """Whether ``out`` is the flattened form; raise if it is neither ``q``-shaped nor its flattening."""
+        head_dim, seq_dim = self.scatter_idx, self.gather_idx
+        ok = isinstance(out, torch.Tensor)
+        flat = ok and out.dim() == 3
+        if ok and flat:
+            ok = head_dim == 2 and out.shape[:2] == q.shape[:2] and out.shape[2] % q.shape[2] == 0
+        elif ok:
+            ok = out.dim() == 4 and out.shape[:3] == q.shape[:3]
+        if not ok:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise UlyssesError(f"local attention returned {got}; expected a tensor shaped like its query "
+                               f"{tuple(q.shape)} (sequence {total} at dim {seq_dim}, {q.shape[head_dim]} heads at "
+                               f"dim {head_dim}) or with its last two dims flattened")
+        return flat
+
+
+DistributedAttention = UlyssesContextAttention
