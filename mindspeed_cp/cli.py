@@ -5,6 +5,7 @@ Subcommands (one function each, looked up in :data:`COMMANDS`)::
     mindspeed-cp groups --world-size 16 --tp 2 --cp 8 --cp-algo hybrid_cp_algo --ulysses-degree-in-cp 2 \\
         --cp-window-size 2 --format html --output groups.html
     mindspeed-cp patches [--format json]
+    mindspeed-cp demo [--ranks 4 --steps 5 --seq 512 ...]
 
 ``groups`` draws the layout of :func:`mindspeed_cp.topology.rank_layout` (the function the runtime creates
 its process groups from). An impossible layout exits with status 2 and one line on stderr naming the
@@ -103,12 +104,18 @@ def cmd_patches(args: argparse.Namespace) -> str:
     return patches.format() + "\n"
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", add_help=False, help="train a small GPT with each CP algorithm on CPU gloo ranks "
+                       "and compare with CP=1 (`mindspeed-cp demo --help`)")
+    p.add_argument("demo_args", nargs=argparse.REMAINDER)
+
+
 # ----------------------------------------------------------------------------- dispatch
 COMMANDS: Dict[str, Callable[[argparse.Namespace], str]] = {
     "groups": cmd_groups,
     "patches": cmd_patches,
 }
-_ADDERS = (_add_groups, _add_patches)
+_ADDERS = (_add_groups, _add_patches, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:  # the demo owns its flags (argparse REMAINDER drops leading options)
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         text = COMMANDS[args.command](args)
