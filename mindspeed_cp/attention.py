@@ -22,9 +22,10 @@ import torch
 from .config import HYBRID, RING, ULYSSES, CPConfig, CPConfigError
 from .sharding import split_batch, token_indices
 from .state import STATE
+from .ulysses import GatherSizeCalculator
 
 
-class _StateGatherSize:
+class _StateGatherSize(GatherSizeCalculator):
     """Ulysses gather size for Megatron: the batch length recorded by ``get_batch_on_this_cp_rank``.
 
     None (aligned) when no batch was split through it. The all-to-all re-checks the value against every
@@ -120,9 +121,14 @@ class CPCoreAttention:
 def _active_cp_config(transformer_config) -> Optional[CPConfig]:
     """The CP config a module built with ``transformer_config`` must run, or None for CP = 1."""
     cp = getattr(transformer_config, "context_parallel_size", 1) or 1
-    if cp == 1:
-        return None
     cfg = STATE.config
+    if cp == 1:
+        if STATE.groups_built and cfg.cp > 1:
+            # the attention would see only this rank's tokens: a silently wrong model (Megatron-Bridge #2665)
+            raise CPConfigError(
+                f"TransformerConfig.context_parallel_size=1 while parallel_state was initialized with "
+                f"--context-parallel-size {cfg.cp}: set context_parallel_size={cfg.cp} in the model config")
+        return None
     if not STATE.groups_built or cfg.cp != cp:
         raise CPConfigError(
             f"TransformerConfig.context_parallel_size={cp} but mindspeed-cp's groups are "

@@ -156,3 +156,21 @@ def _cp1_untouched():
 
 def test_cp1_leaves_megatron_attention_untouched():
     assert run_on_ranks(2, _cp1_untouched) == [(2, 0), (2, 0)]
+
+
+def _model_without_cp_in_a_cp_world():
+    import mindspeed_cp.megatron_adaptor as adaptor
+
+    from tests.gpt_helpers import build_gpt, init_parallel
+
+    adaptor.configure(context_parallel_size=2)
+    init_parallel(tp=1, cp=2)
+    build_gpt(seq=16, context_parallel_size=1)
+
+
+def test_model_config_without_cp_in_a_cp_world_is_an_error():
+    from tests.dist import expect_error_on_every_rank
+
+    expect_error_on_every_rank(2, _model_without_cp_in_a_cp_world,
+                               match=r"TransformerConfig.context_parallel_size=1 while parallel_state was "
+                                     r"initialized with --context-parallel-size 2")
