@@ -71,7 +71,8 @@ class CPCoreAttention:
             if cfg.use_cp_send_recv_overlap:
                 groups["ring_overlap_group"] = STATE.overlap_group("ring")
             groups["window"] = _double_ring_window(cfg)
-        return cls(config=cfg, softmax_scale=module.softmax_scale, **groups)
+        scale = getattr(module, "softmax_scale", None) or module.config.kv_channels ** -0.5
+        return cls(config=cfg, softmax_scale=scale, **groups)
 
     def _ring_options(self, attention_mask) -> dict:
         cfg = self.config
@@ -138,29 +139,33 @@ def _active_cp_config(transformer_config) -> Optional[CPConfig]:
     return cfg
 
 
-def dot_product_attention_init(original, self, config, *args, **kwargs):
-    """Build Megatron's attention as the CP=1 local attention, then attach the CP algorithm."""
+def local_attention_config(config, cfg: CPConfig):
+    """The TransformerConfig Megatron's attention is built from under CP: CP = 1 (its own CP stays off) and,
+    under a Ulysses level of U ranks, the heads one rank sees after the all-to-all: h/U query heads and
+    max(kv/(TP*U), 1) KV heads per TP rank (fewer KV heads than ranks are replicated)."""
+    import dataclasses
+
+    tp, u = config.tensor_model_parallel_size, cfg.ulysses_size
+    heads, kv = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
+    changes = dict(context_parallel_size=1)
+    if u > 1:
+        changes.update(num_attention_heads=heads // u, num_query_groups=max(kv // (tp * u), 1) * tp,
+                       kv_channels=config.kv_channels)
+    return dataclasses.replace(config, **changes)
+
+
+def core_attention_init(original, self, config, *args, **kwargs):
+    """Build Megatron's core attention (local or TE) as the local attention, then attach the CP algorithm."""
     cfg = _active_cp_config(config)
     if cfg is None:
         return original(self, config, *args, **kwargs)
-    tp = config.tensor_model_parallel_size
-    heads, kv = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
-    cfg.validate(tensor_model_parallel_size=tp, num_attention_heads=heads, num_query_groups=kv)
-    config.context_parallel_size = 1  # Megatron's assert; the module keeps the same config object
-    try:
-        original(self, config, *args, **kwargs)
-    finally:
-        config.context_parallel_size = cfg.cp
-    u = cfg.ulysses_size
-    if u > 1:
-        # after the Ulysses all-to-all: h/(tp*u) query heads, max(kv/(tp*u), 1) KV heads (replicated GQA)
-        self.num_attention_heads_per_partition = heads // (tp * u)
-        self.num_query_groups_per_partition = max(kv // (tp * u), 1)
-        self.hidden_size_per_partition = self.num_attention_heads_per_partition * config.kv_channels
+    cfg.validate(tensor_model_parallel_size=config.tensor_model_parallel_size,
+                 num_attention_heads=config.num_attention_heads, num_query_groups=config.num_query_groups)
+    original(self, local_attention_config(config, cfg), *args, **kwargs)
     self._mindspeed_cp = CPCoreAttention.for_module(self, cfg)
 
 
-def dot_product_attention_forward(original, self, query, key, value, attention_mask, *args, **kwargs):
+def core_attention_forward(original, self, query, key, value, attention_mask, *args, **kwargs):
     runner = getattr(self, "_mindspeed_cp", None)
     if runner is None:
         return original(self, query, key, value, attention_mask, *args, **kwargs)

@@ -64,6 +64,14 @@ def _destroy_model_parallel(original, *args, **kwargs):
     return original(*args, **kwargs)
 
 
+def _te_available() -> bool:
+    try:
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+    except ImportError:
+        return False
+    return bool(HAVE_TE)
+
+
 # ----------------------------------------------------------------------------- the list
 PATCHES = PatchRegistry()
 for _patch in (
@@ -72,14 +80,22 @@ for _patch in (
           "communicators) from mindspeed_cp.topology, the function `mindspeed-cp groups` draws"),
     Patch("megatron.core.parallel_state.destroy_model_parallel", wrap(_destroy_model_parallel),
           "drop the context-parallel groups together with Megatron's"),
-    # core attention swap (local spec); with CP = 1 both calls go straight to Megatron's own code
+    # core attention swap; with CP = 1 both calls go straight to Megatron's own code
     Patch("megatron.core.transformer.dot_product_attention.DotProductAttention.__init__",
-          wrap(attention.dot_product_attention_init),
-          "with CP > 1 build Megatron's attention as the CP=1 local attention (its assert refuses CP) and "
-          "attach the configured algorithm (Ulysses heads per rank set for the all-to-all)"),
+          wrap(attention.core_attention_init),
+          "local spec: with CP > 1 build Megatron's attention from a CP=1 copy of the config (its assert refuses "
+          "CP; h/U heads under Ulysses) and attach the configured algorithm"),
     Patch("megatron.core.transformer.dot_product_attention.DotProductAttention.forward",
-          wrap(attention.dot_product_attention_forward),
-          "run Ulysses / ring / hybrid attention around (or instead of) the local attention"),
+          wrap(attention.core_attention_forward),
+          "local spec: run Ulysses / ring / hybrid attention around (or instead of) the local attention"),
+    Patch("megatron.core.extensions.transformer_engine.TEDotProductAttention.__init__",
+          wrap(attention.core_attention_init),
+          "TE spec: as for the local spec; TE's own CP stays off (untested here: TE needs CUDA)",
+          when=_te_available, when_doc="Transformer Engine importable"),
+    Patch("megatron.core.extensions.transformer_engine.TEDotProductAttention.forward",
+          wrap(attention.core_attention_forward),
+          "TE spec: run the configured algorithm around (or instead of) TE's attention (untested here)",
+          when=_te_available, when_doc="Transformer Engine importable"),
     # sharding
     Patch("megatron.core.utils.get_batch_on_this_cp_rank", wrap(attention.get_batch_on_this_cp_rank),
           "split the batch per algorithm: contiguous (Ulysses, unaligned lengths too), zigzag (ring), "
