@@ -151,9 +151,7 @@ def _sliding_window_causal_mask(sq, skv, window_size):
 
 def _buffer_get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
     """GlobalMemoryBuffer.get_tensor with its buffers on the CPU."""
-    numel = 1
-    for n in tensor_shape:
-        numel *= n
+    numel = math.prod(tensor_shape)
     buf = self.buffer.get((name, dtype))
     if buf is None or buf.numel() < numel:
         with (mem_alloc_context or contextlib.nullcontext)():
@@ -295,7 +293,7 @@ PATCHES = [
     _cpu_patch(f"{_RANDOM}.CudaRNGStatesTracker.fork", replace(_tracker_fork),
                "swap CPU generator states in and out (independent streams) without the CPU-state warning"),
     _cpu_patch(f"{_RANDOM}.model_parallel_cuda_manual_seed", wrap(_model_parallel_manual_seed),
-               "the data-parallel seed goes to the CPU default generator (torch.cuda.manual_seed is a no-op)"),
+               "the data-parallel seed seeds the CPU default generator (torch.cuda.manual_seed is a no-op)"),
     # tensors Megatron puts on torch.cuda.current_device() / "cuda"
     _cpu_patch(f"{_ROPE}.rotary_pos_embedding.RotaryEmbedding.__init__", wrap(_rope_init),
                "inv_freq computed on the CPU when built directly (default use_cpu_initialization=False)"),
@@ -305,7 +303,8 @@ PATCHES = [
     _cpu_patch("megatron.core.transformer.utils.get_default_causal_mask", replace(_default_causal_mask),
                "causal mask built on the CPU (device=\"cuda\")"),
     _cpu_patch("megatron.core.transformer.utils.get_sliding_window_causal_mask",
-               replace(_sliding_window_causal_mask), "sliding-window mask built on the CPU (device=\"cuda\")"),
+               replace(_sliding_window_causal_mask),
+               "sliding-window mask built on the CPU (device=\"cuda\")"),
     _cpu_patch("megatron.core.utils.GlobalMemoryBuffer.get_tensor", replace(_buffer_get_tensor),
                "shared scratch buffers (sequence-parallel collectives) allocated on the CPU"),
     # TP collectives and helpers

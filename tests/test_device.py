@@ -113,7 +113,8 @@ TP_CONFIGS = {
 def test_tp2_matches_tp1(name):
     for r in run_on_ranks(2, _tp2_vs_tp1, TP_CONFIGS[name]):
         loss_rel = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], r["full_losses"]))
-        print(f"\n{name} TP=2 vs TP=1: weights max|diff| {r['weight_diff']}, logits rel {r['logits_rel']:.2e}, "
+        print(f"\n{name} TP=2 vs TP=1: weights max|diff| {r['weight_diff']}, "
+              f"logits rel {r['logits_rel']:.2e}, "
               f"losses rel {loss_rel:.2e} ({r['losses']} vs {r['full_losses']})")
         assert r["sharded"] > 0
         assert r["weight_diff"] == 0.0
