@@ -60,7 +60,14 @@ def _initialize_model_parallel(original, *args, **kwargs):
 
 
 def _destroy_model_parallel(original, *args, **kwargs):
-    STATE.clear_groups()
+    import torch.distributed as dist
+
+    def destroy(pg):
+        # new_group returns GroupMember.NON_GROUP_MEMBER (not a process group) on ranks outside the group
+        if isinstance(pg, dist.ProcessGroup):
+            dist.destroy_process_group(pg)
+
+    STATE.clear_groups(destroy=destroy if dist.is_initialized() else None)
     return original(*args, **kwargs)
 
 

@@ -30,6 +30,7 @@ class CPState:
         self._groups: Dict[str, object] = {}
         self._overlap: Dict[str, object] = {}
         self._ranks: Dict[str, List[int]] = {}
+        self._created: List[object] = []  # communicators created here (not Megatron's CP group)
         self.layout: Optional[Dict[str, List[List[int]]]] = None
         # Global sequence length of the batch last split by get_batch_on_this_cp_rank. Ulysses in Megatron
         # takes its gather size (and RoPE its positions) from it when lengths are unaligned; the Ulysses
@@ -72,17 +73,24 @@ class CPState:
                 pg = cp_group if same_as_cp else None
                 if not same_as_cp:
                     pg = new_group(ranks)
+                    self._created.append(pg)
                 if rank in ranks:
                     self._groups[kind] = pg
                     self._ranks[kind] = list(ranks)
             if kind in RING_KINDS and self.config.use_cp_send_recv_overlap:
                 for ranks in layout[kind]:
                     pg = new_group(ranks)
+                    self._created.append(pg)
                     if rank in ranks:
                         self._overlap[kind] = pg
         self.layout = layout
 
-    def clear_groups(self) -> None:
+    def clear_groups(self, destroy: Optional[Callable[[object], None]] = None) -> None:
+        """Forget the groups; ``destroy`` is called on every communicator this state created."""
+        if destroy is not None:
+            for pg in self._created:
+                destroy(pg)
+        self._created = []
         self._groups, self._overlap, self._ranks = {}, {}, {}
         self.layout = None
         self.seq_len = None

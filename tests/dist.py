@@ -63,6 +63,17 @@ def _cleanup_rank() -> None:
         STATE.reset()
     except Exception:  # noqa: BLE001
         traceback.print_exc()
+    # Megatron never destroys its process groups; in a long-lived rank every initialize_model_parallel
+    # would add ~20 gloo groups (each with its own threads) and slow every later test down.
+    try:
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _world
+
+        for pg in list(_world.pg_map):
+            if pg is not dist.GroupMember.WORLD:
+                dist.destroy_process_group(pg)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
 
 
 def _worker(rank: int, world_size: int, port: int, conn) -> None:
