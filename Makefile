@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench groups-example clean
+.PHONY: setup test test-megatron-lm demo bench groups-example clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,13 @@ $(STAMP): setup.py constraints.txt
 
 test: setup
 	$(VPY) -m pytest -q tests $(PYTEST_ARGS)
+
+# Megatron-LM (megatron/training) is not on PyPI: point MEGATRON_LM_PATH at a core_v0.16.1 checkout.
+# Its imports need a few more packages (triton only because megatron/training/initialize.py imports it).
+test-megatron-lm: setup
+	@test -n "$(MEGATRON_LM_PATH)" || { echo "set MEGATRON_LM_PATH to a Megatron-LM core_v0.16.1 checkout"; exit 2; }
+	$(VPY) -m pip install -q --disable-pip-version-check -c constraints.txt six regex pyyaml pydantic triton
+	MEGATRON_LM_PATH=$(MEGATRON_LM_PATH) $(VPY) -m pytest -q tests/test_megatron_lm.py tests/test_scripts.py
 
 demo: setup
 	$(VPY) -m mindspeed_cp.demo

@@ -5,6 +5,7 @@ Subcommands (one function each, looked up in :data:`COMMANDS`)::
     mindspeed-cp groups --world-size 16 --tp 2 --cp 8 --cp-algo hybrid_cp_algo --ulysses-degree-in-cp 2 \\
         --cp-window-size 2 --format html --output groups.html
     mindspeed-cp patches [--format json]
+    mindspeed-cp check --world-size 32 --tp 8 --cp 4 --num-attention-heads 64 --seq-length 32768 ...
     mindspeed-cp demo [--ranks 4 --steps 5 --seq 512 ...]
 
 ``groups`` draws the layout of :func:`mindspeed_cp.topology.rank_layout` (the function the runtime creates
@@ -19,6 +20,7 @@ import json
 import sys
 from typing import Callable, Dict, List, Optional
 
+from . import check
 from .config import ALGORITHMS, ULYSSES
 from .topology import rank_layout
 
@@ -114,8 +116,9 @@ def _add_demo(sub) -> None:
 COMMANDS: Dict[str, Callable[[argparse.Namespace], str]] = {
     "groups": cmd_groups,
     "patches": cmd_patches,
+    "check": check.run,
 }
-_ADDERS = (_add_groups, _add_patches, _add_demo)
+_ADDERS = (_add_groups, _add_patches, check.add_parser, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,428 @@
-"""Megatron-LM (``megatron.training``) integration: our flags in its parser, validation, batch split.
+"""Megatron-LM (``megatron.training``) integration: our flags in its parser, validation, batch split, loss.
 
 ``PATCHES`` is spliced into ``megatron_adaptor.PATCHES``; targets under ``megatron.training`` are skipped
-when Megatron-LM is not importable.
+when Megatron-LM is not importable (``mindspeed-cp patches`` shows why). With them applied, Megatron-LM's
+own ``parse_args()`` knows MindSpeed's context-parallel flags, ``validate_args()`` checks them first (every
+error names the flags) and then calls :func:`mindspeed_cp.megatron_adaptor.configure` with the namespace,
+so an unmodified ``pretrain_gpt.py`` runs the configured algorithm once the adaptor is imported first
+(``python -m mindspeed_cp.launch pretrain_gpt.py ...`` or the one-line diff in ``patches/``).
+
+Megatron-LM's own context-parallel rules and what happens to them (0.16.1, ``megatron/training/arguments.py``):
+
+* ``seq_length % (2*CP) == 0`` (its zigzag) - kept for ring / hybrid (the same rule), relaxed for
+  ``ulysses_cp_algo``, which only needs ``seq_length >= CP`` (unaligned lengths are split unevenly).
+* ``world_size % (TP*PP*CP)`` - checked by us first with flag names, then by Megatron.
+* CP needs Transformer Engine's attention (TE spec) for Megatron's own CP - mindspeed-cp runs its algorithms
+  in the local spec's core attention, so CP > 1 requires ``--transformer-impl local`` (refused otherwise:
+  TE would run its own CP on our sharding).
+* ``--cp-comm-type`` / ``--hierarchical-context-parallel-sizes`` (TE's a2a / p2p / a2a+p2p) and
+  ``--hybrid-context-parallel`` (dynamic CP for packed sequences) - refused with CP > 1: the algorithm is
+  chosen by ``--context-parallel-algo``.
+* ``CUDA_DEVICE_MAX_CONNECTIONS=1`` with TP or CP > 1 - kept (Megatron's requirement; on a machine without
+  an accelerator the device architecture reads as 0, so the variable is still required).
+* legacy models refuse CP - kept.
 """
-PATCHES = []
+from __future__ import annotations
+
+import argparse
+import inspect
+from typing import Any, List, Optional
+
+from . import attention
+from .config import ALGORITHMS, MASK_TYPES, ULYSSES, CPConfig, CPConfigError
+from .patching import Patch, replace, wrap
+
+# ----------------------------------------------------------------------------- the flags
+# (option, argparse keywords): MindSpeed's names, types, choices and defaults.
+ARGUMENTS = (
+    ("--context-parallel-size", dict(type=int, default=1,
+                                     help="ranks sharing one sequence (Megatron's own flag; added only if absent)")),
+    ("--context-parallel-algo", dict(type=str, default=ULYSSES, choices=ALGORITHMS,
+                                     help="context-parallel algorithm: ulysses_cp_algo (default, all-to-all), "
+                                          "megatron_cp_algo (ring attention), hybrid_cp_algo (Ulysses x ring)")),
+    ("--ulysses-degree-in-cp", dict(type=int, default=None,
+                                    help="hybrid_cp_algo: ranks per Ulysses group; the ring gets CP / this")),
+    ("--cp-window-size", dict(type=int, default=1,
+                              help="ring level: > 1 selects Double Ring with inner windows of this many ranks")),
+    ("--use-cp-send-recv-overlap", dict(action="store_true",
+                                        help="ring level: overlap the next KV send/recv with the current block")),
+    ("--megatron-cp-in-bnsd", dict(action="store_true", help="ring level: compute attention blocks in [b, n, s, d]")),
+    ("--attention-mask-type", dict(type=str, default="causal", choices=MASK_TYPES,
+                                   help="causal (default), or general: the explicit mask from the batch")),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Register the context-parallel flags the parser lacks (Megatron-LM already has
+    ``--context-parallel-size``); usable as Megatron's ``extra_args_provider``. Returns the parser."""
+    present = set(getattr(parser, "_option_string_actions", {}))
+    missing = [(flag, kw) for flag, kw in ARGUMENTS if flag not in present]
+    if missing:
+        group = parser.add_argument_group("mindspeed-cp", "context parallelism (MindSpeed's flags)")
+        for flag, kw in missing:
+            group.add_argument(flag, **kw)
+    return parser
+
+
+# ----------------------------------------------------------------------------- validation
+def _te_attention_supported() -> bool:
+    """True when the plugin patches Transformer Engine's attention (then the TE spec runs our algorithms)."""
+    from . import megatron_adaptor
+
+    return any("TEDotProductAttention" in p.target and p.applied for p in megatron_adaptor.PATCHES)
+
+
+def _megatron_conflicts(args: Any, config: CPConfig) -> None:
+    """Megatron-LM options that would silently run something else than the configured algorithm."""
+    algo, cp = config.context_parallel_algo, config.cp
+    impl = getattr(args, "transformer_impl", "local")
+    if impl != "local" and getattr(args, "spec", None) is None and not _te_attention_supported():
+        raise CPConfigError(
+            f"--context-parallel-size {cp} with --context-parallel-algo {algo} needs --transformer-impl local "
+            f"(got {impl}): mindspeed-cp runs its algorithms in the local spec's attention, while Transformer "
+            f"Engine's attention would run its own context parallelism on this sharding")
+    comm = getattr(args, "cp_comm_type", None) or ["p2p"]
+    if list(comm) != ["p2p"]:
+        raise CPConfigError(
+            f"--cp-comm-type {' '.join(comm)} selects Transformer Engine's context parallelism; with mindspeed-cp "
+            f"choose --context-parallel-algo (a2a ~ ulysses_cp_algo, p2p ~ megatron_cp_algo, a2a+p2p ~ "
+            f"hybrid_cp_algo with --ulysses-degree-in-cp)")
+    if getattr(args, "hierarchical_context_parallel_sizes", None):
+        raise CPConfigError(
+            "--hierarchical-context-parallel-sizes is Transformer Engine's a2a+p2p layout; with mindspeed-cp use "
+            "--context-parallel-algo hybrid_cp_algo --ulysses-degree-in-cp U")
+    if getattr(args, "hybrid_context_parallel", False):
+        raise CPConfigError(
+            "--hybrid-context-parallel (Megatron's dynamic CP for packed sequences) cannot be combined with "
+            f"--context-parallel-size {cp}; mindspeed-cp's hybrid is --context-parallel-algo hybrid_cp_algo")
+    dropout = getattr(args, "attention_dropout", 0.0) or 0.0
+    if config.ring_size > 1 and dropout > 0:
+        raise CPConfigError(
+            f"--attention-dropout {dropout} is not supported by the ring level of {algo}; pass "
+            f"--attention-dropout 0")
+    if config.attention_mask_type == "general" and not getattr(args, "create_attention_mask_in_dataloader", True):
+        raise CPConfigError(
+            "--attention-mask-type general reads the mask from the batch, but "
+            "--no-create-attention-mask-in-dataloader removes it")
+    if (config.ring_size > 1 and config.attention_mask_type == "causal"
+            and getattr(args, "reset_attention_mask", False)):
+        raise CPConfigError(
+            f"--reset-attention-mask builds document masks that {algo}'s causal ring would ignore; pass "
+            f"--attention-mask-type general")
+
+
+def _seq_length(args: Any) -> Optional[int]:
+    seq = getattr(args, "seq_length", None)
+    return seq if seq is not None else getattr(args, "encoder_seq_length", None)
+
+
+def check_args(args: Any) -> CPConfig:
+    """Validate Megatron-LM's parsed ``args`` for context parallelism; raise :class:`CPConfigError`.
+
+    Pure (no torch.distributed): runs on any machine, before any collective. Returns the config.
+    """
+    config = CPConfig.from_namespace(args)
+    tp = getattr(args, "tensor_model_parallel_size", 1) or 1
+    pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
+    heads = getattr(args, "num_attention_heads", None)
+    kv = getattr(args, "num_query_groups", None) if getattr(args, "group_query_attention", False) else None
+    seq = _seq_length(args)
+    config.validate(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, num_attention_heads=heads,
+                    num_query_groups=kv, seq_length=seq, world_size=getattr(args, "world_size", None))
+    if config.cp == 1:
+        return config
+    _megatron_conflicts(args, config)
+    if seq is not None:
+        from .sharding import local_lengths
+
+        lengths = local_lengths(config, seq)
+        if len(set(lengths)) > 1 and pp > 1:
+            raise CPConfigError(
+                f"--seq-length {seq} is split unevenly by --context-parallel-size {config.cp} "
+                f"({'/'.join(map(str, sorted(set(lengths))))} tokens per rank) but --pipeline-model-parallel-size "
+                f"{pp} sends equal-shaped activations between stages; use a multiple of {config.cp}")
+        if getattr(args, "sequence_parallel", False) and tp > 1 and any(n % tp for n in lengths):
+            raise CPConfigError(
+                f"--sequence-parallel splits each CP rank's {'/'.join(map(str, sorted(set(lengths))))} tokens "
+                f"over --tensor-model-parallel-size {tp}; --seq-length {seq} must give every one of the "
+                f"--context-parallel-size {config.cp} ranks a multiple of {tp} tokens")
+    return config
+
+
+class _UnalignedSeqLength(int):
+    """``seq_length`` while Megatron's ``validate_args`` runs, for Ulysses with an unaligned length.
+
+    Megatron asserts ``seq_length % (2*CP) == 0`` for every CP because its only algorithm is the zigzag ring;
+    Ulysses needs ``seq_length >= CP`` (checked by :func:`check_args`). This int answers 0 to exactly that
+    ``% (2*CP)`` and is a plain int for everything else; it is replaced by ``int`` right after.
+    """
+
+    modulus: int = 0
+
+    def __mod__(self, other):
+        return 0 if other == self.modulus else int(self) % other
+
+
+def _validate_args(original, args, *rest, **kwargs):
+    """Our checks first (flag names), then Megatron's (its zigzag length rule relaxed for Ulysses), then
+    ``configure(args)`` with the finished namespace."""
+    from . import megatron_adaptor
+
+    config = check_args(args)
+    relaxed = (config.cp > 1 and config.context_parallel_algo == ULYSSES and args.seq_length is not None
+               and args.seq_length % (2 * config.cp) != 0)
+    if relaxed:
+        args.seq_length = _UnalignedSeqLength(args.seq_length)
+        args.seq_length.modulus = 2 * config.cp
+    try:
+        result = original(args, *rest, **kwargs)
+    finally:
+        for name in ("seq_length", "encoder_seq_length"):
+            if isinstance(getattr(args, name, None), _UnalignedSeqLength):
+                setattr(args, name, int(getattr(args, name)))
+    megatron_adaptor.configure(args)
+    return result
+
+
+def _parse_args(original, *args, **kwargs):
+    """Megatron-LM's parse_args with our flags added after its own (through ``extra_args_provider``, so the
+    ones it already has - ``--context-parallel-size`` - are left to it)."""
+    bound = inspect.signature(original).bind(*args, **kwargs)
+    user = bound.arguments.get("extra_args_provider")
+
+    def provider(parser):
+        if user is not None:
+            parser = user(parser)
+        return add_arguments(parser)
+
+    bound.arguments["extra_args_provider"] = provider
+    return original(*bound.args, **bound.kwargs)
+
+
+def _has_param(target: str, name: str):
+    """``when`` for a patch that needs ``target`` to take parameter ``name`` (signatures move)."""
+
+    def check() -> bool:
+        from .patching import resolve
+
+        try:
+            owner, attr = resolve(target)
+            return name in inspect.signature(getattr(owner, attr)).parameters
+        except (ImportError, AttributeError, TypeError, ValueError):
+            return True  # absent target: Patch.apply reports it as skipped
+    return check
+
+
+# ----------------------------------------------------------------------------- batch and loss
+_TRAINING_SPLIT = "megatron.training.utils.get_batch_on_this_cp_rank"
+
+
+def _training_split_is_own() -> bool:
+    """Older Megatron-LM defines its own get_batch_on_this_cp_rank in megatron/training/utils.py; 0.16.1 imports
+    megatron.core.utils' (already patched, and the patch rebinds that import), so nothing is left to do."""
+    from .patching import resolve
+
+    try:
+        owner, name = resolve(_TRAINING_SPLIT)
+        fn = getattr(owner, name)
+    except (ImportError, AttributeError):
+        return True  # Patch.apply reports the absent target
+    return getattr(fn, "__module__", None) != "megatron.core.utils"
+
+
+def _refuse_thd(original, *args, **kwargs):
+    from .state import STATE
+
+    if STATE.config.cp > 1:
+        raise CPConfigError(
+            f"packed sequences (THD: cu_seqlens in the batch, e.g. --sft or sequence packing) are not supported by "
+            f"--context-parallel-algo {STATE.config.context_parallel_algo}; use unpacked [b, s] batches")
+    return original(*args, **kwargs)
+
+
+def _token_balanced(loss_func, cp_group):
+    """Wrap a ``(loss_sum, num_tokens, report)`` loss function so the schedule's per-rank normalisation
+    becomes one over the whole CP group.
+
+    Megatron divides each rank's loss sum by that rank's own token count and the DDP reduction then averages
+    over DP x CP ranks: exact only when every CP rank holds the same number of loss tokens. With uneven counts
+    (unaligned Ulysses lengths, loss masks) rank r's loss is scaled by ``CP * n_r / N`` (N = tokens of the
+    whole CP group), so ``sum_r CP * L_r / N / (DP*CP)`` = the CP=1 per-token mean / DP.
+    """
+    import torch
+    import torch.distributed as dist
+
+    def balanced(output_tensor, *args, **kwargs):
+        outputs = loss_func(output_tensor, *args, **kwargs)
+        if kwargs.get("non_loss_data") or not isinstance(outputs, tuple) or len(outputs) != 3:
+            return outputs
+        loss, num_tokens, report = outputs
+        total = num_tokens.detach().clone()
+        dist.all_reduce(total, group=cp_group)  # every CP rank computes a loss for the same micro-batch
+        scale = num_tokens.detach().to(loss.dtype) * cp_group.size() / torch.clamp(total, min=1).to(loss.dtype)
+        return loss * scale, num_tokens, report
+
+    return balanced
+
+
+def _forward_step_calc_loss(original, *args, **kwargs):
+    """Megatron's loss step with the loss function normalised over the CP group (see ``_token_balanced``)."""
+    from .state import STATE
+
+    bound = inspect.signature(original).bind(*args, **kwargs)
+    a = bound.arguments
+    config = a.get("config")
+    if (STATE.config.cp == 1 or a.get("loss_func") is None or a.get("collect_non_loss_data")
+            or getattr(config, "calculate_per_token_loss", False)):
+        return original(*args, **kwargs)
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_context_parallel_group()
+    if group.size() == 1:
+        return original(*args, **kwargs)
+    a["loss_func"] = _token_balanced(a["loss_func"], group)
+    return original(*bound.args, **bound.kwargs)
+
+
+# ----------------------------------------------------------------------------- installed megatron-core
+_HELPERS = "megatron.core.datasets.utils.compile_helpers"
+
+
+def _wheel_without_makefile() -> bool:
+    """megatron-core installed from its wheel: the C++ dataset helpers come prebuilt, without the Makefile."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("megatron.core.datasets")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    folder = list(spec.submodule_search_locations)[0]
+    return not os.path.exists(os.path.join(folder, "Makefile"))
+
+
+def _compile_helpers(original, *args, **kwargs):
+    """Skip `make` when the prebuilt helpers import (Megatron-LM's _compile_dependencies would exit(1))."""
+    try:
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+    except ImportError:
+        return original(*args, **kwargs)
+    return None
+
+
+# ----------------------------------------------------------------------------- CPU (no accelerator)
+def _no_device_arch():
+    """No CUDA device: architecture 0 (Megatron then still asks for CUDA_DEVICE_MAX_CONNECTIONS=1)."""
+    return 0
+
+
+def _initialize_megatron_cpu(original, *args, **kwargs):
+    """initialize_megatron asserts torch.cuda.is_available() unless allow_no_cuda; without an accelerator
+    the argument parsing (and --help) must still work."""
+    kwargs["allow_no_cuda"] = True
+    return original(*args, **kwargs)
+
+
+def _initialize_distributed_cpu(original, *args, **kwargs):
+    """Megatron-LM creates its model-parallel groups only when torch.cuda.device_count() > 0."""
+    result = original(*args, **kwargs)
+    from megatron.core import parallel_state as ps
+    from megatron.training import get_args
+
+    if not ps.model_parallel_is_initialized():
+        a = get_args()
+        wanted = dict(
+            tensor_model_parallel_size=a.tensor_model_parallel_size,
+            pipeline_model_parallel_size=a.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=a.virtual_pipeline_model_parallel_size,
+            context_parallel_size=a.context_parallel_size,
+            expert_model_parallel_size=a.expert_model_parallel_size,
+            expert_tensor_parallel_size=a.expert_tensor_parallel_size,
+            distributed_timeout_minutes=a.distributed_timeout_minutes,
+            order="tp-cp-ep-dp-pp" if not getattr(a, "use_tp_pp_dp_mapping", False) else "tp-cp-ep-pp-dp",
+            get_embedding_ranks=kwargs.get("get_embedding_ranks", args[0] if args else None),
+            get_position_embedding_ranks=kwargs.get("get_position_embedding_ranks",
+                                                    args[1] if len(args) > 1 else None),
+            create_gloo_process_groups=getattr(a, "enable_gloo_process_groups", True),
+        )
+        params = inspect.signature(ps.initialize_model_parallel).parameters
+        ps.initialize_model_parallel(**{k: v for k, v in wanted.items() if k in params})
+    return result
+
+
+def _set_random_seed_cpu(original, seed_, data_parallel_random_init=False, *args, **kwargs):
+    """Megatron-LM seeds the model-parallel RNG tracker only when torch.cuda.device_count() > 0."""
+    result = original(seed_, data_parallel_random_init, *args, **kwargs)
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    if torch.cuda.device_count() == 0:
+        seed = seed_ + 100 * ps.get_pipeline_model_parallel_rank()
+        if data_parallel_random_init:
+            seed += 10 * ps.get_data_parallel_rank()
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return result
+
+
+def _no_fused_kernels(args):
+    """megatron.legacy.fused_kernels.load runs `$CUDA_HOME/bin/nvcc -V`; there is nothing to build on a CPU."""
+    return None
+
+
+def _no_jit_warmup():
+    """_warmup_jit_function runs the fused bias-GeLU / dropout-add kernels on device=\"cuda\" tensors."""
+    return None
+
+
+def _cpu_only() -> bool:
+    from .device import has_accelerator
+
+    return not has_accelerator()
+
+
+# ----------------------------------------------------------------------------- the list
+_ARGS = "megatron.training.arguments"
+_SCHED = "megatron.core.pipeline_parallel.schedules.forward_step_calc_loss"
+_INIT = "megatron.training.initialize.initialize_megatron"
+
+PATCHES: List[Patch] = [
+    Patch(f"{_ARGS}.parse_args", wrap(_parse_args),
+          "add MindSpeed's CP flags the parser lacks (--context-parallel-algo, --ulysses-degree-in-cp, "
+          "--cp-window-size, --use-cp-send-recv-overlap, --megatron-cp-in-bnsd, --attention-mask-type) through "
+          "extra_args_provider, after Megatron's own and any user provider"),
+    Patch(f"{_ARGS}.validate_args", wrap(_validate_args),
+          "check the CP flags first (errors name them; TE / --cp-comm-type / dropout conflicts), relax Megatron's "
+          "seq % (2*CP) rule for Ulysses, then configure(args) with the parsed namespace"),
+    Patch(_TRAINING_SPLIT, wrap(attention.get_batch_on_this_cp_rank),
+          "pretrain_gpt.py takes the batch split from megatron.training.utils: where that is Megatron-LM's own "
+          "copy, split per algorithm too (0.16.1 re-exports megatron.core.utils', patched there)",
+          when=_training_split_is_own, when_doc="megatron.training.utils defines its own split"),
+    Patch("megatron.core.utils.get_thd_batch_on_this_cp_rank", wrap(_refuse_thd),
+          "packed (THD) batches on pretrain_gpt.py's path: refused with CP > 1 instead of split for TE's zigzag"),
+    Patch(_SCHED, wrap(_forward_step_calc_loss),
+          "normalise each CP rank's loss by the CP group's token count (all-reduced), not its own: exact with "
+          "uneven tokens per rank (unaligned Ulysses, loss masks); --calculate-per-token-loss is left alone",
+          when=_has_param(_SCHED, "loss_func"), when_doc="forward_step_calc_loss(..., loss_func, ...)"),
+    Patch(_HELPERS, wrap(_compile_helpers),
+          "Megatron-LM runs `make` in megatron/core/datasets at start-up; the megatron-core wheel ships the "
+          "helpers prebuilt and no Makefile, so make fails and rank 0 exits: use the prebuilt module",
+          when=_wheel_without_makefile, when_doc="megatron-core installed without its datasets Makefile"),
+    Patch("megatron.training.utils.get_device_arch_version", replace(_no_device_arch),
+          "validate_args asks the CUDA device's architecture for the CUDA_DEVICE_MAX_CONNECTIONS rule",
+          when=_cpu_only, when_doc="no accelerator"),
+    Patch("megatron.training.initialize._initialize_distributed", wrap(_initialize_distributed_cpu),
+          "Megatron-LM builds its parallel groups only when CUDA devices exist: build them on the CPU too",
+          when=_cpu_only, when_doc="no accelerator"),
+    Patch("megatron.training.initialize._set_random_seed", wrap(_set_random_seed_cpu),
+          "Megatron-LM seeds the model-parallel RNG tracker only when CUDA devices exist: seed it on the CPU",
+          when=_cpu_only, when_doc="no accelerator"),
+    Patch("megatron.legacy.fused_kernels.load", replace(_no_fused_kernels),
+          "start-up asks nvcc for the CUDA version (no CUDA_HOME on a CPU machine); no kernels to build",
+          when=_cpu_only, when_doc="no accelerator"),
+    Patch("megatron.training.initialize._warmup_jit_function", replace(_no_jit_warmup),
+          "start-up warms the JIT fusions up on device=\"cuda\" tensors; nothing to warm up on a CPU",
+          when=_cpu_only, when_doc="no accelerator"),
+    Patch(_INIT, wrap(_initialize_megatron_cpu),
+          "initialize_megatron asserts CUDA before parsing arguments: allow_no_cuda so parsing works",
+          when=_cpu_only, when_doc="no accelerator"),
+]

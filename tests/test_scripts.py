@@ -1,0 +1,102 @@
+"""The example launch scripts (scripts/*.sh): syntax, DRY_RUN layout + command, refusal of impossible layouts.
+
+DRY_RUN needs no GPU and no Megatron-LM: the scripts validate with ``python -m mindspeed_cp.check`` and draw
+the layout with ``python -m mindspeed_cp groups`` (``PYTHON`` = this interpreter). Whether real Megatron-LM
+accepts the printed commands is tested in test_megatron_lm.py (needs MEGATRON_LM_PATH).
+"""
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPTS_DIR = os.path.join(ROOT, "scripts")
+ALL = sorted(f for f in os.listdir(SCRIPTS_DIR) if f.endswith(".sh"))
+EXAMPLES = [f for f in ALL if re.match(r"pretrain_gpt_.*_32k_.*\.sh$", f)]
+
+# script -> (world, TP, CP, algorithm, flags the command must also carry)
+EXPECTED = {
+    "pretrain_gpt_1.3b_32k_ulysses.sh": (8, 1, 8, "ulysses_cp_algo", []),
+    "pretrain_gpt_1.3b_32k_ring.sh": (8, 1, 8, "megatron_cp_algo", ["--use-cp-send-recv-overlap"]),
+    "pretrain_gpt_1.3b_32k_hybrid.sh": (8, 1, 8, "hybrid_cp_algo", ["--ulysses-degree-in-cp 4"]),
+    "pretrain_gpt_30b_32k_ulysses.sh": (32, 8, 4, "ulysses_cp_algo", ["--sequence-parallel"]),
+    "pretrain_gpt_30b_32k_double_ring.sh": (32, 4, 8, "megatron_cp_algo",
+                                            ["--cp-window-size 2", "--use-cp-send-recv-overlap"]),
+    "pretrain_gpt_30b_32k_hybrid.sh": (32, 4, 8, "hybrid_cp_algo", ["--ulysses-degree-in-cp 2"]),
+}
+
+
+def run_script(name, **env):
+    full = dict(os.environ, PYTHON=sys.executable, **env)
+    for key in ("MEGATRON_LM_PATH", "CP", "TP", "NNODES", "GPUS_PER_NODE"):
+        if key not in env:
+            full.pop(key, None)
+    return subprocess.run(["bash", os.path.join(SCRIPTS_DIR, name)], capture_output=True, text=True, env=full,
+                          timeout=600)
+
+
+def test_every_example_is_expected():
+    assert sorted(EXAMPLES) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bash_syntax(name):
+    res = subprocess.run(["bash", "-n", os.path.join(SCRIPTS_DIR, name)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_dry_run_prints_layout_and_command(name):
+    world, tp, cp, algo, extra = EXPECTED[name]
+    res = run_script(name, DRY_RUN="1")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    dp = world // (tp * cp)
+    assert f"world {world} = TP {tp} x CP {cp} x DP {dp} x PP 1" in out  # mindspeed-cp groups picture
+    assert re.search(rf"^ok: CP={cp} {algo}", out, re.M)  # mindspeed_cp.check
+    cmd = shlex.split(out.split("command:\n", 1)[1].strip().splitlines()[0])
+    assert cmd[0] == "CUDA_DEVICE_MAX_CONNECTIONS=1" and cmd[1] == "torchrun"
+    assert cmd[cmd.index("-m") + 1] == "mindspeed_cp.launch"
+    assert cmd[cmd.index("-m") + 2].endswith("/pretrain_gpt.py")
+    text = " ".join(cmd)
+    assert f"--context-parallel-size {cp} --context-parallel-algo {algo}" in text
+    assert f"--tensor-model-parallel-size {tp} " in text and "--transformer-impl local" in text
+    assert "--seq-length 32768" in text and "--mock-data" in text
+    for flag in extra:
+        assert flag in text, flag
+    nodes = int(cmd[cmd.index("--nnodes") + 1])
+    assert nodes * int(cmd[cmd.index("--nproc-per-node") + 1]) == world
+
+
+def test_environment_overrides_the_preset():
+    res = run_script("pretrain_gpt_1.3b_32k_ring.sh", DRY_RUN="1", CP="4", DATA_PATH="/data/x_text_document",
+                     VOCAB_FILE="/v.json", MERGE_FILE="/m.txt")
+    assert res.returncode == 0, res.stderr
+    assert "world 8 = TP 1 x CP 4 x DP 2 x PP 1" in res.stdout
+    assert "--data-path /data/x_text_document" in res.stdout and "--mock-data" not in res.stdout
+
+
+@pytest.mark.parametrize("env, flag", [
+    (dict(CP="3"), "--context-parallel-size 3"),                    # 8 GPUs cannot hold CP 3
+    (dict(NUM_ATTENTION_HEADS="12"), "--num-attention-heads 12"),   # 12 heads over CP 8 Ulysses
+    (dict(SEQ_LENGTH="5"), "--seq-length 5"),                       # fewer tokens than CP ranks
+])
+def test_impossible_layout_is_refused_before_launch(env, flag):
+    res = run_script("pretrain_gpt_1.3b_32k_ulysses.sh", DRY_RUN="1", **env)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert flag in res.stderr
+    assert "command:" not in res.stdout
+
+
+def test_double_ring_window_must_divide_the_ring():
+    res = run_script("pretrain_gpt_30b_32k_double_ring.sh", DRY_RUN="1", CP_WINDOW="3")
+    assert res.returncode == 2 and "--cp-window-size 3" in res.stderr
+
+
+def test_launch_needs_megatron_lm_path():
+    res = run_script("pretrain_gpt_1.3b_32k_ring.sh", MEGATRON_LM_PATH="/nonexistent")
+    assert res.returncode == 2 and "MEGATRON_LM_PATH" in res.stderr
