@@ -13,7 +13,7 @@ $(STAMP): setup.py constraints.txt
 	@command -v $(PY) >/dev/null 2>&1 || { echo "make setup: $(PY) not found (set PY=...)"; exit 2; }
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(VPY) -m pip install -q --disable-pip-version-check -c constraints.txt megatron-core pytest numpy
+	$(VPY) -m pip install -q --disable-pip-version-check -c constraints.txt megatron-core pytest numpy matplotlib
 	$(VPY) -m pip install -q --disable-pip-version-check -c constraints.txt --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

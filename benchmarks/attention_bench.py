@@ -1,0 +1,293 @@
+"""What one attention call costs on each CP rank: bytes sent, work, memory saved for backward, time.
+
+Run inside gloo ranks started by :mod:`benchmarks.launch` (world size = CP size)::
+
+    per_rank = launch(4, measure_cases, cases, reps)     # each rank returns one dict per case
+
+Groups are built the way the runtime builds them: :class:`mindspeed_cp.config.CPConfig` ->
+``STATE.build_groups`` (:func:`mindspeed_cp.topology.layout_for`) -> the same lookups the Megatron glue
+does (``mindspeed_cp.attention._double_ring_window``). Megatron itself is not imported here (it only adds
+start-up time); :func:`measure_single` runs Megatron's own attention at CP=1 for the speed reference.
+
+Per case and rank, one counted pass (forward + backward) gives
+
+* ``comm``: bytes this rank sent, by kind, from :func:`mindspeed_cp.comm_stats.count_bytes` (the plugin's
+  communication layer); "metadata" is the small input-agreement all-gather, kept apart.
+* ``work``: attention score elements of the blocks this rank computed, forward + backward, masked ones
+  inside computed blocks included (:func:`mindspeed_cp.ring.count_blocks` for ring levels; the local
+  attention of Ulysses counts its one ``S x S`` causal block per head the same way), and how many computed
+  blocks were entirely masked.
+* ``saved``: bytes of the distinct storages autograd saved for backward during the forward
+  (``torch.autograd.graph.saved_tensors_hooks``; views of one storage count once).
+
+then ``reps`` timed passes (wall clock and process CPU time).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from typing import Dict, Iterator, List, Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+ALGO_FLAGS = {"ulysses": "ulysses_cp_algo", "ring": "megatron_cp_algo", "double_ring": "megatron_cp_algo",
+              "hybrid": "hybrid_cp_algo"}
+
+
+# ----------------------------------------------------------------------------- local attention (kernel layer)
+class _LocalWork:
+    """Blocks computed by :class:`KernelAttention` (same bookkeeping as ``ring.BlockStats``)."""
+
+    def __init__(self) -> None:
+        self.blocks = self.scores = self.masked = self.empty = 0
+
+    def add(self, bn: int, sq: int, sk: int, causal: bool) -> None:
+        masked = bn * sq * (sq - 1) // 2 if causal else 0
+        self.blocks += 1
+        self.scores += bn * sq * sk
+        self.masked += masked
+        self.empty += int(masked == bn * sq * sk)
+
+
+_LOCAL_WORK: List[_LocalWork] = []
+
+
+@contextlib.contextmanager
+def count_local_work() -> Iterator[_LocalWork]:
+    stats = _LocalWork()
+    _LOCAL_WORK.append(stats)
+    try:
+        yield stats
+    finally:
+        _LOCAL_WORK.remove(stats)
+
+
+def _bnsd(x: Tensor) -> Tensor:
+    return x.permute(1, 2, 0, 3)  # [s, b, n, d] -> [b, n, s, d] (view)
+
+
+class _KernelAttentionFn(torch.autograd.Function):
+    """One block of the plugin's kernel layer on ``[s, b, n, d]`` tensors; saves q, k, v, out, lse like the ring."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kernel, scale, causal):
+        for st in _LOCAL_WORK:
+            st.add(q.shape[1] * q.shape[2], q.shape[0], k.shape[0], causal)
+        out, lse = kernel.forward(_bnsd(q), _bnsd(k), _bnsd(v), scale=scale, causal=causal)
+        out = out.to(q.dtype).permute(2, 0, 1, 3).contiguous()  # [b, n, s, d] -> [s, b, n, d]
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.kernel, ctx.scale, ctx.causal = kernel, scale, causal
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        for st in _LOCAL_WORK:
+            st.add(q.shape[1] * q.shape[2], q.shape[0], k.shape[0], ctx.causal)
+        grads = ctx.kernel.backward(_bnsd(dout), _bnsd(q), _bnsd(k), _bnsd(v), _bnsd(out), lse, scale=ctx.scale,
+                                    causal=ctx.causal)
+        dq, dk, dv = (g.to(q.dtype).permute(2, 0, 1, 3) for g in grads)
+        return dq, dk, dv, None, None, None
+
+
+class KernelAttention:
+    """Causal attention on the whole (local) sequence with one kernel call: the local attention Ulysses
+    wraps in these benchmarks, and the single-device figure for memory (same kernel type as the ring)."""
+
+    def __init__(self, kernel: str = "torch", causal: bool = True) -> None:
+        from mindspeed_cp.kernels import get_kernel
+
+        self.kernel_name = kernel
+        self.kernel = get_kernel(kernel)
+        self.causal = causal
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *args, **kwargs) -> Tensor:
+        # [S, b, n, d] -> [S, b, n, d]
+        return _KernelAttentionFn.apply(q, k, v, self.kernel, 1.0 / math.sqrt(q.shape[-1]), self.causal)
+
+
+# ----------------------------------------------------------------------------- saved-for-backward bytes
+class SavedBytes:
+    """Distinct storages saved for backward while active (a storage counted once however many views)."""
+
+    def __init__(self) -> None:
+        self._seen: Dict[int, int] = {}
+
+    def _pack(self, t: Tensor) -> Tensor:
+        st = t.untyped_storage()
+        self._seen.setdefault(st.data_ptr(), st.nbytes())
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self._seen.values())
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator["SavedBytes"]:
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            yield self
+
+
+# ----------------------------------------------------------------------------- groups and the algorithms
+def _config(case: dict):
+    from mindspeed_cp.config import CPConfig
+
+    return CPConfig(context_parallel_size=case["cp"], context_parallel_algo=ALGO_FLAGS[case["algo"]],
+                    ulysses_degree_in_cp=case.get("ulysses") if case["algo"] == "hybrid" else None,
+                    cp_window_size=case.get("window", 1) if case["algo"] == "double_ring" else 1)
+
+
+def build_runner(case: dict, kernel: str = "torch"):
+    """Groups for ``case`` (a collective: every rank calls it in the same order) and a function
+    ``run(q, k, v) -> out`` on this rank's ``[s/CP, b, h|hk, d]`` shard."""
+    import torch.distributed as dist
+
+    from mindspeed_cp.attention import _double_ring_window
+    from mindspeed_cp.hybrid import hybrid_attention
+    from mindspeed_cp.ring import ring_attention
+    from mindspeed_cp.state import STATE
+    from mindspeed_cp.ulysses import UlyssesContextAttention
+
+    cfg = _config(case)
+    STATE.reset()
+    STATE.set_config(cfg)
+    STATE.build_groups(dist.get_world_size(), dist.get_rank(), 1, 1, new_group=dist.new_group,
+                       cp_group=dist.group.WORLD)
+    uly = STATE.group("ulysses") if cfg.ulysses_size > 1 else None
+    ring = STATE.group("ring") if cfg.ring_size > 1 else None
+    window = _double_ring_window(cfg) if cfg.ring_size > 1 else None
+    STATE.reset()  # the groups live on in this closure; nothing global is left behind
+    algo = case["algo"]
+    if algo == "ulysses":
+        ulysses = UlyssesContextAttention(KernelAttention(kernel), uly)
+        return cfg, lambda q, k, v: ulysses(q, k, v)
+    if algo in ("ring", "double_ring"):
+        return cfg, lambda q, k, v: ring_attention(q, k, v, ring, causal=True, window=window, kernel=kernel)
+    return cfg, lambda q, k, v: hybrid_attention(q, k, v, uly, ring, causal=True, window=window, kernel=kernel)
+
+
+def _inputs(case: dict, s_local: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, case.get("dtype", "float32"))
+    b, h, hk, d = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
+    q, k, v = (torch.randn(s_local, b, n, d, generator=g).to(dtype).requires_grad_() for n in (h, hk, hk))
+    dout = torch.randn(s_local, b, h, d, generator=g).to(dtype)
+    return q, k, v, dout
+
+
+def _one_pass(run, q, k, v, dout) -> None:
+    for t in (q, k, v):
+        t.grad = None
+    run(q, k, v).backward(dout)
+
+
+def measure_cases(cases: List[dict], reps: int = 3, kernel: str = "torch") -> List[dict]:
+    """On this rank: the counted pass and ``reps`` timed passes of every case (see the module doc)."""
+    import torch.distributed as dist
+
+    from mindspeed_cp.comm_stats import count_bytes
+    from mindspeed_cp.ring import count_blocks
+    from mindspeed_cp.sharding import token_indices
+
+    out = []
+    for i, case in enumerate(cases):
+        cfg, run = build_runner(case, kernel)
+        s_local = int(token_indices(cfg, dist.get_rank(), case["seq"]).numel())
+        q, k, v, dout = _inputs(case, s_local, seed=1000 * i + dist.get_rank())
+        saved = SavedBytes()
+        with count_bytes() as comm, count_blocks() as blocks, count_local_work() as local:
+            for t in (q, k, v):
+                t.grad = None
+            with saved.hooks():
+                o = run(q, k, v)
+            o.backward(dout)
+            del o
+        by_kind = dict(comm.by_kind)
+        phases = ("forward", "backward")
+        work = sum(blocks.scores[p] for p in phases) + local.scores
+        empty = sum(blocks.empty[p] for p in phases) + local.empty
+        wall, cpu = [], []
+        for _ in range(reps):
+            dist.barrier()
+            t0, c0 = time.perf_counter(), time.process_time()
+            _one_pass(run, q, k, v, dout)
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        out.append({
+            "comm_by_kind": by_kind,
+            "comm_messages": dict(comm.messages),
+            "work_scores": int(work),
+            "work_unmasked": int(work - sum(blocks.masked[p] for p in phases) - local.masked),
+            "blocks_computed": int(sum(blocks.blocks[p] for p in phases) + local.blocks),
+            "empty_blocks": int(empty),
+            "saved_bytes": saved.total,
+            "time_s": statistics.median(wall),
+            "cpu_time_s": statistics.median(cpu),
+        })
+        dist.barrier()
+    return out
+
+
+# ----------------------------------------------------------------------------- CP = 1 references
+def _megatron_attention(h: int, hk: int, d: int):
+    """Megatron's own core attention (local spec ``DotProductAttention``) at CP=1, causal."""
+    import mindspeed_cp.megatron_adaptor  # noqa: F401  - CPU support for megatron-core; CP=1 leaves it alone
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+        tensor_parallel.model_parallel_cuda_manual_seed(1234)  # its RNG tracker (attention dropout region)
+    config = TransformerConfig(num_layers=1, hidden_size=h * d, num_attention_heads=h, num_query_groups=hk,
+                               kv_channels=d, attention_dropout=0.0, hidden_dropout=0.0, context_parallel_size=1)
+    module = DotProductAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                                 attention_type="self")
+    return lambda q, k, v: module(q, k, v, None)  # [S, b, h, d] -> [S, b, h*d]
+
+
+def measure_single(jobs: List[dict], reps: int = 3, kernel: str = "torch",
+                   megatron_max_seq: Optional[int] = None) -> List[dict]:
+    """One rank (world 1): the CP=1 figures of every job (a shape: ``seq, batch, heads, kv_heads, head_dim,
+    dtype``): the kernel on the full sequence (its saved bytes are the memory reference; its time) and
+    Megatron's own attention (its time is the speed reference; its saved bytes too). Megatron's attention
+    materialises ``b h S^2`` scores: above ``megatron_max_seq`` it is skipped (None)."""
+    local = KernelAttention(kernel)
+    megatron: Dict[tuple, object] = {}
+    results = []
+    for job in jobs:
+        S = job["seq"]
+        key = (job["heads"], job["kv_heads"], job["head_dim"])
+        if key not in megatron:
+            megatron[key] = _megatron_attention(*key)
+        q, k, v, dout = _inputs(job, S, seed=S)
+        row = dict(job)
+        for name, fn in (("kernel", local), ("megatron", megatron[key])):
+            if name == "megatron" and megatron_max_seq is not None and S > megatron_max_seq:
+                row[f"saved_bytes_{name}"] = row[f"time_s_{name}"] = None
+                continue
+            saved = SavedBytes()
+            for t in (q, k, v):
+                t.grad = None
+            with saved.hooks():
+                o = fn(q, k, v)
+            o.backward(dout.reshape(o.shape))
+            del o
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                for t in (q, k, v):
+                    t.grad = None
+                o = fn(q, k, v)
+                o.backward(dout.reshape(o.shape))
+                del o
+                times.append(time.perf_counter() - t0)
+            row[f"saved_bytes_{name}"] = saved.total
+            row[f"time_s_{name}"] = statistics.median(times)
+        results.append(row)
+    return results
