@@ -216,7 +216,8 @@ def _report(args, world: int, results: List[dict]) -> bool:
               f"{r['saved_bytes'] * mib:>11.1f} MiB {r['peak_rss'] * mib:>10.0f} MiB")
     print()
     print("saved act/rank: tensors autograd keeps for backward on one rank (its tokens only: ~1/CP of CP=1).")
-    print("peak RSS/rank: resident memory after the forward pass, incl. the interpreter, torch and megatron-core.")
+    print("peak RSS/rank: resident memory after the forward pass, incl. the interpreter, torch and megatron-core;")
+    print("  the runs share one process per rank, so later rows include memory the allocator kept from earlier ones.")
     print("tokens/s: global tokens per second of the whole job; the CP=1 run computes the full sequence on every rank.")
     print("Every CP run matches CP=1" if ok else f"MISMATCH: some run differs from CP=1 by more than {args.tolerance}")
     return ok
