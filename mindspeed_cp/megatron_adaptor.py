@@ -106,7 +106,8 @@ for _patch in (
     # sharding
     Patch("megatron.core.utils.get_batch_on_this_cp_rank", wrap(attention.get_batch_on_this_cp_rank),
           "split the batch per algorithm: contiguous (Ulysses, unaligned lengths too), zigzag (ring), "
-          "zigzag then contiguous (hybrid); records the global length"),
+          "zigzag then contiguous (hybrid); records the global length. In place: a name imported before "
+          "the plugin would otherwise split Megatron's way", inplace=True),
     Patch("megatron.core.models.common.embeddings.rope_utils.get_pos_emb_on_this_cp_rank",
           replace(attention.get_pos_emb_on_this_cp_rank),
           "RoPE positions of the tokens this rank holds, for every algorithm (Megatron's is zigzag only, and "

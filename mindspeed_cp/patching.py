@@ -13,10 +13,37 @@ from __future__ import annotations
 import functools
 import importlib
 import sys
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 _MISSING = object()
+
+
+def _copy_function(f: types.FunctionType) -> types.FunctionType:
+    g = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__ = f.__kwdefaults__
+    g.__dict__.update(f.__dict__)
+    g.__doc__, g.__qualname__, g.__module__ = f.__doc__, f.__qualname__, f.__module__
+    return g
+
+
+def _redirect(f: types.FunctionType, target: Callable) -> Callable[[], None]:
+    """Make ``f`` itself call ``target`` (every reference to ``f`` follows); returns the undo."""
+    if f.__code__.co_freevars:
+        raise ValueError(f"cannot redirect {f.__qualname__} in place: it is a closure")
+    slot = f"__mindspeed_cp_redirect_{f.__name__}__"
+    namespace: dict = {}
+    exec(f"def {f.__name__}(*args, **kwargs):\n    return {slot}(*args, **kwargs)\n", namespace)
+    saved = (f.__code__, f.__defaults__, f.__kwdefaults__)
+    f.__globals__[slot] = target
+    f.__code__, f.__defaults__, f.__kwdefaults__ = namespace[f.__name__].__code__, None, None
+
+    def undo() -> None:
+        f.__code__, f.__defaults__, f.__kwdefaults__ = saved
+        f.__globals__.pop(slot, None)
+
+    return undo
 
 
 def wrap(impl: Callable) -> Callable[[Any], Any]:
@@ -67,10 +94,14 @@ class Patch:
     when: Optional[Callable[[], bool]] = None
     when_doc: str = "always"
     create: bool = False
+    # Also redirect the original function object itself, so names bound before the plugin was imported
+    # (`from megatron.core.utils import f` at the top of a user's file) run the replacement too.
+    inplace: bool = False
     # filled when applied
     applied: bool = field(default=False, init=False)
     status: str = field(default="not applied", init=False)
     _undo: List[Tuple[Any, str, Any]] = field(default_factory=list, init=False, repr=False)
+    _code_undo: Optional[Callable[[], None]] = field(default=None, init=False, repr=False)
 
     def apply(self) -> None:
         if self.applied:
@@ -87,7 +118,13 @@ class Patch:
         if original is _MISSING and not self.create:
             self.status = "skipped (target absent in this version)"
             return
+        inplace = self.inplace and isinstance(original, types.FunctionType)
+        if inplace:  # the replacement must call a copy: the original's own code becomes the trampoline
+            original = _copy_function(original)
         replacement = self.make(None if original is _MISSING else original)
+        if inplace:
+            self._code_undo = _redirect(getattr(owner, name), replacement)
+            original = getattr(owner, name)
         self._undo = [(owner, name, original)]
         setattr(owner, name, replacement)
         if original is not _MISSING and callable(original):
@@ -103,6 +140,9 @@ class Patch:
         self.status = "applied" + (f" (+{len(self._undo) - 1} import sites)" if len(self._undo) > 1 else "")
 
     def undo(self) -> None:
+        if self._code_undo is not None:
+            self._code_undo()
+            self._code_undo = None
         for owner, name, original in reversed(self._undo):
             if original is _MISSING:
                 try:

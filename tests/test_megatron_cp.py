@@ -174,3 +174,25 @@ def test_model_config_without_cp_in_a_cp_world_is_an_error():
     expect_error_on_every_rank(2, _model_without_cp_in_a_cp_world,
                                match=r"TransformerConfig.context_parallel_size=1 while parallel_state was "
                                      r"initialized with --context-parallel-size 2")
+
+
+def _early_bound_get_batch():
+    import torch
+
+    import mindspeed_cp.megatron_adaptor as adaptor
+
+    adaptor.undo()  # as if the user's file bound Megatron's name before importing the plugin
+    try:
+        from megatron.core.utils import get_batch_on_this_cp_rank as early
+    finally:
+        adaptor.apply()
+    from megatron.core import parallel_state as ps
+
+    adaptor.configure(context_parallel_size=2)  # Ulysses: contiguous halves, not Megatron's zigzag
+    ps.initialize_model_parallel(context_parallel_size=2)
+    batch = {"position_ids": torch.arange(8).expand(2, 8).contiguous()}
+    return early(batch)["position_ids"][0].tolist()
+
+
+def test_get_batch_bound_before_the_plugin_still_splits_for_the_algorithm():
+    assert run_on_ranks(2, _early_bound_get_batch) == [[0, 1, 2, 3], [4, 5, 6, 7]]

@@ -52,6 +52,21 @@ def test_apply_once_rebinds_import_sites_and_undo_restores(fake_pkg):
     assert not reg.applied
 
 
+def test_inplace_patch_reaches_names_bound_anywhere_before(fake_pkg):
+    core, user, double, Box = fake_pkg
+    early = core.double  # e.g. `from megatron.core.utils import f` at the top of a user's script
+    reg = PatchRegistry()
+    reg.add(Patch("mscp_fake.core.double", wrap(lambda original, x: original(x) + 100), "in place", inplace=True))
+    reg.apply_all()
+    assert early(1) == 102 and core.double(1) == 102 and user.double(1) == 102
+    reg.undo_all()
+    assert early is double and early(1) == 2 and core.double is double and user.double is double
+    reg.apply_all()
+    assert early(2) == 104
+    reg.undo_all()
+    assert early(2) == 4
+
+
 def test_conditions_missing_targets_and_duplicates(fake_pkg):
     reg = PatchRegistry()
     reg.add(Patch("mscp_fake.core.double", replace(None), "never", when=lambda: False, when_doc="never"))
