@@ -17,10 +17,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
-
 from .config import HYBRID, RING, ULYSSES, CPConfig, CPConfigError
-from .sharding import split_batch, token_indices
+from .sharding import batch_seq_len, split_batch, token_indices
 from .state import STATE
 from .ulysses import GatherSizeCalculator
 
@@ -186,11 +184,9 @@ def get_batch_on_this_cp_rank(original, batch, *args, **kwargs):
         raise CPConfigError(f"get_batch_on_this_cp_rank: CP group of {size} ranks but --context-parallel-size "
                             f"{cfg.cp} is configured")
     rank = cp_group.rank() if cp_group is not None else ps.get_context_parallel_rank()
-    out = split_batch(batch, cfg, rank)
-    lengths = [v.shape[1] for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "attention_mask"
-               and v.dim() >= 2]
-    STATE.seq_len = max(lengths) if lengths else None
-    batch.update(out)  # Megatron's version updates the dict in place and returns it
+    seq_len = batch_seq_len(batch)
+    batch.update(split_batch(batch, cfg, rank, seq_len))
+    STATE.seq_len = seq_len  # Megatron's version updates the dict in place and returns it
     return batch
 
 

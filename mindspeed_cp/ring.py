@@ -414,31 +414,47 @@ def _backward_block(plan: _Plan, qb, dob, ob, lse, kv, j: int, dq: Tensor, dkv: 
     dv[:, :, cols] += gv
 
 
-def _inner_backward(plan: _Plan, o: int, kv: Tensor, qb, dob, ob, lse, dq: Tensor) -> Tensor:
-    """One pass of the inner ring starting from ``kv``; returns the dK/dV of ``kv`` summed over the ring.
+class _DkvTrail:
+    """The dK/dV accumulator of one ring level, travelling with its KV block.
 
-    The dK/dV accumulator of the block held at step i >= 1 starts at step 1 and moves with the block; the
-    block's starting rank keeps its own share (step 0) and receives the rest after the last step.
+    Step 0 is the block's starting rank: it keeps its own share. From step 1 the running sum of shares
+    moves one hop per step together with the block (P-1 hops in all) and, after the last step, arrives back
+    at the starting rank, which adds it to its own share (:meth:`result`).
     """
-    own = pending = None
+
+    def __init__(self, exchanger, dtype: torch.dtype, overlap: bool) -> None:
+        self.exchanger, self.dtype, self.overlap = exchanger, dtype, overlap
+        self.own: Optional[Tensor] = None
+        self.pending = None
+
+    def add(self, step: int, grad: Tensor) -> None:
+        if step == 0:
+            self.own = grad
+            return
+        if self.pending is not None:
+            grad += self.pending.wait()  # the previous ranks' share of this block
+        self.pending = self.exchanger.start(grad.to(self.dtype), "ring_dkv")
+        if not self.overlap:
+            self.pending.wait()
+
+    def result(self) -> Tensor:
+        if self.pending is not None:
+            self.own += self.pending.wait()
+        return self.own
+
+
+def _inner_backward(plan: _Plan, o: int, kv: Tensor, qb, dob, ob, lse, dq: Tensor) -> Tensor:
+    """One pass of the inner ring starting from ``kv``; returns the dK/dV of ``kv`` summed over the ring."""
+    trail = _DkvTrail(plan.inner, kv.dtype, plan.overlap)
     for i in range(plan.K):
         last = i == plan.K - 1
         kv_next = plan.inner.start(kv, "ring_kv") if plan.overlap and not last else None
         grad = torch.zeros(kv.shape, dtype=dq.dtype, device=kv.device)
         _backward_block(plan, qb, dob, ob, lse, kv, plan.owner(o, i), dq, grad)
-        if i == 0:
-            own = grad
-        else:
-            if pending is not None:
-                grad += pending.wait()  # the previous ranks' share of this block
-            pending = plan.inner.start(grad.to(kv.dtype), "ring_dkv")
-            if not plan.overlap:
-                pending.wait()
+        trail.add(i, grad)
         if not last:
             kv = (kv_next or plan.inner.start(kv, "ring_kv")).wait()
-    if pending is not None:
-        own += pending.wait()
-    return own
+    return trail.result()
 
 
 def _ring_backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor):
@@ -447,24 +463,14 @@ def _ring_backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o
     qb, dob, ob = (_as_bnsd(t, plan.bnsd) for t in (q, dout, out))
     dq = torch.zeros((b, n, s, d), dtype=lse.dtype, device=q.device)
     outer_kv = _pack_kv(k, v, plan.bnsd)
-    own = pending = None
+    trail = _DkvTrail(plan.outer, k.dtype, plan.overlap)  # the same scheme one level up, along the outer ring
     for o in range(plan.W):
         last_outer = o == plan.W - 1
         outer_next = plan.outer.start(outer_kv, "ring_kv") if plan.overlap and not last_outer else None
-        window_sum = _inner_backward(plan, o, outer_kv, qb, dob, ob, lse, dq)
-        if o == 0:
-            own = window_sum
-        else:  # the same accumulator scheme one level up, along the outer ring
-            if pending is not None:
-                window_sum += pending.wait()
-            pending = plan.outer.start(window_sum.to(k.dtype), "ring_dkv")
-            if not plan.overlap:
-                pending.wait()
+        trail.add(o, _inner_backward(plan, o, outer_kv, qb, dob, ob, lse, dq))
         if not last_outer:
             outer_kv = (outer_next or plan.outer.start(outer_kv, "ring_kv")).wait()
-    if pending is not None:
-        own += pending.wait()
-    return dq, own
+    return dq, trail.result()
 
 
 # ------------------------------------------------------------------------------------------ autograd

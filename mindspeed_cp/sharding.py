@@ -56,6 +56,17 @@ def local_lengths(config: CPConfig, seq_len: int) -> list:
     return [int(token_indices(config, r, seq_len).numel()) for r in range(config.cp)]
 
 
+def _sequence_lengths(batch: Dict[str, Any]) -> Dict[str, int]:
+    """Sequence length of every sequence tensor of a Megatron batch (the mask's on its rows, dim 2)."""
+    return {k: (v.shape[2] if k == "attention_mask" else v.shape[1])
+            for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() >= 2}
+
+
+def batch_seq_len(batch: Dict[str, Any]) -> Optional[int]:
+    """The global sequence length of a batch (None when it holds no sequence tensor)."""
+    return max(_sequence_lengths(batch).values(), default=None)
+
+
 def split_batch(batch: Dict[str, Any], config: CPConfig, cp_rank: int,
                 seq_len: Optional[int] = None) -> Dict[str, Any]:
     """This rank's slice of a Megatron batch (``tokens``, ``labels``, ``loss_mask``, ``position_ids``: sequence
@@ -63,8 +74,7 @@ def split_batch(batch: Dict[str, Any], config: CPConfig, cp_rank: int,
 
     Every sequence tensor must have the same global length; a mismatch is an error naming the keys.
     """
-    lengths = {k: (v.shape[2] if k == "attention_mask" else v.shape[1])
-               for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() >= 2}
+    lengths = _sequence_lengths(batch)
     if seq_len is None:
         if not lengths:
             return dict(batch)

@@ -41,11 +41,7 @@ class CPState:
 
     # ------------------------------------------------------------ config
     def set_config(self, config: CPConfig) -> None:
-        if self.groups_built and config.cp != self.config.cp:
-            raise CPStateError(
-                f"configure(context_parallel_size={config.cp}) after groups for "
-                f"--context-parallel-size {self.config.cp} were built: call "
-                f"parallel_state.destroy_model_parallel() first")
+        """Make ``config`` active (``configure()`` refuses a change while groups exist)."""
         self.config = config
         self.configured = True
 
