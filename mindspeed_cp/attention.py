@@ -10,9 +10,19 @@ that the patched ``forward`` hands the call to:
 * ``hybrid_cp_algo``: Ulysses over the Ulysses group around ring attention over the ring group.
 
 Process groups come from :data:`mindspeed_cp.state.STATE`, looked up once per module at construction.
+
+Attention dropout under Ulysses: Megatron draws it from the model-parallel RNG stream, seeded per *TP* rank
+only, so every CP rank would draw the same masks for its different heads (global heads j and j + h/CP always
+equal). ``model_parallel_cuda_manual_seed`` therefore also adds one stream per CP rank
+(:data:`ULYSSES_RNG`, seed ``seed + 2718 + tp_rank + 1_000_003 * (cp_rank + 1)``: deterministic, distinct from
+Megatron's own seeds), and the local attention runs with that stream in the place Megatron draws from: the
+model-parallel slot of the tracker (or, with sequence parallelism, where Megatron uses the default generator,
+a fork of it). It lives in the tracker, so activation recompute (full and selective) replays it exactly.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -109,11 +119,63 @@ class CPCoreAttention:
 
             def local(q, k, v, mask, *a, **kw):
                 # Megatron's attention on the full sequence, h/(tp*cp) heads: [S, b, h', d] -> [S, b, h'*d]
-                return local_forward(q, k, v, gather_mask_rows(mask, self.ulysses_group, seq), *a, **kw)
+                with ulysses_dropout_stream(module):
+                    return local_forward(q, k, v, gather_mask_rows(mask, self.ulysses_group, seq), *a, **kw)
 
             ulysses = UlyssesContextAttention(local, self.ulysses_group, gather_size_calculator=_StateGatherSize())
             out = ulysses(query, key, value, attention_mask, *args, **kwargs)  # [s/cp, b, h*d]
         return out.reshape(s_local, b, -1)
+
+
+# ------------------------------------------------------------------------------------ dropout RNG
+ULYSSES_RNG = "mindspeed-cp-ulysses-rng"
+_CP_SEED_STRIDE = 1_000_003  # larger than any of Megatron's own seed offsets (2718 + tp, 1024 + 100 ep + etp)
+
+
+def model_parallel_cuda_manual_seed(original, seed, *args, **kwargs):
+    """Megatron's seeding, then the Ulysses level's per-CP-rank dropout stream (see the module docstring)."""
+    result = original(seed, *args, **kwargs)
+    if STATE.groups_built and STATE.config.ulysses_size > 1:
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        bound = inspect.signature(original).bind(seed, *args, **kwargs).arguments
+        tp_rank = bound.get("tp_rank")
+        tp_rank = ps.get_tensor_model_parallel_rank() if tp_rank is None else tp_rank
+        cp_rank = STATE.group("ulysses").rank()
+        get_cuda_rng_tracker().add(ULYSSES_RNG, seed + 2718 + tp_rank + _CP_SEED_STRIDE * (cp_rank + 1))
+    return result
+
+
+@contextlib.contextmanager
+def ulysses_dropout_stream(module):
+    """Run Megatron's local attention with this CP rank's dropout stream where Megatron draws from."""
+    if not (module.training and module.config.attention_dropout > 0):
+        yield
+        return
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    states = tracker.get_states()
+    if ULYSSES_RNG not in states:
+        raise CPConfigError(
+            f"--attention-dropout {module.config.attention_dropout} with {STATE.config.context_parallel_algo}: "
+            f"each CP rank needs its own dropout stream; call model_parallel_cuda_manual_seed(seed) after "
+            f"parallel_state.initialize_model_parallel (Megatron-LM does)")
+    if module.config.sequence_parallel:  # Megatron draws from the default generator here
+        with tracker.fork(ULYSSES_RNG):
+            yield
+        return
+    mp = "model-parallel-rng"
+
+    def swapped(current):
+        return {**current, mp: current[ULYSSES_RNG], ULYSSES_RNG: current[mp]}
+
+    tracker.set_states(swapped(states))
+    try:
+        yield
+    finally:
+        tracker.set_states(swapped(tracker.get_states()))
 
 
 # ------------------------------------------------------------------------------------ patches

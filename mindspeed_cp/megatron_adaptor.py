@@ -13,7 +13,7 @@ Usage (MindSpeed's convention)::
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from . import attention, device, megatron_lm
 from .config import CPConfig, CPConfigError
@@ -103,6 +103,10 @@ for _patch in (
           wrap(attention.core_attention_forward),
           "TE spec: run the configured algorithm around (or instead of) TE's attention (untested here)",
           when=_te_available, when_doc="Transformer Engine importable"),
+    Patch("megatron.core.tensor_parallel.random.model_parallel_cuda_manual_seed",
+          wrap(attention.model_parallel_cuda_manual_seed),
+          "also seed one attention-dropout stream per CP rank for the Ulysses level (Megatron's stream is seeded "
+          "per TP rank only: every CP rank would drop the same positions of its different heads)"),
     # sharding
     Patch("megatron.core.utils.get_batch_on_this_cp_rank", wrap(attention.get_batch_on_this_cp_rank),
           "split the batch per algorithm: contiguous (Ulysses, unaligned lengths too), zigzag (ring), "

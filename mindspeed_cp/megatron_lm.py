@@ -163,11 +163,36 @@ class _UnalignedSeqLength(int):
         return 0 if other == self.modulus else int(self) % other
 
 
+# What cannot run without an accelerator, whatever the script says: (attribute, CPU value, the flag).
+_CPU_ARGS = (
+    ("gradient_accumulation_fusion", False, "--no-gradient-accumulation-fusion"),  # Apex / TE CUDA extension
+    ("no_persist_layer_norm", True, "--no-persist-layer-norm"),  # Apex's persistent LayerNorm kernel
+    ("apply_rope_fusion", False, "--no-rope-fusion"),  # Transformer Engine's fused RoPE kernel
+    ("distributed_backend", "gloo", "--distributed-backend gloo"),  # NCCL needs GPUs
+)
+
+
+def cpu_args(args: Any) -> List[str]:
+    """On a machine without an accelerator, switch off what needs one (CUDA-only kernels, NCCL) and say so
+    once; returns the flags that were changed. Numerics are unchanged: these select kernels, not math."""
+    changed = []
+    for attr, value, flag in _CPU_ARGS:
+        if hasattr(args, attr) and getattr(args, attr) != value:
+            setattr(args, attr, value)
+            changed.append(flag)
+    if changed and getattr(args, "rank", 0) == 0:
+        print(f"mindspeed-cp: no accelerator, running as if given {' '.join(changed)} (CUDA-only kernels, NCCL)",
+              flush=True)
+    return changed
+
+
 def _validate_args(original, args, *rest, **kwargs):
     """Our checks first (flag names), then Megatron's (its zigzag length rule relaxed for Ulysses), then
-    ``configure(args)`` with the finished namespace."""
+    ``configure(args)`` with the finished namespace. Without an accelerator, :func:`cpu_args` first."""
     from . import megatron_adaptor
 
+    if _cpu_only():
+        cpu_args(args)
     config = check_args(args)
     relaxed = (config.cp > 1 and config.context_parallel_algo == ULYSSES and args.seq_length is not None
                and args.seq_length % (2 * config.cp) != 0)
@@ -282,6 +307,38 @@ def _forward_step_calc_loss(original, *args, **kwargs):
         return original(*args, **kwargs)
     a["loss_func"] = _token_balanced(a["loss_func"], group)
     return original(*bound.args, **bound.kwargs)
+
+
+# ----------------------------------------------------------------------------- metrics at full precision
+METRICS_ENV = "MINDSPEED_CP_METRICS"
+
+
+def _metrics_requested() -> bool:
+    import os
+
+    return bool(os.environ.get(METRICS_ENV))
+
+
+def _training_log(original, *args, **kwargs):
+    """Megatron-LM's training_log, and this iteration's values appended to ``$MINDSPEED_CP_METRICS`` as one JSON
+    line (by the last rank, which holds the loss): the printed log rounds to 7 digits and, in 0.16.1, averages
+    the first logged iterations; comparing a CP run with CP=1 wants each iteration's exact value."""
+    import json
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    a = inspect.signature(original).bind(*args, **kwargs).arguments
+    if dist.is_initialized() and dist.get_rank() == dist.get_world_size() - 1:
+        num = lambda v: None if v is None else float(v)  # noqa: E731
+        record = dict(iteration=int(a["iteration"]), skipped=int(a.get("skipped_iter") or 0),
+                      losses={k: num(v) for k, v in (a.get("loss_dict") or {}).items()},
+                      grad_norm=num(a.get("grad_norm")), learning_rate=num(a.get("learning_rate")),
+                      time=time.time())
+        with open(os.environ[METRICS_ENV], "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    return original(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- installed megatron-core
@@ -403,6 +460,10 @@ PATCHES: List[Patch] = [
           "normalise each CP rank's loss by the CP group's token count (all-reduced), not its own: exact with "
           "uneven tokens per rank (unaligned Ulysses, loss masks); --calculate-per-token-loss is left alone",
           when=_has_param(_SCHED, "loss_func"), when_doc="forward_step_calc_loss(..., loss_func, ...)"),
+    Patch("megatron.training.training.training_log", wrap(_training_log),
+          f"${METRICS_ENV}=FILE: each iteration's losses, grad norm and learning rate at full precision, one JSON "
+          "line per iteration (for comparing a CP run with CP=1; the printed log rounds and averages)",
+          when=_metrics_requested, when_doc=f"${METRICS_ENV} set"),
     Patch(_HELPERS, wrap(_compile_helpers),
           "Megatron-LM runs `make` in megatron/core/datasets at start-up; the megatron-core wheel ships the "
           "helpers prebuilt and no Makefile, so make fails and rank 0 exits: use the prebuilt module",

@@ -156,13 +156,43 @@ class Patch:
         self.status = "not applied"
 
 
+@dataclass
+class Hook:
+    """A registry entry that replaces no attribute: ``enter()`` installs something process-wide (e.g. a
+    ``TorchFunctionMode``) and returns its undo. Listed, gated and undone like a :class:`Patch`."""
+
+    target: str  # what it hooks, for the listing
+    enter: Callable[[], Callable[[], None]]
+    why: str
+    when: Optional[Callable[[], bool]] = None
+    when_doc: str = "always"
+    applied: bool = field(default=False, init=False)
+    status: str = field(default="not applied", init=False)
+    _leave: Optional[Callable[[], None]] = field(default=None, init=False, repr=False)
+
+    def apply(self) -> None:
+        if self.applied:
+            return
+        if self.when is not None and not self.when():
+            self.status = f"skipped ({self.when_doc} does not hold)"
+            return
+        self._leave = self.enter()
+        self.applied, self.status = True, "applied"
+
+    def undo(self) -> None:
+        if self._leave is not None:
+            self._leave()
+            self._leave = None
+        self.applied, self.status = False, "not applied"
+
+
 class PatchRegistry:
     """Ordered patches, keyed by target. Applying twice is a no-op; undo restores every original."""
 
     def __init__(self) -> None:
         self._patches: Dict[str, Patch] = {}
 
-    def add(self, patch: Patch) -> Patch:
+    def add(self, patch: "Patch | Hook") -> "Patch | Hook":
         if patch.target in self._patches:
             raise ValueError(f"two patches for {patch.target}: merge them into one")
         self._patches[patch.target] = patch

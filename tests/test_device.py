@@ -315,12 +315,12 @@ def test_device_patches_listed_and_undone():
     import sys
 
     import megatron.core.fusions.fused_softmax as fused_softmax
-    import megatron.core.tensor_parallel as tp_pkg
+    import megatron.core.tensor_parallel.random as random_mod
     import megatron.core.transformer.utils as tutils
 
     from mindspeed_cp import device
     from mindspeed_cp import megatron_adaptor as adaptor
-    from mindspeed_cp.patching import resolve
+    from mindspeed_cp.patching import Hook, resolve
 
     assert device.PATCHES
     for p in device.PATCHES:
@@ -328,30 +328,33 @@ def test_device_patches_listed_and_undone():
         assert p.status.startswith("applied"), (p.target, p.status)
         assert p.when_doc == "no accelerator" and p.why
         assert p.when() is (not device.has_accelerator())  # with CUDA / NPU they are skipped
-    patched = {p.target: getattr(*resolve(p.target)) for p in device.PATCHES}
-    patched_all = {p.target: getattr(*resolve(p.target)) for p in adaptor.PATCHES if p.applied}
-    seed_fn = tp_pkg.model_parallel_cuda_manual_seed
-    assert tutils.get_default_causal_mask(3).device.type == "cpu"
+    patches = [p for p in device.PATCHES if not isinstance(p, Hook)]
+    patched = {p.target: getattr(*resolve(p.target)) for p in patches}
+    patched_all = {p.target: getattr(*resolve(p.target)) for p in adaptor.PATCHES
+                   if p.applied and not isinstance(p, Hook)}
+    tracker_add = random_mod.CudaRNGStatesTracker.add
+    assert tutils.get_default_causal_mask(3).device.type == "cpu"  # Megatron's own code, device="cuda"
     try:
         adaptor.undo()
-        for p in device.PATCHES:
+        assert torch._C._len_torch_function_stack() == 0  # the device mode is gone
+        for p in patches:
             current = getattr(*resolve(p.target))
             assert current is not patched[p.target], p.target
-            assert current.__module__.startswith("megatron"), (p.target, current.__module__)
-        assert tp_pkg.model_parallel_cuda_manual_seed is not seed_fn  # `from x import f` sites too
+            assert current.__module__.split(".")[0] in ("megatron", "torch"), (p.target, current.__module__)
+        assert random_mod.CudaRNGStatesTracker.add is not tracker_add
         assert fused_softmax.get_default_causal_mask is tutils.get_default_causal_mask
         with pytest.raises((AssertionError, RuntimeError)):  # Megatron's own code wants CUDA again
             tutils.get_default_causal_mask(3)
-        # no replacement of any patch left behind in a Megatron module (import sites included)
+        # no replacement of any patch left behind in a Megatron or torch module (import sites included)
         replacements = {id(obj): t for t, obj in patched_all.items()}
         stale = [(mod_name, attr, replacements[id(value)])
                  for mod_name, mod in list(sys.modules.items())
-                 if mod_name.startswith("megatron") and mod is not None
+                 if mod_name.split(".")[0] in ("megatron", "torch") and mod is not None
                  for attr, value in list(vars(mod).items()) if id(value) in replacements]
         assert not stale, stale
     finally:
         adaptor.apply()
     for p in device.PATCHES:
         assert p.status.startswith("applied")
+    assert torch._C._len_torch_function_stack() == 1
     assert tutils.get_default_causal_mask(3).device.type == "cpu"
-    assert fused_softmax.get_default_causal_mask is tutils.get_default_causal_mask

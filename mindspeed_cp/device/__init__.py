@@ -1,0 +1,21 @@
+"""CPU support: Megatron (megatron-core and Megatron-LM's training loop) on a machine without an accelerator.
+
+Users debug a context-parallel configuration on a laptop or in CI with gloo ranks before spending GPU hours.
+Two parts, both listed by ``mindspeed-cp patches`` and both skipped when an accelerator exists:
+
+- :mod:`.emulation` - torch's level, version-independent: a CUDA device means the CPU in every torch call,
+  ``torch.cuda``'s stream / event / synchronise / RNG entry points take their CPU meaning, gloo sends keep
+  their storage until done. This is what lets Megatron-LM's ``pretrain`` loop (DDP, optimizers, timers,
+  schedules, checkpoints) run unmodified.
+- :mod:`.megatron_core` - the few Megatron functions torch's level cannot reach: the RNG tracker's named
+  states on the CPU generator, CPU weight initialisation (TP-independent), and helpers whose CUDA buffers
+  are chosen in ways the device argument alone does not fix.
+"""
+from __future__ import annotations
+
+from . import emulation, megatron_core
+from .emulation import cpu_only, has_accelerator, is_cuda_device
+
+PATCHES = [*emulation.PATCHES, *megatron_core.PATCHES]
+
+__all__ = ["PATCHES", "cpu_only", "has_accelerator", "is_cuda_device", "emulation", "megatron_core"]
