@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-megatron-lm demo bench groups-example clean
+.PHONY: setup test test-megatron-lm megatron-lm-deps demo demo-megatron-lm bench groups-example clean
 
 setup: $(STAMP)
 
@@ -21,11 +21,19 @@ test: setup
 	$(VPY) -m pytest -q tests $(PYTEST_ARGS)
 
 # Megatron-LM (megatron/training) is not on PyPI: point MEGATRON_LM_PATH at a core_v0.16.1 checkout.
-# Its imports need a few more packages (triton only because megatron/training/initialize.py imports it).
-test-megatron-lm: setup
+# Its imports need a few more packages (triton only because megatron/training/initialize.py imports it;
+# psutil because its checkpoint writer waits for its forked workers through it - without, --save hangs).
+megatron-lm-deps: setup
 	@test -n "$(MEGATRON_LM_PATH)" || { echo "set MEGATRON_LM_PATH to a Megatron-LM core_v0.16.1 checkout"; exit 2; }
-	$(VPY) -m pip install -q --disable-pip-version-check -c constraints.txt six regex pyyaml pydantic triton
-	MEGATRON_LM_PATH=$(MEGATRON_LM_PATH) $(VPY) -m pytest -q tests/test_megatron_lm.py tests/test_scripts.py
+	$(VPY) -m pip install -q --disable-pip-version-check -c constraints.txt six regex pyyaml pydantic triton psutil
+
+test-megatron-lm: megatron-lm-deps
+	MEGATRON_LM_PATH=$(MEGATRON_LM_PATH) $(VPY) -m pytest -q tests/test_megatron_lm.py tests/test_scripts.py \
+	  tests/test_megatron_lm_training.py $(PYTEST_ARGS)
+
+# real pretrain_gpt.py with CP=1 and each algorithm at CP 4 on gloo ranks: the loss table (~2 min)
+demo-megatron-lm: megatron-lm-deps
+	MEGATRON_LM_PATH=$(MEGATRON_LM_PATH) $(VPY) -m mindspeed_cp.demo_megatron_lm
 
 demo: setup
 	$(VPY) -m mindspeed_cp.demo

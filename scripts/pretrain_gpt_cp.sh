@@ -12,9 +12,14 @@
 #   VOCAB_FILE, MERGE_FILE  GPT-2 BPE files, needed with DATA_PATH
 #   CHECKPOINT_PATH    --save / --load directory [unset: no checkpoints]
 #   NNODES [preset]  GPUS_PER_NODE [8]  NODE_RANK [0]  MASTER_ADDR [localhost]  MASTER_PORT [6000]
-#   TRAIN_ITERS [20000]  PYTHON [python3]  TORCHRUN [torchrun]  DISTRIBUTED_BACKEND [nccl]
+#   TRAIN_ITERS [20000]  PYTHON [python3]  TORCHRUN [torchrun]  DISTRIBUTED_BACKEND [nccl; gloo on a CPU]
+#   MODEL=NAME         configs/models/NAME.conf replaces the script's model size, keeping its sequence length
+#                      (MODEL=tiny: a 2-layer GPT to debug the launch on a laptop or in CI)
+#   DEVICE [auto]      auto: an accelerator if torch sees one, else the CPU; gpu; cpu. On the CPU the command
+#                      uses gloo ranks and fp32 (one line says so) - Megatron-LM then trains through
+#                      mindspeed-cp's CPU support.
 #   DRY_RUN=1          print the layout and the final command, exit 0 (no GPU work)
-#   Any key of the two .conf files (TP, CP, CP_ALGO, SEQ_LENGTH, ...) set in the environment wins.
+#   Any key of the .conf files (TP, CP, CP_ALGO, SEQ_LENGTH, ...) set in the environment wins.
 #
 # Before launching it validates the configuration (mindspeed_cp.check: layout, heads, sequence length) and
 # prints the rank layout (mindspeed-cp groups); an impossible configuration exits with status 2.
@@ -40,10 +45,28 @@ load_conf() {
     [[ -n ${!key+set} ]] || printf -v "$key" '%s' "$value"
   done < "$1"
 }
+# MODEL=NAME first: its keys win over the script's model, which still gives what NAME leaves out (the sequence)
+[[ -n ${MODEL:-} ]] && load_conf "$ROOT/configs/models/$MODEL.conf"
 load_conf "$MODEL_CONF"
 load_conf "$PRESET_CONF"
 
 PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-auto}
+case $DEVICE in
+  auto) DEVICE=$("$PYTHON" -c 'from mindspeed_cp.device import has_accelerator; print("gpu" if has_accelerator() else "cpu")') \
+          || die "cannot import mindspeed_cp with PYTHON=$PYTHON" ;;
+  gpu|cpu) ;;
+  *) die "DEVICE must be auto, gpu or cpu (got '$DEVICE')" ;;
+esac
+PRECISION=(--bf16)
+if [[ $DEVICE == cpu ]]; then
+  # gloo ranks, fp32 (exact comparisons; bf16 on a CPU is slow), no torch.compile of Megatron's fusions;
+  # sequence parallelism with the local spec needs Apex, which has no CPU build
+  DISTRIBUTED_BACKEND=${DISTRIBUTED_BACKEND:-gloo}
+  PRECISION=(--no-bias-gelu-fusion --no-bias-dropout-fusion)
+  [[ ${SEQUENCE_PARALLEL:-0} == 1 ]] && SEQUENCE_PARALLEL=0 && CPU_NOTE=", without --sequence-parallel"
+  echo "no accelerator: gloo ranks, fp32${CPU_NOTE:-} (DEVICE=gpu for the GPU command)"
+fi
 TORCHRUN=${TORCHRUN:-torchrun}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NNODES=${NNODES:-1}
@@ -85,7 +108,7 @@ GPT_ARGS=(
   --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
   --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-fraction 0.01
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --init-method-std "$INIT_METHOD_STD"
-  --attention-dropout 0.0 --hidden-dropout 0.0 --bf16
+  --attention-dropout 0.0 --hidden-dropout 0.0 "${PRECISION[@]}"
   --distributed-backend "$DISTRIBUTED_BACKEND"
 )
 # causal attention needs no S x S mask (1 GiB per sample at 32k); the general mask is read from the batch
@@ -96,9 +119,9 @@ if [[ -n ${DATA_PATH:-} ]]; then
              --merge-file "${MERGE_FILE:?MERGE_FILE is needed with DATA_PATH}" --tokenizer-type GPT2BPETokenizer
              --split 949,50,1)
 else
-  DATA_ARGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size 50257)
+  DATA_ARGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size "${VOCAB_SIZE:-50257}")
 fi
-OUTPUT_ARGS=(--log-interval 1 --eval-interval 1000 --eval-iters 10)
+OUTPUT_ARGS=(--log-interval 1 --eval-interval 1000 --eval-iters "${EVAL_ITERS:-10}")
 [[ -n ${CHECKPOINT_PATH:-} ]] && OUTPUT_ARGS+=(--save "$CHECKPOINT_PATH" --load "$CHECKPOINT_PATH" --save-interval 1000)
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 

@@ -39,10 +39,14 @@ Decisions
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
+import json
+import os
 import sys
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -62,6 +66,35 @@ def cpu_only() -> bool:
     return not has_accelerator()
 
 
+# ----------------------------------------------------------------------------- what was routed, where
+TRACE_ENV = "MINDSPEED_CP_DEVICE_TRACE"
+# (file, line, what) -> calls; only with $MINDSPEED_CP_DEVICE_TRACE=PREFIX (written to PREFIX.<pid>.json at exit)
+_TRACE: Optional[Dict[Tuple[str, int, str], int]] = {} if os.environ.get(TRACE_ENV) else None
+
+
+def _note(what: str, depth: int) -> None:
+    """Count one redirected call at its caller's file:line (``depth`` frames above the caller of _note)."""
+    if _TRACE is None:
+        return
+    frame = sys._getframe(depth + 1)
+    key = (frame.f_code.co_filename, frame.f_lineno, what)
+    _TRACE[key] = _TRACE.get(key, 0) + 1
+
+
+def traced_sites() -> List[dict]:
+    """The calls routed so far: ``[{file, line, what, calls}]`` (empty unless tracing)."""
+    return [dict(file=f, line=n, what=w, calls=c) for (f, n, w), c in sorted((_TRACE or {}).items())]
+
+
+def _write_trace() -> None:
+    with open(f"{os.environ[TRACE_ENV]}.{os.getpid()}.json", "w", encoding="utf-8") as f:
+        json.dump(traced_sites(), f)
+
+
+if _TRACE is not None:
+    atexit.register(_write_trace)
+
+
 # ----------------------------------------------------------------------------- 1. device arguments
 _CPU = torch.device("cpu")
 
@@ -75,19 +108,23 @@ def is_cuda_device(device: Any) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
+# Tensor methods with a device meaning; called as impl(func, args, kwargs) from the mode (caller: 2 frames up).
 def _tensor_cuda(func, args, kwargs):
     """``t.cuda(...)``: already on "the device"."""
+    _note("Tensor.cuda()", 2)
     return args[0]
 
 
 def _tensor_to(func, args, kwargs):
     """``t.to("cuda" | 0 | torch.device("cuda"), ...)``: the device part means the CPU."""
     if len(args) > 1 and not isinstance(args[1], (torch.dtype, torch.Tensor)) and is_cuda_device(args[1]):
+        _note("Tensor.to(cuda)", 2)
         args = (args[0], _CPU, *args[2:])
     return func(*args, **kwargs)
 
 
 def _tensor_pin_memory(func, args, kwargs):
+    _note("Tensor.pin_memory()", 2)
     return args[0]
 
 
@@ -96,6 +133,7 @@ def _tensor_type(func, args, kwargs):
     result = func(*args, **kwargs)
     if (len(args) == 1 and not kwargs and result.startswith("torch.") and not result.startswith("torch.cuda.")
             and sys._getframe(2).f_globals.get("__name__", "").startswith("megatron.")):
+        _note("Tensor.type() == 'torch.cuda.*'", 2)
         return "torch.cuda." + result[len("torch."):]
     return result
 
@@ -115,6 +153,7 @@ class CpuDeviceMode(TorchFunctionMode):
         if kwargs:
             device = kwargs.get("device")
             if device is not None and is_cuda_device(device):
+                _note(f"{getattr(func, '__name__', func)}(device=cuda)", 1)
                 kwargs = {**kwargs, "device": _CPU}
             if kwargs.get("pin_memory"):
                 kwargs = {**kwargs, "pin_memory": False}
@@ -160,7 +199,7 @@ class NullStream:
     cuda_stream = 0
 
     def __init__(self, device=None, priority=0, **kwargs):
-        pass
+        _note("torch.cuda.Stream", 1)
 
     def wait_stream(self, stream) -> None:
         pass
@@ -186,13 +225,14 @@ class NullStream:
         return hash(NullStream)
 
 
-_STREAM = NullStream()
+_STREAM = object.__new__(NullStream)
 
 
 class HostEvent:
     """``torch.cuda.Event`` on a synchronous device: ``record`` notes the host time, ``elapsed_time`` is in ms."""
 
     def __init__(self, enable_timing=False, blocking=False, interprocess=False, **kwargs):
+        _note("torch.cuda.Event", 1)
         self._time = None
 
     def record(self, stream=None) -> None:
@@ -275,8 +315,20 @@ def in_flight_sends() -> int:
 
 
 # ----------------------------------------------------------------------------- the list
+def _traced(name: str, impl: Callable) -> Callable:
+    if isinstance(impl, type):  # classes note their construction themselves
+        return impl
+
+    @functools.wraps(impl)
+    def call(*args, **kwargs):
+        _note(f"torch.cuda.{name}", 1)
+        return impl(*args, **kwargs)
+
+    return call
+
+
 def _cuda(name: str, impl: Any, why: str) -> Patch:
-    return Patch(f"torch.cuda.{name}", replace(impl), why, when=cpu_only, when_doc="no accelerator")
+    return Patch(f"torch.cuda.{name}", replace(_traced(name, impl)), why, when=cpu_only, when_doc="no accelerator")
 
 
 PATCHES = [
