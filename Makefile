@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-megatron-lm megatron-lm-deps demo demo-megatron-lm bench groups-example clean
+.PHONY: setup test test-megatron-lm megatron-lm-deps demo demo-megatron-lm bench gpu-check groups-example clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,12 @@ demo: setup
 
 bench: setup
 	$(VPY) -m benchmarks.run
+
+# One prepared script for a machine with a GPU (no setup: it runs with that machine's torch, nothing downloaded).
+# Without a GPU it says so and exits 0. Writes benchmarks/results/gpu.md.
+GPU_PY ?= $(shell test -x $(VPY) && echo $(VPY) || echo python3)
+gpu-check:
+	$(GPU_PY) -m benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) *.egg-info test-artifacts

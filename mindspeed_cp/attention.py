@@ -58,12 +58,50 @@ def _double_ring_window(cfg: CPConfig):
         inter_overlap_group=STATE.overlap_group("ring_inter_window") if overlap else None)
 
 
+def _megatron_only(module) -> Optional[str]:
+    """Why this core attention must run Megatron's own local attention under Ulysses, or None when the
+    plugin's kernels follow its semantics (Megatron's local spec: vanilla softmax, causal or explicit mask)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    if not isinstance(module, DotProductAttention):
+        return f"{type(module).__name__} is not Megatron's local DotProductAttention (its own kernels run)"
+    softmax = getattr(module, "scale_mask_softmax", None)
+    if getattr(softmax, "window_size", None) is not None:
+        return f"sliding-window attention (window_size={softmax.window_size})"
+    if getattr(module.config, "softmax_type", "vanilla") != "vanilla":
+        return f"softmax_type={module.config.softmax_type!r}"
+    if module.attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+        return f"attn_mask_type={module.attn_mask_type.name} (the CP algorithms compute causal or explicit masks)"
+    return None
+
+
+_TOLD: set = set()
+
+
+def _tell_once(reason: str) -> None:
+    if reason not in _TOLD:
+        _TOLD.add(reason)
+        warnings.warn(f"mindspeed-cp: Ulysses runs Megatron's own local attention here (S x S scores in memory) "
+                      f"because of {reason}; the plugin's kernels cover vanilla causal / masked attention",
+                      stacklevel=3)
+
+
 @dataclass
 class CPCoreAttention:
-    """Runs one attention layer under the active CP algorithm (attached to a ``DotProductAttention``)."""
+    """Runs one attention layer under the active CP algorithm (attached to a ``DotProductAttention``).
+
+    Every algorithm computes with :mod:`mindspeed_cp.kernels` (Ulysses through :mod:`mindspeed_cp.local` on the
+    whole sequence after its all-to-all), attention dropout included (:mod:`mindspeed_cp.dropout`, seeded from
+    Megatron's model-parallel RNG stream), and fully masked rows as the replaced attention gives them
+    (``dead_rows``: Megatron's local spec averages V, TE's attention returns 0). Under Ulysses, Megatron's own
+    local attention runs only where the kernels cannot follow it (``megatron_only``, said once).
+    """
 
     config: CPConfig
     softmax_scale: float
+    dead_rows: str = "uniform"
+    megatron_only: Optional[str] = None
     ulysses_group: Any = None
     ring_group: Any = None
     ring_overlap_group: Any = None
@@ -71,6 +109,8 @@ class CPCoreAttention:
 
     @classmethod
     def for_module(cls, module, cfg: CPConfig) -> "CPCoreAttention":
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
         groups = {}
         if cfg.ulysses_size > 1:
             groups["ulysses_group"] = STATE.group("ulysses")
@@ -80,50 +120,100 @@ class CPCoreAttention:
                 groups["ring_overlap_group"] = STATE.overlap_group("ring")
             groups["window"] = _double_ring_window(cfg)
         scale = getattr(module, "softmax_scale", None) or module.config.kv_channels ** -0.5
-        return cls(config=cfg, softmax_scale=scale, **groups)
+        # apply_query_key_layer_scaling divides Megatron's softmax_scale by the layer number and its softmax
+        # multiplies it back: the effective scale is the product
+        scale *= getattr(getattr(module, "scale_mask_softmax", None), "scale", None) or 1.0
+        local = isinstance(module, DotProductAttention)
+        return cls(config=cfg, softmax_scale=scale, dead_rows="uniform" if local else "zero",
+                   megatron_only=_megatron_only(module) if cfg.context_parallel_algo == ULYSSES else None,
+                   **groups)
 
-    def _ring_options(self, attention_mask) -> dict:
-        cfg = self.config
-        general = cfg.attention_mask_type == "general"
-        if general and attention_mask is None:
+    def _mask(self, attention_mask):
+        """(causal, mask): the explicit mask only under ``--attention-mask-type general``."""
+        if self.config.attention_mask_type != "general":
+            return True, None
+        if attention_mask is None:
             raise CPConfigError("--attention-mask-type general needs an attention_mask in the batch "
                                 "([b, 1, S, S] bool, True = masked); got None")
-        return dict(causal=not general, attention_mask=attention_mask if general else None,
-                    softmax_scale=self.softmax_scale, bnsd=cfg.megatron_cp_in_bnsd,
-                    overlap_group=self.ring_overlap_group, window=self.window)
+        return False, attention_mask
+
+    def _ring_options(self, attention_mask) -> dict:
+        causal, mask = self._mask(attention_mask)
+        return dict(causal=causal, attention_mask=mask, softmax_scale=self.softmax_scale,
+                    bnsd=self.config.megatron_cp_in_bnsd, overlap_group=self.ring_overlap_group,
+                    window=self.window, dead_rows=self.dead_rows)
+
+    @staticmethod
+    def _dropout(module, query):
+        """This call's attention dropout (None when not training or p = 0); its seed is drawn from Megatron's
+        model-parallel RNG stream, so recompute replays it and the CP ranks of a group agree on it."""
+        p = module.config.attention_dropout
+        if not module.training or not p:
+            return None
+        import torch
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        from .dropout import AttentionDropout
+
+        with get_cuda_rng_tracker().fork():
+            seed = torch.randint(-(1 << 62), 1 << 62, (), dtype=torch.int64, device=query.device)
+        return AttentionDropout(p, seed, torch.arange(query.shape[2], device=query.device))
 
     def __call__(self, module, local_forward, query, key, value, attention_mask, *args, **kwargs):
         cfg = self.config
-        if module.training and module.config.attention_dropout > 0 and cfg.ring_size > 1:
-            raise CPConfigError(
-                f"--attention-dropout {module.config.attention_dropout} is not supported by the ring level of "
-                f"{cfg.context_parallel_algo}; set it to 0")
         s_local, b = query.shape[0], query.shape[1]
         algo = cfg.context_parallel_algo
+        if algo == ULYSSES and self.megatron_only is not None:
+            _tell_once(self.megatron_only)
+            return self._ulysses_megatron(module, local_forward, query, key, value, attention_mask, *args, **kwargs)
+        dropout = self._dropout(module, query)
         if algo == RING:
             from .ring import ring_attention
 
             # [s/cp, b, n, d] -> [s/cp, b, n, d]
-            out = ring_attention(query, key, value, self.ring_group, **self._ring_options(attention_mask))
+            out = ring_attention(query, key, value, self.ring_group, dropout=dropout,
+                                 **self._ring_options(attention_mask))
         elif algo == HYBRID:
             from .hybrid import hybrid_attention
 
-            out = hybrid_attention(query, key, value, self.ulysses_group, self.ring_group,
+            out = hybrid_attention(query, key, value, self.ulysses_group, self.ring_group, dropout=dropout,
                                    **self._ring_options(attention_mask))
         else:
             assert algo == ULYSSES
             from .hybrid import gather_mask_rows
+            from .local import local_attention
             from .ulysses import UlyssesContextAttention
 
+            causal, mask = self._mask(attention_mask)
             seq = STATE.seq_len if STATE.seq_len is not None else s_local * cfg.cp
+            rank = self.ulysses_group.rank()
 
-            def local(q, k, v, mask, *a, **kw):
-                # Megatron's attention on the full sequence, h/(tp*cp) heads: [S, b, h', d] -> [S, b, h'*d]
-                with ulysses_dropout_stream(module):
-                    return local_forward(q, k, v, gather_mask_rows(mask, self.ulysses_group, seq), *a, **kw)
+            def local(q, k, v, mask_rows, drop=None):
+                # the whole sequence, h/(tp*cp) heads: [S, b, h', d] -> [S, b, h', d]
+                return local_attention(q, k, v, causal=causal, softmax_scale=self.softmax_scale,
+                                       attention_mask=gather_mask_rows(mask_rows, self.ulysses_group, seq),
+                                       dropout=None if drop is None else drop.for_rank(rank, q.shape[2]),
+                                       dead_rows=self.dead_rows)
 
             ulysses = UlyssesContextAttention(local, self.ulysses_group, gather_size_calculator=_StateGatherSize())
-            out = ulysses(query, key, value, attention_mask, *args, **kwargs)  # [s/cp, b, h*d]
+            out = ulysses(query, key, value, mask, drop=dropout)  # [s/cp, b, h, d]
+        return out.reshape(s_local, b, -1)
+
+    def _ulysses_megatron(self, module, local_forward, query, key, value, attention_mask, *args, **kwargs):
+        """Ulysses around Megatron's own attention (which then sees the full sequence and h/(TP*CP) heads)."""
+        from .hybrid import gather_mask_rows
+        from .ulysses import UlyssesContextAttention
+
+        s_local, b = query.shape[0], query.shape[1]
+        seq = STATE.seq_len if STATE.seq_len is not None else s_local * self.config.cp
+
+        def local(q, k, v, mask, *a, **kw):
+            # Megatron's attention on the full sequence, h/(tp*cp) heads: [S, b, h', d] -> [S, b, h'*d]
+            with ulysses_dropout_stream(module):
+                return local_forward(q, k, v, gather_mask_rows(mask, self.ulysses_group, seq), *a, **kw)
+
+        ulysses = UlyssesContextAttention(local, self.ulysses_group, gather_size_calculator=_StateGatherSize())
+        out = ulysses(query, key, value, attention_mask, *args, **kwargs)  # [s/cp, b, h*d]
         return out.reshape(s_local, b, -1)
 
 

@@ -51,22 +51,28 @@ class _RingLevel:
     def __init__(self, ulysses_group, ring_group, **ring_kwargs):
         self.ulysses_group, self.ring_group, self.ring_kwargs = ulysses_group, ring_group, ring_kwargs
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor] = None,
+                 dropout=None) -> Tensor:
         # [S/R, b, h/U, d]; the mask rows of the Ulysses group's tokens = this ring rank's pair
         mask = gather_mask_rows(attention_mask, self.ulysses_group, q.shape[0])
-        return ring_attention(q, k, v, self.ring_group, attention_mask=mask, **self.ring_kwargs)
+        if dropout is not None:  # this Ulysses rank computes global heads u*h/U .. (u+1)*h/U - 1
+            dropout = dropout.for_rank(dist.get_rank(self.ulysses_group), q.shape[2])
+        return ring_attention(q, k, v, self.ring_group, attention_mask=mask, dropout=dropout, **self.ring_kwargs)
 
 
 def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, ulysses_group, ring_group, *, causal: bool = True,
                      attention_mask: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
                      bnsd: bool = False, overlap_group=None, window: Optional[DoubleRingWindow] = None,
-                     kernel=None) -> Tensor:
+                     kernel=None, dropout=None, dead_rows: str = "zero") -> Tensor:
     """Ulysses over ``ulysses_group`` around ring attention over ``ring_group``.
 
     q ``[s/CP, b, h, d]``, k/v ``[s/CP, b, hk, d]`` -> ``[s/CP, b, h, d]``. ``attention_mask`` (general,
     with ``causal=False``): bool ``[b|1, 1, s/CP, S]`` rows of this rank's tokens, True = masked. The ring
-    options (``bnsd``, ``overlap_group``, ``window``, ``kernel``) apply at the ring level.
+    options (``bnsd``, ``overlap_group``, ``window``, ``kernel``, ``dead_rows``) apply at the ring level;
+    ``dropout`` (:class:`mindspeed_cp.dropout.AttentionDropout` over the ``h`` heads given here) too, on the
+    heads each Ulysses rank computes.
     """
     ring_level = _RingLevel(ulysses_group, ring_group, causal=causal, softmax_scale=softmax_scale,
-                            bnsd=bnsd, overlap_group=overlap_group, window=window, kernel=kernel)
-    return UlyssesContextAttention(ring_level, ulysses_group)(q, k, v, attention_mask)
+                            bnsd=bnsd, overlap_group=overlap_group, window=window, kernel=kernel,
+                            dead_rows=dead_rows)
+    return UlyssesContextAttention(ring_level, ulysses_group)(q, k, v, attention_mask, dropout=dropout)

@@ -10,6 +10,8 @@ Every backend has the same small interface, in the ``[b, n, s, d]`` layout ("bns
 * ``causal``: top-left aligned (query ``i`` sees keys ``0..i``), meant for the square diagonal block.
 * ``mask``: bool, broadcastable to ``[b, n, sq, sk]`` (each of the first two dims 1 or full), True = masked
   (Megatron's convention).
+* ``dropout``: a :class:`mindspeed_cp.dropout.DropoutBlock` (the block's reproducible keep mask) or None;
+  backends that cannot apply exactly that mask hand the call to the math kernel.
 * ``lse`` ``[b, n, sq]`` is float32 (float64 for float64 inputs). A fully masked row gives ``out`` 0 and
   ``lse`` -inf, never NaN, and zero gradients.
 * ``out`` and the gradients come back in the input dtype or wider (the math kernel returns float32).
@@ -21,8 +23,9 @@ Backends (``get_kernel(name)``; ``None``/"auto" picks by device):
 * ``"math"``  :class:`MathKernel`, plain torch, math in float32 (float64 for float64 inputs). Reference.
 * ``"torch"`` :class:`TorchFusedKernel`, torch's fused ops that expose the LSE: on CPU
   ``aten._scaled_dot_product_flash_attention_for_cpu`` (+ backward; masks, GQA, fp64/fp32/bf16/fp16
-  verified here), on CUDA ``aten._scaled_dot_product_efficient_attention`` (+ backward; UNTESTED here, no
-  GPU). Falls back to "math" per call where unsupported.
+  verified here), on CUDA torch's flash kernel forward (sm80+, fp16/bf16) else the memory-efficient one,
+  whose backward serves both (``make gpu-check`` verifies them where a GPU exists). Falls back to "math" per
+  call where unsupported; :data:`ROUTES` counts every choice with its reason.
 * ``"flash"`` :class:`FlashAttnKernel`, ``flash_attn`` when installed (UNTESTED here), fp16/bf16 CUDA, no
   mask; falls back to "torch" per call.
 * ``"npu"``   :class:`NpuKernel`, ``torch_npu.npu_fusion_attention`` / ``npu_fusion_attention_grad`` on
@@ -36,7 +39,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-from typing import Optional, Tuple
+from collections import Counter
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -44,8 +48,11 @@ Tensor = torch.Tensor
 
 __all__ = [
     "MathKernel", "TorchFusedKernel", "FlashAttnKernel", "NpuKernel", "get_kernel", "available_kernels",
-    "merge", "acc_dtype", "dead_rows", "KERNELS",
+    "merge", "acc_dtype", "dead_rows", "KERNELS", "ROUTES",
 ]
+
+# (kernel, "forward" | "backward", route taken, why not a faster one) -> calls, for every fused-kernel call
+ROUTES: "Counter[Tuple[str, str, str, str]]" = Counter()
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -128,17 +135,33 @@ class MathKernel:
             s.masked_fill_(m, -math.inf)
         return s
 
-    def forward(self, q, k, v, *, scale: float, causal: bool, mask: Optional[Tensor] = None):
+    @staticmethod
+    def _kept(dropout, p: Tensor) -> Optional[Tensor]:
+        """The block's keep mask scaled by 1/(1-p), ``[b, nk, g, sq, sk]`` like ``p``; None without dropout."""
+        if dropout is None or dropout.p == 0:
+            return None
+        b, nk, g, sq, sk = p.shape
+        keep = dropout.keep(b, p.device)
+        if tuple(keep.shape) != (b, nk * g, sq, sk):
+            raise ValueError(f"dropout block of shape {list(keep.shape)} for scores [b, n, sq, sk] = "
+                             f"{[b, nk * g, sq, sk]}")
+        return keep.reshape(b, nk, g, sq, sk).to(p.dtype) * dropout.scale
+
+    def forward(self, q, k, v, *, scale: float, causal: bool, mask: Optional[Tensor] = None, dropout=None):
         _check(q, k, v)
         dt = acc_dtype(q.dtype)
         b, n, sq, d = q.shape
         s = self._scores(q, k, scale, causal, mask, dt)
         lse = torch.logsumexp(s, dim=-1)  # -inf on empty rows
         p = torch.exp(s - _safe_lse(lse)[..., None])
+        kept = self._kept(dropout, p)
+        if kept is not None:  # dropout on the normalised probabilities; the LSE stays the undropped one
+            p = p * kept
         out = torch.matmul(p, v.to(dt)[:, :, None])  # [b, nk, g, sq, d]
         return out.reshape(b, n, sq, d), lse.reshape(b, n, sq)
 
-    def backward(self, dout, q, k, v, out, lse, *, scale: float, causal: bool, mask: Optional[Tensor] = None):
+    def backward(self, dout, q, k, v, out, lse, *, scale: float, causal: bool, mask: Optional[Tensor] = None,
+                 dropout=None):
         _check(q, k, v)
         dt = acc_dtype(q.dtype)
         b, n, sq, d = q.shape
@@ -146,9 +169,12 @@ class MathKernel:
         g = n // nk
         s = self._scores(q, k, scale, causal, mask, dt)
         p = torch.exp(s - _safe_lse(lse.to(dt)).reshape(b, nk, g, sq, 1))  # [b, nk, g, sq, sk]
+        kept = self._kept(dropout, p)
         do5 = dout.to(dt).reshape(b, nk, g, sq, d)
-        dv = torch.matmul(p.transpose(-1, -2), do5).sum(2)  # [b, nk, sk, d]
+        dv = torch.matmul((p if kept is None else p * kept).transpose(-1, -2), do5).sum(2)  # [b, nk, sk, d]
         dp = torch.matmul(do5, v.to(dt)[:, :, None].transpose(-1, -2))
+        if kept is not None:  # d(out)/d(p) goes through the same mask; delta = rowsum(dO * O) already has it
+            dp = dp * kept
         delta = (do5 * out.to(dt).reshape(b, nk, g, sq, d)).sum(-1, keepdim=True)  # rowsum(dO * O)
         ds = p * (dp - delta) * scale
         dq = torch.matmul(ds, k.to(dt)[:, :, None]).reshape(b, n, sq, d)
@@ -158,7 +184,19 @@ class MathKernel:
 
 # ----------------------------------------------------------------------------------------------- torch fused
 class TorchFusedKernel:
-    """torch's own fused attention ops that return the LSE; falls back to :class:`MathKernel` per call."""
+    """torch's own fused attention ops that return the LSE; falls back to :class:`MathKernel` per call.
+
+    Routes, chosen per call (each choice is counted in :data:`ROUTES` with its reason):
+
+    * CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` (+ backward): masks (as an additive bias),
+      GQA, fp64/fp32/bf16/fp16.
+    * CUDA forward: ``aten._scaled_dot_product_flash_attention`` (fp16/bf16, sm80+, no mask, head dim a
+      multiple of 8 up to 256), else ``aten._scaled_dot_product_efficient_attention`` (fp32 too, masks; causal
+      only on square blocks). CUDA backward: the efficient kernel's backward - any exact backward serves,
+      since it recomputes the probabilities from q, k and the (global) LSE.
+    * Math (:class:`MathKernel`): dropout (its masks come from :mod:`mindspeed_cp.dropout`), other devices,
+      shapes the fused ops refuse, or a fused op that failed once in this process (then it is not tried again).
+    """
 
     name = "torch"
 
@@ -167,16 +205,47 @@ class TorchFusedKernel:
         aten = torch.ops.aten
         self._cpu = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
         self._cpu_bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+        self._flash = getattr(aten, "_scaled_dot_product_flash_attention", None)
         self._eff = getattr(aten, "_scaled_dot_product_efficient_attention", None)
         self._eff_bwd = getattr(aten, "_scaled_dot_product_efficient_attention_backward", None)
+        self.broken: Dict[str, str] = {}  # route -> the error that disabled it
 
-    def _route(self, q: Tensor, causal: bool, sq: int, sk: int) -> str:
-        if q.device.type == "cpu" and self._cpu is not None and self._cpu_bwd is not None:
-            return "cpu"
-        if (q.device.type == "cuda" and self._eff is not None and self._eff_bwd is not None
-                and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and (not causal or sq == sk)):
-            return "cuda"
-        return "math"
+    def _route(self, phase: str, q: Tensor, causal: bool, sq: int, sk: int, mask, dropout) -> str:
+        route, reason = self._choose(phase, q, causal, sq, sk, mask, dropout)
+        ROUTES[(self.name, phase, route, reason)] += 1
+        return route
+
+    def _choose(self, phase, q, causal, sq, sk, mask, dropout) -> Tuple[str, str]:
+        if dropout is not None and dropout.p > 0:
+            return "math", "dropout (reproducible masks)"
+        dev = q.device.type
+        if dev == "cpu":
+            if self._cpu is None or self._cpu_bwd is None:
+                return "math", "no CPU flash op in this torch"
+            return ("math", f"cpu failed: {self.broken['cpu']}") if "cpu" in self.broken else ("cpu", "")
+        if dev != "cuda":
+            return "math", f"device {dev}"
+        eff_ok = (self._eff is not None and self._eff_bwd is not None and "efficient" not in self.broken
+                  and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and (not causal or sq == sk))
+        if phase == "forward" and self._flash is not None and "flash" not in self.broken:
+            d = q.shape[-1]
+            why = ("mask" if mask is not None else "dtype" if q.dtype not in (torch.float16, torch.bfloat16)
+                   else "head dim" if d % 8 or d > 256 else "pre-sm80" if _sm(q.device) < 80 else "")
+            if not why:
+                return "flash", ""
+            if eff_ok:
+                return "efficient", f"flash: {why}"
+        if eff_ok:
+            return "efficient", ""
+        return "math", "efficient: " + (self.broken.get("efficient") or f"{q.dtype}, causal {sq}x{sk} block")
+
+    def _try(self, route: str, fn):
+        """Run a fused op; on failure remember why (the route is not tried again) and return None."""
+        try:
+            return fn()
+        except (RuntimeError, TypeError, ValueError) as e:
+            self.broken[route] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            return None
 
     @staticmethod
     def _bias(mask: Optional[Tensor], dtype, sq: int, sk: int, align: int = 1) -> Optional[Tensor]:
@@ -189,47 +258,68 @@ class TorchFusedKernel:
         bias = torch.zeros(*m.shape[:2], sq, width, dtype=dtype, device=m.device)[..., :sk]
         return bias.masked_fill_(m, -math.inf)
 
-    def forward(self, q, k, v, *, scale: float, causal: bool, mask: Optional[Tensor] = None):
-        _check(q, k, v)
-        route = self._route(q, causal, q.shape[2], k.shape[2])
-        if route == "math":
-            return self.fallback.forward(q, k, v, scale=scale, causal=causal, mask=mask)
-        dead = dead_rows(mask, causal, q.shape[2], k.shape[2])
-        if route == "cpu":
-            out, lse = self._cpu(q, k, v, 0.0, causal, attn_mask=self._bias(mask, q.dtype, q.shape[2], k.shape[2]),
-                                 scale=scale)
-        else:  # cuda, memory-efficient kernel (UNTESTED here): no native GQA, LSE padded to 32 rows
-            g = q.shape[1] // k.shape[1]
-            bias = self._bias(mask, q.dtype, q.shape[2], k.shape[2], align=16)
-            if bias is not None:
-                bias = bias.expand(q.shape[0], q.shape[1], -1, -1)
-            out, lse = self._eff(q, _expand_kv(k, g), _expand_kv(v, g), bias, True, 0.0, causal, scale=scale)[:2]
-            lse = lse[..., :q.shape[2]]
-        return _fix_dead(out, lse.to(acc_dtype(q.dtype)), dead)
+    def _cuda_bias(self, mask, q: Tensor, sq: int, sk: int) -> Optional[Tensor]:
+        bias = self._bias(mask, q.dtype, sq, sk, align=16)
+        return None if bias is None else bias.expand(q.shape[0], q.shape[1], -1, -1)
 
-    def backward(self, dout, q, k, v, out, lse, *, scale: float, causal: bool, mask: Optional[Tensor] = None):
+    def forward(self, q, k, v, *, scale: float, causal: bool, mask: Optional[Tensor] = None, dropout=None):
         _check(q, k, v)
-        route = self._route(q, causal, q.shape[2], k.shape[2])
-        if route == "math":
-            return self.fallback.backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask)
-        dout, out = dout.to(q.dtype), out.to(q.dtype)
+        sq, sk = q.shape[2], k.shape[2]
+        route = self._route("forward", q, causal, sq, sk, mask, dropout)
+        res = None
         if route == "cpu":
-            lse = _safe_lse(lse.to(acc_dtype(q.dtype))).contiguous()
-            return self._cpu_bwd(dout, q, k, v, out, lse, 0.0, causal,
-                                 attn_mask=self._bias(mask, q.dtype, q.shape[2], k.shape[2]), scale=scale)
-        # cuda (UNTESTED here)
-        nk, g, sq = k.shape[1], q.shape[1] // k.shape[1], q.shape[2]
-        lse = _safe_lse(lse.float())
-        pad = -(-sq // 32) * 32 - sq
-        if pad:
-            lse = torch.nn.functional.pad(lse, (0, pad), value=math.inf)
-        bias = self._bias(mask, q.dtype, q.shape[2], k.shape[2], align=16)
-        if bias is not None:
-            bias = bias.expand(q.shape[0], q.shape[1], -1, -1)
-        seed = torch.zeros((), dtype=torch.int64, device=q.device)
-        dq, dk, dv, _ = self._eff_bwd(dout, q, _expand_kv(k, g), _expand_kv(v, g), bias, out, lse.contiguous(),
-                                      seed, seed, 0.0, [True, True, True, False], causal, scale=scale)
-        return dq, _fold_kv_grad(dk, nk), _fold_kv_grad(dv, nk)
+            res = self._try("cpu", lambda: self._cpu(q, k, v, 0.0, causal, attn_mask=self._bias(mask, q.dtype, sq, sk),
+                                                     scale=scale)[:2])
+        elif route in ("flash", "efficient"):  # no native GQA on CUDA: KV expanded per block
+            g = q.shape[1] // k.shape[1]
+            kx, vx = _expand_kv(k, g), _expand_kv(v, g)
+            if route == "flash":
+                res = self._try("flash", lambda: self._flash(q, kx, vx, 0.0, causal, False, scale=scale)[:2])
+            if res is None:
+                res = self._try("efficient", lambda: self._eff(q, kx, vx, self._cuda_bias(mask, q, sq, sk), True, 0.0,
+                                                               causal, scale=scale)[:2])
+        if res is None:
+            return self.fallback.forward(q, k, v, scale=scale, causal=causal, mask=mask, dropout=dropout)
+        out, lse = res
+        lse = lse[..., :sq]  # some kernels pad the LSE rows
+        return _fix_dead(out, lse.to(acc_dtype(q.dtype)), dead_rows(mask, causal, sq, sk))
+
+    def backward(self, dout, q, k, v, out, lse, *, scale: float, causal: bool, mask: Optional[Tensor] = None,
+                 dropout=None):
+        _check(q, k, v)
+        sq, sk = q.shape[2], k.shape[2]
+        route = self._route("backward", q, causal, sq, sk, mask, dropout)
+        res = None
+        dout_, out_ = dout.to(q.dtype), out.to(q.dtype)
+        if route == "cpu":
+            lse_ = _safe_lse(lse.to(acc_dtype(q.dtype))).contiguous()
+            res = self._try("cpu", lambda: self._cpu_bwd(dout_, q, k, v, out_, lse_, 0.0, causal,
+                                                         attn_mask=self._bias(mask, q.dtype, sq, sk), scale=scale))
+        elif route == "efficient":
+            nk, g = k.shape[1], q.shape[1] // k.shape[1]
+            lse_ = _safe_lse(lse.float())
+            pad = -(-sq // 32) * 32 - sq  # the efficient kernel's LSE has rows padded to 32
+            if pad:
+                lse_ = torch.nn.functional.pad(lse_, (0, pad), value=math.inf)
+            seed = torch.zeros((), dtype=torch.int64, device=q.device)
+            grads = self._try("efficient", lambda: self._eff_bwd(
+                dout_, q, _expand_kv(k, g), _expand_kv(v, g), self._cuda_bias(mask, q, sq, sk), out_,
+                lse_.contiguous(), seed, seed, 0.0, [True, True, True, False], causal, scale=scale))
+            if grads is not None:
+                res = grads[0], _fold_kv_grad(grads[1], nk), _fold_kv_grad(grads[2], nk)
+        if res is None:
+            return self.fallback.backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask,
+                                          dropout=dropout)
+        return res[0], res[1], res[2]
+
+
+def _sm(device) -> int:
+    """Compute capability as 80, 90, ... (0 when unknown)."""
+    try:
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    except Exception:  # noqa: BLE001
+        return 0
 
 
 # ----------------------------------------------------------------------------------------------- flash-attn
@@ -254,23 +344,25 @@ class FlashAttnKernel:
                                 "alibi_slopes", "deterministic", "rng_state"}
 
     @staticmethod
-    def _ok(q: Tensor, causal: bool, sq: int, sk: int, mask) -> bool:
+    def _ok(q: Tensor, causal: bool, sq: int, sk: int, mask, dropout) -> bool:
         return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and mask is None
-                and (not causal or sq == sk))
+                and (not causal or sq == sk) and (dropout is None or dropout.p == 0))
 
-    def forward(self, q, k, v, *, scale: float, causal: bool, mask: Optional[Tensor] = None):
+    def forward(self, q, k, v, *, scale: float, causal: bool, mask: Optional[Tensor] = None, dropout=None):
         _check(q, k, v)
-        if not self._ok(q, causal, q.shape[2], k.shape[2], mask):
-            return self.fallback.forward(q, k, v, scale=scale, causal=causal, mask=mask)
+        if not self._ok(q, causal, q.shape[2], k.shape[2], mask, dropout):
+            return self.fallback.forward(q, k, v, scale=scale, causal=causal, mask=mask, dropout=dropout)
         t = lambda x: x.transpose(1, 2)  # noqa: E731  [b, n, s, d] <-> [b, s, n, d]
         out, lse, _ = self._iface.flash_attn_func(t(q), t(k), t(v), 0.0, softmax_scale=scale, causal=causal,
                                                   return_attn_probs=True)
         return t(out), lse[..., :q.shape[2]].float()  # old versions pad the LSE to 128 rows
 
-    def backward(self, dout, q, k, v, out, lse, *, scale: float, causal: bool, mask: Optional[Tensor] = None):
+    def backward(self, dout, q, k, v, out, lse, *, scale: float, causal: bool, mask: Optional[Tensor] = None,
+                 dropout=None):
         _check(q, k, v)
-        if not self._ok(q, causal, q.shape[2], k.shape[2], mask):
-            return self.fallback.backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask)
+        if not self._ok(q, causal, q.shape[2], k.shape[2], mask, dropout):
+            return self.fallback.backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask,
+                                          dropout=dropout)
         t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731
         qs, ks, vs = t(q), t(k), t(v)
         dq, dk, dv = torch.empty_like(qs), torch.empty_like(ks), torch.empty_like(vs)
@@ -305,10 +397,10 @@ class NpuKernel:
             mask = c if mask is None else (mask | c)
         return mask
 
-    def forward(self, q, k, v, *, scale: float, causal: bool, mask: Optional[Tensor] = None):
+    def forward(self, q, k, v, *, scale: float, causal: bool, mask: Optional[Tensor] = None, dropout=None):
         _check(q, k, v)
-        if q.device.type != "npu":
-            return self.fallback.forward(q, k, v, scale=scale, causal=causal, mask=mask)
+        if q.device.type != "npu" or (dropout is not None and dropout.p > 0):
+            return self.fallback.forward(q, k, v, scale=scale, causal=causal, mask=mask, dropout=dropout)
         m = self._mask(mask, causal, q.shape[2], k.shape[2], q.device)
         res = self._npu.npu_fusion_attention(q, k, v, q.shape[1], "BNSD", atten_mask=m, scale=scale,
                                              keep_prob=1.0, pre_tockens=self._FULL, next_tockens=self._FULL,
@@ -317,10 +409,12 @@ class NpuKernel:
         lse = (smax[..., 0] + torch.log(ssum[..., 0])).float()
         return _fix_dead(out, lse, dead_rows(mask, causal, q.shape[2], k.shape[2]))
 
-    def backward(self, dout, q, k, v, out, lse, *, scale: float, causal: bool, mask: Optional[Tensor] = None):
+    def backward(self, dout, q, k, v, out, lse, *, scale: float, causal: bool, mask: Optional[Tensor] = None,
+                 dropout=None):
         _check(q, k, v)
-        if q.device.type != "npu":
-            return self.fallback.backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask)
+        if q.device.type != "npu" or (dropout is not None and dropout.p > 0):
+            return self.fallback.backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask,
+                                          dropout=dropout)
         m = self._mask(mask, causal, q.shape[2], k.shape[2], q.device)
         smax = _safe_lse(lse.float())[..., None].expand(*lse.shape, 8).contiguous()
         ssum = torch.ones_like(smax)

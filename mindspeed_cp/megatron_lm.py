@@ -95,19 +95,13 @@ def _megatron_conflicts(args: Any, config: CPConfig) -> None:
         raise CPConfigError(
             "--hybrid-context-parallel (Megatron's dynamic CP for packed sequences) cannot be combined with "
             f"--context-parallel-size {cp}; mindspeed-cp's hybrid is --context-parallel-algo hybrid_cp_algo")
-    dropout = getattr(args, "attention_dropout", 0.0) or 0.0
-    if config.ring_size > 1 and dropout > 0:
-        raise CPConfigError(
-            f"--attention-dropout {dropout} is not supported by the ring level of {algo}; pass "
-            f"--attention-dropout 0")
     if config.attention_mask_type == "general" and not getattr(args, "create_attention_mask_in_dataloader", True):
         raise CPConfigError(
             "--attention-mask-type general reads the mask from the batch, but "
             "--no-create-attention-mask-in-dataloader removes it")
-    if (config.ring_size > 1 and config.attention_mask_type == "causal"
-            and getattr(args, "reset_attention_mask", False)):
+    if config.attention_mask_type == "causal" and getattr(args, "reset_attention_mask", False):
         raise CPConfigError(
-            f"--reset-attention-mask builds document masks that {algo}'s causal ring would ignore; pass "
+            f"--reset-attention-mask builds document masks that {algo}'s causal attention would ignore; pass "
             f"--attention-mask-type general")
 
 

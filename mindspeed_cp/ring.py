@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from .kernels import acc_dtype, get_kernel, merge
+from .local import DEAD_ROWS, add_uniform_grad, uniform_rows
 from .ring_comm import RingExchanger
 
 Tensor = torch.Tensor
@@ -208,9 +209,11 @@ def _window_code(window: Optional[DoubleRingWindow], ring_group, P: int, r: int,
     return 0, info
 
 
-def _signature(q, k, v, mask, causal, bnsd, overlap, K, window_code) -> List[int]:
+def _signature(q, k, v, mask, causal, bnsd, overlap, K, window_code, dropout, dead) -> List[int]:
+    p = -1 if dropout is None else dropout.threshold  # the quantised probability: ranks must agree on it
     return (_tensor_sig(q) + _tensor_sig(k) + _tensor_sig(v) + _tensor_sig(mask)
-            + [int(causal), int(bnsd), int(overlap), K if isinstance(K, int) else -1, int(window_code)])
+            + [int(causal), int(bnsd), int(overlap), K if isinstance(K, int) else -1, int(window_code), p,
+               DEAD_ROWS.index(dead) if dead in DEAD_ROWS else -1])
 
 
 def _describe(sig: List[int]) -> str:
@@ -220,14 +223,19 @@ def _describe(sig: List[int]) -> str:
         dtype = str(_DTYPES[part[5]]).replace("torch.", "") if part[5] < len(_DTYPES) else "other"
         return f"{name} {[x for x in part[1:5] if x >= 0]}{'...' if part[0] > 4 else ''} {dtype}"
     parts = [t(n, sig[i * 6:(i + 1) * 6]) for i, n in enumerate(("q", "k", "v", "attention_mask"))]
-    causal, bnsd, overlap, K, _ = sig[24:]
-    return ", ".join(parts) + f", causal={bool(causal)}, bnsd={bool(bnsd)}, overlap={bool(overlap)}, window={K}"
+    causal, bnsd, overlap, K, _, p, dead = sig[24:]
+    drop = "none" if p < 0 else f"{p / (1 << 24):.4g}"
+    dead = DEAD_ROWS[dead] if 0 <= dead < len(DEAD_ROWS) else "?"
+    return (", ".join(parts) + f", causal={bool(causal)}, bnsd={bool(bnsd)}, overlap={bool(overlap)}, window={K}, "
+            f"dropout={drop}, dead_rows={dead}")
 
 
 def _problem(sig: List[int], P: int, window_info: dict) -> Optional[str]:
     """What is wrong with one rank's inputs (a pure function of its signature), or None."""
     q, k, v, m = (sig[i * 6:(i + 1) * 6] for i in range(4))
-    causal, _, _, _, wcode = sig[24:]
+    causal, _, _, _, wcode, _, dead = sig[24:]
+    if dead < 0:
+        return f"dead_rows must be one of {', '.join(DEAD_ROWS)}"
     if q[0] != 4 or k[0] != 4 or v[0] != 4:
         return "q, k, v must be 4-D [s_local, b, heads, head_dim] (sbhd)"
     if not (q[5] == k[5] == v[5] and q[5] < len(_FLOATS)):
@@ -255,13 +263,14 @@ def _problem(sig: List[int], P: int, window_info: dict) -> Optional[str]:
     return None
 
 
-def _validate(q, k, v, mask, causal, bnsd, overlap_group, window, ring_group, P: int, r: int) -> None:
+def _validate(q, k, v, mask, causal, bnsd, overlap_group, window, ring_group, P: int, r: int, dropout,
+              dead) -> None:
     """Agree on every rank's inputs (one all-gather), then raise the same error everywhere if any is off."""
     double = window is not None and window.size != 1
     K = window.size if double else 1
     wcode, winfo = _window_code(window, ring_group, P, r, overlap_group)
     overlap = window.intra_overlap_group is not None if double else overlap_group is not None
-    mine = _signature(q, k, v, mask, causal, bnsd, overlap, K, wcode)
+    mine = _signature(q, k, v, mask, causal, bnsd, overlap, K, wcode, dropout, dead)
     if P > 1:
         local = torch.tensor(mine, dtype=torch.int64, device=q.device)
         gathered = [torch.empty_like(local) for _ in range(P)]
@@ -296,6 +305,7 @@ class _MaskBlocks:
         every, some = every.tolist(), some.tolist()  # one host sync for the whole call
         self.all_masked = [every[j] and every[2 * P - 1 - j] for j in range(P)]
         self.any_masked = [some[j] or some[2 * P - 1 - j] for j in range(P)]
+        self.dead = mask.all(-1)  # [B, N, s_local]: this rank's rows that see no key at all
 
     def block(self, j: int) -> Optional[Tensor]:
         return _zigzag_cols(self.mask, j, self.c, self.P) if self.any_masked[j] else None
@@ -304,9 +314,16 @@ class _MaskBlocks:
 class _Plan:
     """Everything fixed for one call: ring geometry, exchangers, kernel, mask blocks."""
 
-    def __init__(self, *, P, r, window, ring_group, overlap_group, causal, bnsd, scale, kernel, masks):
+    def __init__(self, *, P, r, window, ring_group, overlap_group, causal, bnsd, scale, kernel, masks,
+                 dropout=None, dead="zero", seq_len=0, device=None):
         self.P, self.r, self.causal, self.bnsd, self.scale, self.kernel, self.masks = \
             P, r, causal, bnsd, scale, kernel, masks
+        self.dropout, self.seq_len = dropout, seq_len
+        # fully masked rows (general masks only) averaging V over all keys: Megatron's local attention
+        self.dead = masks.dead if dead == "uniform" and masks is not None else None
+        # global positions of every ring position's tokens (dropout masks are keyed by them)
+        self.positions = ([zigzag_index(seq_len, P, j, device) for j in range(P)] if dropout is not None
+                          else None)
         if window is None or window.size == 1:
             # plain ring = one inner ring over the whole group, no outer level
             self.K, self.W = P, 1
@@ -323,6 +340,12 @@ class _Plan:
     def owner(self, o: int, i: int) -> int:
         """Ring position whose KV this rank holds at outer step ``o``, inner step ``i``."""
         return ((self.x - o) % self.W) * self.K + (self.a - i) % self.K
+
+    def dropout_block(self, j: int, rows: slice, cols: slice):
+        """The dropout of this rank's block with KV owner ``j`` (its ``rows`` x ``cols``), or None."""
+        if self.dropout is None:
+            return None
+        return self.dropout.block(self.positions[self.r][rows], self.positions[j][cols])
 
     def block(self, j: int, c: int):
         """(query rows, key cols, causal, mask) of this rank's block with KV owner ``j``; None = skip."""
@@ -369,7 +392,8 @@ def _forward_block(plan: _Plan, qb: Tensor, kv: Tensor, j: int, out: Tensor, lse
     kb, vb = _kv_views(kv, plan.bnsd)
     q_, k_ = qb[:, :, rows], kb[:, :, cols]
     _record("forward", q_.shape[0] * q_.shape[1], q_.shape[2], k_.shape[2], causal, mask)
-    bo, bl = plan.kernel.forward(q_, k_, vb[:, :, cols], scale=plan.scale, causal=causal, mask=mask)
+    bo, bl = plan.kernel.forward(q_, k_, vb[:, :, cols], scale=plan.scale, causal=causal, mask=mask,
+                                 dropout=plan.dropout_block(j, rows, cols))
     out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows], bo, bl)
 
 
@@ -381,6 +405,7 @@ def _ring_forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor,
     out = torch.zeros((b, n, s, d), dtype=dt, device=q.device)
     lse = torch.full((b, n, s), -math.inf, dtype=dt, device=q.device)
     outer_kv = _pack_kv(k, v, plan.bnsd)
+    v_sum = None if plan.dead is None else torch.zeros((b, k.shape[2], d), dtype=dt, device=q.device)
     for o in range(plan.W):
         last_outer = o == plan.W - 1
         outer_next = plan.outer.start(outer_kv, "ring_kv") if plan.overlap and not last_outer else None
@@ -389,11 +414,13 @@ def _ring_forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor,
             last = i == plan.K - 1
             inner_next = plan.inner.start(kv, "ring_kv") if plan.overlap and not last else None
             _forward_block(plan, qb, kv, plan.owner(o, i), out, lse)
+            if v_sum is not None:  # every KV block passes by, computed or skipped
+                v_sum += _kv_views(kv, plan.bnsd)[1].sum(2)
             if not last:
                 kv = (inner_next or plan.inner.start(kv, "ring_kv")).wait()
         if not last_outer:
             outer_kv = (outer_next or plan.outer.start(outer_kv, "ring_kv")).wait()
-    return out, lse
+    return uniform_rows(out, plan.dead, v_sum, plan.seq_len) if v_sum is not None else out, lse
 
 
 # ------------------------------------------------------------------------------------------ backward
@@ -408,7 +435,8 @@ def _backward_block(plan: _Plan, qb, dob, ob, lse, kv, j: int, dq: Tensor, dkv: 
     q_, k_ = qb[:, :, rows], kb[:, :, cols]
     _record("backward", q_.shape[0] * q_.shape[1], q_.shape[2], k_.shape[2], causal, mask)
     gq, gk, gv = plan.kernel.backward(dob[:, :, rows], q_, k_, vb[:, :, cols], ob[:, :, rows], lse[:, :, rows],
-                                      scale=plan.scale, causal=causal, mask=mask)
+                                      scale=plan.scale, causal=causal, mask=mask,
+                                      dropout=plan.dropout_block(j, rows, cols))
     dq[:, :, rows] += gq
     dk[:, :, cols] += gk
     dv[:, :, cols] += gv
@@ -451,6 +479,7 @@ def _inner_backward(plan: _Plan, o: int, kv: Tensor, qb, dob, ob, lse, dq: Tenso
         kv_next = plan.inner.start(kv, "ring_kv") if plan.overlap and not last else None
         grad = torch.zeros(kv.shape, dtype=dq.dtype, device=kv.device)
         _backward_block(plan, qb, dob, ob, lse, kv, plan.owner(o, i), dq, grad)
+        add_uniform_grad(_kv_views(grad, plan.bnsd)[1], dob, plan.dead, plan.seq_len)
         trail.add(i, grad)
         if not last:
             kv = (kv_next or plan.inner.start(kv, "ring_kv")).wait()
@@ -498,7 +527,7 @@ class RingAttentionFunction(torch.autograd.Function):
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, ring_group=None, *, causal: bool = True,
                    attention_mask: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
                    bnsd: bool = False, overlap_group=None, window: Optional[DoubleRingWindow] = None,
-                   kernel=None) -> Tensor:
+                   kernel=None, dropout=None, dead_rows: str = "zero") -> Tensor:
     """Attention over the sequence shared by the ranks of ``ring_group`` (zigzag layout).
 
     q ``[s_local, b, n, d]``, k/v ``[s_local, b, nk, d]`` (``n % nk == 0``) -> out ``[s_local, b, n, d]``.
@@ -507,18 +536,24 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, ring_group=None, *, causal: 
     ``softmax_scale``: default ``1/sqrt(d)``. ``bnsd``: compute in ``[b, n, s, d]`` (converted once).
     ``overlap_group``: a second communicator over the same ranks (send/recv overlap). ``window``:
     Double Ring groups (:class:`DoubleRingWindow`; size 1 or None = plain ring). ``kernel``: a name of
-    :data:`mindspeed_cp.kernels.KERNELS`, a kernel object, or None (by device).
+    :data:`mindspeed_cp.kernels.KERNELS`, a kernel object, or None (by device). ``dropout``: a
+    :class:`mindspeed_cp.dropout.AttentionDropout` (its masks are keyed by global positions, so they do not
+    depend on P). ``dead_rows``: fully masked rows give 0 (``"zero"``) or the mean of V over every key
+    (``"uniform"``, Megatron's local attention; see :mod:`mindspeed_cp.local`).
     """
     if ring_group is None:
         ring_group = dist.group.WORLD
     P, r = dist.get_world_size(ring_group), dist.get_rank(ring_group)
     if r < 0:
         raise RingAttentionError("this rank is not a member of the ring process group it was given")
-    _validate(q, k, v, attention_mask, causal, bnsd, overlap_group, window, ring_group, P, r)
+    if dropout is not None and dropout.p == 0:
+        dropout = None
+    _validate(q, k, v, attention_mask, causal, bnsd, overlap_group, window, ring_group, P, r, dropout, dead_rows)
     s_local = q.shape[0]
     masks = None if attention_mask is None else _MaskBlocks(attention_mask, P, r, s_local)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     plan = _Plan(P=P, r=r, window=window, ring_group=ring_group, overlap_group=overlap_group,
                  causal=causal and attention_mask is None, bnsd=bnsd, scale=scale,
-                 kernel=get_kernel(kernel, q.device), masks=masks)
+                 kernel=get_kernel(kernel, q.device), masks=masks, dropout=dropout, dead=dead_rows,
+                 seq_len=s_local * P, device=q.device)
     return RingAttentionFunction.apply(q, k, v, plan)

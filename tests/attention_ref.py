@@ -118,3 +118,27 @@ class SDPALocalAttention(NaiveLocalAttention):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale,
                                              is_causal=self.causal and allowed is None)
         return self._finish(out, q.dtype)
+
+
+def reference_attention_dropout(q, k, v, keep, p, causal=True, mask=None, dead="zero"):
+    """float64 attention on ``[s, b, h, d]`` with dropout keep masks ``[b, h, s, s]`` (True = kept) applied to
+    the probabilities, scaled by 1/(1-p). ``mask`` ``[s, s]`` or ``[b|1, 1|h, s, s]``, True = masked.
+    ``dead="uniform"``: masked scores are -10000 as in Megatron's local attention (a fully masked row averages
+    V, undropped: mindspeed_cp.local's decision); ``"zero"``: -inf (such a row gives 0). Differentiable."""
+    qb, kb, vb = (t.permute(1, 2, 0, 3).double() for t in (q, k, v))
+    g = qb.shape[1] // kb.shape[1]
+    kb, vb = kb.repeat_interleave(g, 1), vb.repeat_interleave(g, 1)
+    scores = qb @ kb.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    s = q.shape[0]
+    masked = torch.zeros(s, s, dtype=torch.bool)
+    if causal:
+        masked = torch.ones(s, s, dtype=torch.bool).triu(1)
+    if mask is not None:
+        masked = masked | mask
+    if dead == "uniform":  # Megatron: masked scores -10000, so a fully masked row is uniform
+        probs = torch.softmax(scores.masked_fill(masked, -10000.0), -1)
+    else:
+        probs = torch.softmax(scores.masked_fill(masked, -math.inf), -1).nan_to_num(0.0)
+    dropped = probs * keep.double() / (1 - p)
+    probs = torch.where(masked.all(-1, keepdim=True), probs, dropped) if dead == "uniform" else dropped
+    return (probs @ vb).permute(2, 0, 1, 3)

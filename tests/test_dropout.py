@@ -1,10 +1,16 @@
-"""Attention dropout under Ulysses, through a megatron-core GPT: every CP rank's heads draw their own masks,
-the same for the same seed, and activation recompute (full and selective) replays them exactly.
+"""Attention dropout through a megatron-core GPT with CP.
 
-After the all-to-all, CP rank r of P computes global heads ``r*h/P .. (r+1)*h/P - 1`` (TP = 1). Megatron draws
-attention dropout from its model-parallel RNG stream, which is seeded per TP rank only: without a stream per
-CP rank, global heads j and j + h/P would always drop the same positions. The masks are read off Megatron's
-own ``attention_dropout`` module (a forward hook: output == 0 where the input probability was > 0).
+1. The plugin's kernels (every algorithm): masks are keyed by global positions and heads, so the same model
+   with the same seed gives the same losses and gradients whatever the algorithm and CP size; activation
+   recompute (full, selective) replays them; another seed changes them.
+2. Megatron's own local attention under Ulysses (kept where the kernels cannot follow it - here a sliding
+   window, forced on purpose): after the all-to-all CP rank r of P computes global heads r*h/P .. (r+1)*h/P-1
+   (TP = 1). Megatron draws dropout from its model-parallel RNG stream, seeded per TP rank only: without a
+   stream per CP rank, global heads j and j + h/P would drop the same positions. The masks are read off
+   Megatron's ``attention_dropout`` module (a forward hook: output == 0 where the input probability was > 0).
+
+Tolerances (fp32): losses 2e-6 absolute, gradients 1e-5 relative to the largest, across layouts; bit-identical
+for the same layout and seed.
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ def _masks(recompute: dict, seed: int = SEED):
 
     adaptor.configure(context_parallel_size=CP, context_parallel_algo="ulysses_cp_algo")
     init_parallel(cp=CP, seed=seed)
-    model = build_gpt(heads=HEADS, seq=SEQ, seed=seed, attention_dropout=0.5, **recompute)
+    # a window as long as the sequence (= causal) selects Megatron's own attention under Ulysses
+    model = build_gpt(heads=HEADS, seq=SEQ, seed=seed, attention_dropout=0.5, window_size=(SEQ, 0), **recompute)
     seen = []  # one [b, h/P, S, S] mask per attention call, in call order (forward, then recompute)
 
     def hook(module, inputs, output):
@@ -92,3 +99,70 @@ def test_recompute_replays_ulysses_dropout(name, recompute):
             assert torch.equal(fwd, again), f"{name} recompute drew other dropout masks"
         # and recompute changes nothing about the masks themselves
         assert all(torch.equal(x, y) for x, y in zip(r["forward"], p["forward"]))
+
+
+# ----------------------------------------------------------------------------- 1. the plugin's kernels
+def _gpt_with_dropout(algo: dict, recompute: dict, seed: int = SEED, p: float = 0.3):
+    import mindspeed_cp.megatron_adaptor as adaptor
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    from tests.gpt_helpers import build_gpt, fixed_batch, init_parallel, shard_for_cp
+
+    cp = algo.pop("cp")
+    adaptor.configure(context_parallel_size=cp, **algo)
+    init_parallel(cp=cp, seed=seed)
+    model = build_gpt(heads=HEADS, kv_heads=2, seq=SEQ, seed=SEED, attention_dropout=p, **recompute)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)  # the same weights; the dropout stream from `seed`
+    batch = shard_for_cp(fixed_batch(seq=SEQ))
+    per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])  # [b, s_local]
+    loss = per_token.sum() / (per_token.shape[0] * SEQ)
+    loss.backward()
+    grads = {n: p_.grad.clone() for n, p_ in model.named_parameters()}
+    for g in grads.values():  # a CP rank's gradients are partial sums over its tokens
+        torch.distributed.all_reduce(g, group=ps.get_context_parallel_group())
+    total = loss.detach().clone()
+    torch.distributed.all_reduce(total, group=ps.get_context_parallel_group())
+    return {"loss": total.item(), "grads": grads}
+
+
+ALGOS = {
+    "ring2": dict(cp=2, context_parallel_algo="megatron_cp_algo"),
+    "ring4": dict(cp=4, context_parallel_algo="megatron_cp_algo", use_cp_send_recv_overlap=True),
+    "double_ring4": dict(cp=4, context_parallel_algo="megatron_cp_algo", cp_window_size=2),
+    "ulysses2": dict(cp=2, context_parallel_algo="ulysses_cp_algo"),
+    "hybrid4": dict(cp=4, context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2),
+}
+
+
+def _same(a, b, exact=False):
+    if exact:
+        return a["loss"] == b["loss"] and all(torch.equal(a["grads"][n], b["grads"][n]) for n in a["grads"])
+    scale = max(g.abs().max().item() for g in b["grads"].values())
+    worst = max((a["grads"][n] - b["grads"][n]).abs().max().item() for n in a["grads"]) / scale
+    return abs(a["loss"] - b["loss"]) <= 2e-6 and worst <= 1e-5
+
+
+def test_kernel_dropout_is_the_same_whatever_the_layout():
+    runs = {name: run_on_ranks(4 if algo["cp"] == 4 else 2, _gpt_with_dropout, dict(algo), {})[0]
+            for name, algo in ALGOS.items()}
+    ref = runs["ring2"]
+    no_dropout = run_on_ranks(2, _gpt_with_dropout, dict(ALGOS["ring2"]), {}, p=0.0)[0]
+    assert abs(ref["loss"] - no_dropout["loss"]) > 1e-3  # dropout is live
+    for name, got in runs.items():
+        assert _same(got, ref), name
+
+
+def test_kernel_dropout_seed_and_recompute():
+    plain = run_on_ranks(4, _gpt_with_dropout, dict(ALGOS["hybrid4"]), {})[0]
+    again = run_on_ranks(4, _gpt_with_dropout, dict(ALGOS["hybrid4"]), {})[0]
+    other = run_on_ranks(4, _gpt_with_dropout, dict(ALGOS["hybrid4"]), {}, seed=SEED + 1)[0]
+    assert _same(again, plain, exact=True)
+    assert not _same(other, plain)  # the tracker's seed chooses the masks (weights: the same seed=SEED)
+    for recompute in (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+                      dict(recompute_granularity="selective", recompute_modules=["core_attn"])):
+        for name in ("hybrid4", "ulysses2"):
+            world = 4 if ALGOS[name]["cp"] == 4 else 2
+            base = plain if name == "hybrid4" else run_on_ranks(world, _gpt_with_dropout, dict(ALGOS[name]), {})[0]
+            got = run_on_ranks(world, _gpt_with_dropout, dict(ALGOS[name]), recompute)[0]
+            assert _same(got, base, exact=True), (name, recompute)

@@ -126,6 +126,7 @@ CASES = [
     dict(name="unknown_algo", world=2, argv=["--context-parallel-size", "2", "--context-parallel-algo", "zigzag"]),
     dict(name="bad_world", world=6, argv=["--context-parallel-size", "4"]),
     dict(name="te_impl", world=2, argv=["--context-parallel-size", "2", "--transformer-impl", "transformer_engine"]),
+    dict(name="ulysses_reset_mask", world=2, argv=["--context-parallel-size", "2", "--reset-attention-mask"]),
     dict(name="ring_dropout", world=2, argv=["--context-parallel-size", "2", "--context-parallel-algo",
                                              "megatron_cp_algo", "--attention-dropout", "0.1"]),
     dict(name="cp_comm_type", world=2, argv=["--context-parallel-size", "2", "--cp-comm-type", "a2a"]),
@@ -188,7 +189,7 @@ def test_ulysses_accepts_seq_not_divisible_by_2cp(results):
     ("bad_ulysses_degree", ["--ulysses-degree-in-cp 3"]),
     ("bad_world", ["world size 6", "--context-parallel-size 4"]),
     ("te_impl", ["--transformer-impl local"]),
-    ("ring_dropout", ["--attention-dropout 0.1"]),
+    ("ulysses_reset_mask", ["--reset-attention-mask", "--attention-mask-type general"]),
     ("cp_comm_type", ["--cp-comm-type a2a", "--context-parallel-algo"]),
     ("unaligned_pp", ["--seq-length 66", "--pipeline-model-parallel-size 2"]),
     ("general_without_mask", ["--attention-mask-type general", "--no-create-attention-mask-in-dataloader"]),
@@ -204,6 +205,10 @@ def test_unknown_algorithm_is_an_argparse_error(results):
     r = results["unknown_algo"]
     assert not r["ok"] and r["exit"] == 2, r
     assert "--context-parallel-algo" in r["error"][0] and "zigzag" in r["error"][0]
+
+
+def test_attention_dropout_is_accepted_by_every_algorithm(results):
+    assert results["ring_dropout"]["ok"], results["ring_dropout"]
 
 
 def test_cp1_leaves_megatron_alone(results):

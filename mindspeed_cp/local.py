@@ -1,0 +1,192 @@
+"""Attention over a whole local sequence with the plugin's kernels: what Ulysses runs after its all-to-all.
+
+    out = local_attention(q, k, v, causal=True)       # q [s, b, n, d], k/v [s, b, nk, d] -> out [s, b, n, d]
+
+The same shape as the ring (forward, backward, autograd.Function, a thin wrapper), on one rank: the kernels
+of :mod:`mindspeed_cp.kernels` (causal, general mask, GQA by shape, dropout from :mod:`mindspeed_cp.dropout`),
+and autograd saves only q, k, v, the output and the float32 log-sum-exp - what flash attention saves, never
+the S x S scores or probabilities.
+
+Decisions
+- One kernel call over the whole sequence when the kernel is a fused one and nothing forces it to build a
+  block (no mask, no dropout): its own tiling keeps memory linear. Otherwise (a general mask becomes an
+  additive bias per block, dropout a keep mask, the math kernel a score block) the work is cut into
+  ``tile`` x ``tile`` blocks merged in float32 log-sum-exp form, exactly as ring blocks are; causal skips
+  the blocks above the diagonal.
+- Fully masked query rows follow the attention being replaced (``dead_rows``): ``"uniform"`` is Megatron's
+  local attention (it fills masked scores with -10000, so such a row averages V over every key, and its
+  gradient reaches V only), ``"zero"`` gives 0 (flash attention, Transformer Engine). No host
+  synchronisation decides it: the uniform rows are selected with ``torch.where``. With dropout, the uniform
+  average of such a row is not dropped (a row that sees nothing carries no signal either way).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Tuple
+
+import torch
+
+from .kernels import acc_dtype, dead_rows, get_kernel, merge
+
+Tensor = torch.Tensor
+
+__all__ = ["local_attention", "LocalAttentionFunction", "DEAD_ROWS", "uniform_rows", "add_uniform_grad"]
+
+DEAD_ROWS = ("uniform", "zero")
+DEFAULT_TILE = 2048
+
+
+@dataclass
+class _Plan:
+    causal: bool
+    mask: Optional[Tensor]  # bool [B|1, N|1, S, S], True = masked
+    scale: float
+    kernel: Any
+    dropout: Any  # mindspeed_cp.dropout.AttentionDropout or None
+    tile: Optional[int]  # None: one kernel call
+    dead: str
+
+    def blocks(self, s: int) -> Iterator[Tuple[slice, slice, bool]]:
+        """(query rows, key cols, causal) of every block to compute."""
+        if self.tile is None:
+            yield slice(None), slice(None), self.causal
+            return
+        for i in range(0, s, self.tile):
+            rows = slice(i, min(i + self.tile, s))
+            for j in range(0, i + 1 if self.causal else s, self.tile):
+                yield rows, slice(j, min(j + self.tile, s)), self.causal and i == j
+
+    def block_args(self, rows: slice, cols: slice, s: int, device) -> dict:
+        mask = None if self.mask is None else self.mask[..., rows, cols]
+        drop = None
+        if self.dropout is not None:
+            pos = torch.arange(s, device=device)
+            drop = self.dropout.block(pos[rows], pos[cols])
+        return dict(scale=self.scale, mask=mask, dropout=drop)
+
+
+def _bnsd(x: Tensor) -> Tensor:
+    return x.permute(1, 2, 0, 3)  # [s, b, n, d] -> [b, n, s, d] (a view)
+
+
+def _sbhd(x: Tensor) -> Tensor:
+    return x.permute(2, 0, 1, 3)  # [b, n, s, d] -> [s, b, n, d] (a view)
+
+
+# ------------------------------------------------------------------------------------------ dead rows
+def uniform_rows(out: Tensor, dead: Optional[Tensor], v_sum: Tensor, keys: int) -> Tensor:
+    """Megatron's answer on fully masked rows: the mean of V over all ``keys``.
+
+    ``out`` ``[b, n, s, d]`` (float32), ``dead`` ``[B|1, N|1, s]`` bool or None, ``v_sum`` ``[b, nk, d]`` the
+    sum of V over every key (query head h uses KV head h // (n // nk)).
+    """
+    if dead is None:
+        return out
+    n, nk = out.shape[1], v_sum.shape[1]
+    mean = (v_sum.to(out.dtype) / keys).repeat_interleave(n // nk, dim=1)  # [b, n, d]
+    return torch.where(dead[..., None], mean[:, :, None, :], out)
+
+
+def add_uniform_grad(dv: Tensor, dout: Tensor, dead: Optional[Tensor], keys: int) -> None:
+    """dV of the uniform rows: every key's ``dv`` ``[b, nk, sk, d]`` gains sum over dead rows of dO / keys."""
+    if dead is None:
+        return
+    b, n = dout.shape[:2]
+    nk = dv.shape[1]
+    share = (dout.to(dv.dtype) * dead[..., None].to(dv.dtype)).sum(2) / keys  # [b, n, d]
+    dv += share.reshape(b, nk, n // nk, -1).sum(2)[:, :, None, :]
+
+
+# ------------------------------------------------------------------------------------------ forward / backward
+def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    """q/k/v ``[b, n|nk, s, d]`` -> out ``[b, n, s, d]`` and lse ``[b, n, s]`` (float32/float64)."""
+    b, n, s, d = q.shape
+    if plan.tile is None:
+        args = plan.block_args(slice(None), slice(None), s, q.device)
+        out, lse = plan.kernel.forward(q, k, v, causal=plan.causal, **args)
+        out, lse = out.to(acc_dtype(q.dtype)), lse.to(acc_dtype(q.dtype))
+    else:
+        out = torch.zeros((b, n, s, d), dtype=acc_dtype(q.dtype), device=q.device)
+        lse = torch.full((b, n, s), -math.inf, dtype=acc_dtype(q.dtype), device=q.device)
+        for rows, cols, causal in plan.blocks(s):
+            bo, bl = plan.kernel.forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], causal=causal,
+                                         **plan.block_args(rows, cols, s, q.device))
+            out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows], bo, bl)
+    if plan.dead == "uniform":
+        out = uniform_rows(out, dead_rows(plan.mask, plan.causal, s, s), v.sum(2), s)
+    return out, lse
+
+
+def _backward(plan: _Plan, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
+    b, n, s, d = q.shape
+    dt = lse.dtype
+    if plan.tile is None:
+        dq, dk, dv = (g.to(dt) for g in plan.kernel.backward(dout, q, k, v, out, lse, causal=plan.causal,
+                                                             **plan.block_args(slice(None), slice(None), s,
+                                                                               q.device)))
+    else:
+        dq = torch.zeros(q.shape, dtype=dt, device=q.device)
+        dk = torch.zeros(k.shape, dtype=dt, device=q.device)
+        dv = torch.zeros(v.shape, dtype=dt, device=q.device)
+        for rows, cols, causal in plan.blocks(s):
+            gq, gk, gv = plan.kernel.backward(dout[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols],
+                                              out[:, :, rows], lse[:, :, rows], causal=causal,
+                                              **plan.block_args(rows, cols, s, q.device))
+            dq[:, :, rows] += gq
+            dk[:, :, cols] += gk
+            dv[:, :, cols] += gv
+    if plan.dead == "uniform":
+        add_uniform_grad(dv, dout, dead_rows(plan.mask, plan.causal, s, s), s)
+    return dq, dk, dv
+
+
+class LocalAttentionFunction(torch.autograd.Function):
+    """``apply(q, k, v, plan)`` on ``[s, b, n, d]``; build the plan with :func:`local_attention`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan):
+        out, lse = _forward(plan, _bnsd(q), _bnsd(k), _bnsd(v))
+        out = _sbhd(out).to(q.dtype).contiguous()  # [b, n, s, d] -> [s, b, n, d], once
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(ctx.plan, _bnsd(dout), _bnsd(q), _bnsd(k), _bnsd(v), _bnsd(out), lse)
+        return (_sbhd(dq).to(q.dtype).contiguous(), _sbhd(dk).to(k.dtype).contiguous(),
+                _sbhd(dv).to(v.dtype).contiguous(), None)
+
+
+def local_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, attention_mask: Optional[Tensor] = None,
+                    softmax_scale: Optional[float] = None, dropout=None, kernel=None, tile: Optional[int] = None,
+                    dead_rows: str = "zero") -> Tensor:
+    """Attention of ``q`` ``[s, b, n, d]`` over ``k``/``v`` ``[s, b, nk, d]`` (``n % nk == 0``) -> ``[s, b, n, d]``.
+
+    ``causal``: query i sees keys 0..i. ``attention_mask``: bool ``[b|1, n|1, s, s]``, True = masked (with
+    ``causal`` both apply). ``dropout``: a :class:`mindspeed_cp.dropout.AttentionDropout` (positions are
+    0..s-1). ``kernel``: a name of :data:`mindspeed_cp.kernels.KERNELS`, a kernel object, or None (by device).
+    ``tile``: block size when blocks are needed (default 2048). ``dead_rows``: ``"zero"`` or ``"uniform"``
+    (Megatron's local attention), see the module docstring.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0]:
+        raise ValueError(f"local_attention takes q [s, b, n, d] and k, v [s, b, nk, d] of the same s, got "
+                         f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
+    if dead_rows not in DEAD_ROWS:
+        raise ValueError(f"dead_rows must be one of {DEAD_ROWS}, got {dead_rows!r}")
+    s = q.shape[0]
+    mask = attention_mask
+    if mask is not None:
+        mask = mask[None, None] if mask.dim() == 2 else mask
+        if mask.dtype != torch.bool or mask.dim() != 4 or tuple(mask.shape[-2:]) != (s, s):
+            raise ValueError(f"attention_mask must be bool [b|1, n|1, {s}, {s}] (True = masked), got "
+                             f"{mask.dtype} {list(mask.shape)}")
+    if dropout is not None and dropout.p == 0:
+        dropout = None
+    kern = get_kernel(kernel, q.device)
+    blocked = mask is not None or dropout is not None or getattr(kern, "name", None) == "math"
+    plan = _Plan(causal=causal, mask=mask, scale=softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5,
+                 kernel=kern, dropout=dropout, tile=(tile or DEFAULT_TILE) if blocked else None, dead=dead_rows)
+    return LocalAttentionFunction.apply(q, k, v, plan)
