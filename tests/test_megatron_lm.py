@@ -97,7 +97,7 @@ def _env(**extra):
 def _dry_run_command(script: str):
     """(world size, pretrain_gpt.py arguments) printed by a scripts/*.sh DRY_RUN."""
     res = subprocess.run(["bash", os.path.join(ROOT, "scripts", script)], capture_output=True, text=True,
-                         env=_env(DRY_RUN="1", PYTHON=sys.executable), timeout=600)
+                         env=_env(DRY_RUN="1", DEVICE="gpu", PYTHON=sys.executable), timeout=600)
     assert res.returncode == 0, res.stderr
     line = res.stdout.split("command:\n", 1)[1].strip().splitlines()[0]
     words = shlex.split(line)

@@ -52,7 +52,7 @@ def test_bash_syntax(name):
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_dry_run_prints_layout_and_command(name):
     world, tp, cp, algo, extra = EXPECTED[name]
-    res = run_script(name, DRY_RUN="1")
+    res = run_script(name, DRY_RUN="1", DEVICE="gpu")  # the command for the GPU cluster the script is for
     assert res.returncode == 0, res.stderr
     out = res.stdout
     dp = world // (tp * cp)
@@ -100,3 +100,53 @@ def test_double_ring_window_must_divide_the_ring():
 def test_launch_needs_megatron_lm_path():
     res = run_script("pretrain_gpt_1.3b_32k_ring.sh", MEGATRON_LM_PATH="/nonexistent")
     assert res.returncode == 2 and "MEGATRON_LM_PATH" in res.stderr
+
+
+def test_tiny_model_keeps_the_sequence_and_layout():
+    """MODEL=tiny: the 2-layer GPT of configs/models/tiny.conf, the script's own 32k and CP layout."""
+    res = run_script("pretrain_gpt_1.3b_32k_hybrid.sh", DRY_RUN="1", MODEL="tiny", DEVICE="cpu")
+    assert res.returncode == 0, res.stderr
+    text = res.stdout.split("command:\n", 1)[1]
+    for flag in ("--num-layers 2", "--hidden-size 128", "--ffn-hidden-size 512", "--num-attention-heads 8",
+                 "--seq-length 32768", "--context-parallel-size 8 --context-parallel-algo hybrid_cp_algo",
+                 "--ulysses-degree-in-cp 4", "--vocab-size 1024", "--eval-iters 1"):
+        assert flag in text, flag
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_device_chooses_backend_and_precision(device):
+    res = run_script("pretrain_gpt_30b_32k_ulysses.sh", DRY_RUN="1", DEVICE=device)
+    assert res.returncode == 0, res.stderr
+    text = res.stdout.split("command:\n", 1)[1]
+    if device == "cpu":  # gloo, fp32, and sequence parallelism (needs Apex) dropped - said in one line
+        assert "no accelerator: gloo ranks, fp32, without --sequence-parallel" in res.stdout
+        assert "--distributed-backend gloo" in text and "--bf16" not in text and "--sequence-parallel" not in text
+    else:
+        assert "no accelerator" not in res.stdout
+        assert "--distributed-backend nccl" in text and "--bf16" in text and "--sequence-parallel" in text
+
+
+def test_device_auto_matches_this_machine():
+    from mindspeed_cp.device import has_accelerator
+
+    res = run_script("pretrain_gpt_1.3b_32k_ring.sh", DRY_RUN="1")
+    assert res.returncode == 0, res.stderr
+    assert ("no accelerator" in res.stdout) is (not has_accelerator())
+
+
+def test_bad_device_is_refused():
+    res = run_script("pretrain_gpt_1.3b_32k_ring.sh", DRY_RUN="1", DEVICE="tpu")
+    assert res.returncode == 2 and "DEVICE must be auto, gpu or cpu" in res.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("MEGATRON_LM_PATH"), reason="needs MEGATRON_LM_PATH (a Megatron-LM checkout)")
+def test_tiny_script_trains_on_gloo_ranks():
+    """The real launch, shrunk: 2 gloo ranks, ring CP 2, 256 tokens, 2 iterations of the script's own command."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    res = run_script("pretrain_gpt_1.3b_32k_ring.sh", MODEL="tiny", GPUS_PER_NODE="2", CP="2", SEQ_LENGTH="256",
+                     TRAIN_ITERS="2", GLOBAL_BATCH_SIZE="2", MEGATRON_LM_PATH=os.environ["MEGATRON_LM_PATH"],
+                     TORCHRUN=torchrun, MASTER_PORT=str(20000 + os.getpid() % 20000), OMP_NUM_THREADS="1")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "no accelerator: gloo ranks, fp32" in out
+    assert re.search(r"iteration\s+2/\s+2 \|", out), out[-3000:]
