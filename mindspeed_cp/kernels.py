@@ -450,14 +450,15 @@ def available_kernels() -> list:
 
 def get_kernel(spec=None, device=None):
     """A kernel object: ``spec`` is a name from :data:`KERNELS`, an object with ``forward``/``backward``,
-    or None/"auto" (NPU -> "npu", CUDA -> "flash" if installed else "torch", otherwise "torch")."""
+    or None/"auto" (NPU -> "npu", otherwise "torch": on CUDA torch's own flash / memory-efficient kernels first,
+    flash-attn's only when asked for by name - torch's flash kernel is FlashAttention-2 already)."""
     if spec is not None and not isinstance(spec, str):
         if not (callable(getattr(spec, "forward", None)) and callable(getattr(spec, "backward", None))):
             raise TypeError(f"kernel {spec!r} has no forward/backward methods")
         return spec
     if spec in (None, "auto"):
         kind = torch.device(device).type if device is not None else "cpu"
-        order = {"npu": ("npu", "torch"), "cuda": ("flash", "torch")}.get(kind, ("torch",))
+        order = {"npu": ("npu", "torch")}.get(kind, ("torch",))
         for name in order:
             try:
                 return _instance(name)
