@@ -14,8 +14,8 @@ Per case and rank, one counted pass (forward + backward) gives
 * ``comm``: bytes this rank sent, by kind, from :func:`mindspeed_cp.comm_stats.count_bytes` (the plugin's
   communication layer); "metadata" is the small input-agreement all-gather, kept apart.
 * ``work``: attention score elements of the blocks this rank computed, forward + backward, masked ones
-  inside computed blocks included (:func:`mindspeed_cp.ring.count_blocks` for ring levels; the local
-  attention of Ulysses counts its one ``S x S`` causal block per head the same way), and how many computed
+  inside computed blocks included (:func:`mindspeed_cp.ring.count_blocks`: ring blocks, and the blocks of
+  Ulysses' local attention, :mod:`mindspeed_cp.local`), and how many computed
   blocks were entirely masked.
 * ``saved``: bytes of the distinct storages autograd saved for backward during the forward
   (``torch.autograd.graph.saved_tensors_hooks``; views of one storage count once).
@@ -25,7 +25,6 @@ then ``reps`` timed passes (wall clock and process CPU time).
 from __future__ import annotations
 
 import contextlib
-import math
 import statistics
 import time
 from typing import Dict, Iterator, List, Optional
@@ -39,75 +38,18 @@ ALGO_FLAGS = {"ulysses": "ulysses_cp_algo", "ring": "megatron_cp_algo", "double_
 
 
 # ----------------------------------------------------------------------------- local attention (kernel layer)
-class _LocalWork:
-    """Blocks computed by :class:`KernelAttention` (same bookkeeping as ``ring.BlockStats``)."""
-
-    def __init__(self) -> None:
-        self.blocks = self.scores = self.masked = self.empty = 0
-
-    def add(self, bn: int, sq: int, sk: int, causal: bool) -> None:
-        masked = bn * sq * (sq - 1) // 2 if causal else 0
-        self.blocks += 1
-        self.scores += bn * sq * sk
-        self.masked += masked
-        self.empty += int(masked == bn * sq * sk)
-
-
-_LOCAL_WORK: List[_LocalWork] = []
-
-
-@contextlib.contextmanager
-def count_local_work() -> Iterator[_LocalWork]:
-    stats = _LocalWork()
-    _LOCAL_WORK.append(stats)
-    try:
-        yield stats
-    finally:
-        _LOCAL_WORK.remove(stats)
-
-
-def _bnsd(x: Tensor) -> Tensor:
-    return x.permute(1, 2, 0, 3)  # [s, b, n, d] -> [b, n, s, d] (view)
-
-
-class _KernelAttentionFn(torch.autograd.Function):
-    """One block of the plugin's kernel layer on ``[s, b, n, d]`` tensors; saves q, k, v, out, lse like the ring."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, kernel, scale, causal):
-        for st in _LOCAL_WORK:
-            st.add(q.shape[1] * q.shape[2], q.shape[0], k.shape[0], causal)
-        out, lse = kernel.forward(_bnsd(q), _bnsd(k), _bnsd(v), scale=scale, causal=causal)
-        out = out.to(q.dtype).permute(2, 0, 1, 3).contiguous()  # [b, n, s, d] -> [s, b, n, d]
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.kernel, ctx.scale, ctx.causal = kernel, scale, causal
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        for st in _LOCAL_WORK:
-            st.add(q.shape[1] * q.shape[2], q.shape[0], k.shape[0], ctx.causal)
-        grads = ctx.kernel.backward(_bnsd(dout), _bnsd(q), _bnsd(k), _bnsd(v), _bnsd(out), lse, scale=ctx.scale,
-                                    causal=ctx.causal)
-        dq, dk, dv = (g.to(q.dtype).permute(2, 0, 1, 3) for g in grads)
-        return dq, dk, dv, None, None, None
-
-
 class KernelAttention:
-    """Causal attention on the whole (local) sequence with one kernel call: the local attention Ulysses
-    wraps in these benchmarks, and the single-device figure for memory (same kernel type as the ring)."""
+    """Causal attention on the whole (local) sequence through the product's own
+    :func:`mindspeed_cp.local.local_attention` (what Ulysses runs after its all-to-all): the local attention
+    of the Ulysses cases, and the single-device figure for memory (same kernel type as the ring)."""
 
     def __init__(self, kernel: str = "torch", causal: bool = True) -> None:
-        from mindspeed_cp.kernels import get_kernel
-
-        self.kernel_name = kernel
-        self.kernel = get_kernel(kernel)
-        self.causal = causal
+        self.kernel_name, self.causal = kernel, causal
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *args, **kwargs) -> Tensor:
-        # [S, b, n, d] -> [S, b, n, d]
-        return _KernelAttentionFn.apply(q, k, v, self.kernel, 1.0 / math.sqrt(q.shape[-1]), self.causal)
+        from mindspeed_cp.local import local_attention
+
+        return local_attention(q, k, v, causal=self.causal, kernel=self.kernel_name)  # [S, b, n, d]
 
 
 # ----------------------------------------------------------------------------- saved-for-backward bytes
@@ -199,7 +141,7 @@ def measure_cases(cases: List[dict], reps: int = 3, kernel: str = "torch") -> Li
         s_local = int(token_indices(cfg, dist.get_rank(), case["seq"]).numel())
         q, k, v, dout = _inputs(case, s_local, seed=1000 * i + dist.get_rank())
         saved = SavedBytes()
-        with count_bytes() as comm, count_blocks() as blocks, count_local_work() as local:
+        with count_bytes() as comm, count_blocks() as blocks:
             for t in (q, k, v):
                 t.grad = None
             with saved.hooks():
@@ -208,8 +150,8 @@ def measure_cases(cases: List[dict], reps: int = 3, kernel: str = "torch") -> Li
             del o
         by_kind = dict(comm.by_kind)
         phases = ("forward", "backward")
-        work = sum(blocks.scores[p] for p in phases) + local.scores
-        empty = sum(blocks.empty[p] for p in phases) + local.empty
+        work = sum(blocks.scores[p] for p in phases)
+        empty = sum(blocks.empty[p] for p in phases)
         wall, cpu = [], []
         for _ in range(reps):
             dist.barrier()
@@ -221,8 +163,8 @@ def measure_cases(cases: List[dict], reps: int = 3, kernel: str = "torch") -> Li
             "comm_by_kind": by_kind,
             "comm_messages": dict(comm.messages),
             "work_scores": int(work),
-            "work_unmasked": int(work - sum(blocks.masked[p] for p in phases) - local.masked),
-            "blocks_computed": int(sum(blocks.blocks[p] for p in phases) + local.blocks),
+            "work_unmasked": int(work - sum(blocks.masked[p] for p in phases)),
+            "blocks_computed": int(sum(blocks.blocks[p] for p in phases)),
             "empty_blocks": int(empty),
             "saved_bytes": saved.total,
             "time_s": statistics.median(wall),

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Optional, Tuple
 
 import torch
 
+from .block_stats import record
 from .kernels import acc_dtype, dead_rows, get_kernel, merge
 
 Tensor = torch.Tensor
@@ -104,14 +105,16 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tens
     b, n, s, d = q.shape
     if plan.tile is None:
         args = plan.block_args(slice(None), slice(None), s, q.device)
+        record("forward", b * n, s, s, plan.causal, args["mask"])
         out, lse = plan.kernel.forward(q, k, v, causal=plan.causal, **args)
         out, lse = out.to(acc_dtype(q.dtype)), lse.to(acc_dtype(q.dtype))
     else:
         out = torch.zeros((b, n, s, d), dtype=acc_dtype(q.dtype), device=q.device)
         lse = torch.full((b, n, s), -math.inf, dtype=acc_dtype(q.dtype), device=q.device)
         for rows, cols, causal in plan.blocks(s):
-            bo, bl = plan.kernel.forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], causal=causal,
-                                         **plan.block_args(rows, cols, s, q.device))
+            args = plan.block_args(rows, cols, s, q.device)
+            record("forward", b * n, rows.stop - rows.start, cols.stop - cols.start, causal, args["mask"])
+            bo, bl = plan.kernel.forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], causal=causal, **args)
             out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows], bo, bl)
     if plan.dead == "uniform":
         out = uniform_rows(out, dead_rows(plan.mask, plan.causal, s, s), v.sum(2), s)
@@ -122,17 +125,18 @@ def _backward(plan: _Plan, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Ten
     b, n, s, d = q.shape
     dt = lse.dtype
     if plan.tile is None:
-        dq, dk, dv = (g.to(dt) for g in plan.kernel.backward(dout, q, k, v, out, lse, causal=plan.causal,
-                                                             **plan.block_args(slice(None), slice(None), s,
-                                                                               q.device)))
+        args = plan.block_args(slice(None), slice(None), s, q.device)
+        record("backward", b * n, s, s, plan.causal, args["mask"])
+        dq, dk, dv = (g.to(dt) for g in plan.kernel.backward(dout, q, k, v, out, lse, causal=plan.causal, **args))
     else:
         dq = torch.zeros(q.shape, dtype=dt, device=q.device)
         dk = torch.zeros(k.shape, dtype=dt, device=q.device)
         dv = torch.zeros(v.shape, dtype=dt, device=q.device)
         for rows, cols, causal in plan.blocks(s):
+            args = plan.block_args(rows, cols, s, q.device)
+            record("backward", b * n, rows.stop - rows.start, cols.stop - cols.start, causal, args["mask"])
             gq, gk, gv = plan.kernel.backward(dout[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols],
-                                              out[:, :, rows], lse[:, :, rows], causal=causal,
-                                              **plan.block_args(rows, cols, s, q.device))
+                                              out[:, :, rows], lse[:, :, rows], causal=causal, **args)
             dq[:, :, rows] += gq
             dk[:, :, cols] += gk
             dv[:, :, cols] += gv

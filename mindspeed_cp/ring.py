@@ -37,15 +37,16 @@ instead of hanging.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from .block_stats import BlockStats, count_blocks
+from .block_stats import record as _record
+from .block_stats import record_skip as _record_skip
 from .kernels import acc_dtype, get_kernel, merge
 from .local import DEAD_ROWS, add_uniform_grad, uniform_rows
 from .ring_comm import RingExchanger
@@ -80,62 +81,6 @@ def ring_comm_volume(s_local: int, b: int, kv_heads: int, d: int, elem_bytes: in
     return {"ring_kv": 2 * hops * block, "ring_dkv": hops * block, "total": 3 * hops * block}
 
 
-# ------------------------------------------------------------------------------------------ block stats
-class BlockStats:
-    """Attention blocks one rank computed, by phase (``"forward"``, ``"backward"``)."""
-
-    def __init__(self) -> None:
-        self.blocks: Counter = Counter()   # blocks handed to the kernel
-        self.scores: Counter = Counter()   # (query, key) score elements of those blocks, b*n*sq*sk summed
-        self.masked: Counter = Counter()   # of which masked (causal triangle, mask)
-        self.skipped: Counter = Counter()  # blocks not computed because the mask hides all of them
-        self.empty: Counter = Counter()    # blocks computed although every score was masked (should be 0)
-
-    def work(self, phase: str) -> int:
-        """Unmasked score elements: the useful work of a phase."""
-        return self.scores[phase] - self.masked[phase]
-
-    def as_dict(self) -> dict:
-        return {k: dict(getattr(self, k)) for k in ("blocks", "scores", "masked", "skipped", "empty")}
-
-
-_BLOCK_STATS: List[BlockStats] = []
-
-
-@contextlib.contextmanager
-def count_blocks() -> Iterator[BlockStats]:
-    """Count the attention blocks computed on this rank inside the ``with`` body."""
-    stats = BlockStats()
-    _BLOCK_STATS.append(stats)
-    try:
-        yield stats
-    finally:
-        _BLOCK_STATS.remove(stats)
-
-
-def _record(phase: str, bn: int, sq: int, sk: int, causal: bool, mask: Optional[Tensor]) -> None:
-    if not _BLOCK_STATS:
-        return
-    scores = bn * sq * sk
-    if causal:
-        masked = bn * sq * (sq - 1) // 2  # strict upper triangle of the square diagonal block
-    elif mask is not None:
-        masked = int(mask.sum()) * (bn // (mask.shape[0] * mask.shape[1]))
-    else:
-        masked = 0
-    for st in _BLOCK_STATS:
-        st.blocks[phase] += 1
-        st.scores[phase] += scores
-        st.masked[phase] += masked
-        st.empty[phase] += int(masked == scores)
-
-
-def _record_skip(phase: str) -> None:
-    for st in _BLOCK_STATS:
-        st.skipped[phase] += 1
-
-
-# ------------------------------------------------------------------------------------------ layout
 def zigzag_index(seq_len: int, ring_size: int, pos: int, device=None) -> Tensor:
     """Global token positions held by ring position ``pos``: chunks ``pos`` and ``2P-1-pos`` of ``2P``."""
     c = seq_len // (2 * ring_size)

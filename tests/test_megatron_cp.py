@@ -196,3 +196,38 @@ def _early_bound_get_batch():
 
 def test_get_batch_bound_before_the_plugin_still_splits_for_the_algorithm():
     assert run_on_ranks(2, _early_bound_get_batch) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def _ulysses_paths():
+    import warnings
+
+    import torch
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    import mindspeed_cp.megatron_adaptor as adaptor
+    from mindspeed_cp import attention
+    from tests.gpt_helpers import init_parallel
+
+    adaptor.configure(context_parallel_size=2, context_parallel_algo="ulysses_cp_algo")
+    init_parallel(cp=2)
+    attention._TOLD.clear()  # said once per process: forget earlier tests in this rank
+    out = {}
+    for name, extra in (("plain", {}), ("window", dict(window_size=(8, 0))), ("off_by_one", dict(softmax_type="off-by-one"))):
+        cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, context_parallel_size=2,
+                                attention_dropout=0.0, hidden_dropout=0.0, **extra)
+        m = DotProductAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+        q, k, v = (torch.randn(8, 1, 4, 8) for _ in range(3))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            m(q, k, v, None)
+        out[name] = (m._mindspeed_cp.megatron_only, [str(w.message) for w in seen if "mindspeed-cp" in str(w.message)])
+    return out
+
+
+def test_ulysses_uses_megatron_attention_only_where_the_kernels_cannot_follow():
+    for r in run_on_ranks(2, _ulysses_paths):
+        assert r["plain"][0] is None and not r["plain"][1]
+        assert "sliding-window" in r["window"][0] and any("sliding-window" in w for w in r["window"][1])
+        assert "softmax_type='off-by-one'" in r["off_by_one"][0]
