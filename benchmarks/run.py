@@ -33,7 +33,7 @@ FULL = dict(cps=[2, 4, 8], seqs=[1024, 2048, 4096], shape=dict(batch=1, heads=8,
             scale=dict(start=4096, cap_s=60.0, mem_gib=4.0))
 QUICK = dict(cps=[2, 4], seqs=[64, 128], shape=dict(batch=2, heads=4, kv_heads=4, head_dim=16),
              gqa=dict(seq=128, kv_heads=1, cps=[4]), reps=1, megatron_max_seq=None,
-             scale=dict(start=64, cap_s=30.0, mem_gib=2.0, max_seq=128))
+             scale=dict(start=64, cap_s=30.0, mem_gib=2.0, max_seq=128), ulysses_paths_seqs=[256])
 
 
 def variants(cp: int) -> List[dict]:
@@ -209,6 +209,16 @@ def main(argv=None) -> int:
         for s in scale:
             s["machine"] = mach
         print(f"  scale search ({time.monotonic() - t0:.0f} s)", flush=True)
+
+    t0 = time.monotonic()
+    from .ulysses_paths import run as ulysses_paths
+
+    paths = ulysses_paths(cfg.get("ulysses_paths_seqs", [2048, 4096, 8192]), cp=4, reps=cfg["reps"],
+                          log=lambda m: print(m, flush=True))
+    with open(os.path.join(args.out, "ulysses_paths.json" if args.name == "cpu" else f"{args.name}_ulysses_paths.json"),
+              "w") as f:
+        json.dump(paths, f, indent=1)
+    print(f"  Ulysses: kernels vs Megatron's attention ({time.monotonic() - t0:.0f} s)", flush=True)
 
     runtime = time.monotonic() - t_start
     notes = notes_for(records) + [f"Load average at the start of the run: {load0:.1f} "

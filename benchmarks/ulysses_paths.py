@@ -29,6 +29,7 @@ def _measure(seqs: List[int], cp: int, heads: int, kv_heads: int, head_dim: int,
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -38,6 +39,7 @@ def _measure(seqs: List[int], cp: int, heads: int, kv_heads: int, head_dim: int,
 
     adaptor.configure(context_parallel_size=cp, context_parallel_algo="ulysses_cp_algo")
     ps.initialize_model_parallel(context_parallel_size=cp)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
     config = TransformerConfig(num_layers=1, hidden_size=heads * head_dim, num_attention_heads=heads,
                                num_query_groups=kv_heads, kv_channels=head_dim, attention_dropout=0.0,
                                hidden_dropout=0.0, context_parallel_size=cp)

@@ -119,3 +119,13 @@ def test_gpu_script_dry_run(tmp_path):
         for k in ("time_s_full", "time_s_ring_rank", "time_s_ulysses_local", "ring_efficiency",
                   "ring_efficiency_with_merge", "ulysses_efficiency", "time_s_ring_cp1", "time_s_megatron_cp1"):
             assert r[k] is not None and math.isfinite(r[k]) and r[k] > 0, (k, r)
+
+
+def test_ulysses_paths_record(quick):
+    out, _, _ = quick
+    with open(out / "ulysses_paths.json") as f:
+        rows = json.load(f)
+    assert [r["seq"] for r in rows] == [256]
+    for r in rows:  # the kernels keep q, k, v, out, lse; Megatron's attention its S x S probabilities too
+        assert 0 < r["kernels_saved_bytes"] < r["megatron_saved_bytes"]
+        assert r["kernels_time_s"] > 0 and r["megatron_time_s"] > 0
