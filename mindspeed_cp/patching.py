@@ -79,6 +79,16 @@ def resolve(target: str) -> Tuple[Any, str]:
     raise ImportError(f"cannot import any module prefix of {target!r}")
 
 
+def _gate(entry) -> bool:
+    """Whether a registry entry should apply now: not yet applied and its ``when`` holds (else say why)."""
+    if entry.applied:
+        return False
+    if entry.when is not None and not entry.when():
+        entry.status = f"skipped ({entry.when_doc} does not hold)"
+        return False
+    return True
+
+
 @dataclass
 class Patch:
     """One replacement in a third-party module.
@@ -104,10 +114,7 @@ class Patch:
     _code_undo: Optional[Callable[[], None]] = field(default=None, init=False, repr=False)
 
     def apply(self) -> None:
-        if self.applied:
-            return
-        if self.when is not None and not self.when():
-            self.status = f"skipped ({self.when_doc} does not hold)"
+        if not _gate(self):
             return
         try:
             owner, name = resolve(self.target)
@@ -171,10 +178,7 @@ class Hook:
     _leave: Optional[Callable[[], None]] = field(default=None, init=False, repr=False)
 
     def apply(self) -> None:
-        if self.applied:
-            return
-        if self.when is not None and not self.when():
-            self.status = f"skipped ({self.when_doc} does not hold)"
+        if not _gate(self):
             return
         self._leave = self.enter()
         self.applied, self.status = True, "applied"
