@@ -58,22 +58,37 @@ def _double_ring_window(cfg: CPConfig):
         inter_overlap_group=STATE.overlap_group("ring_inter_window") if overlap else None)
 
 
-def _megatron_only(module) -> Optional[str]:
-    """Why this core attention must run Megatron's own local attention under Ulysses, or None when the
-    plugin's kernels follow its semantics (Megatron's local spec: vanilla softmax, causal or explicit mask)."""
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
+def _unsupported(module, cfg: CPConfig) -> Optional[str]:
+    """What of this attention's semantics the plugin's kernels cannot compute, or None."""
     from megatron.core.transformer.enums import AttnMaskType
 
-    if not isinstance(module, DotProductAttention):
-        return f"{type(module).__name__} is not Megatron's local DotProductAttention (its own kernels run)"
+    config = module.config
     softmax = getattr(module, "scale_mask_softmax", None)
-    if getattr(softmax, "window_size", None) is not None:
-        return f"sliding-window attention (window_size={softmax.window_size})"
-    if getattr(module.config, "softmax_type", "vanilla") != "vanilla":
-        return f"softmax_type={module.config.softmax_type!r}"
-    if module.attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
-        return f"attn_mask_type={module.attn_mask_type.name} (the CP algorithms compute causal or explicit masks)"
+    window = getattr(softmax, "window_size", None) if softmax is not None else getattr(config, "window_size", None)
+    if window is not None:
+        return f"sliding-window attention (window_size={window})"
+    if getattr(config, "softmax_type", "vanilla") != "vanilla":
+        return f"softmax_type={config.softmax_type!r}"
+    if cfg.attention_mask_type == "causal" and getattr(module, "attn_mask_type", AttnMaskType.causal) != AttnMaskType.causal:
+        return (f"attn_mask_type={module.attn_mask_type.name} with --attention-mask-type causal (the CP algorithms "
+                f"compute causal attention, or the explicit mask of --attention-mask-type general)")
     return None
+
+
+def _megatron_only(module, cfg: CPConfig) -> Optional[str]:
+    """Why Ulysses must run this module's own attention instead of the plugin's kernels, or None; raises where
+    the ring level (which has no such fallback) would compute something else than the module."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    why = _unsupported(module, cfg)
+    if cfg.context_parallel_algo != ULYSSES:
+        if why is not None:
+            raise CPConfigError(f"--context-parallel-algo {cfg.context_parallel_algo} cannot compute {why}: use "
+                                f"ulysses_cp_algo, which runs Megatron's own attention for it")
+        return None
+    if why is None and not isinstance(module, DotProductAttention):
+        why = f"{type(module).__name__} is not Megatron's local DotProductAttention (its own kernels run)"
+    return why
 
 
 _TOLD: set = set()
@@ -125,8 +140,7 @@ class CPCoreAttention:
         scale *= getattr(getattr(module, "scale_mask_softmax", None), "scale", None) or 1.0
         local = isinstance(module, DotProductAttention)
         return cls(config=cfg, softmax_scale=scale, dead_rows="uniform" if local else "zero",
-                   megatron_only=_megatron_only(module) if cfg.context_parallel_algo == ULYSSES else None,
-                   **groups)
+                   megatron_only=_megatron_only(module, cfg), **groups)
 
     def _mask(self, attention_mask):
         """(causal, mask): the explicit mask only under ``--attention-mask-type general``."""

@@ -9,7 +9,7 @@ Tolerances (fp32): losses 2e-6 absolute on values ~5, gradients 1e-5 relative to
 """
 import pytest
 
-from tests.dist import run_on_ranks
+from tests.dist import expect_error_on_every_rank, run_on_ranks
 
 LOSS_TOL = 2e-6
 GRAD_TOL = 1e-5
@@ -231,3 +231,23 @@ def test_ulysses_uses_megatron_attention_only_where_the_kernels_cannot_follow():
         assert r["plain"][0] is None and not r["plain"][1]
         assert "sliding-window" in r["window"][0] and any("sliding-window" in w for w in r["window"][1])
         assert "softmax_type='off-by-one'" in r["off_by_one"][0]
+
+
+def _ring_with_window():
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    import mindspeed_cp.megatron_adaptor as adaptor
+    from tests.gpt_helpers import init_parallel
+
+    adaptor.configure(context_parallel_size=2, context_parallel_algo="megatron_cp_algo")
+    init_parallel(cp=2)
+    cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, context_parallel_size=2,
+                            attention_dropout=0.0, hidden_dropout=0.0, window_size=(8, 0))
+    DotProductAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+
+
+def test_ring_refuses_what_it_cannot_compute():
+    """The ring has no fallback: a sliding window would silently become full causal attention."""
+    expect_error_on_every_rank(2, _ring_with_window, match="megatron_cp_algo cannot compute sliding-window")
