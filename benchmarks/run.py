@@ -33,7 +33,8 @@ FULL = dict(cps=[2, 4, 8], seqs=[1024, 2048, 4096], shape=dict(batch=1, heads=8,
             scale=dict(start=4096, cap_s=60.0, mem_gib=4.0))
 QUICK = dict(cps=[2, 4], seqs=[64, 128], shape=dict(batch=2, heads=4, kv_heads=4, head_dim=16),
              gqa=dict(seq=128, kv_heads=1, cps=[4]), reps=1, megatron_max_seq=None,
-             scale=dict(start=64, cap_s=30.0, mem_gib=2.0, max_seq=128), ulysses_paths_seqs=[256])
+             scale=dict(start=64, cap_s=30.0, mem_gib=2.0, max_seq=128), ulysses_paths_seqs=[256],
+             agreement_seqs=[128], agreement_calls=20)
 
 
 def variants(cp: int) -> List[dict]:
@@ -219,6 +220,16 @@ def main(argv=None) -> int:
               "w") as f:
         json.dump(paths, f, indent=1)
     print(f"  Ulysses: kernels vs Megatron's attention ({time.monotonic() - t0:.0f} s)", flush=True)
+
+    t0 = time.monotonic()
+    from .agreement import run as agreement
+
+    agreed = agreement(cp=4, seqs=cfg.get("agreement_seqs", [512, 4096]), calls=cfg.get("agreement_calls", 200),
+                       log=lambda m: print(m, flush=True))
+    with open(os.path.join(args.out, "agreement.json" if args.name == "cpu" else f"{args.name}_agreement.json"),
+              "w") as f:
+        json.dump(agreed, f, indent=1)
+    print(f"  input agreement: cost per call and share of a GPT step ({time.monotonic() - t0:.0f} s)", flush=True)
 
     runtime = time.monotonic() - t_start
     notes = notes_for(records) + [f"Load average at the start of the run: {load0:.1f} "

@@ -27,6 +27,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
+
 from .config import HYBRID, RING, ULYSSES, CPConfig, CPConfigError
 from .sharding import batch_seq_len, split_batch, token_indices
 from .state import STATE
@@ -40,7 +42,18 @@ class _StateGatherSize(GatherSizeCalculator):
     rank's local length, so a stale or wrong value is an error on every rank.
     """
 
-    def calculate(self, *args, **kwargs) -> Optional[int]:
+    def __init__(self, s_local: int = 0, cp: int = 1) -> None:
+        self.s_local, self.cp = s_local, cp
+
+    def calculate(self, attention_mask=None, *args, **kwargs) -> Optional[int]:
+        # The mask rides along to the local attention (its rows gathered after the all-to-all); a wrong
+        # one raised here is agreed like any bad input, naming the rank, before the first all-to-all.
+        seq = STATE.seq_len if STATE.seq_len is not None else self.s_local * self.cp
+        if isinstance(attention_mask, torch.Tensor) and self.s_local:
+            shape = list(attention_mask.shape)
+            if len(shape) != 4 or shape[2] not in (self.s_local, seq) or shape[3] != seq:
+                raise ValueError(f"attention_mask {shape} does not fit this rank's {self.s_local} tokens of a "
+                                 f"{seq}-token sequence: expected [b|1, 1, {self.s_local}|{seq}, {seq}]")
         return STATE.seq_len
 
 
@@ -121,6 +134,7 @@ class CPCoreAttention:
     ring_group: Any = None
     ring_overlap_group: Any = None
     window: Any = None
+    agree_group: Any = None  # where every call agrees on its inputs (CPU metadata): STATE.agree_group
 
     @classmethod
     def for_module(cls, module, cfg: CPConfig) -> "CPCoreAttention":
@@ -140,7 +154,7 @@ class CPCoreAttention:
         scale *= getattr(getattr(module, "scale_mask_softmax", None), "scale", None) or 1.0
         local = isinstance(module, DotProductAttention)
         return cls(config=cfg, softmax_scale=scale, dead_rows="uniform" if local else "zero",
-                   megatron_only=_megatron_only(module, cfg), **groups)
+                   megatron_only=_megatron_only(module, cfg), agree_group=STATE.agree_group, **groups)
 
     def _mask(self, attention_mask):
         """(causal, mask): the explicit mask only under ``--attention-mask-type general``."""
@@ -155,7 +169,7 @@ class CPCoreAttention:
         causal, mask = self._mask(attention_mask)
         return dict(causal=causal, attention_mask=mask, softmax_scale=self.softmax_scale,
                     bnsd=self.config.megatron_cp_in_bnsd, overlap_group=self.ring_overlap_group,
-                    window=self.window, dead_rows=self.dead_rows)
+                    window=self.window, dead_rows=self.dead_rows, agree_group=self.agree_group)
 
     @staticmethod
     def _dropout(module, query):
@@ -209,7 +223,8 @@ class CPCoreAttention:
                                        dropout=None if drop is None else drop.for_rank(rank, q.shape[2]),
                                        dead_rows=self.dead_rows)
 
-            ulysses = UlyssesContextAttention(local, self.ulysses_group, gather_size_calculator=_StateGatherSize())
+            ulysses = UlyssesContextAttention(local, self.ulysses_group, agree_group=self.agree_group,
+                                              gather_size_calculator=_StateGatherSize(s_local, cfg.cp))
             out = ulysses(query, key, value, mask, drop=dropout)  # [s/cp, b, h, d]
         return out.reshape(s_local, b, -1)
 
@@ -226,7 +241,8 @@ class CPCoreAttention:
             with ulysses_dropout_stream(module):
                 return local_forward(q, k, v, gather_mask_rows(mask, self.ulysses_group, seq), *a, **kw)
 
-        ulysses = UlyssesContextAttention(local, self.ulysses_group, gather_size_calculator=_StateGatherSize())
+        ulysses = UlyssesContextAttention(local, self.ulysses_group, agree_group=self.agree_group,
+                                          gather_size_calculator=_StateGatherSize(s_local, self.config.cp))
         out = ulysses(query, key, value, attention_mask, *args, **kwargs)  # [s/cp, b, h*d]
         return out.reshape(s_local, b, -1)
 

@@ -27,6 +27,25 @@ import torch.distributed as dist
 from . import comm_stats
 
 
+class PeerFailure(RuntimeError):
+    """A collective of the CP groups failed because a peer did not take part in time (it raised, stalled or
+    died); raised in place of the backend's bare timeout / connection error, with that error as its cause."""
+
+
+def peer_failure(error: BaseException, group, what: str) -> PeerFailure:
+    """The :class:`PeerFailure` to raise for ``error`` from ``what`` over ``group``."""
+    try:
+        ranks = [dist.get_global_rank(group, i) for i in range(dist.get_world_size(group))]
+    except (RuntimeError, ValueError):
+        ranks = "?"
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    return PeerFailure(
+        f"mindspeed-cp: {what} over global ranks {ranks} failed on rank {dist.get_rank()}: a peer did not take "
+        f"part in time or has left ({first}). Another rank most likely raised or stopped first - its own "
+        f"error says why. The wait is bounded by --distributed-timeout-minutes (megatron-core: "
+        f"configure(distributed_timeout_minutes=...)).")
+
+
 def split_sizes(total: int, parts: int) -> List[int]:
     """Sizes of ``torch.tensor_split(range(total), parts)``: the first ``total % parts`` get one more."""
     base, extra = divmod(total, parts)
@@ -60,8 +79,11 @@ def _exchange(x: torch.Tensor, group, scatter_dim: int, gather_dim: int,
     recv_counts = [math.prod(s) for s in recv_shapes]
     recv = x.new_empty(sum(recv_counts))
     comm_stats.record("all_to_all", (send.numel() - send_counts[me]) * send.element_size())
-    dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts,
-                           group=group)
+    try:
+        dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts,
+                               group=group)
+    except RuntimeError as e:
+        raise peer_failure(e, group, "the Ulysses all-to-all") from e
     return torch.cat([run.view(s) for run, s in zip(recv.split(recv_counts), recv_shapes)], dim=gather_dim)
 
 

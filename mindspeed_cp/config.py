@@ -122,6 +122,11 @@ class CPConfig:
         """Check this configuration against the model and layout; raise :class:`CPConfigError`.
 
         Arguments left as None are not checked (e.g. the CLI knows no head count). Returns ``self``.
+
+        Types are strict everywhere: the on/off options take ``bool`` only, sizes positive ``int`` only.
+        With ``context_parallel_size=1`` no CP algorithm runs (Megatron keeps its own attention), so the rules
+        relative to CP (hybrid degrees, window vs ring size, ring-only options under Ulysses) are not applied:
+        a launch script keeps its CP flags for its CP=1 baseline run.
         """
         self._validate_options()
         self._validate_layout(world_size, tensor_model_parallel_size, pipeline_model_parallel_size)
@@ -132,12 +137,17 @@ class CPConfig:
 
     def _validate_options(self) -> None:
         algo, cp = self.context_parallel_algo, self.context_parallel_size
-        if algo not in ALGORITHMS:
+        for name in ("use_cp_send_recv_overlap", "megatron_cp_in_bnsd"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise CPConfigError(f"{_flag(name)} must be True or False, got {value!r} "
+                                    f"({type(value).__name__}; a string such as 'false' would switch it on)")
+        if not isinstance(algo, str) or algo not in ALGORITHMS:
             raise CPConfigError(
                 f"--context-parallel-algo {algo!r} is not one of {', '.join(ALGORITHMS)}")
         if not isinstance(cp, int) or isinstance(cp, bool) or cp < 1:
             raise CPConfigError(f"--context-parallel-size {cp!r} must be a positive integer")
-        if self.attention_mask_type not in MASK_TYPES:
+        if not isinstance(self.attention_mask_type, str) or self.attention_mask_type not in MASK_TYPES:
             raise CPConfigError(
                 f"--attention-mask-type {self.attention_mask_type!r} is not one of {', '.join(MASK_TYPES)}")
         k = self.cp_window_size
@@ -175,8 +185,8 @@ class CPConfig:
             raise CPConfigError(
                 f"{', '.join(names)} only apply to the ring level (megatron_cp_algo or hybrid_cp_algo); "
                 f"--context-parallel-algo ulysses_cp_algo would ignore them")
-        if k > 1:
-            ring = self.ring_size if cp > 1 else 1
+        if k > 1 and cp > 1:  # CP=1 runs no CP algorithm: its options are type-checked only (see the docstring)
+            ring = self.ring_size
             where = "--context-parallel-size" if algo != HYBRID else \
                 "the ring size --context-parallel-size / --ulysses-degree-in-cp"
             if ring % k:

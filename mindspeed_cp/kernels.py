@@ -13,7 +13,8 @@ Every backend has the same small interface, in the ``[b, n, s, d]`` layout ("bns
 * ``dropout``: a :class:`mindspeed_cp.dropout.DropoutBlock` (the block's reproducible keep mask) or None;
   backends that cannot apply exactly that mask hand the call to the math kernel.
 * ``lse`` ``[b, n, sq]`` is float32 (float64 for float64 inputs). A fully masked row gives ``out`` 0 and
-  ``lse`` -inf, never NaN, and zero gradients.
+  ``lse`` -inf, never NaN, and zero gradients. A row whose query or any visible key/value is not finite gives
+  NaN ``out`` and ``lse`` (as dense attention does), so a merge never hides it.
 * ``out`` and the gradients come back in the input dtype or wider (the math kernel returns float32).
 * ``backward`` accepts the *global* ``out``/``lse`` of a row (merged over all key blocks): the ring passes
   those so each block's gradient is its exact share of the full attention gradient.
@@ -112,6 +113,32 @@ def _fix_dead(out: Tensor, lse: Tensor, dead: Optional[Tensor]) -> Tuple[Tensor,
     if dead is None:
         return out, lse
     return out.masked_fill(dead[..., None], 0), lse.masked_fill(dead, -math.inf)
+
+
+def _finite(x: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _poison(out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, causal: bool,
+            mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """NaN (out and lse) on every row whose query, or any key/value it sees, is not finite - what dense
+    attention gives. torch's CPU flash op drops a NaN key that is a row's only visible one (out 0, lse 0), and
+    the merge would then hide it in a finite result. Elementwise and O(s d) per block, no host sync."""
+    bad_kv = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # [b, nk, sk]
+    bad_kv = _expand_kv(bad_kv[..., None], q.shape[1] // k.shape[1])[..., 0] if k.shape[1] != q.shape[1] \
+        else bad_kv
+    sq, sk = q.shape[2], k.shape[2]
+    if mask is None and causal and sq == sk:
+        rows = bad_kv.cummax(-1).values  # row i sees keys 0..i
+    elif mask is None and not causal:
+        rows = bad_kv.any(-1, keepdim=True).expand(-1, -1, sq)
+    else:
+        hidden = mask if mask is not None else torch.zeros(sq, sk, dtype=torch.bool, device=q.device)
+        if causal:
+            hidden = hidden | _causal_mask(sq, sk, q.device)
+        rows = (bad_kv[..., None, :] & ~hidden).any(-1)
+    rows = rows | ~torch.isfinite(q).all(-1)
+    return out.masked_fill(rows[..., None], math.nan), lse.masked_fill(rows, math.nan)
 
 
 # ----------------------------------------------------------------------------------------------- math
@@ -267,6 +294,10 @@ class TorchFusedKernel:
         sq, sk = q.shape[2], k.shape[2]
         route = self._route("forward", q, causal, sq, sk, mask, dropout)
         res = None
+        if route != "math":
+            # a non-finite key would reach masked rows through the additive bias (NaN + -inf = NaN): compute
+            # with zeros there, then give NaN exactly to the rows that see it (_poison), as dense attention does
+            k, v, k_in, v_in = _finite(k), _finite(v), k, v
         if route == "cpu":
             res = self._try("cpu", lambda: self._cpu(q, k, v, 0.0, causal, attn_mask=self._bias(mask, q.dtype, sq, sk),
                                                      scale=scale)[:2])
@@ -282,7 +313,8 @@ class TorchFusedKernel:
             return self.fallback.forward(q, k, v, scale=scale, causal=causal, mask=mask, dropout=dropout)
         out, lse = res
         lse = lse[..., :sq]  # some kernels pad the LSE rows
-        return _fix_dead(out, lse.to(acc_dtype(q.dtype)), dead_rows(mask, causal, sq, sk))
+        out, lse = _fix_dead(out, lse.to(acc_dtype(q.dtype)), dead_rows(mask, causal, sq, sk))
+        return _poison(out, lse, q, k_in, v_in, causal, mask)
 
     def backward(self, dout, q, k, v, out, lse, *, scale: float, causal: bool, mask: Optional[Tensor] = None,
                  dropout=None):

@@ -46,6 +46,12 @@ def _initialize_model_parallel(original, *args, **kwargs):
                 f"configure(context_parallel_size={config.cp}) (--context-parallel-size)")
         config = config.replace(context_parallel_size=cp)
     config.validate(world_size=world, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    minutes = STATE.timeout_minutes
+    if minutes is not None and "distributed_timeout_minutes" not in bound.arguments and \
+            "distributed_timeout_minutes" in params:
+        kwargs = {**kwargs, "distributed_timeout_minutes": minutes}  # configure() names it: Megatron's groups too
+    elif minutes is None:
+        minutes = params.get("distributed_timeout_minutes", 30) or 30
     if cp > 1 and order != "tp-cp-ep-dp-pp":
         raise CPConfigError(
             f"mindspeed-cp lays out context-parallel sub-groups for Megatron's default rank order "
@@ -53,9 +59,14 @@ def _initialize_model_parallel(original, *args, **kwargs):
     result = original(*args, **kwargs)
     STATE.config = config
     if cp > 1:
+        from datetime import timedelta
+
+        timeout = timedelta(minutes=minutes)
         STATE.build_groups(world, dist.get_rank(), tp, pp,
-                           new_group=lambda ranks: dist.new_group(ranks),
-                           cp_group=ps.get_context_parallel_group())
+                           new_group=lambda ranks: dist.new_group(ranks, timeout=timeout),
+                           cp_group=ps.get_context_parallel_group(),
+                           gloo_group=(lambda ranks: dist.new_group(ranks, timeout=timeout, backend="gloo"))
+                           if dist.get_backend() != "gloo" else None)
     return result
 
 
@@ -135,19 +146,31 @@ def undo() -> None:
     PATCHES.undo_all()
 
 
-def configure(namespace: Optional[Any] = None, **flags: Any) -> CPConfig:
+def configure(namespace: Optional[Any] = None, *, distributed_timeout_minutes: Optional[float] = None,
+              **flags: Any) -> CPConfig:
     """Make these CP options active, validated. Call before ``initialize_model_parallel``.
 
     ``namespace`` is Megatron's parsed ``args`` (or any object with the option attributes); keyword
     ``flags`` override it. Model facts found on the namespace (``tensor_model_parallel_size``,
     ``num_attention_heads``, ``num_query_groups``, ``seq_length``, ``world_size``) are validated too.
+    ``distributed_timeout_minutes``: how long a collective of the CP groups waits for a stalled peer before
+    it raises (default: what ``initialize_model_parallel`` is given, Megatron's 30); passed on to
+    ``initialize_model_parallel`` when its caller does not name it.
     """
+    minutes = distributed_timeout_minutes
+    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
+                                or not minutes > 0):
+        raise CPConfigError(f"distributed_timeout_minutes {minutes!r} must be a positive number of minutes")
     config = CPConfig.from_namespace(namespace, **flags)
     ns = namespace
     gqa = getattr(ns, "group_query_attention", True)
+    def size(name):  # absent or None: 1; anything else is validated as given (0 is an error, not 1)
+        value = getattr(ns, name, None)
+        return 1 if value is None else value
+
     config.validate(
-        tensor_model_parallel_size=getattr(ns, "tensor_model_parallel_size", None) or 1,
-        pipeline_model_parallel_size=getattr(ns, "pipeline_model_parallel_size", None) or 1,
+        tensor_model_parallel_size=size("tensor_model_parallel_size"),
+        pipeline_model_parallel_size=size("pipeline_model_parallel_size"),
         num_attention_heads=getattr(ns, "num_attention_heads", None),
         num_query_groups=getattr(ns, "num_query_groups", None) if gqa else None,
         seq_length=getattr(ns, "seq_length", None),
@@ -158,6 +181,7 @@ def configure(namespace: Optional[Any] = None, **flags: Any) -> CPConfig:
             f"configure({config.describe()}) while groups for {STATE.config.describe()} exist: call "
             f"parallel_state.destroy_model_parallel() first")
     STATE.set_config(config)
+    STATE.timeout_minutes = minutes
     STATE.cp_explicit = "context_parallel_size" in flags or (
         ns is not None and getattr(ns, "context_parallel_size", None) is not None)
     return config

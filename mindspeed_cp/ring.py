@@ -31,19 +31,20 @@ log-sum-exp form (:func:`mindspeed_cp.kernels.merge`).
   plain ring's; the volume too: per KV pass ``W (K-1)`` intra-window hops plus ``W-1`` inter-window hops
   ``= P-1``. dK/dV: summed over the window's inner ring (K-1 hops), then along the outer ring (W-1 hops).
 
-Every input check runs before any point-to-point message and is agreed through one small all-gather on
-the ring group (shapes, dtypes, options of every rank), so a mismatch raises the same error on every rank
-instead of hanging.
+Every input check runs before any point-to-point message and is agreed through one small all-gather
+(:mod:`mindspeed_cp.agree`: shapes, dtypes, devices, grad mode, softmax scale, options and groups of every
+rank), so a mismatch raises the same error on every rank, naming global ranks, instead of hanging.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from .agree import Table, agree, bits_float, device_code, device_name, float_bits, global_ranks
 from .block_stats import BlockStats, count_blocks
 from .block_stats import record as _record
 from .block_stats import record_skip as _record_skip
@@ -113,21 +114,42 @@ _WINDOW_PROBLEMS = {
     4: "Double Ring groups do not match the ring order: intra = Rg[x*K:(x+1)*K], inter = Rg[a::K] expected",
     5: "send/recv overlap with Double Ring needs both window.intra_overlap_group and "
        "window.inter_overlap_group (got overlap_group={og}, intra twin={it}, inter twin={et})",
+    6: "overlap_group must be a second communicator over the ring group's ranks {want} in the same order, "
+       "got {got}",
 }
 
 
-def _tensor_sig(t: Optional[Tensor]) -> List[int]:
+_TCOLS = 8  # per tensor: dim, 4 sizes, dtype, needs grad, device type
+
+
+class TensorMeta(NamedTuple):
+    """What the agreement needs of a tensor, for tensors that do not exist yet (Hybrid's ring level)."""
+
+    shape: tuple
+    dtype: torch.dtype
+    requires_grad: bool
+    device: torch.device
+
+
+def _tensor_sig(t) -> List[int]:
     if t is None:
-        return [-1] * 6
-    dims = list(t.shape[:4]) + [-1] * (4 - min(t.dim(), 4))
+        return [-1] * _TCOLS
+    dims = list(t.shape[:4]) + [-1] * (4 - min(len(t.shape), 4))
     code = _DTYPES.index(t.dtype) if t.dtype in _DTYPES else len(_DTYPES)
-    return [t.dim()] + dims + [code]
+    return [len(t.shape)] + dims + [code, int(t.requires_grad and torch.is_grad_enabled()), device_code(t)]
 
 
 def _window_code(window: Optional[DoubleRingWindow], ring_group, P: int, r: int, overlap_group) -> Tuple[int, dict]:
     """Local consistency of the Double Ring groups (0 = fine), and the numbers its message names."""
     if window is None or window.size == 1:
-        return 0, {}
+        if overlap_group is None or P == 1:
+            return 0, {}
+        try:
+            mine = global_ranks(overlap_group)
+        except (RuntimeError, ValueError, AttributeError):
+            mine = []
+        want = global_ranks(ring_group)
+        return (0, {}) if mine == want else (6, {"want": want, "got": mine or "a group without this rank"})
     K = window.size
     info = {"K": K, "P": P, "W": P // K if isinstance(K, int) and K > 0 else 0, "ki": -1, "wi": -1,
             "og": overlap_group is not None,
@@ -154,11 +176,15 @@ def _window_code(window: Optional[DoubleRingWindow], ring_group, P: int, r: int,
     return 0, info
 
 
-def _signature(q, k, v, mask, causal, bnsd, overlap, K, window_code, dropout, dead) -> List[int]:
+_OPTS = 4 * _TCOLS  # where the options start in a row
+
+
+def _row(q, k, v, mask, causal, bnsd, overlap, K, window_code, dropout, dead, scale: float) -> List[int]:
+    """One rank's metadata row: q/k/v/mask signatures, then the options every rank must share."""
     p = -1 if dropout is None else dropout.threshold  # the quantised probability: ranks must agree on it
     return (_tensor_sig(q) + _tensor_sig(k) + _tensor_sig(v) + _tensor_sig(mask)
             + [int(causal), int(bnsd), int(overlap), K if isinstance(K, int) else -1, int(window_code), p,
-               DEAD_ROWS.index(dead) if dead in DEAD_ROWS else -1])
+               DEAD_ROWS.index(dead) if dead in DEAD_ROWS else -1, float_bits(scale)])
 
 
 def _describe(sig: List[int]) -> str:
@@ -166,28 +192,37 @@ def _describe(sig: List[int]) -> str:
         if part[0] < 0:
             return f"{name} none"
         dtype = str(_DTYPES[part[5]]).replace("torch.", "") if part[5] < len(_DTYPES) else "other"
-        return f"{name} {[x for x in part[1:5] if x >= 0]}{'...' if part[0] > 4 else ''} {dtype}"
-    parts = [t(n, sig[i * 6:(i + 1) * 6]) for i, n in enumerate(("q", "k", "v", "attention_mask"))]
-    causal, bnsd, overlap, K, _, p, dead = sig[24:]
+        grad = " requires_grad" if part[6] else ""
+        return f"{name} {[x for x in part[1:5] if x >= 0]}{'...' if part[0] > 4 else ''} {dtype} " \
+               f"{device_name(part[7])}{grad}"
+    parts = [t(n, sig[i * _TCOLS:(i + 1) * _TCOLS]) for i, n in enumerate(("q", "k", "v", "attention_mask"))]
+    causal, bnsd, overlap, K, _, p, dead, scale = sig[_OPTS:]
     drop = "none" if p < 0 else f"{p / (1 << 24):.4g}"
     dead = DEAD_ROWS[dead] if 0 <= dead < len(DEAD_ROWS) else "?"
     return (", ".join(parts) + f", causal={bool(causal)}, bnsd={bool(bnsd)}, overlap={bool(overlap)}, window={K}, "
-            f"dropout={drop}, dead_rows={dead}")
+            f"dropout={drop}, dead_rows={dead}, softmax_scale={bits_float(scale):.6g}")
 
 
 def _problem(sig: List[int], P: int, window_info: dict) -> Optional[str]:
-    """What is wrong with one rank's inputs (a pure function of its signature), or None."""
-    q, k, v, m = (sig[i * 6:(i + 1) * 6] for i in range(4))
-    causal, _, _, _, wcode, _, dead = sig[24:]
+    """What is wrong with one rank's inputs (a pure function of its row), or None."""
+    q, k, v, m = (sig[i * _TCOLS:(i + 1) * _TCOLS] for i in range(4))
+    causal, _, _, _, wcode, _, dead, scale = sig[_OPTS:]
     if dead < 0:
         return f"dead_rows must be one of {', '.join(DEAD_ROWS)}"
     if q[0] != 4 or k[0] != 4 or v[0] != 4:
         return "q, k, v must be 4-D [s_local, b, heads, head_dim] (sbhd)"
     if not (q[5] == k[5] == v[5] and q[5] < len(_FLOATS)):
         return "q, k, v must share one floating dtype (float16, bfloat16, float32 or float64)"
+    if not q[7] == k[7] == v[7] or (m[0] >= 0 and m[7] != q[7]):
+        return "q, k, v and attention_mask must be on one device"
     s, b, n, d = q[1:5]
     if k[1:5] != v[1:5] or k[1] != s or k[2] != b or k[4] != d:
         return "k and v must be [s_local, b, kv_heads, head_dim] with q's s_local, b and head_dim"
+    if min(s, b, n, d) < 1:
+        return (f"q is [{s}, {b}, {n}, {d}]: every ring rank needs a non-empty shard (s_local >= 2 for the "
+                f"zigzag layout, batch, heads and head_dim >= 1)")
+    if not math.isfinite(bits_float(scale)) or bits_float(scale) <= 0:
+        return f"softmax_scale must be a positive finite number, got {bits_float(scale)}"
     if k[3] < 1 or n % k[3]:
         return f"query heads {n} are not a multiple of key/value heads {k[3]} (GQA needs heads % kv_heads == 0)"
     if (causal or m[0] >= 0) and s % 2:
@@ -208,30 +243,36 @@ def _problem(sig: List[int], P: int, window_info: dict) -> Optional[str]:
     return None
 
 
-def _validate(q, k, v, mask, causal, bnsd, overlap_group, window, ring_group, P: int, r: int, dropout,
-              dead) -> None:
-    """Agree on every rank's inputs (one all-gather), then raise the same error everywhere if any is off."""
+def _check(table: Table) -> Optional[str]:
+    if any(row != table.rows[0] for row in table.rows):
+        return (f"ring attention inputs differ across the {len(table.rows)} ranks (every rank must pass the same "
+                f"shapes, dtypes, devices, grad mode and options; q/k/v are [s_local, b, heads, head_dim]): "
+                + table.listing(_describe))
+    return None
+
+
+def _options(window, overlap_group) -> Tuple[int, bool]:
     double = window is not None and window.size != 1
-    K = window.size if double else 1
+    return (window.size if double else 1), (window.intra_overlap_group is not None if double
+                                            else overlap_group is not None)
+
+
+def _validate(q, k, v, mask, causal, bnsd, overlap_group, window, ring_group, P: int, r: int, dropout,
+              dead, scale: float, agree_group=None) -> None:
+    """Agree on every rank's inputs (one all-gather), then raise the same error everywhere if any is off."""
     wcode, winfo = _window_code(window, ring_group, P, r, overlap_group)
-    overlap = window.intra_overlap_group is not None if double else overlap_group is not None
-    mine = _signature(q, k, v, mask, causal, bnsd, overlap, K, wcode, dropout, dead)
-    if P > 1:
-        local = torch.tensor(mine, dtype=torch.int64, device=q.device)
-        gathered = [torch.empty_like(local) for _ in range(P)]
-        dist.all_gather(gathered, local, group=ring_group)
-        sigs = [g.tolist() for g in gathered]
-    else:
-        sigs = [mine]
-    if any(sig != sigs[0] for sig in sigs):
-        listing = "; ".join(f"rank {i}: {_describe(sig)}" for i, sig in enumerate(sigs))
-        raise RingAttentionError(
-            f"ring attention inputs differ across the {P} ranks of the ring group (every rank must pass the "
-            f"same shapes, dtypes and options; q/k/v are [s_local, b, heads, head_dim]): {listing}")
-    for i, sig in enumerate(sigs):
-        problem = _problem(sig, P, winfo)
+    K, overlap = _options(window, overlap_group)
+    mine = _row(q, k, v, mask, causal, bnsd, overlap, K, wcode, dropout, dead, scale)
+    problem = _problem(mine, P, winfo)
+    if problem:
+        problem = f"{problem} (got {_describe(mine)})"
+    group = ring_group if agree_group is None else agree_group
+    if P == 1 and agree_group is None:
         if problem:
-            raise RingAttentionError(f"ring attention, ring rank {i}: {problem} (got {_describe(sig)})")
+            raise RingAttentionError(f"ring attention: {problem}")
+        return
+    agree(group, mine, problem, check=_check, error=RingAttentionError, like=q,
+          prefix="ring attention inputs rejected on ")
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -472,7 +513,8 @@ class RingAttentionFunction(torch.autograd.Function):
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, ring_group=None, *, causal: bool = True,
                    attention_mask: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
                    bnsd: bool = False, overlap_group=None, window: Optional[DoubleRingWindow] = None,
-                   kernel=None, dropout=None, dead_rows: str = "zero") -> Tensor:
+                   kernel=None, dropout=None, dead_rows: str = "zero", check_inputs: bool = True,
+                   agree_group=None) -> Tensor:
     """Attention over the sequence shared by the ranks of ``ring_group`` (zigzag layout).
 
     q ``[s_local, b, n, d]``, k/v ``[s_local, b, nk, d]`` (``n % nk == 0``) -> out ``[s_local, b, n, d]``.
@@ -484,7 +526,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, ring_group=None, *, causal: 
     :data:`mindspeed_cp.kernels.KERNELS`, a kernel object, or None (by device). ``dropout``: a
     :class:`mindspeed_cp.dropout.AttentionDropout` (its masks are keyed by global positions, so they do not
     depend on P). ``dead_rows``: fully masked rows give 0 (``"zero"``) or the mean of V over every key
-    (``"uniform"``, Megatron's local attention; see :mod:`mindspeed_cp.local`).
+    (``"uniform"``, Megatron's local attention; see :mod:`mindspeed_cp.local`). ``check_inputs``: agree on
+    every rank's inputs first (one small all-gather, see :mod:`mindspeed_cp.agree`); ``agree_group``: where
+    (default ``ring_group``; a gloo group over the same ranks keeps it off the device).
     """
     if ring_group is None:
         ring_group = dist.group.WORLD
@@ -493,10 +537,12 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, ring_group=None, *, causal: 
         raise RingAttentionError("this rank is not a member of the ring process group it was given")
     if dropout is not None and dropout.p == 0:
         dropout = None
-    _validate(q, k, v, attention_mask, causal, bnsd, overlap_group, window, ring_group, P, r, dropout, dead_rows)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if check_inputs:
+        _validate(q, k, v, attention_mask, causal, bnsd, overlap_group, window, ring_group, P, r, dropout,
+                  dead_rows, scale, agree_group)
     s_local = q.shape[0]
     masks = None if attention_mask is None else _MaskBlocks(attention_mask, P, r, s_local)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     plan = _Plan(P=P, r=r, window=window, ring_group=ring_group, overlap_group=overlap_group,
                  causal=causal and attention_mask is None, bnsd=bnsd, scale=scale,
                  kernel=get_kernel(kernel, q.device), masks=masks, dropout=dropout, dead=dead_rows,

@@ -25,6 +25,7 @@ from typing import List
 import torch
 import torch.distributed as dist
 
+from .comm import peer_failure
 from .comm_stats import record
 
 TAGS = {"ring_kv": 11, "ring_dkv": 12}
@@ -33,14 +34,18 @@ TAGS = {"ring_kv": 11, "ring_dkv": 12}
 class PendingExchange:
     """An exchange in flight; :meth:`wait` returns the received tensor (idempotent)."""
 
-    def __init__(self, works: List, received: torch.Tensor, sent: torch.Tensor) -> None:
+    def __init__(self, works: List, received: torch.Tensor, sent: torch.Tensor, group=None) -> None:
         self._works = works
         self._received = received
         self._sent = sent  # keep the send buffer alive until the message has left
+        self._group = group
 
     def wait(self) -> torch.Tensor:
-        for w in self._works:
-            w.wait()
+        try:
+            for w in self._works:
+                w.wait()
+        except RuntimeError as e:
+            raise peer_failure(e, self._group, "a ring send/recv") from e
         self._works, self._sent = [], None
         return self._received
 
@@ -74,7 +79,7 @@ class RingExchanger:
         else:
             works = [dist.isend(tensor, self.next, group=self._send_group, tag=tag),
                      dist.irecv(received, self.prev, group=self._recv_group, tag=tag)]
-        return PendingExchange([w for w in works if w is not None], received, tensor)
+        return PendingExchange([w for w in works if w is not None], received, tensor, self.group)
 
     def exchange(self, tensor: torch.Tensor, kind: str) -> torch.Tensor:
         """Blocking :meth:`start` + :meth:`PendingExchange.wait`."""

@@ -9,6 +9,14 @@ different groups never share hidden state.
 Group kinds (see :mod:`mindspeed_cp.topology`): ``ulysses``, ``ring``, ``ring_intra_window``,
 ``ring_inter_window``. Under ``--use-cp-send-recv-overlap`` each ring kind has a second communicator,
 :meth:`CPState.overlap_group`, so a send and a receive posted together do not serialise.
+:attr:`CPState.agree_group` is where every attention call agrees on its inputs (:mod:`mindspeed_cp.agree`):
+the CP group itself when the default backend is gloo, else a gloo twin over the same ranks (as Megatron
+keeps for data parallelism), so the agreement never synchronises the device.
+
+Timeouts: every communicator created here gets ``timeout_minutes`` (``configure(
+distributed_timeout_minutes=...)``, else Megatron's ``--distributed-timeout-minutes`` as given to
+``initialize_model_parallel``), the same as Megatron's own CP group, so a stalled peer ends a collective
+with an error after that time on every rank instead of hanging it.
 """
 from __future__ import annotations
 
@@ -38,6 +46,8 @@ class CPState:
         # wrong result.
         self.seq_len: Optional[int] = None
         self.warned_unsplit: bool = False
+        self.timeout_minutes: Optional[float] = None  # configure(distributed_timeout_minutes=...)
+        self._agree = None
 
     # ------------------------------------------------------------ config
     def set_config(self, config: CPConfig) -> None:
@@ -54,10 +64,13 @@ class CPState:
         return self.layout is not None
 
     def build_groups(self, world_size: int, rank: int, tp: int, pp: int,
-                     new_group: Callable[[List[int]], object], cp_group: object) -> None:
+                     new_group: Callable[[List[int]], object], cp_group: object,
+                     gloo_group: Optional[Callable[[List[int]], object]] = None) -> None:
         """Create the CP sub-groups on every rank, in the same order everywhere (a collective).
 
         Kinds equal to the CP group itself reuse Megatron's ``cp_group`` instead of a new communicator.
+        ``gloo_group`` (given when the default backend is not gloo) builds the CPU twins of the CP groups
+        that :attr:`agree_group` returns.
         """
         layout = layout_for(self.config, world_size, tp, pp)
         self._groups, self._overlap, self._ranks = {}, {}, {}
@@ -79,6 +92,13 @@ class CPState:
                     self._created.append(pg)
                     if rank in ranks:
                         self._overlap[kind] = pg
+        self._agree = cp_group
+        if gloo_group is not None:
+            for ranks in layout["cp"]:
+                pg = gloo_group(ranks)
+                self._created.append(pg)
+                if rank in ranks:
+                    self._agree = pg
         self.layout = layout
 
     def clear_groups(self, destroy: Optional[Callable[[object], None]] = None) -> None:
@@ -88,8 +108,16 @@ class CPState:
                 destroy(pg)
         self._created = []
         self._groups, self._overlap, self._ranks = {}, {}, {}
+        self._agree = None
         self.layout = None
         self.seq_len = None
+
+    @property
+    def agree_group(self):
+        """The group (gloo: CPU metadata) over this rank's CP ranks where attention calls agree on inputs."""
+        if not self.groups_built:
+            self._need("cp", {})
+        return self._agree
 
     def _need(self, kind: str, table: Dict[str, object]):
         if not self.groups_built:

@@ -14,11 +14,13 @@ Unaligned sequences (MindSpeed's "非对齐 Ulysses"): a :class:`GatherSizeCalcu
 S; rank r then holds tokens ``torch.tensor_split(torch.arange(S), P)[r]`` (the first S % P ranks one more
 token) and the all-to-alls use those split sizes. Ranks may even hold no token (S < P).
 
-Before the first all-to-all every rank shares a small metadata row (one all-gather of ~20 integers): its
-local length, the shapes and dtypes of q/k/v, the declared S and whether its own inputs were rejected.
-Every rank then runs the same checks on the same table, so a bad input raises the same
-:class:`UlyssesError` on every rank instead of hanging the others in an all-to-all or silently producing
-wrong rows. ``check_inputs=False`` skips that exchange (then only rank-local checks run).
+Before the first all-to-all every rank shares a small metadata row (:mod:`mindspeed_cp.agree`, one
+all-gather of ~22 integers on the CPU when the group is gloo): its local length, the shapes, dtypes, device
+types and grad mode of q/k/v, the declared S and whether its own inputs were rejected. Every rank then runs
+the same checks on the same table, so a bad input raises the same :class:`UlyssesError` on every rank
+(naming global ranks) instead of hanging the others in an all-to-all or silently producing wrong rows.
+``check_inputs=False`` skips that exchange (then only rank-local checks run; Hybrid does so after its own
+agreement over the whole CP group).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
-from . import comm_stats
+from .agree import Table, agree, device_code, device_name
 from .comm import all_to_all, split_sizes
 
 __all__ = [
@@ -112,13 +114,14 @@ def kv_head_repeats(heads: int, kv_heads: int, ranks: int) -> int:
 
 # ----------------------------------------------------------------------------- input checks
 _NAMES = ("query", "key", "value")
-_COLS = 6  # metadata columns per tensor: 4 dims, dtype, requires grad
+_COLS = 7  # metadata columns per tensor: 4 dims, dtype, needs grad, device type
 
 
 def _signature(t: torch.Tensor) -> List[int]:
     # crc32 of the dtype name is stable across processes (unlike hash()); a rank whose tensor needs a
     # gradient while another's does not would wait forever in the backward all-to-all.
-    return list(t.shape) + [zlib.crc32(str(t.dtype).encode()), int(t.requires_grad and torch.is_grad_enabled())]
+    return list(t.shape) + [zlib.crc32(str(t.dtype).encode()), int(t.requires_grad and torch.is_grad_enabled()),
+                            device_code(t)]
 
 
 def _as_length(size: Any) -> Optional[int]:
@@ -142,6 +145,9 @@ def _local_problem(qkv, seq_dim: int, head_dim: int, gather_size, ranks: int, ra
                     f"{head_dim}, got {got}")
     q, k, v = qkv
     shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(_NAMES, qkv))
+    if len({t.device for t in qkv}) > 1:
+        return "query, key and value are on different devices (" + ", ".join(
+            f"{n} {t.device}" for n, t in zip(_NAMES, qkv)) + ")"
     other = [d for d in range(3) if d not in (seq_dim, head_dim)]  # the batch dim(s)
     for d in [seq_dim] + other:
         if not q.shape[d] == k.shape[d] == v.shape[d]:
@@ -166,40 +172,29 @@ def _local_problem(qkv, seq_dim: int, head_dim: int, gather_size, ranks: int, ra
     return None
 
 
-def _agree(qkv, seq_dim: int, gather_size, problem: Optional[str], group) -> None:
-    """Share every rank's metadata and raise the same error on every rank if anything is inconsistent."""
-    ranks = dist.get_world_size(group)
-    device = next((t.device for t in qkv if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    message = (problem or "").encode()
-    row = [len(message), -1 if gather_size is None else int(gather_size)]
-    ok = problem is None
-    for t in qkv:  # zeros when this rank's inputs are unusable (then only the message matters)
+def _row(qkv, gather_size, ok: bool) -> List[int]:
+    """This rank's metadata row: the gather size (-1 = aligned), then q/k/v signatures (zeros when this
+    rank's inputs are unusable; then only its problem text matters)."""
+    row = [-1 if gather_size is None else int(gather_size)]
+    for t in qkv:
         row += _signature(t) if ok else [0] * _COLS
-    table = _all_gather_rows(torch.tensor(row, dtype=torch.int64, device=device), group)
+    return row
 
-    longest = max(r[0] for r in table)
-    if longest:  # some rank rejected its own inputs: gather the reasons so every rank can name them
-        buf = torch.zeros(longest, dtype=torch.uint8, device=device)
-        buf[:len(message)] = torch.tensor(list(message), dtype=torch.uint8)
-        texts = [bytes(t[:r[0]]).decode() for t, r in zip(_all_gather_rows(buf, group), table)]
-        bad = [(r, t) for r, t in enumerate(texts) if t]
-        if len({t for _, t in bad}) == 1 and len(bad) == ranks:
-            raise UlyssesError(bad[0][1] + " (on every rank)")
-        raise UlyssesError("Ulysses inputs rejected on " + "; ".join(f"rank {r}: {t}" for r, t in bad))
 
-    # Everything but the local sequence length must agree (else the all-to-all pieces would not match).
-    seq_cols = [2 + _COLS * i + seq_dim for i in range(3)]
-    key = [[x for c, x in enumerate(r) if c not in seq_cols] for r in table]
+def _check(table: Table, seq_dim: int, where: str = "the Ulysses group") -> Optional[str]:
+    """The same verdict on every rank: everything but the local sequence length must agree (else the
+    all-to-all pieces would not match), and aligned lengths must be equal."""
+    seq_cols = [1 + _COLS * i + seq_dim for i in range(3)]
+    key = [[x for c, x in enumerate(r) if c not in seq_cols] for r in table.rows]
     if any(k != key[0] for k in key):
-        raise UlyssesError("q/k/v shapes, dtypes, requires_grad or gather sizes differ across the ranks of the "
-                           "Ulysses group (only the sequence dim may differ): "
-                           + "; ".join(f"rank {i}: {_describe(r)}" for i, r in enumerate(table)))
-    lengths = [r[seq_cols[0]] for r in table]
-    if gather_size is None and len(set(lengths)) > 1:
-        raise UlyssesError(f"aligned Ulysses needs the same local sequence length on every rank, got {lengths}; "
-                           f"for uneven lengths give UlyssesContextAttention a gather_size_calculator "
-                           f"(e.g. DynamicGatherSizeCalculator) that returns the global length")
-    # With a declared S each rank already checked its own length against tensor_split(S, P) above.
+        return (f"q/k/v shapes, dtypes, devices, requires_grad or gather sizes differ across the ranks of {where} "
+                f"(only the sequence dim may differ): " + table.listing(_describe))
+    lengths = [r[seq_cols[0]] for r in table.rows]
+    if table.rows[0][0] < 0 and len(set(lengths)) > 1:
+        return (f"aligned Ulysses needs the same local sequence length on every rank, got {lengths} (ranks "
+                f"{table.ranks}); for uneven lengths give UlyssesContextAttention a gather_size_calculator "
+                f"(e.g. DynamicGatherSizeCalculator) that returns the global length")
+    return None  # with a declared S each rank already checked its own length against tensor_split(S, P)
 
 
 def _describe(row: List[int]) -> str:
@@ -207,17 +202,10 @@ def _describe(row: List[int]) -> str:
               for d in vars(torch).values() if isinstance(d, torch.dtype)}
     parts = []
     for i, name in enumerate(_NAMES):
-        col = row[2 + _COLS * i: 2 + _COLS * (i + 1)]
+        col = row[1 + _COLS * i: 1 + _COLS * (i + 1)]
         grad = " requires_grad" if col[5] else ""
-        parts.append(f"{name} {tuple(col[:4])} {dtypes.get(col[4], '?')}{grad}")
-    return ", ".join(parts) + (", aligned" if row[1] < 0 else f", gather size {row[1]}")
-
-
-def _all_gather_rows(row: torch.Tensor, group) -> List[List[int]]:
-    rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
-    comm_stats.record("metadata", row.numel() * row.element_size() * (len(rows) - 1))
-    dist.all_gather(rows, row, group=group)
-    return [r.tolist() for r in rows]
+        parts.append(f"{name} {tuple(col[:4])} {dtypes.get(col[4], '?')} {device_name(col[6])}{grad}")
+    return ", ".join(parts) + (", aligned" if row[0] < 0 else f", gather size {row[0]}")
 
 
 # ----------------------------------------------------------------------------- the module
@@ -235,6 +223,8 @@ class UlyssesContextAttention(torch.nn.Module):
             (default :class:`DefaultGatherSizeCalculator`: aligned).
         check_inputs: exchange metadata before the first all-to-all so bad inputs fail on every rank
             (one small all-gather per forward). False trusts the caller.
+        agree_group: where that exchange runs (default: ``sequence_process_group``); a gloo group over the
+            same ranks keeps it off the device (the Megatron path passes the CP group's gloo twin).
 
     GQA/MQA: key/value may have fewer heads than query; see :func:`kv_head_repeats` for the rule (KV heads
     are scattered when there are at least P of them, otherwise each is repeated P/kv times, e.g. h=8, kv=2,
@@ -243,7 +233,7 @@ class UlyssesContextAttention(torch.nn.Module):
 
     def __init__(self, local_attention, sequence_process_group, scatter_idx: int = 2, gather_idx: int = 0,
                  gather_size_calculator: Optional[GatherSizeCalculator] = None, *,
-                 check_inputs: bool = True) -> None:
+                 check_inputs: bool = True, agree_group=None) -> None:
         super().__init__()
         dims = {scatter_idx % 4, gather_idx % 4}
         if len(dims) != 2 or 3 in dims:
@@ -257,6 +247,7 @@ class UlyssesContextAttention(torch.nn.Module):
             gather_size_calculator = DefaultGatherSizeCalculator()
         self.gather_size_calculator = gather_size_calculator
         self.check_inputs = check_inputs
+        self.agree_group = agree_group
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any,
                 **kwargs: Any) -> torch.Tensor:
@@ -270,7 +261,9 @@ class UlyssesContextAttention(torch.nn.Module):
             gather_size, problem, cause = None, f"{type(e).__name__}: {e}", e
         if self.check_inputs:
             try:
-                _agree((query, key, value), seq_dim, gather_size, problem, group)
+                agree(self.agree_group or group, _row((query, key, value), gather_size, problem is None), problem,
+                      check=lambda table: _check(table, seq_dim), error=UlyssesError, like=query,
+                      prefix="Ulysses inputs rejected on ")
             except UlyssesError as e:
                 raise e from cause
         elif problem is not None:

@@ -193,14 +193,21 @@ def get_pool(world_size: int) -> Pool:
     return pool
 
 
-def run_outcomes(world_size: int, fn: Callable, *args, timeout: float = DEFAULT_TIMEOUT,
-                 **kwargs) -> List[Any]:
-    """Per-rank results, with :class:`RankError` in place of a rank's result when it raised."""
+def run_outcomes(world_size: int, fn: Callable, *args, timeout: float = DEFAULT_TIMEOUT, grace: float = 20.0,
+                 restart: bool = False, **kwargs) -> List[Any]:
+    """Per-rank results, with :class:`RankError` in place of a rank's result when it raised.
+
+    ``grace``: how long the others may still take once one rank failed (fault tests wait for a process-group
+    timeout). ``restart``: close the pool afterwards (a test that let collectives time out leaves no state
+    behind for the next one).
+    """
     pool = get_pool(world_size)
     try:
-        return pool.run(fn, args, kwargs, timeout=timeout)
+        return pool.run(fn, args, kwargs, timeout=timeout, grace=grace)
     finally:
-        if not pool.alive:
+        if restart:
+            pool.close()
+        if restart or not pool.alive:
             _POOLS.pop(world_size, None)
 
 

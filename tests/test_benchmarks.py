@@ -129,3 +129,13 @@ def test_ulysses_paths_record(quick):
     for r in rows:  # the kernels keep q, k, v, out, lse; Megatron's attention its S x S probabilities too
         assert 0 < r["kernels_saved_bytes"] < r["megatron_saved_bytes"]
         assert r["kernels_time_s"] > 0 and r["megatron_time_s"] > 0
+
+
+def test_agreement_record(quick):
+    out, _, _ = quick
+    with open(out / "agreement.json") as f:
+        rows = json.load(f)
+    assert {r["algo"] for r in rows} == {"ulysses", "ring", "hybrid", "hybrid_two_groups"}
+    for r in rows:  # one agreement per attention layer call (2 layers, forward only), Hybrid alone: two exchanges
+        assert r["calls_per_step"] == 2 and r["exchanges_per_call"] == (2 if r["algo"] == "hybrid_two_groups" else 1)
+        assert r["agree_us"] > 0 and 0 < r["share"] < 1

@@ -34,6 +34,8 @@ def _gpt_case(case):
         mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1).expand(b, 1, seq, seq).clone()
         mask |= torch.rand(b, 1, seq, seq, generator=g) < 0.2
         mask[..., 0] = False
+        for row in case.get("dead_rows", ()):  # fully masked rows: Megatron's local attention averages V there
+            mask[:, :, row] = True
         batch["attention_mask"] = mask
 
     def loss_and_grads(model, data, total):
@@ -101,6 +103,8 @@ ULYSSES_CASES = [
     pytest.param(4, dict(tp=1, cp=4, seq=30), id="cp4-unaligned-30"),
     pytest.param(2, dict(tp=1, cp=2, seq=31, heads=4, kv_heads=2), id="cp2-unaligned-31-gqa"),
     pytest.param(4, dict(tp=1, cp=4, seq=32, attention_mask_type="general"), id="cp4-general-mask"),
+    pytest.param(4, dict(tp=1, cp=4, seq=32, attention_mask_type="general", dead_rows=(5, 20)),
+                 id="cp4-general-dead-rows"),
 ]
 
 
@@ -119,6 +123,10 @@ RING_CASES = [
     pytest.param(4, dict(tp=1, cp=4, seq=32, megatron_cp_in_bnsd=True, heads=8, kv_heads=2), id="cp4-bnsd-gqa"),
     pytest.param(4, dict(tp=1, cp=4, seq=32, cp_window_size=2, use_cp_send_recv_overlap=True,
                          megatron_cp_in_bnsd=True, attention_mask_type="general"), id="cp4-all-options"),
+    pytest.param(4, dict(tp=1, cp=4, seq=32, attention_mask_type="general", dead_rows=(5, 20)),
+                 id="cp4-general-dead-rows"),
+    pytest.param(4, dict(tp=1, cp=4, seq=32, cp_window_size=2, use_cp_send_recv_overlap=True,
+                         attention_mask_type="general", dead_rows=(0, 31)), id="cp4-double-ring-dead-rows"),
 ]
 
 
@@ -131,6 +139,8 @@ HYBRID_CASES = [
     pytest.param(4, dict(tp=1, cp=4, seq=32, ulysses_degree_in_cp=2), id="cp4-u2"),
     pytest.param(4, dict(tp=1, cp=4, seq=32, ulysses_degree_in_cp=2, heads=4, kv_heads=2,
                          attention_mask_type="general"), id="cp4-u2-gqa-general"),
+    pytest.param(4, dict(tp=1, cp=4, seq=32, ulysses_degree_in_cp=2, attention_mask_type="general",
+                         dead_rows=(5, 20)), id="cp4-u2-general-dead-rows"),
     pytest.param(8, dict(tp=1, cp=8, seq=32, ulysses_degree_in_cp=2, cp_window_size=2,
                          use_cp_send_recv_overlap=True), id="cp8-u2-w2-overlap"),
     pytest.param(8, dict(tp=2, cp=4, seq=32, ulysses_degree_in_cp=2, megatron_cp_in_bnsd=True), id="tp2-cp4-u2-bnsd"),
