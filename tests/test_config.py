@@ -40,8 +40,6 @@ BAD = [
      r"--cp-window-size 3 does not divide the ring size .*\(4\)"),
     (dict(context_parallel_size=8, context_parallel_algo=H, ulysses_degree_in_cp=4, cp_window_size=2), {},
      r"--cp-window-size 2 must be smaller than the ring size .*\(2\)"),
-    (dict(context_parallel_size=1, cp_window_size=2, context_parallel_algo=R), {},
-     r"--cp-window-size 2 does not divide --context-parallel-size \(1\)"),
     # model facts
     (dict(context_parallel_size=4), dict(tensor_model_parallel_size=2, num_attention_heads=5),
      r"--num-attention-heads 5 is not divisible by --tensor-model-parallel-size 2$"),
