@@ -34,7 +34,7 @@ FULL = dict(cps=[2, 4, 8], seqs=[1024, 2048, 4096], shape=dict(batch=1, heads=8,
 QUICK = dict(cps=[2, 4], seqs=[64, 128], shape=dict(batch=2, heads=4, kv_heads=4, head_dim=16),
              gqa=dict(seq=128, kv_heads=1, cps=[4]), reps=1, megatron_max_seq=None,
              scale=dict(start=64, cap_s=30.0, mem_gib=2.0, max_seq=128), ulysses_paths_seqs=[256],
-             agreement_seqs=[128], agreement_calls=20)
+             agreement_seqs=[128], agreement_calls=20, packing=[dict(seq=4096, cp=4, samples=3)])
 
 
 def variants(cp: int) -> List[dict]:
@@ -230,6 +230,16 @@ def main(argv=None) -> int:
               "w") as f:
         json.dump(agreed, f, indent=1)
     print(f"  input agreement: cost per call and share of a GPT step ({time.monotonic() - t0:.0f} s)", flush=True)
+
+    from .packing import measure as packing
+
+    packed = [packing(**p) for p in cfg.get("packing", [dict(seq=32768, cp=8), dict(seq=32768, cp=4)])]
+    with open(os.path.join(args.out, "packing.json" if args.name == "cpu" else f"{args.name}_packing.json"), "w") as f:
+        json.dump(packed, f, indent=1)
+    for p in packed:
+        print(f"  packed documents S={p['seq']} CP={p['cp']}: work imbalance "
+              f"{p['summary']['per_document_zigzag']['worst']:.3f}, padding {100 * p['summary']['padding']['mean']:.2f} %",
+              flush=True)
 
     runtime = time.monotonic() - t_start
     notes = notes_for(records) + [f"Load average at the start of the run: {load0:.1f} "

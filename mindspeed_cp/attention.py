@@ -165,11 +165,22 @@ class CPCoreAttention:
                                 "([b, 1, S, S] bool, True = masked); got None")
         return False, attention_mask
 
+    @staticmethod
+    def _documents():
+        """The packed documents of the current batch (None unless ``configure(documents=...)``)."""
+        if STATE.documents_from is None:
+            return STATE.documents  # None, or one document padded at its end (an unaligned Ring/Hybrid batch)
+        if STATE.documents is None:
+            raise CPConfigError("packed documents (--reset-attention-mask / configure(documents=...)): no batch went "
+                                "through get_batch_on_this_cp_rank, so the document boundaries are unknown")
+        return STATE.documents
+
     def _ring_options(self, attention_mask) -> dict:
-        causal, mask = self._mask(attention_mask)
+        docs = self._documents()
+        causal, mask = (True, None) if docs is not None else self._mask(attention_mask)
         return dict(causal=causal, attention_mask=mask, softmax_scale=self.softmax_scale,
                     bnsd=self.config.megatron_cp_in_bnsd, overlap_group=self.ring_overlap_group,
-                    window=self.window, dead_rows=self.dead_rows, agree_group=self.agree_group)
+                    window=self.window, dead_rows=self.dead_rows, agree_group=self.agree_group, documents=docs)
 
     @staticmethod
     def _dropout(module, query):
@@ -192,6 +203,9 @@ class CPCoreAttention:
         s_local, b = query.shape[0], query.shape[1]
         algo = cfg.context_parallel_algo
         if algo == ULYSSES and self.megatron_only is not None:
+            if STATE.documents_from is not None:
+                raise CPConfigError(f"packed documents under ulysses_cp_algo need the plugin's kernels, which cannot "
+                                    f"follow this attention ({self.megatron_only})")
             _tell_once(self.megatron_only)
             return self._ulysses_megatron(module, local_forward, query, key, value, attention_mask, *args, **kwargs)
         dropout = self._dropout(module, query)
@@ -212,7 +226,8 @@ class CPCoreAttention:
             from .local import local_attention
             from .ulysses import UlyssesContextAttention
 
-            causal, mask = self._mask(attention_mask)
+            docs = self._documents()
+            causal, mask = (True, None) if docs is not None else self._mask(attention_mask)
             seq = STATE.seq_len if STATE.seq_len is not None else s_local * cfg.cp
             rank = self.ulysses_group.rank()
 
@@ -221,7 +236,7 @@ class CPCoreAttention:
                 return local_attention(q, k, v, causal=causal, softmax_scale=self.softmax_scale,
                                        attention_mask=gather_mask_rows(mask_rows, self.ulysses_group, seq),
                                        dropout=None if drop is None else drop.for_rank(rank, q.shape[2]),
-                                       dead_rows=self.dead_rows)
+                                       dead_rows=self.dead_rows, documents=docs)
 
             ulysses = UlyssesContextAttention(local, self.ulysses_group, agree_group=self.agree_group,
                                               gather_size_calculator=_StateGatherSize(s_local, cfg.cp))
@@ -367,8 +382,50 @@ def get_batch_on_this_cp_rank(original, batch, *args, **kwargs):
                             f"{cfg.cp} is configured")
     rank = cp_group.rank() if cp_group is not None else ps.get_context_parallel_rank()
     seq_len = batch_seq_len(batch)
+    STATE.documents = None
+    if STATE.documents_from is not None:
+        return _split_documents(batch, cfg, rank)
+    if cfg.uses_zigzag and cfg.attention_mask_type == "causal" and seq_len % (2 * cfg.cp):
+        return _split_documents(batch, cfg, rank, whole=True)  # any length: one document, padded at its end
     batch.update(split_batch(batch, cfg, rank, seq_len))
     STATE.seq_len = seq_len  # Megatron's version updates the dict in place and returns it
+    return batch
+
+
+def _split_documents(batch, cfg: CPConfig, rank: int, whole: bool = False):
+    """Packed documents: this rank's tokens of the per-document zigzag layout (:mod:`mindspeed_cp.packing`), pads
+    with loss_mask 0; the dense document mask a dataloader may have built is dropped (never needed). ``whole``:
+    the sequence is one document (Ring/Hybrid at a length that 2 x CP does not divide: padded at its end, which
+    no real token sees under causal attention)."""
+    from .packing import Documents, lengths_from_eod, lengths_from_position_ids
+
+    if whole:
+        b, S = batch["tokens"].shape[:2]
+        lengths = [[S]] * b
+    elif STATE.documents_from == "position_ids":
+        if not isinstance(batch.get("position_ids"), torch.Tensor):
+            raise CPConfigError("packed documents from position_ids (--reset-position-ids): the batch has none")
+        lengths = lengths_from_position_ids(batch["position_ids"])
+    else:
+        if STATE.eod_token is None:  # Megatron-LM: the tokenizer's EOD
+            from megatron.training import get_tokenizer
+
+            STATE.eod_token = int(get_tokenizer().eod)
+        lengths = lengths_from_eod(batch["tokens"], STATE.eod_token)
+    ring = cfg.ring_size if cfg.uses_zigzag else 1
+    if ring > 1 and len({tuple(row) for row in lengths}) > 1:
+        raise CPConfigError(
+            f"packed documents under {cfg.context_parallel_algo}: the samples of a micro-batch have different "
+            f"documents, so each would need its own token layout (and RoPE positions); use --micro-batch-size 1")
+    docs = Documents(lengths, cfg.cp, ring)
+    device = batch["tokens"].device
+    for key, val in list(batch.items()):
+        if key == "attention_mask":
+            batch[key] = None
+        elif isinstance(val, torch.Tensor) and val.dim() >= 2:
+            batch[key] = docs.shard(val, rank, seq_dim=1, fill=0)
+    STATE.documents = docs.to(device)
+    STATE.seq_len = docs.padded_len
     return batch
 
 
@@ -388,6 +445,10 @@ def get_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
     if cfg.cp != size:
         raise CPConfigError(f"RoPE: CP group of {size} ranks but --context-parallel-size {cfg.cp} is configured")
     seq = pos_emb.shape[seq_dim]
+    docs = STATE.documents
+    if docs is not None:  # the original positions of this rank's tokens (pads: 0); one layout per micro-batch
+        idx = docs.source.gather(1, docs.positions(cp_group.rank()).to(docs.source.device))[0].clamp(min=0)
+        return pos_emb.index_select(seq_dim, idx.to(pos_emb.device))
     if STATE.seq_len is not None:
         if not cfg.uses_zigzag:
             seq = STATE.seq_len

@@ -251,10 +251,11 @@ class CPConfig:
         if cp == 1:
             return
         if self.uses_zigzag:
-            if seq % (2 * cp):
+            if seq % (2 * cp) and self.attention_mask_type != "causal":
                 raise CPConfigError(
                     f"--seq-length {seq} is not divisible by 2 x --context-parallel-size {cp} = {2 * cp} "
-                    f"({algo} splits the sequence into 2*CP zigzag chunks for causal load balance)")
+                    f"({algo} splits the sequence into 2*CP zigzag chunks; with --attention-mask-type general the "
+                    f"mask would need pad rows - causal batches of any length are padded at their end)")
         elif seq < cp:
             raise CPConfigError(
                 f"--seq-length {seq} is shorter than --context-parallel-size {cp}: every rank must hold "

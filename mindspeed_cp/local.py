@@ -47,6 +47,8 @@ class _Plan:
     dropout: Any  # mindspeed_cp.dropout.AttentionDropout or None
     tile: Optional[int]  # None: one kernel call
     dead: str
+    documents: Any = None  # mindspeed_cp.packing.Documents: document-causal masks per block
+    positions: Optional[Tensor] = None  # [b, s] padded positions of the sequence's tokens (with documents)
 
     def blocks(self, s: int) -> Iterator[Tuple[slice, slice, bool]]:
         """(query rows, key cols, causal) of every block to compute."""
@@ -60,6 +62,8 @@ class _Plan:
 
     def block_args(self, rows: slice, cols: slice, s: int, device) -> dict:
         mask = None if self.mask is None else self.mask[..., rows, cols]
+        if self.documents is not None:
+            mask = self.documents.block_mask(self.positions[:, rows], self.positions[:, cols])
         drop = None
         if self.dropout is not None:
             pos = torch.arange(s, device=device)
@@ -166,14 +170,16 @@ class LocalAttentionFunction(torch.autograd.Function):
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, attention_mask: Optional[Tensor] = None,
                     softmax_scale: Optional[float] = None, dropout=None, kernel=None, tile: Optional[int] = None,
-                    dead_rows: str = "zero") -> Tensor:
+                    dead_rows: str = "zero", documents=None) -> Tensor:
     """Attention of ``q`` ``[s, b, n, d]`` over ``k``/``v`` ``[s, b, nk, d]`` (``n % nk == 0``) -> ``[s, b, n, d]``.
 
     ``causal``: query i sees keys 0..i. ``attention_mask``: bool ``[b|1, n|1, s, s]``, True = masked (with
     ``causal`` both apply). ``dropout``: a :class:`mindspeed_cp.dropout.AttentionDropout` (positions are
     0..s-1). ``kernel``: a name of :data:`mindspeed_cp.kernels.KERNELS`, a kernel object, or None (by device).
     ``tile``: block size when blocks are needed (default 2048). ``dead_rows``: ``"zero"`` or ``"uniform"``
-    (Megatron's local attention), see the module docstring.
+    (Megatron's local attention), see the module docstring. ``documents``: a
+    :class:`mindspeed_cp.packing.Documents` whose whole (padded) sequence this is, in its rank order (what the
+    Ulysses all-to-all assembles): document-causal attention, each tile's mask built from document ids.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0]:
         raise ValueError(f"local_attention takes q [s, b, n, d] and k, v [s, b, nk, d] of the same s, got "
@@ -189,8 +195,18 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, att
                              f"{mask.dtype} {list(mask.shape)}")
     if dropout is not None and dropout.p == 0:
         dropout = None
+    positions = None
+    if documents is not None:
+        if not causal or mask is not None or dropout is not None:
+            raise ValueError("documents= gives document-causal attention: causal=True, no attention_mask, no dropout")
+        if documents.ring != 1:
+            raise ValueError(f"local_attention takes the Ulysses layout of documents (ring 1), got ring {documents.ring}")
+        if documents.padded_len != s:
+            raise ValueError(f"documents describe a sequence of {documents.padded_len} tokens, q has {s}")
+        positions = documents.order.to(q.device)  # rank order = padded order for Ulysses (ring = 1)
     kern = get_kernel(kernel, q.device)
-    blocked = mask is not None or dropout is not None or getattr(kern, "name", None) == "math"
+    blocked = mask is not None or dropout is not None or documents is not None or getattr(kern, "name", None) == "math"
     plan = _Plan(causal=causal, mask=mask, scale=softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5,
-                 kernel=kern, dropout=dropout, tile=(tile or DEFAULT_TILE) if blocked else None, dead=dead_rows)
+                 kernel=kern, dropout=dropout, tile=(tile or DEFAULT_TILE) if blocked else None, dead=dead_rows,
+                 documents=documents, positions=positions)
     return LocalAttentionFunction.apply(q, k, v, plan)

@@ -147,7 +147,7 @@ def undo() -> None:
 
 
 def configure(namespace: Optional[Any] = None, *, distributed_timeout_minutes: Optional[float] = None,
-              **flags: Any) -> CPConfig:
+              documents: Optional[str] = None, eod_token: Optional[int] = None, **flags: Any) -> CPConfig:
     """Make these CP options active, validated. Call before ``initialize_model_parallel``.
 
     ``namespace`` is Megatron's parsed ``args`` (or any object with the option attributes); keyword
@@ -156,11 +156,19 @@ def configure(namespace: Optional[Any] = None, *, distributed_timeout_minutes: O
     ``distributed_timeout_minutes``: how long a collective of the CP groups waits for a stalled peer before
     it raises (default: what ``initialize_model_parallel`` is given, Megatron's 30); passed on to
     ``initialize_model_parallel`` when its caller does not name it.
+    ``documents``: packed sequences, document-causal attention (:mod:`mindspeed_cp.packing`); the batch's
+    document boundaries are read by ``get_batch_on_this_cp_rank`` from ``"position_ids"`` (they restart at 0,
+    ``--reset-position-ids``) or after every ``"eod"`` token (``eod_token``). Megatron-LM sets it from
+    ``--reset-attention-mask`` with ``--attention-mask-type causal``.
     """
     minutes = distributed_timeout_minutes
     if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
                                 or not minutes > 0):
         raise CPConfigError(f"distributed_timeout_minutes {minutes!r} must be a positive number of minutes")
+    if documents not in (None, "position_ids", "eod"):
+        raise CPConfigError(f"documents={documents!r}: read document boundaries from 'position_ids' or 'eod'")
+    if documents == "eod" and (isinstance(eod_token, bool) or not isinstance(eod_token, int)):
+        raise CPConfigError(f"documents='eod' needs eod_token=<the EOD token id>, got {eod_token!r}")
     config = CPConfig.from_namespace(namespace, **flags)
     ns = namespace
     gqa = getattr(ns, "group_query_attention", True)
@@ -182,6 +190,7 @@ def configure(namespace: Optional[Any] = None, *, distributed_timeout_minutes: O
             f"parallel_state.destroy_model_parallel() first")
     STATE.set_config(config)
     STATE.timeout_minutes = minutes
+    STATE.documents_from, STATE.eod_token = documents, eod_token
     STATE.cp_explicit = "context_parallel_size" in flags or (
         ns is not None and getattr(ns, "context_parallel_size", None) is not None)
     return config

@@ -99,10 +99,21 @@ def _megatron_conflicts(args: Any, config: CPConfig) -> None:
         raise CPConfigError(
             "--attention-mask-type general reads the mask from the batch, but "
             "--no-create-attention-mask-in-dataloader removes it")
-    if config.attention_mask_type == "causal" and getattr(args, "reset_attention_mask", False):
+    docs = config.attention_mask_type == "causal" and getattr(args, "reset_attention_mask", False)
+    if docs and (getattr(args, "pipeline_model_parallel_size", 1) or 1) > 1:
         raise CPConfigError(
-            f"--reset-attention-mask builds document masks that {algo}'s causal attention would ignore; pass "
-            f"--attention-mask-type general")
+            "--reset-attention-mask with --context-parallel-size > 1 (packed documents) reads the document boundaries "
+            "from the batch, which later pipeline stages do not receive: --pipeline-model-parallel-size 1 for now")
+    padded = config.uses_zigzag and config.attention_mask_type == "causal" and (
+        docs or (_seq_length(args) or 0) % (2 * cp))
+    if padded and (getattr(args, "pipeline_model_parallel_size", 1) or 1) > 1:
+        raise CPConfigError(
+            f"{algo} pads {'every document (--reset-attention-mask)' if args.reset_attention_mask else 'the sequence'}"
+            f" to a multiple of 2 x --context-parallel-size {cp}, so the tokens per rank vary from batch to batch, "
+            f"but --pipeline-model-parallel-size sends fixed-shape activations between stages")
+    if padded and getattr(args, "sequence_parallel", False):
+        raise CPConfigError(f"--sequence-parallel with {algo} padding (--reset-attention-mask or an unaligned "
+                            f"--seq-length) is not supported yet")
 
 
 def _seq_length(args: Any) -> Optional[int]:
@@ -126,7 +137,7 @@ def check_args(args: Any) -> CPConfig:
     if config.cp == 1:
         return config
     _megatron_conflicts(args, config)
-    if seq is not None:
+    if seq is not None and not (config.uses_zigzag and seq % (2 * config.cp)):  # else padded per batch
         from .sharding import local_lengths
 
         lengths = local_lengths(config, seq)
@@ -188,8 +199,8 @@ def _validate_args(original, args, *rest, **kwargs):
     if _cpu_only():
         cpu_args(args)
     config = check_args(args)
-    relaxed = (config.cp > 1 and config.context_parallel_algo == ULYSSES and args.seq_length is not None
-               and args.seq_length % (2 * config.cp) != 0)
+    relaxed = (config.cp > 1 and args.seq_length is not None and args.seq_length % (2 * config.cp) != 0
+               and (config.context_parallel_algo == ULYSSES or config.attention_mask_type == "causal"))
     if relaxed:
         args.seq_length = _UnalignedSeqLength(args.seq_length)
         args.seq_length.modulus = 2 * config.cp
@@ -200,6 +211,12 @@ def _validate_args(original, args, *rest, **kwargs):
             if isinstance(getattr(args, name, None), _UnalignedSeqLength):
                 setattr(args, name, int(getattr(args, name)))
     megatron_adaptor.configure(args)
+    if config.cp > 1 and config.attention_mask_type == "causal" and getattr(args, "reset_attention_mask", False):
+        # packed documents: boundaries from the position resets, else after every EOD (the tokenizer's, read
+        # at the first batch); the dataloader's dense mask is dropped by get_batch_on_this_cp_rank
+        from .state import STATE
+
+        STATE.documents_from = "position_ids" if getattr(args, "reset_position_ids", False) else "eod"
     return result
 
 

@@ -38,6 +38,7 @@ rank), so a mismatch raises the same error on every rank, naming global ranks, i
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any, List, NamedTuple, Optional, Tuple
 
@@ -179,12 +180,21 @@ def _window_code(window: Optional[DoubleRingWindow], ring_group, P: int, r: int,
 _OPTS = 4 * _TCOLS  # where the options start in a row
 
 
-def _row(q, k, v, mask, causal, bnsd, overlap, K, window_code, dropout, dead, scale: float) -> List[int]:
+def _docs_sig(documents) -> List[int]:
+    """(tokens per ring rank, crc32 of the document lengths and layout): every rank must hold the same documents."""
+    if documents is None:
+        return [-1, -1]
+    key = repr((documents.cp, documents.ring, documents.lengths)).encode()
+    return [documents.padded_len // documents.ring, zlib.crc32(key)]
+
+
+def _row(q, k, v, mask, causal, bnsd, overlap, K, window_code, dropout, dead, scale: float,
+         documents=None) -> List[int]:
     """One rank's metadata row: q/k/v/mask signatures, then the options every rank must share."""
     p = -1 if dropout is None else dropout.threshold  # the quantised probability: ranks must agree on it
     return (_tensor_sig(q) + _tensor_sig(k) + _tensor_sig(v) + _tensor_sig(mask)
             + [int(causal), int(bnsd), int(overlap), K if isinstance(K, int) else -1, int(window_code), p,
-               DEAD_ROWS.index(dead) if dead in DEAD_ROWS else -1, float_bits(scale)])
+               DEAD_ROWS.index(dead) if dead in DEAD_ROWS else -1, float_bits(scale)] + _docs_sig(documents))
 
 
 def _describe(sig: List[int]) -> str:
@@ -196,17 +206,18 @@ def _describe(sig: List[int]) -> str:
         return f"{name} {[x for x in part[1:5] if x >= 0]}{'...' if part[0] > 4 else ''} {dtype} " \
                f"{device_name(part[7])}{grad}"
     parts = [t(n, sig[i * _TCOLS:(i + 1) * _TCOLS]) for i, n in enumerate(("q", "k", "v", "attention_mask"))]
-    causal, bnsd, overlap, K, _, p, dead, scale = sig[_OPTS:]
+    causal, bnsd, overlap, K, _, p, dead, scale, docs, docs_crc = sig[_OPTS:]
     drop = "none" if p < 0 else f"{p / (1 << 24):.4g}"
     dead = DEAD_ROWS[dead] if 0 <= dead < len(DEAD_ROWS) else "?"
     return (", ".join(parts) + f", causal={bool(causal)}, bnsd={bool(bnsd)}, overlap={bool(overlap)}, window={K}, "
-            f"dropout={drop}, dead_rows={dead}, softmax_scale={bits_float(scale):.6g}")
+            f"dropout={drop}, dead_rows={dead}, softmax_scale={bits_float(scale):.6g}"
+            + ("" if docs < 0 else f", documents {docs_crc:08x} ({docs} tokens per ring rank)"))
 
 
 def _problem(sig: List[int], P: int, window_info: dict) -> Optional[str]:
     """What is wrong with one rank's inputs (a pure function of its row), or None."""
     q, k, v, m = (sig[i * _TCOLS:(i + 1) * _TCOLS] for i in range(4))
-    causal, _, _, _, wcode, _, dead, scale = sig[_OPTS:]
+    causal, _, _, _, wcode, p, dead, scale, docs, _ = sig[_OPTS:]
     if dead < 0:
         return f"dead_rows must be one of {', '.join(DEAD_ROWS)}"
     if q[0] != 4 or k[0] != 4 or v[0] != 4:
@@ -225,6 +236,14 @@ def _problem(sig: List[int], P: int, window_info: dict) -> Optional[str]:
         return f"softmax_scale must be a positive finite number, got {bits_float(scale)}"
     if k[3] < 1 or n % k[3]:
         return f"query heads {n} are not a multiple of key/value heads {k[3]} (GQA needs heads % kv_heads == 0)"
+    if docs >= 0:
+        if not causal or m[0] >= 0 or p >= 0:
+            return ("documents= gives document-causal attention: pass causal=True, no attention_mask and no "
+                    "dropout (dropout with documents is not supported yet)")
+        if s != docs:
+            return (f"the documents lay out {docs} tokens per ring rank (Documents.shard), but q holds {s} "
+                    f"(every document padded to a multiple of 2 x ring size {P})")
+        return _WINDOW_PROBLEMS[wcode].format(**window_info) if wcode else None
     if (causal or m[0] >= 0) and s % 2:
         return (f"s_local {s} is odd: the zigzag layout gives each ring rank two equal chunks "
                 f"(--seq-length must be divisible by 2 x ring size {P})")
@@ -258,11 +277,11 @@ def _options(window, overlap_group) -> Tuple[int, bool]:
 
 
 def _validate(q, k, v, mask, causal, bnsd, overlap_group, window, ring_group, P: int, r: int, dropout,
-              dead, scale: float, agree_group=None) -> None:
+              dead, scale: float, agree_group=None, documents=None) -> None:
     """Agree on every rank's inputs (one all-gather), then raise the same error everywhere if any is off."""
     wcode, winfo = _window_code(window, ring_group, P, r, overlap_group)
     K, overlap = _options(window, overlap_group)
-    mine = _row(q, k, v, mask, causal, bnsd, overlap, K, wcode, dropout, dead, scale)
+    mine = _row(q, k, v, mask, causal, bnsd, overlap, K, wcode, dropout, dead, scale, documents)
     problem = _problem(mine, P, winfo)
     if problem:
         problem = f"{problem} (got {_describe(mine)})"
@@ -295,6 +314,22 @@ class _MaskBlocks:
 
     def block(self, j: int) -> Optional[Tensor]:
         return _zigzag_cols(self.mask, j, self.c, self.P) if self.any_masked[j] else None
+
+
+class _DocBlocks:
+    """Document-causal masks per KV block owner, built from :class:`mindspeed_cp.packing.Documents` one block at a
+    time (``[b, 1, s_local, s_local]``); the per-document zigzag leaves no block fully masked and no row dead."""
+
+    def __init__(self, documents, P: int, r: int) -> None:
+        self.documents, self.P = documents, P
+        self.positions = [documents.ring_positions(j) for j in range(P)]  # [b, s_local] padded positions
+        self.mine = self.positions[r]
+        self.all_masked = [False] * P
+        self.any_masked = [True] * P
+        self.dead = None
+
+    def block(self, j: int) -> Tensor:
+        return self.documents.block_mask(self.mine, self.positions[j])
 
 
 class _Plan:
@@ -514,7 +549,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, ring_group=None, *, causal: 
                    attention_mask: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
                    bnsd: bool = False, overlap_group=None, window: Optional[DoubleRingWindow] = None,
                    kernel=None, dropout=None, dead_rows: str = "zero", check_inputs: bool = True,
-                   agree_group=None) -> Tensor:
+                   agree_group=None, documents=None) -> Tensor:
     """Attention over the sequence shared by the ranks of ``ring_group`` (zigzag layout).
 
     q ``[s_local, b, n, d]``, k/v ``[s_local, b, nk, d]`` (``n % nk == 0``) -> out ``[s_local, b, n, d]``.
@@ -528,7 +563,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, ring_group=None, *, causal: 
     depend on P). ``dead_rows``: fully masked rows give 0 (``"zero"``) or the mean of V over every key
     (``"uniform"``, Megatron's local attention; see :mod:`mindspeed_cp.local`). ``check_inputs``: agree on
     every rank's inputs first (one small all-gather, see :mod:`mindspeed_cp.agree`); ``agree_group``: where
-    (default ``ring_group``; a gloo group over the same ranks keeps it off the device).
+    (default ``ring_group``; a gloo group over the same ranks keeps it off the device). ``documents``: a
+    :class:`mindspeed_cp.packing.Documents` (packed documents, per-document zigzag; its ``ring`` is this
+    ring's size): document-causal attention from document boundaries, ``causal=True``, no mask.
     """
     if ring_group is None:
         ring_group = dist.group.WORLD
@@ -540,9 +577,11 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, ring_group=None, *, causal: 
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if check_inputs:
         _validate(q, k, v, attention_mask, causal, bnsd, overlap_group, window, ring_group, P, r, dropout,
-                  dead_rows, scale, agree_group)
+                  dead_rows, scale, agree_group, documents)
     s_local = q.shape[0]
     masks = None if attention_mask is None else _MaskBlocks(attention_mask, P, r, s_local)
+    if documents is not None:
+        masks, causal = _DocBlocks(documents, P, r), False
     plan = _Plan(P=P, r=r, window=window, ring_group=ring_group, overlap_group=overlap_group,
                  causal=causal and attention_mask is None, bnsd=bnsd, scale=scale,
                  kernel=get_kernel(kernel, q.device), masks=masks, dropout=dropout, dead=dead_rows,

@@ -44,6 +44,11 @@ def token_indices(config: CPConfig, cp_rank: int, seq_len: int) -> torch.Tensor:
     if cp == 1:
         return torch.arange(seq_len)
     config._validate_seq(seq_len)
+    if config.uses_zigzag and seq_len % (2 * cp):
+        raise CPConfigError(
+            f"--seq-length {seq_len} is not divisible by 2 x --context-parallel-size {cp} = {2 * cp}: the zigzag "
+            f"split needs 2*CP equal chunks (the patched get_batch_on_this_cp_rank pads causal batches of any length "
+            f"at their end: mindspeed_cp.packing.Documents)")
     if not config.uses_zigzag:  # Ulysses: contiguous, possibly uneven
         return torch.tensor_split(torch.arange(seq_len), cp)[cp_rank]
     u = config.ulysses_size

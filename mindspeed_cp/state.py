@@ -47,6 +47,12 @@ class CPState:
         self.seq_len: Optional[int] = None
         self.warned_unsplit: bool = False
         self.timeout_minutes: Optional[float] = None  # configure(distributed_timeout_minutes=...)
+        # Packed documents (mindspeed_cp.packing): where get_batch_on_this_cp_rank reads the boundaries
+        # ("position_ids": restarts at 0, "eod": after every eod_token), and the Documents of the last batch,
+        # which every attention layer of the step uses.
+        self.documents_from: Optional[str] = None
+        self.eod_token: Optional[int] = None
+        self.documents = None
         self._agree = None
 
     # ------------------------------------------------------------ config
@@ -111,6 +117,7 @@ class CPState:
         self._agree = None
         self.layout = None
         self.seq_len = None
+        self.documents = None
 
     @property
     def agree_group(self):

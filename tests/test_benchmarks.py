@@ -139,3 +139,12 @@ def test_agreement_record(quick):
     for r in rows:  # one agreement per attention layer call (2 layers, forward only), Hybrid alone: two exchanges
         assert r["calls_per_step"] == 2 and r["exchanges_per_call"] == (2 if r["algo"] == "hybrid_two_groups" else 1)
         assert r["agree_us"] > 0 and 0 < r["share"] < 1
+
+
+def test_packing_record(quick):
+    out, _, _ = quick
+    with open(out / "packing.json") as f:
+        (rec,) = json.load(f)
+    assert rec["seq"] == 4096 and rec["cp"] == 4 and len(rec["rows"]) == 3
+    assert rec["summary"]["per_document_zigzag"]["worst"] <= 1.05 < rec["summary"]["global_zigzag"]["worst"]
+    assert 0 <= rec["summary"]["padding"]["worst"] <= 0.02

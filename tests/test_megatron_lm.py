@@ -55,7 +55,8 @@ def _run_cases(cases):
                 out["parsed"] = {k: getattr(args, k, "<missing>") for k in OUR_FLAGS}
                 validate_args(args, {})
             out.update(ok=True, seq_length=[type(args.seq_length).__name__, args.seq_length],
-                       configured=STATE.config.__dict__ if STATE.configured else None)
+                       configured=STATE.config.__dict__ if STATE.configured else None,
+                       documents_from=STATE.documents_from)
         except SystemExit as e:
             out.update(ok=False, exit=e.code, error=err.getvalue().strip().splitlines()[-1:])
         except Exception as e:  # noqa: BLE001 - reported to the test
@@ -117,6 +118,14 @@ CASES = [
     dict(name="ulysses_unaligned", world=8, argv=["--context-parallel-size", "4", "--seq-length", "66"]),
     dict(name="ring_unaligned", world=8, argv=["--context-parallel-size", "4", "--seq-length", "66",
                                                "--context-parallel-algo", "megatron_cp_algo"]),
+    dict(name="ring_unaligned_general", world=8, argv=["--context-parallel-size", "4", "--seq-length", "66",
+                                                       "--context-parallel-algo", "megatron_cp_algo",
+                                                       "--attention-mask-type", "general"]),
+    dict(name="ring_reset_mask", world=4, argv=["--context-parallel-size", "4", "--context-parallel-algo",
+                                                "megatron_cp_algo", "--reset-attention-mask", "--reset-position-ids"]),
+    dict(name="ring_reset_mask_pp", world=8, argv=["--context-parallel-size", "4", "--context-parallel-algo",
+                                                   "megatron_cp_algo", "--reset-attention-mask",
+                                                   "--pipeline-model-parallel-size", "2"]),
     dict(name="bad_heads", world=8, argv=["--context-parallel-size", "4", "--num-attention-heads", "6",
                                           "--hidden-size", "60"]),
     dict(name="bad_window", world=4, argv=["--context-parallel-size", "4", "--context-parallel-algo",
@@ -176,6 +185,15 @@ def test_all_flags_together(results):
     assert r["parsed"] == want and r["configured"] == want
 
 
+def test_packed_documents_and_any_length_are_accepted(results):
+    """--reset-attention-mask with the causal type: packed documents (boundaries from the position resets, else
+    from EOD tokens); Ring at a length 2 x CP does not divide: padded at its end per batch."""
+    assert results["ulysses_reset_mask"]["ok"] and results["ulysses_reset_mask"]["documents_from"] == "eod"
+    assert results["ring_reset_mask"]["ok"] and results["ring_reset_mask"]["documents_from"] == "position_ids"
+    r = results["ring_unaligned"]
+    assert r["ok"] and r["seq_length"] == ["int", 66] and r["documents_from"] is None, r
+
+
 def test_ulysses_accepts_seq_not_divisible_by_2cp(results):
     r = results["ulysses_unaligned"]
     assert r["ok"], r
@@ -183,13 +201,13 @@ def test_ulysses_accepts_seq_not_divisible_by_2cp(results):
 
 
 @pytest.mark.parametrize("name, flags", [
-    ("ring_unaligned", ["--seq-length 66", "2 x --context-parallel-size 4"]),
+    ("ring_unaligned_general", ["--seq-length 66", "2 x --context-parallel-size 4", "--attention-mask-type general"]),
+    ("ring_reset_mask_pp", ["--reset-attention-mask", "--pipeline-model-parallel-size"]),
     ("bad_heads", ["--num-attention-heads 6", "--context-parallel-size 4"]),
     ("bad_window", ["--cp-window-size 3"]),
     ("bad_ulysses_degree", ["--ulysses-degree-in-cp 3"]),
     ("bad_world", ["world size 6", "--context-parallel-size 4"]),
     ("te_impl", ["--transformer-impl local"]),
-    ("ulysses_reset_mask", ["--reset-attention-mask", "--attention-mask-type general"]),
     ("cp_comm_type", ["--cp-comm-type a2a", "--context-parallel-algo"]),
     ("unaligned_pp", ["--seq-length 66", "--pipeline-model-parallel-size 2"]),
     ("general_without_mask", ["--attention-mask-type general", "--no-create-attention-mask-in-dataloader"]),

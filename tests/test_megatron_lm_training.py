@@ -34,6 +34,8 @@ DIST_OPT = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-p
 VPP = ["--num-layers", "4", "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]
 RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
 SEQ511 = ["--seq-length", "511", "--max-position-embeddings", "512"]
+SEQ510 = ["--seq-length", "510", "--max-position-embeddings", "512"]
+DOCS = ["--reset-attention-mask", "--reset-position-ids", "--eod-mask-loss"]
 
 # name -> (ranks, pretrain_gpt.py flags after TINY_GPT)
 RUNS = {
@@ -58,6 +60,19 @@ RUNS = {
     "seq511_cp1": (2, [*SEQ511, "--context-parallel-size", "1"]),
     "seq511_ulysses2": (2, [*SEQ511, "--context-parallel-size", "2", *ULYSSES]),
     "ring2": (4, ["--context-parallel-size", "2", *RING]),
+    # packed documents: CP=1 applies the dataloader's dense document mask, CP runs build document-causal attention
+    # from the position resets (or, without a mask in the batch, from the EOD tokens); micro-batch 1
+    "docs_cp1": (4, [*DOCS, "--context-parallel-size", "1"]),
+    "docs_ulysses4": (4, [*DOCS, "--context-parallel-size", "4", *ULYSSES]),
+    "docs_ring4": (4, [*DOCS, "--context-parallel-size", "4", *RING]),
+    "docs_ring4_window2": (4, [*DOCS, "--context-parallel-size", "4", *RING, "--cp-window-size", "2"]),
+    "docs_hybrid4": (4, [*DOCS, "--context-parallel-size", "4", *HYBRID]),
+    "docs_ring4_eod": (4, ["--reset-attention-mask", "--eod-mask-loss", "--no-create-attention-mask-in-dataloader",
+                           "--context-parallel-size", "4", *RING]),
+    # any length for Ring / Hybrid: 510 is not a multiple of 2 x 4
+    "seq510_cp1": (4, [*SEQ510, "--context-parallel-size", "1"]),
+    "seq510_ring4": (4, [*SEQ510, "--context-parallel-size", "4", *RING]),
+    "seq510_hybrid4": (4, [*SEQ510, "--context-parallel-size", "4", *HYBRID]),
 }
 _DONE = {}
 
@@ -88,6 +103,9 @@ def assert_same(got, want, iterations=None):
     ("ring2_distopt", "cp1_distopt"), ("tp2_ulysses2", "tp2_cp1"), ("pp2_ring2", "pp2_cp1"),
     ("vpp_ring2", "vpp_cp1"), ("recompute_ring4", "recompute_cp1"), ("recompute_ulysses4", "recompute_cp1"),
     ("seq511_ulysses2", "seq511_cp1"),
+    ("docs_ulysses4", "docs_cp1"), ("docs_ring4", "docs_cp1"), ("docs_ring4_window2", "docs_cp1"),
+    ("docs_hybrid4", "docs_cp1"), ("docs_ring4_eod", "docs_cp1"),
+    ("seq510_ring4", "seq510_cp1"), ("seq510_hybrid4", "seq510_cp1"),
 ])
 def test_cp_run_equals_cp1(name, reference):
     assert_same(run(name), run(reference))

@@ -1,0 +1,220 @@
+"""Packed documents under CP: document-causal attention from document boundaries, never an S x S mask.
+
+A packed sample is several documents one after the other; a token attends to the earlier tokens of its own
+document only. :class:`Documents` holds the documents of a batch and the layout of their tokens over the
+CP ranks; every algorithm takes it (``documents=``) in place of a mask and builds, per computed block, the
+block's own mask from document ids and positions (the only O(s^2) object, one block at a time).
+
+Layout: **per-document zigzag** (MindSpeed's EOD reset, Transformer Engine's THD), chosen because a global
+zigzag is no longer balanced once documents cut the causal triangle, while this one is balanced for any
+document lengths: every document is padded at its end to a multiple of ``2R`` (R = ring size) and cut into
+``2R`` chunks; ring position ``j`` holds chunks ``j`` and ``2R-1-j`` of *every* document, so each rank gets
+the same share of every document's triangle. Hybrid then splits a ring position's tokens contiguously among
+its U Ulysses ranks (the sample is padded at its end to a multiple of ``2RU``), as for plain sequences.
+Ulysses needs no padding and no reordering: its ranks hold contiguous slices and the all-to-all
+re-assembles the whole sequence.
+
+    docs = Documents.from_lengths([[700, 1, 300]], cp=4, ring=4)   # one sample of 3 documents, Ring CP=4
+    x_local = docs.shard(x_full, rank)          # [S, b, ...] -> [s_local, b, ...], pads filled with 0
+    out = ring_attention(q, k, v, ring_group, documents=docs)
+    y_full = docs.unshard([y_rank0, y_rank1, ...])                 # the real tokens back in global order
+
+Padding is exact for causal attention: pads sit at the end of their document, so no real token sees them;
+pads attend within their document (never a fully masked row), are stripped by :meth:`unshard` and must be
+left out of the loss (``Documents.real`` is False there). Coordinates: ``padded`` positions number the
+tokens of the padded sample ``0..T-1`` (documents in order, each followed by its pads); a block's mask is
+``ids[q] != ids[k] or pos[k] > pos[q]`` on padded positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+__all__ = ["Documents", "lengths_from_cu_seqlens", "lengths_from_position_ids", "lengths_from_eod",
+           "layout_work"]
+
+
+def lengths_from_cu_seqlens(cu_seqlens: Sequence[int]) -> List[int]:
+    """``[0, 5, 9, 12]`` -> ``[5, 4, 3]`` (megatron-core THD's cumulative lengths)."""
+    cu = [int(x) for x in cu_seqlens]
+    if not cu or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {cu}")
+    return [b - a for a, b in zip(cu, cu[1:]) if b > a]
+
+
+def lengths_from_position_ids(position_ids: Tensor) -> List[List[int]]:
+    """Document lengths per sample from ``--reset-position-ids`` positions (a document starts where the position
+    is 0). ``position_ids`` ``[b, S]``."""
+    out = []
+    for row in position_ids.detach().cpu().tolist():
+        starts = [i for i, p in enumerate(row) if p == 0 or i == 0]
+        out.append([b - a for a, b in zip(starts, starts[1:] + [len(row)])])
+    return out
+
+
+def lengths_from_eod(tokens: Tensor, eod: int) -> List[List[int]]:
+    """Document lengths per sample from EOD tokens (Megatron's dataset: the EOD token ends its document)."""
+    out = []
+    for row in tokens.detach().cpu().tolist():
+        ends = [i + 1 for i, t in enumerate(row) if t == eod and i + 1 < len(row)] + [len(row)]
+        out.append([b - a for a, b in zip([0] + ends[:-1], ends)])
+    return out
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@dataclass
+class Documents:
+    """The documents of a batch and where their tokens live on the CP ranks (see the module docstring).
+
+    ``lengths[b]``: document lengths of sample b (sum = the sample's length S). ``cp`` ranks, ``ring`` of them
+    per ring (``cp // ring`` Ulysses ranks per ring position; ``ring = 1``: Ulysses only, no padding).
+    """
+
+    lengths: List[List[int]]
+    cp: int
+    ring: int
+
+    def __post_init__(self) -> None:
+        if not self.lengths or any(not row or min(row) < 1 for row in self.lengths):
+            raise ValueError(f"every sample needs documents of length >= 1, got {self.lengths}")
+        if len({sum(row) for row in self.lengths}) != 1:
+            raise ValueError(f"every sample of a batch must have the same length, got "
+                             f"{[sum(row) for row in self.lengths]}")
+        if self.cp < 1 or self.ring < 1 or self.cp % self.ring:
+            raise ValueError(f"ring size {self.ring} must divide the CP size {self.cp}")
+        self.seq_len = sum(self.lengths[0])
+        R, U = self.ring, self.cp // self.ring
+        m = 2 * R if R > 1 else 1
+        padded = [[_round_up(n, m) for n in row] for row in self.lengths]
+        total = max(sum(row) for row in padded)
+        self.padded_len = _round_up(total, m * U) if R > 1 else self.seq_len
+        # the tail of every sample becomes one more (pad-only) document
+        self.padded = [row + ([self.padded_len - sum(row)] if self.padded_len > sum(row) else []) for row in padded]
+        ids, source, order = [], [], []
+        for row_len, row_pad in zip(self.lengths, self.padded):
+            i_ids, i_src, start = [], [], 0
+            for d, p in enumerate(row_pad):
+                n = row_len[d] if d < len(row_len) else 0
+                i_ids += [d] * p
+                i_src += list(range(start, start + n)) + [-1] * (p - n)
+                start += n
+            ids.append(i_ids)
+            source.append(i_src)
+            order.append(self._order(row_pad))
+        self.ids = torch.tensor(ids, dtype=torch.int32)  # [b, T] document id of every padded position
+        self.source = torch.tensor(source, dtype=torch.long)  # [b, T] original position, -1 for a pad
+        self.order = torch.tensor(order, dtype=torch.long)  # [b, T] padded positions in rank order
+
+    def _order(self, row_pad: List[int]) -> List[int]:
+        """Padded positions in CP rank order: ring position j's tokens (chunks j and 2R-1-j of every document),
+        then j+1's; Ulysses ranks split each ring position's run contiguously."""
+        R = self.ring
+        if R == 1:
+            return list(range(self.padded_len))
+        runs = [[] for _ in range(R)]
+        start = 0
+        for p in row_pad:
+            c = p // (2 * R)
+            for j in range(R):
+                runs[j] += list(range(start + j * c, start + (j + 1) * c))
+                runs[j] += list(range(start + (2 * R - 1 - j) * c, start + (2 * R - j) * c))
+            start += p
+        return [x for run in runs for x in run]
+
+    # ------------------------------------------------------------------ where tokens are
+    @property
+    def ulysses(self) -> int:
+        return self.cp // self.ring
+
+    def local_len(self, rank: int) -> int:
+        if self.ring == 1:  # Ulysses: contiguous, possibly uneven
+            return len(torch.tensor_split(torch.arange(self.padded_len), self.cp)[rank])
+        return self.padded_len // self.cp
+
+    def positions(self, rank: int) -> Tensor:
+        """``[b, s_local]`` padded positions held by CP rank ``rank`` (ring position ``rank // U``)."""
+        if self.ring == 1:
+            return torch.tensor_split(self.order, self.cp, dim=1)[rank]
+        n = self.padded_len // self.cp
+        return self.order[:, rank * n:(rank + 1) * n]
+
+    def ring_positions(self, j: int) -> Tensor:
+        """``[b, T/R]`` padded positions of ring position ``j`` (its U Ulysses ranks' tokens, in order)."""
+        n = self.padded_len // self.ring
+        return self.order[:, j * n:(j + 1) * n]
+
+    def real(self, rank: int) -> Tensor:
+        """``[b, s_local]`` bool: which of the rank's tokens are real (False: a pad, keep it out of the loss)."""
+        return self.source.gather(1, self.positions(rank)) >= 0
+
+    def shard(self, x: Tensor, rank: int, seq_dim: int = 0, fill: float = 0) -> Tensor:
+        """This rank's tokens of ``x`` (the full sequence along ``seq_dim``, the batch at the other of dims 0/1),
+        pads filled with ``fill``: ``[S, b, ...] -> [s_local, b, ...]`` (or ``[b, S, ...] -> [b, s_local, ...]``)."""
+        batch_dim = 1 - seq_dim
+        src = self.source.gather(1, self.positions(rank)).to(x.device)  # [b, s_local]
+        xb = x.movedim(batch_dim, 0).movedim(seq_dim if seq_dim > batch_dim else seq_dim + 1, 1)  # [b, S, ...]
+        idx = src.clamp(min=0).reshape(src.shape + (1,) * (xb.dim() - 2)).expand(-1, -1, *xb.shape[2:])
+        out = xb.gather(1, idx)
+        out = out.masked_fill((src < 0).reshape(idx.shape[:2] + (1,) * (xb.dim() - 2)), fill)
+        return out.movedim(1, seq_dim if seq_dim > batch_dim else seq_dim + 1).movedim(0, batch_dim)
+
+    def unshard(self, parts: Sequence[Tensor], seq_dim: int = 0) -> Tensor:
+        """Every rank's tokens (``parts[rank]``, as :meth:`shard` gives them) -> the real tokens in global order."""
+        batch_dim = 1 - seq_dim
+        xs = [p.movedim(batch_dim, 0).movedim(seq_dim if seq_dim > batch_dim else seq_dim + 1, 1) for p in parts]
+        b = xs[0].shape[0]
+        full = xs[0].new_zeros((b, self.seq_len) + tuple(xs[0].shape[2:]))
+        for rank, x in enumerate(xs):
+            src = self.source.gather(1, self.positions(rank)).to(x.device)
+            for i in range(b):
+                keep = src[i] >= 0
+                full[i, src[i][keep]] = x[i][keep]
+        return full.movedim(1, seq_dim if seq_dim > batch_dim else seq_dim + 1).movedim(0, batch_dim)
+
+    # ------------------------------------------------------------------ masks, one block at a time
+    def block_mask(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """``[b, 1, sq, sk]`` bool, True = masked: key not in the query's document, or after it."""
+        ids = self.ids.to(q_pos.device)
+        qi, ki = ids.gather(1, q_pos), ids.gather(1, k_pos)
+        return ((qi[:, :, None] != ki[:, None, :]) | (k_pos[:, None, :] > q_pos[:, :, None]))[:, None]
+
+    def to(self, device) -> "Documents":
+        """The same documents with their index tensors on ``device`` (once per batch, not per layer)."""
+        self.ids, self.source, self.order = (t.to(device) for t in (self.ids, self.source, self.order))
+        return self
+
+    @classmethod
+    def from_lengths(cls, lengths, cp: int, ring: Optional[int] = None) -> "Documents":
+        """``lengths``: per sample, or one list for a batch of one. ``ring`` defaults to ``cp`` (Ring)."""
+        rows = [list(lengths)] if lengths and isinstance(lengths[0], int) else [list(r) for r in lengths]
+        return cls(rows, cp, cp if ring is None else ring)
+
+    # ------------------------------------------------------------------ accounting (benchmarks, docs)
+    def padding_overhead(self) -> float:
+        """Pad tokens / real tokens."""
+        return (self.padded_len - self.seq_len) / self.seq_len
+
+
+def layout_work(docs: Documents) -> List[int]:
+    """Unmasked (query, key) pairs each *ring position* computes, summed over the batch: the attention work a
+    document-causal ring does per rank (pads included, they are computed)."""
+    R = docs.ring
+    work = [0] * R
+    for row in docs.padded:
+        for p in row:
+            c = p // (2 * R) if R > 1 else p
+            if R == 1:
+                work[0] += p * (p + 1) // 2
+                continue
+            for j in range(R):
+                # rows: chunks j and 2R-1-j of this document; each row at chunk index x sees x*c + (1..c) keys
+                for x in (j, 2 * R - 1 - j):
+                    work[j] += c * x * c + c * (c + 1) // 2
+    return work
