@@ -438,6 +438,15 @@ def get_rotary_seq_len(original, self, *args, **kwargs):
     return n
 
 
+def rotary_forward(original, self, *args, **kwargs):
+    """Megatron caches RoPE tables by length (``lru_cache`` on ``RotaryEmbedding.forward``), this rank's slice
+    included; with packed documents (or a padded batch) the slice follows each batch's layout, so it is
+    computed afresh (once per model forward, not per layer)."""
+    if STATE.documents is not None:
+        return getattr(original, "__wrapped__", original)(self, *args, **kwargs)
+    return original(self, *args, **kwargs)
+
+
 def get_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
     """The rotary positions of the tokens this CP rank holds (contiguous, zigzag or hybrid)."""
     cfg = STATE.config

@@ -127,6 +127,10 @@ for _patch in (
           replace(attention.get_pos_emb_on_this_cp_rank),
           "RoPE positions of the tokens this rank holds, for every algorithm (Megatron's is zigzag only, and "
           "its index goes through .cuda())"),
+    Patch("megatron.core.models.common.embeddings.rotary_pos_embedding.RotaryEmbedding.forward",
+          wrap(attention.rotary_forward),
+          "RoPE's table is cached by length with this rank's slice in it; packed documents change the slice with "
+          "every batch, so the cache is bypassed for them"),
     Patch("megatron.core.models.common.embeddings.rotary_pos_embedding.RotaryEmbedding.get_rotary_seq_len",
           wrap(attention.get_rotary_seq_len),
           "RoPE table covers the global length when Ulysses lengths are unaligned (Megatron assumes s*CP)"),

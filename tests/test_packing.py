@@ -206,6 +206,12 @@ def _gpt_documents(case):
     init_parallel(cp=cp)
     model = build_gpt(heads=heads, kv_heads=kv, seq=S, seed=11)
     model.load_state_dict(state)
+    if case.get("before"):  # an earlier batch with other documents of the same padded length (RoPE's cache)
+        other = fixed_batch(batch=b, seq=S, seed=5)
+        other["position_ids"] = torch.cat([torch.arange(n) for n in case["before"]]).expand(b, S).contiguous()
+        prev = get_batch_on_this_cp_rank(other)
+        with torch.no_grad():
+            model(prev["tokens"], prev["position_ids"], None, labels=prev["labels"])
     local = get_batch_on_this_cp_rank(dict(batch))
     loss, grads = run(model, local)
     docs, rank = STATE.documents, ps.get_context_parallel_rank()
@@ -228,7 +234,8 @@ def _gpt_documents(case):
 GPT_DOC_CASES = [
     pytest.param(4, dict(cp=4, lengths=[7, 1, 30, 12], context_parallel_algo="ulysses_cp_algo", batch=2),
                  id="ulysses-cp4"),
-    pytest.param(4, dict(cp=4, lengths=[7, 1, 30, 12], context_parallel_algo="megatron_cp_algo"), id="ring-cp4"),
+    pytest.param(4, dict(cp=4, lengths=[7, 1, 30, 12], context_parallel_algo="megatron_cp_algo", before=[33, 17]),
+                 id="ring-cp4-after-another-batch"),
     pytest.param(4, dict(cp=4, lengths=[7, 1, 30, 12], context_parallel_algo="megatron_cp_algo", cp_window_size=2,
                          use_cp_send_recv_overlap=True), id="double-ring-cp4"),
     pytest.param(4, dict(cp=4, lengths=[7, 1, 30, 12], context_parallel_algo="hybrid_cp_algo",
