@@ -46,7 +46,9 @@ def count_blocks() -> Iterator[BlockStats]:
         _BLOCK_STATS.remove(stats)
 
 
-def record(phase: str, bn: int, sq: int, sk: int, causal: bool, mask: Optional[torch.Tensor]) -> None:
+def record(phase: str, bn: int, sq: int, sk: int, causal: bool, mask: Optional[torch.Tensor],
+           new_block: bool = True) -> None:
+    """Count one computed block (``new_block=False``: one more row tile of the block counted last)."""
     if not _BLOCK_STATS:
         return
     scores = bn * sq * sk
@@ -57,10 +59,10 @@ def record(phase: str, bn: int, sq: int, sk: int, causal: bool, mask: Optional[t
     else:
         masked = 0
     for st in _BLOCK_STATS:
-        st.blocks[phase] += 1
+        st.blocks[phase] += int(new_block)
         st.scores[phase] += scores
         st.masked[phase] += masked
-        st.empty[phase] += int(masked == scores)
+        st.empty[phase] += int(masked == scores and new_block)
 
 
 def record_skip(phase: str) -> None:

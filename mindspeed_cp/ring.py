@@ -50,7 +50,7 @@ from .block_stats import BlockStats, count_blocks
 from .block_stats import record as _record
 from .block_stats import record_skip as _record_skip
 from .kernels import acc_dtype, get_kernel, merge
-from .local import DEAD_ROWS, add_uniform_grad, uniform_rows
+from .local import DEAD_ROWS, DEFAULT_TILE, add_uniform_grad, uniform_rows
 from .ring_comm import RingExchanger
 
 Tensor = torch.Tensor
@@ -105,6 +105,8 @@ def _zigzag_cols(x: Tensor, j: int, c: int, ring_size: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ validation
+TILE = 256  # rows per tile of a masked block (general mask, documents): mask + bias <= 256 x s_local; tests set it small
+
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.bool)
 _FLOATS = _DTYPES[:4]  # codes 0..3
 _WINDOW_PROBLEMS = {
@@ -312,8 +314,8 @@ class _MaskBlocks:
         self.any_masked = [some[j] or some[2 * P - 1 - j] for j in range(P)]
         self.dead = mask.all(-1)  # [B, N, s_local]: this rank's rows that see no key at all
 
-    def block(self, j: int) -> Optional[Tensor]:
-        return _zigzag_cols(self.mask, j, self.c, self.P) if self.any_masked[j] else None
+    def block(self, j: int, rows: slice = slice(None)) -> Optional[Tensor]:
+        return _zigzag_cols(self.mask[..., rows, :], j, self.c, self.P) if self.any_masked[j] else None
 
 
 class _DocBlocks:
@@ -328,8 +330,8 @@ class _DocBlocks:
         self.any_masked = [True] * P
         self.dead = None
 
-    def block(self, j: int) -> Tensor:
-        return self.documents.block_mask(self.mine, self.positions[j])
+    def block(self, j: int, rows: slice = slice(None)) -> Tensor:
+        return self.documents.block_mask(self.mine[:, rows], self.positions[j])
 
 
 class _Plan:
@@ -381,7 +383,18 @@ class _Plan:
             return whole, whole, False, None
         if self.masks.all_masked[j]:
             return None
-        return whole, whole, False, self.masks.block(j)
+        return whole, whole, False, self.masks  # row tiles of it: _tiles
+
+    def tiles(self, blk, j: int, s: int):
+        """The block as (rows, cols, causal, mask, first) row tiles: a masked block is cut into ``TILE`` rows so
+        its mask (the fused kernel's additive bias) never exceeds TILE x s_local, whatever s_local is."""
+        rows, cols, causal, masks = blk
+        if not isinstance(masks, (_MaskBlocks, _DocBlocks)):
+            yield rows, cols, causal, masks, True
+            return
+        for i in range(0, s, TILE):
+            tile = slice(i, min(i + TILE, s))
+            yield tile, cols, False, masks.block(j, tile), i == 0
 
 
 def _pack_kv(k: Tensor, v: Tensor, bnsd: bool) -> Tensor:
@@ -409,13 +422,13 @@ def _forward_block(plan: _Plan, qb: Tensor, kv: Tensor, j: int, out: Tensor, lse
     if blk is None:
         _record_skip("forward")
         return
-    rows, cols, causal, mask = blk
     kb, vb = _kv_views(kv, plan.bnsd)
-    q_, k_ = qb[:, :, rows], kb[:, :, cols]
-    _record("forward", q_.shape[0] * q_.shape[1], q_.shape[2], k_.shape[2], causal, mask)
-    bo, bl = plan.kernel.forward(q_, k_, vb[:, :, cols], scale=plan.scale, causal=causal, mask=mask,
-                                 dropout=plan.dropout_block(j, rows, cols))
-    out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows], bo, bl)
+    for rows, cols, causal, mask, first in plan.tiles(blk, j, qb.shape[2]):
+        q_, k_ = qb[:, :, rows], kb[:, :, cols]
+        _record("forward", q_.shape[0] * q_.shape[1], q_.shape[2], k_.shape[2], causal, mask, first)
+        bo, bl = plan.kernel.forward(q_, k_, vb[:, :, cols], scale=plan.scale, causal=causal, mask=mask,
+                                     dropout=plan.dropout_block(j, rows, cols))
+        out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows], bo, bl)
 
 
 def _ring_forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
@@ -450,17 +463,17 @@ def _backward_block(plan: _Plan, qb, dob, ob, lse, kv, j: int, dq: Tensor, dkv: 
     if blk is None:
         _record_skip("backward")
         return
-    rows, cols, causal, mask = blk
     kb, vb = _kv_views(kv, plan.bnsd)
     dk, dv = _kv_views(dkv, plan.bnsd)
-    q_, k_ = qb[:, :, rows], kb[:, :, cols]
-    _record("backward", q_.shape[0] * q_.shape[1], q_.shape[2], k_.shape[2], causal, mask)
-    gq, gk, gv = plan.kernel.backward(dob[:, :, rows], q_, k_, vb[:, :, cols], ob[:, :, rows], lse[:, :, rows],
-                                      scale=plan.scale, causal=causal, mask=mask,
-                                      dropout=plan.dropout_block(j, rows, cols))
-    dq[:, :, rows] += gq
-    dk[:, :, cols] += gk
-    dv[:, :, cols] += gv
+    for rows, cols, causal, mask, first in plan.tiles(blk, j, qb.shape[2]):
+        q_, k_ = qb[:, :, rows], kb[:, :, cols]
+        _record("backward", q_.shape[0] * q_.shape[1], q_.shape[2], k_.shape[2], causal, mask, first)
+        gq, gk, gv = plan.kernel.backward(dob[:, :, rows], q_, k_, vb[:, :, cols], ob[:, :, rows], lse[:, :, rows],
+                                          scale=plan.scale, causal=causal, mask=mask,
+                                          dropout=plan.dropout_block(j, rows, cols))
+        dq[:, :, rows] += gq
+        dk[:, :, cols] += gk
+        dv[:, :, cols] += gv
 
 
 class _DkvTrail:

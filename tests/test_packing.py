@@ -46,8 +46,11 @@ def _cases(world, cases):
     from mindspeed_cp.ulysses import GatherSizeCalculator, UlyssesContextAttention
     from tests.attention_ref import reference_attention
 
-    rank, out = dist.get_rank(), []
+    import mindspeed_cp.ring as ring_module
+
+    rank, out, tile = dist.get_rank(), [], ring_module.TILE
     for case in cases:
+        ring_module.TILE = case.get("tile", tile)  # row tiles of masked blocks (small here: several per block)
         algo, lengths = case["algo"], case["lengths"]
         u, window = case.get("u", 1), case.get("window", 1)
         ring = 1 if algo == "ulysses" else world // u
@@ -77,6 +80,21 @@ def _cases(world, cases):
             attn = UlyssesContextAttention(lambda q_, k_, v_: local_attention(q_, k_, v_, documents=docs),
                                            STATE.group("ulysses"), gather_size_calculator=Size())
             o = attn(*local)
+        elif algo == "ring" and case.get("dense"):  # the same attention from a general mask (rows of this rank)
+            from mindspeed_cp.ring import zigzag_index
+
+            idx = zigzag_index(S, world, rank)
+            local = [t[idx].float().requires_grad_() for t in (q, k, v)]
+            o = ring_attention(*local, STATE.group("ring"), causal=False, attention_mask=mask[:, :, idx])
+            o.backward(dout[idx].float())
+            errs = {}
+            for name, got, want in (("out", o, ref), ("dq", local[0].grad, leaves[0].grad),
+                                    ("dk", local[1].grad, leaves[1].grad), ("dv", local[2].grad, leaves[2].grad)):
+                errs[name] = float((got.double() - want.detach()[idx]).abs().max() / want.abs().max())
+            errs["finite"], errs["s_local"] = bool(torch.isfinite(o).all()), o.shape[0]
+            out.append(errs)
+            ps.destroy_model_parallel()
+            continue
         elif algo == "ring":
             o = ring_attention(*local, STATE.group("ring"), documents=docs, window=_double_ring_window(cfg))
         else:
@@ -94,6 +112,7 @@ def _cases(world, cases):
         errs["s_local"] = o.shape[0]
         out.append(errs)
         ps.destroy_model_parallel()
+    ring_module.TILE = tile
     return out
 
 
@@ -110,6 +129,11 @@ def _plan(world):
     cases.append(dict(algo="ring", lengths=[[13, 1, 30, 6]], heads=8, kv_heads=2, seed=9))  # GQA
     if world == 4:
         cases.append(dict(algo="hybrid", lengths=[[13, 1, 30, 6]], u=2, heads=8, kv_heads=2, seed=9))
+        # masked blocks cut into row tiles of 4 (documents and a general mask), ragged last tile
+        cases += [dict(algo="ring", lengths=[[1, 17, 3, 29]], tile=4, seed=3),
+                  dict(algo="hybrid", lengths=[[1, 17, 3, 29]], u=2, tile=4, seed=3),
+                  dict(algo="ring", lengths=[[16, 24, 8]], dense=True, tile=5, seed=4),
+                  dict(algo="ring", lengths=[[16, 24, 8]], dense=True, seed=4)]
     return cases
 
 
