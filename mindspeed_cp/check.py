@@ -64,7 +64,13 @@ def summary(args: argparse.Namespace) -> dict:
            "ring_size": config.ring_size, "cp_window_size": config.cp_window_size, "config": config.describe()}
     if args.num_attention_heads is not None:
         out["attention_heads_per_rank"] = args.num_attention_heads // (tp * config.ulysses_size)
-    if args.seq_length is not None:
+    if args.seq_length is not None and config.uses_zigzag and args.seq_length % (2 * cp):
+        from .packing import Documents  # causal Ring/Hybrid at any length: padded at the end per batch
+
+        docs = Documents.from_lengths([args.seq_length], cp, config.ring_size)
+        out["tokens_per_cp_rank"] = [docs.local_len(0)]
+        out["padded_seq_length"] = docs.padded_len
+    elif args.seq_length is not None:
         from .sharding import local_lengths
 
         out["tokens_per_cp_rank"] = sorted(set(local_lengths(config, args.seq_length)))
@@ -79,7 +85,9 @@ def _text(s: dict) -> str:
     if "attention_heads_per_rank" in s:
         lines.append(f"  attention heads per rank inside attention: {s['attention_heads_per_rank']}")
     if "tokens_per_cp_rank" in s:
-        lines.append(f"  tokens per CP rank: {'/'.join(map(str, s['tokens_per_cp_rank']))}")
+        lines.append(f"  tokens per CP rank: {'/'.join(map(str, s['tokens_per_cp_rank']))}"
+                     + (f" (each batch padded at its end to {s['padded_seq_length']})" if "padded_seq_length" in s
+                        else ""))
     return "\n".join(lines) + "\n"
 
 

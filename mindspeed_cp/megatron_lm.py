@@ -108,7 +108,7 @@ def _megatron_conflicts(args: Any, config: CPConfig) -> None:
         docs or (_seq_length(args) or 0) % (2 * cp))
     if padded and (getattr(args, "pipeline_model_parallel_size", 1) or 1) > 1:
         raise CPConfigError(
-            f"{algo} pads {'every document (--reset-attention-mask)' if args.reset_attention_mask else 'the sequence'}"
+            f"{algo} pads {'every document (--reset-attention-mask)' if docs else 'the sequence'}"
             f" to a multiple of 2 x --context-parallel-size {cp}, so the tokens per rank vary from batch to batch, "
             f"but --pipeline-model-parallel-size sends fixed-shape activations between stages")
     if padded and getattr(args, "sequence_parallel", False):

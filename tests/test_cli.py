@@ -180,3 +180,27 @@ def test_patches_lists_megatron_targets():
     row = rows["megatron.core.parallel_state.initialize_model_parallel"]
     assert row["status"].startswith("applied") and row["why"]
     assert "megatron.core.parallel_state.destroy_model_parallel" in rows
+
+
+@pytest.mark.parametrize("args,want", [
+    (["--world-size", 4, "--cp", 4, "--cp-algo", "megatron_cp_algo", "--seq-length", 4096], "tokens per CP rank: 1024\n"),
+    (["--world-size", 4, "--cp", 4, "--cp-algo", "megatron_cp_algo", "--seq-length", 4094],
+     "tokens per CP rank: 1024 (each batch padded at its end to 4096)"),
+    (["--world-size", 8, "--cp", 8, "--cp-algo", "hybrid_cp_algo", "--ulysses-degree-in-cp", 2, "--seq-length", 1000],
+     "tokens per CP rank: 126 (each batch padded at its end to 1008)"),
+    (["--world-size", 3, "--cp", 3, "--seq-length", 1000], "tokens per CP rank: 333/334"),
+])
+def test_check_any_length(args, want):
+    res = run_cli("check", *args)
+    assert res.returncode == 0 and want in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("args,names", [
+    (["--world-size", 4, "--cp", 4, "--cp-algo", "megatron_cp_algo", "--seq-length", 4094, "--attention-mask-type",
+      "general"], ["--seq-length 4094", "--attention-mask-type general"]),
+    (["--world-size", 8, "--cp", 4, "--pp", 2, "--cp-algo", "megatron_cp_algo", "--seq-length", 4094],
+     ["--pipeline-model-parallel-size"]),
+])
+def test_check_refuses_what_padding_cannot_serve(args, names):
+    line = _one_error_line(run_cli("check", *args))
+    assert all(n in line for n in names), line
