@@ -18,16 +18,9 @@ import sys
 import time
 
 from .launch import launch
+from .scale import _status_kib as _kib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def _measure(variant: str, seq: int, heads: int, head_dim: int) -> dict:

@@ -50,7 +50,7 @@ from .block_stats import BlockStats, count_blocks
 from .block_stats import record as _record
 from .block_stats import record_skip as _record_skip
 from .kernels import acc_dtype, get_kernel, merge
-from .local import DEAD_ROWS, DEFAULT_TILE, add_uniform_grad, uniform_rows
+from .local import DEAD_ROWS, add_uniform_grad, uniform_rows
 from .ring_comm import RingExchanger
 
 Tensor = torch.Tensor
