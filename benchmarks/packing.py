@@ -12,7 +12,10 @@ rank computes (Ulysses splits the same work by heads, so only the ring level mat
 * ``contiguous``: S/CP consecutive tokens per rank (llama3-style all-gather CP) - for comparison.
 
 Reported: work imbalance (max / mean over ranks; goal <= 1.05) and padding overhead (pad tokens / real
-tokens; goal <= 2 %), worst sample and mean over samples.
+tokens; goal <= 2 %), worst sample and mean over samples. For the plugin's layout also what the ring really
+hands its kernels (``mindspeed_cp.packing.computed_scores``, row tiles of ``ring.TILE``): score elements
+computed (the key columns each tile's documents reach) against the useful ones and against whole blocks,
+their imbalance over ranks, and the row tiles skipped because they reach no key of an owner.
 """
 from __future__ import annotations
 
@@ -50,7 +53,8 @@ def _work_by_owner(lengths: List[int], owner) -> List[int]:
 
 
 def measure(seq: int = 32768, cp: int = 8, samples: int = 20, seed: int = 0) -> dict:
-    from mindspeed_cp.packing import Documents, layout_work
+    from mindspeed_cp.packing import Documents, computed_scores, layout_work
+    from mindspeed_cp.ring import TILE
 
     rng = random.Random(seed)
     rows = []
@@ -62,13 +66,19 @@ def measure(seq: int = 32768, cp: int = 8, samples: int = 20, seed: int = 0) -> 
         zig = _work_by_owner(lengths, lambda t: min(t // c, 2 * cp - 1 - t // c))
         cont = _work_by_owner(lengths, lambda t: t // (seq // cp))
         imb = lambda w: max(w) / (sum(w) / len(w))  # noqa: E731
+        tiles = computed_scores(docs, TILE)
         rows.append(dict(documents=len(lengths), shortest=min(lengths), longest=max(lengths),
                          per_document_zigzag=imb(mine), global_zigzag=imb(zig), contiguous=imb(cont),
-                         padding=docs.padding_overhead(), tokens_per_rank=docs.padded_len // cp))
-    summary = {k: {"worst": max(r[k] for r in rows), "mean": statistics.mean(r[k] for r in rows)}
-               for k in ("per_document_zigzag", "global_zigzag", "contiguous", "padding")}
-    return dict(seq=seq, cp=cp, samples=samples, mean_documents=statistics.mean(r["documents"] for r in rows),
-                summary=summary, rows=rows)
+                         padding=docs.padding_overhead(), tokens_per_rank=docs.padded_len // cp,
+                         computed_over_useful=sum(tiles["computed"]) / sum(mine),
+                         computed_over_full_blocks=sum(tiles["computed"]) / sum(tiles["full"]),
+                         computed_imbalance=imb(tiles["computed"]), skipped_tiles=sum(tiles["skipped_tiles"]),
+                         tiles=cp * cp * -(-(docs.padded_len // cp) // TILE)))
+    keys = ("per_document_zigzag", "global_zigzag", "contiguous", "padding", "computed_over_useful",
+            "computed_over_full_blocks", "computed_imbalance", "skipped_tiles")
+    summary = {k: {"worst": max(r[k] for r in rows), "mean": statistics.mean(r[k] for r in rows)} for k in keys}
+    return dict(seq=seq, cp=cp, samples=samples, tile=TILE,
+                mean_documents=statistics.mean(r["documents"] for r in rows), summary=summary, rows=rows)
 
 
 def main(argv=None) -> int:
@@ -85,7 +95,10 @@ def main(argv=None) -> int:
     print(f"packing S={args.seq} CP={args.cp}, {args.samples} samples of ~{res['mean_documents']:.0f} documents: "
           f"work imbalance per-document zigzag {s['per_document_zigzag']['worst']:.3f} (worst), global zigzag "
           f"{s['global_zigzag']['worst']:.2f}, contiguous {s['contiguous']['worst']:.2f}; padding "
-          f"{100 * s['padding']['mean']:.2f} % mean, {100 * s['padding']['worst']:.2f} % worst -> {args.out}")
+          f"{100 * s['padding']['mean']:.2f} % mean, {100 * s['padding']['worst']:.2f} % worst; the ring computes "
+          f"{s['computed_over_useful']['mean']:.2f}x the useful scores = {100 * s['computed_over_full_blocks']['mean']:.1f} % "
+          f"of whole blocks (imbalance {s['computed_imbalance']['worst']:.3f} worst), "
+          f"{s['skipped_tiles']['mean']:.0f} row tiles skipped per sample -> {args.out}")
     return 0
 
 

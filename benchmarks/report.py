@@ -31,7 +31,7 @@ def _mark(ok: bool) -> str:
 
 
 def markdown(records: List[dict], scale: Optional[List[dict]], machine: str, runtime_s: float,
-             notes: List[str]) -> str:
+             notes: List[str], packed: Optional[List[dict]] = None) -> str:
     lines = [
         "# CPU benchmark (gloo ranks, one thread each)", "",
         f"Machine: {machine}. Whole run: {runtime_s:.0f} s. CPU times are relative only.", "",
@@ -71,6 +71,21 @@ def markdown(records: List[dict], scale: Optional[List[dict]], machine: str, run
             lines.append(f"| {ALGO_NAME[s['algo']]}{' K=2' if s['algo'] == 'double_ring' else ''}"
                          f"{' U=2 x R=2' if s['algo'] == 'hybrid' else ''} | {s['max_seq']} | {s['stopped_by']} "
                          f"| {step} | {_gib(s['peak_rss_bytes_at_max'])} | {'-' if not est else f'~{est}'} |")
+    if packed:
+        lines += ["", "## Packed documents (per-document zigzag, arithmetic: benchmarks/packing.py)", "",
+                  "Lognormal document lengths (mean ~2k). Work = unmasked (query, key) pairs per rank; computed = "
+                  "score elements the ring hands its kernels (row tiles, key columns the tiles' documents reach).", "",
+                  "| S | CP | documents/sample | work imbalance (worst) | global zigzag | contiguous | padding mean / "
+                  "worst | computed / useful | computed / whole blocks | computed imbalance | tiles skipped |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for p in packed:
+            s = p["summary"]
+            lines.append(
+                f"| {p['seq']} | {p['cp']} | {p['mean_documents']:.0f} | {s['per_document_zigzag']['worst']:.3f} "
+                f"| {s['global_zigzag']['worst']:.2f} | {s['contiguous']['worst']:.2f} "
+                f"| {100 * s['padding']['mean']:.2f} % / {100 * s['padding']['worst']:.2f} % "
+                f"| {s['computed_over_useful']['mean']:.2f} | {100 * s['computed_over_full_blocks']['mean']:.1f} % "
+                f"| {s['computed_imbalance']['worst']:.3f} | {s['skipped_tiles']['mean']:.0f} |")
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

@@ -251,7 +251,7 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "scale.json" if args.name == "cpu" else f"{args.name}_scale.json"), "w") as f:
             json.dump(scale, f, indent=1)
     with open(stem + ".md", "w") as f:
-        f.write(report.markdown(records, scale, mach, runtime, notes))
+        f.write(report.markdown(records, scale, mach, runtime, notes, packed))
     pngs = report.plots(records, scale, args.out)
     met = sum(all(r["goals"].values()) for r in records)
     print(f"benchmarks: {len(records)} records, all goals met by {met}; {runtime:.0f} s; wrote {stem}.json, "

@@ -1,4 +1,4 @@
-"""Megatron glue: the core attention runs the configured CP algorithm; batches and RoPE follow its sharding.
+"""Megatron glue: the core attention runs the configured CP algorithm (batches and RoPE: :mod:`mindspeed_cp.batch`).
 
 Megatron's local-spec ``DotProductAttention`` refuses CP (it asserts ``context_parallel_size == 1``). With CP
 active, the patched constructor builds it as a CP=1 *local* attention and attaches a :class:`CPCoreAttention`
@@ -9,7 +9,9 @@ that the patched ``forward`` hands the call to:
 * ``megatron_cp_algo``: ring attention (zigzag causal or general mask) over the ring group;
 * ``hybrid_cp_algo``: Ulysses over the Ulysses group around ring attention over the ring group.
 
-Process groups come from :data:`mindspeed_cp.state.STATE`, looked up once per module at construction.
+Process groups come from :data:`mindspeed_cp.state.STATE`, looked up once per module at construction. A
+packed THD call (``packed_seq_params``, q/k/v ``[t, heads, d]``) runs as a batch of one with the documents its
+batch split recorded there.
 
 Attention dropout under Ulysses: Megatron draws it from the model-parallel RNG stream, seeded per *TP* rank
 only, so every CP rank would draw the same masks for its different heads (global heads j and j + h/CP always
@@ -29,8 +31,8 @@ from typing import Any, Optional
 
 import torch
 
+from .batch import check_packed
 from .config import HYBRID, RING, ULYSSES, CPConfig, CPConfigError
-from .sharding import batch_seq_len, split_batch, token_indices
 from .state import STATE
 from .ulysses import GatherSizeCalculator
 
@@ -169,7 +171,7 @@ class CPCoreAttention:
     def _documents():
         """The packed documents of the current batch (None unless ``configure(documents=...)``)."""
         if STATE.documents_from is None:
-            return STATE.documents  # None, or one document padded at its end (an unaligned Ring/Hybrid batch)
+            return STATE.documents  # None, or a THD batch's documents
         if STATE.documents is None:
             raise CPConfigError("packed documents (--reset-attention-mask / configure(documents=...)): no batch went "
                                 "through get_batch_on_this_cp_rank, so the document boundaries are unknown")
@@ -200,10 +202,13 @@ class CPCoreAttention:
 
     def __call__(self, module, local_forward, query, key, value, attention_mask, *args, **kwargs):
         cfg = self.config
+        thd = check_packed(kwargs.get("packed_seq_params", args[2] if len(args) > 2 else None), "attention")
+        if thd:  # a batch of one: [t, np, hn] -> [t, 1, np, hn]
+            query, key, value = (x.unsqueeze(1) for x in (query, key, value))
         s_local, b = query.shape[0], query.shape[1]
         algo = cfg.context_parallel_algo
         if algo == ULYSSES and self.megatron_only is not None:
-            if STATE.documents_from is not None:
+            if STATE.documents_from is not None or thd:
                 raise CPConfigError(f"packed documents under ulysses_cp_algo need the plugin's kernels, which cannot "
                                     f"follow this attention ({self.megatron_only})")
             _tell_once(self.megatron_only)
@@ -366,107 +371,3 @@ def core_attention_forward(original, self, query, key, value, attention_mask, *a
         return original(self, query, key, value, attention_mask, *args, **kwargs)
     local_forward = lambda *a, **kw: original(self, *a, **kw)  # noqa: E731
     return runner(self, local_forward, query, key, value, attention_mask, *args, **kwargs)
-
-
-def get_batch_on_this_cp_rank(original, batch, *args, **kwargs):
-    """Split tokens / labels / loss_mask / position_ids / attention_mask for the active algorithm."""
-    from megatron.core import parallel_state as ps
-
-    cp_group = kwargs.get("cp_group", args[0] if args else None)
-    size = cp_group.size() if cp_group is not None else ps.get_context_parallel_world_size()
-    if size == 1:
-        return batch
-    cfg = STATE.config
-    if cfg.cp != size:
-        raise CPConfigError(f"get_batch_on_this_cp_rank: CP group of {size} ranks but --context-parallel-size "
-                            f"{cfg.cp} is configured")
-    rank = cp_group.rank() if cp_group is not None else ps.get_context_parallel_rank()
-    seq_len = batch_seq_len(batch)
-    STATE.documents = None
-    if STATE.documents_from is not None:
-        return _split_documents(batch, cfg, rank)
-    if cfg.uses_zigzag and cfg.attention_mask_type == "causal" and seq_len % (2 * cfg.cp):
-        return _split_documents(batch, cfg, rank, whole=True)  # any length: one document, padded at its end
-    batch.update(split_batch(batch, cfg, rank, seq_len))
-    STATE.seq_len = seq_len  # Megatron's version updates the dict in place and returns it
-    return batch
-
-
-def _split_documents(batch, cfg: CPConfig, rank: int, whole: bool = False):
-    """Packed documents: this rank's tokens of the per-document zigzag layout (:mod:`mindspeed_cp.packing`), pads
-    with loss_mask 0; the dense document mask a dataloader may have built is dropped (never needed). ``whole``:
-    the sequence is one document (Ring/Hybrid at a length that 2 x CP does not divide: padded at its end, which
-    no real token sees under causal attention)."""
-    from .packing import Documents, lengths_from_eod, lengths_from_position_ids
-
-    if whole:
-        b, S = batch["tokens"].shape[:2]
-        lengths = [[S]] * b
-    elif STATE.documents_from == "position_ids":
-        if not isinstance(batch.get("position_ids"), torch.Tensor):
-            raise CPConfigError("packed documents from position_ids (--reset-position-ids): the batch has none")
-        lengths = lengths_from_position_ids(batch["position_ids"])
-    else:
-        if STATE.eod_token is None:  # Megatron-LM: the tokenizer's EOD
-            from megatron.training import get_tokenizer
-
-            STATE.eod_token = int(get_tokenizer().eod)
-        lengths = lengths_from_eod(batch["tokens"], STATE.eod_token)
-    ring = cfg.ring_size if cfg.uses_zigzag else 1
-    if ring > 1 and len({tuple(row) for row in lengths}) > 1:
-        raise CPConfigError(
-            f"packed documents under {cfg.context_parallel_algo}: the samples of a micro-batch have different "
-            f"documents, so each would need its own token layout (and RoPE positions); use --micro-batch-size 1")
-    docs = Documents(lengths, cfg.cp, ring)
-    device = batch["tokens"].device
-    for key, val in list(batch.items()):
-        if key == "attention_mask":
-            batch[key] = None
-        elif isinstance(val, torch.Tensor) and val.dim() >= 2:
-            batch[key] = docs.shard(val, rank, seq_dim=1, fill=0)
-    STATE.documents = docs.to(device)
-    STATE.seq_len = docs.padded_len
-    return batch
-
-
-def get_rotary_seq_len(original, self, *args, **kwargs):
-    """RoPE table length: the recorded global length when Ulysses lengths are unaligned."""
-    n = original(self, *args, **kwargs)
-    cfg = STATE.config
-    if cfg.cp > 1 and not cfg.uses_zigzag and STATE.seq_len is not None:
-        return max(n, STATE.seq_len)
-    return n
-
-
-def rotary_forward(original, self, *args, **kwargs):
-    """Megatron caches RoPE tables by length (``lru_cache`` on ``RotaryEmbedding.forward``), this rank's slice
-    included; with packed documents (or a padded batch) the slice follows each batch's layout, so it is
-    computed afresh (once per model forward, not per layer)."""
-    if STATE.documents is not None:
-        return getattr(original, "__wrapped__", original)(self, *args, **kwargs)
-    return original(self, *args, **kwargs)
-
-
-def get_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
-    """The rotary positions of the tokens this CP rank holds (contiguous, zigzag or hybrid)."""
-    cfg = STATE.config
-    size = cp_group.size()
-    if cfg.cp != size:
-        raise CPConfigError(f"RoPE: CP group of {size} ranks but --context-parallel-size {cfg.cp} is configured")
-    seq = pos_emb.shape[seq_dim]
-    docs = STATE.documents
-    if docs is not None:  # the original positions of this rank's tokens (pads: 0); one layout per micro-batch
-        idx = docs.source.gather(1, docs.positions(cp_group.rank()).to(docs.source.device))[0].clamp(min=0)
-        return pos_emb.index_select(seq_dim, idx.to(pos_emb.device))
-    if STATE.seq_len is not None:
-        if not cfg.uses_zigzag:
-            seq = STATE.seq_len
-    elif not STATE.warned_unsplit:
-        STATE.warned_unsplit = True
-        warnings.warn(
-            f"mindspeed-cp: RoPE runs before any batch went through the patched get_batch_on_this_cp_rank; "
-            f"positions assume this rank holds the tokens of {cfg.context_parallel_algo}'s layout "
-            f"(mindspeed_cp.sharding.token_indices). Import mindspeed_cp.megatron_adaptor before binding "
-            f"Megatron's get_batch_on_this_cp_rank.", stacklevel=2)
-    idx = token_indices(cfg, cp_group.rank(), seq).to(pos_emb.device)
-    return pos_emb.index_select(seq_dim, idx)

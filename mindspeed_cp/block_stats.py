@@ -22,6 +22,7 @@ class BlockStats:
         self.scores: Counter = Counter()   # (query, key) score elements of those blocks, b*n*sq*sk summed
         self.masked: Counter = Counter()   # of which masked (causal triangle, mask)
         self.skipped: Counter = Counter()  # blocks not computed because the mask hides all of them
+        self.skipped_tiles: Counter = Counter()  # row tiles of a documents block that reach no key of it
         self.empty: Counter = Counter()    # blocks computed although every score was masked (should be 0)
 
     def work(self, phase: str) -> int:
@@ -29,7 +30,8 @@ class BlockStats:
         return self.scores[phase] - self.masked[phase]
 
     def as_dict(self) -> dict:
-        return {k: dict(getattr(self, k)) for k in ("blocks", "scores", "masked", "skipped", "empty")}
+        return {k: dict(getattr(self, k)) for k in ("blocks", "scores", "masked", "skipped", "skipped_tiles",
+                                                      "empty")}
 
 
 _BLOCK_STATS: List[BlockStats] = []
@@ -65,9 +67,10 @@ def record(phase: str, bn: int, sq: int, sk: int, causal: bool, mask: Optional[t
         st.empty[phase] += int(masked == scores and new_block)
 
 
-def record_skip(phase: str) -> None:
+def record_skip(phase: str, tile: bool = False) -> None:
+    """Count one block (``tile=True``: one tile of a block) not computed."""
     for st in _BLOCK_STATS:
-        st.skipped[phase] += 1
+        (st.skipped_tiles if tile else st.skipped)[phase] += 1
 
 
 # ------------------------------------------------------------------------------------------ layout

@@ -65,11 +65,10 @@ def summary(args: argparse.Namespace) -> dict:
     if args.num_attention_heads is not None:
         out["attention_heads_per_rank"] = args.num_attention_heads // (tp * config.ulysses_size)
     if args.seq_length is not None and config.uses_zigzag and args.seq_length % (2 * cp):
-        from .packing import Documents  # causal Ring/Hybrid at any length: padded at the end per batch
+        from .sharding import padded_seq_len  # Ring/Hybrid at any length: padded at the end per batch
 
-        docs = Documents.from_lengths([args.seq_length], cp, config.ring_size)
-        out["tokens_per_cp_rank"] = [docs.local_len(0)]
-        out["padded_seq_length"] = docs.padded_len
+        out["padded_seq_length"] = padded_seq_len(config, args.seq_length)
+        out["tokens_per_cp_rank"] = [out["padded_seq_length"] // cp]
     elif args.seq_length is not None:
         from .sharding import local_lengths
 

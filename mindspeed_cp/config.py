@@ -247,16 +247,10 @@ class CPConfig:
                 f"(one must divide the other) ({algo})")
 
     def _validate_seq(self, seq: int) -> None:
-        algo, cp = self.context_parallel_algo, self.cp
-        if cp == 1:
-            return
-        if self.uses_zigzag:
-            if seq % (2 * cp) and self.attention_mask_type != "causal":
-                raise CPConfigError(
-                    f"--seq-length {seq} is not divisible by 2 x --context-parallel-size {cp} = {2 * cp} "
-                    f"({algo} splits the sequence into 2*CP zigzag chunks; with --attention-mask-type general the "
-                    f"mask would need pad rows - causal batches of any length are padded at their end)")
-        elif seq < cp:
+        cp = self.cp
+        if cp == 1 or self.uses_zigzag:  # Ring/Hybrid: any length, batches are padded at their end
+            return                        # (sharding.padded_seq_len)
+        if seq < cp:
             raise CPConfigError(
                 f"--seq-length {seq} is shorter than --context-parallel-size {cp}: every rank must hold "
                 f"at least one token (ulysses_cp_algo)")

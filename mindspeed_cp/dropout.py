@@ -79,8 +79,9 @@ class AttentionDropout:
         return int(round(self.p * (1 << _BITS)))
 
     def block(self, rows: Tensor, cols: Tensor, heads: Optional[Tensor] = None) -> "DropoutBlock":
-        """The dropout of one (query block, key block): global positions ``rows`` ``[sq]``, ``cols`` ``[sk]``
-        (and, for a subset of the call's heads, their global ids)."""
+        """The dropout of one (query block, key block): global positions ``rows`` ``[sq]``, ``cols`` ``[sk]``, or
+        per sample ``[b, sq]`` / ``[b, sk]`` (packed documents: each sample has its own layout), and, for a
+        subset of the call's heads, their global ids."""
         return DropoutBlock(self, rows, cols, self.heads if heads is None else heads)
 
     def for_heads(self, heads: Tensor) -> "AttentionDropout":
@@ -116,8 +117,9 @@ class DropoutBlock:
         h = self.heads.to(device=device, dtype=torch.int64)
         rows = self.rows.to(device=device, dtype=torch.int64)
         cols = self.cols.to(device=device, dtype=torch.int64)
+        rows, cols = (x if x.dim() == 2 else x[None] for x in (rows, cols))  # [b|1, sq], [b|1, sk]
         # [b, n] -> [b, n, sq] -> [b, n, sq, sk]: one mix per level, the last one per score
         base = mix64(mix64(seed + b[:, None] * _GOLDEN) + h[None, :] * _ODD)
-        row = mix64(base[:, :, None] ^ (rows * _GOLDEN)[None, None, :])
-        cell = mix64(row[..., None] ^ (cols * _ODD)[None, None, None, :])
+        row = mix64(base[:, :, None] ^ (rows * _GOLDEN)[:, None, :])
+        cell = mix64(row[..., None] ^ (cols * _ODD)[:, None, None, :])
         return _srl(cell, 64 - _BITS) >= self.spec.threshold

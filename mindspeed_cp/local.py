@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional, Tuple
 
 import torch
 
-from .block_stats import record
+from .block_stats import record, record_skip
 from .kernels import acc_dtype, dead_rows, get_kernel, merge
 
 Tensor = torch.Tensor
@@ -49,15 +49,22 @@ class _Plan:
     dead: str
     documents: Any = None  # mindspeed_cp.packing.Documents: document-causal masks per block
     positions: Optional[Tensor] = None  # [b, s] padded positions of the sequence's tokens (with documents)
+    keyed: Optional[Tensor] = None  # [s] or [b, s]: the positions attention dropout is keyed by
 
-    def blocks(self, s: int) -> Iterator[Tuple[slice, slice, bool]]:
-        """(query rows, key cols, causal) of every block to compute."""
+    def blocks(self, s: int, phase: str) -> Iterator[Tuple[slice, slice, bool]]:
+        """(query rows, key cols, causal) of every block to compute. With documents a row tile starts at the
+        first key its documents reach (:meth:`Documents.spans`): the tiles before it are skipped."""
         if self.tile is None:
             yield slice(None), slice(None), self.causal
             return
+        spans = None if self.documents is None else self.documents.spans(0, 0, self.tile)
         for i in range(0, s, self.tile):
             rows = slice(i, min(i + self.tile, s))
+            start = 0 if spans is None else spans[i // self.tile][0]  # never None: a row sees itself
             for j in range(0, i + 1 if self.causal else s, self.tile):
+                if j + self.tile <= start:
+                    record_skip(phase, tile=True)
+                    continue
                 yield rows, slice(j, min(j + self.tile, s)), self.causal and i == j
 
     def block_args(self, rows: slice, cols: slice, s: int, device) -> dict:
@@ -66,8 +73,7 @@ class _Plan:
             mask = self.documents.block_mask(self.positions[:, rows], self.positions[:, cols])
         drop = None
         if self.dropout is not None:
-            pos = torch.arange(s, device=device)
-            drop = self.dropout.block(pos[rows], pos[cols])
+            drop = self.dropout.block(self.keyed[..., rows], self.keyed[..., cols])
         return dict(scale=self.scale, mask=mask, dropout=drop)
 
 
@@ -115,7 +121,7 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tens
     else:
         out = torch.zeros((b, n, s, d), dtype=acc_dtype(q.dtype), device=q.device)
         lse = torch.full((b, n, s), -math.inf, dtype=acc_dtype(q.dtype), device=q.device)
-        for rows, cols, causal in plan.blocks(s):
+        for rows, cols, causal in plan.blocks(s, "forward"):
             args = plan.block_args(rows, cols, s, q.device)
             record("forward", b * n, rows.stop - rows.start, cols.stop - cols.start, causal, args["mask"])
             bo, bl = plan.kernel.forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], causal=causal, **args)
@@ -136,7 +142,7 @@ def _backward(plan: _Plan, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Ten
         dq = torch.zeros(q.shape, dtype=dt, device=q.device)
         dk = torch.zeros(k.shape, dtype=dt, device=q.device)
         dv = torch.zeros(v.shape, dtype=dt, device=q.device)
-        for rows, cols, causal in plan.blocks(s):
+        for rows, cols, causal in plan.blocks(s, "backward"):
             args = plan.block_args(rows, cols, s, q.device)
             record("backward", b * n, rows.stop - rows.start, cols.stop - cols.start, causal, args["mask"])
             gq, gk, gv = plan.kernel.backward(dout[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols],
@@ -197,8 +203,8 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, att
         dropout = None
     positions = None
     if documents is not None:
-        if not causal or mask is not None or dropout is not None:
-            raise ValueError("documents= gives document-causal attention: causal=True, no attention_mask, no dropout")
+        if not causal or mask is not None:
+            raise ValueError("documents= gives document-causal attention: causal=True and no attention_mask")
         if documents.ring != 1:
             raise ValueError(f"local_attention takes the Ulysses layout of documents (ring 1), got ring {documents.ring}")
         if documents.padded_len != s:
@@ -209,4 +215,6 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, att
     plan = _Plan(causal=causal, mask=mask, scale=softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5,
                  kernel=kern, dropout=dropout, tile=(tile or DEFAULT_TILE) if blocked else None, dead=dead_rows,
                  documents=documents, positions=positions)
+    if dropout is not None:  # keyed by position in the unpadded sample (documents: pads numbered after it)
+        plan.keyed = torch.arange(s, device=q.device) if documents is None else documents.original(positions)
     return LocalAttentionFunction.apply(q, k, v, plan)

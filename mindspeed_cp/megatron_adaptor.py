@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from . import attention, device, megatron_lm
+from . import attention, batch, device, megatron_lm
 from .config import CPConfig, CPConfigError
 from .patching import Patch, PatchRegistry, replace, wrap
 from .state import STATE, CPStateError
@@ -119,20 +119,27 @@ for _patch in (
           "also seed one attention-dropout stream per CP rank for the Ulysses level (Megatron's stream is seeded "
           "per TP rank only: every CP rank would drop the same positions of its different heads)"),
     # sharding
-    Patch("megatron.core.utils.get_batch_on_this_cp_rank", wrap(attention.get_batch_on_this_cp_rank),
+    Patch("megatron.core.utils.get_batch_on_this_cp_rank", wrap(batch.get_batch_on_this_cp_rank),
           "split the batch per algorithm: contiguous (Ulysses, unaligned lengths too), zigzag (ring), "
-          "zigzag then contiguous (hybrid); records the global length. In place: a name imported before "
-          "the plugin would otherwise split Megatron's way", inplace=True),
+          "zigzag then contiguous (hybrid), per-document zigzag for packed documents; records the layout. In "
+          "place: a name imported before the plugin would otherwise split Megatron's way", inplace=True),
+    Patch("megatron.core.utils.get_thd_batch_on_this_cp_rank", wrap(batch.get_thd_batch_on_this_cp_rank),
+          "packed THD batches (cu_seqlens): the per-document layout of every algorithm instead of TE's "
+          "(Megatron's needs TE for CP > 1), the same PackedSeqParams back; in place, as above", inplace=True),
     Patch("megatron.core.models.common.embeddings.rope_utils.get_pos_emb_on_this_cp_rank",
-          replace(attention.get_pos_emb_on_this_cp_rank),
+          replace(batch.get_pos_emb_on_this_cp_rank),
           "RoPE positions of the tokens this rank holds, for every algorithm (Megatron's is zigzag only, and "
           "its index goes through .cuda())"),
+    Patch("megatron.core.models.common.embeddings.rope_utils.apply_rotary_pos_emb",
+          wrap(batch.apply_rotary_pos_emb),
+          "THD RoPE under CP: positions per document for the plugin's layout (Megatron's THD branch and TE's fused "
+          "kernel assume TE's zigzag over the whole CP group, and read cu_seqlens on the host every layer)"),
     Patch("megatron.core.models.common.embeddings.rotary_pos_embedding.RotaryEmbedding.forward",
-          wrap(attention.rotary_forward),
+          wrap(batch.rotary_forward),
           "RoPE's table is cached by length with this rank's slice in it; packed documents change the slice with "
           "every batch, so the cache is bypassed for them"),
     Patch("megatron.core.models.common.embeddings.rotary_pos_embedding.RotaryEmbedding.get_rotary_seq_len",
-          wrap(attention.get_rotary_seq_len),
+          wrap(batch.get_rotary_seq_len),
           "RoPE table covers the global length when Ulysses lengths are unaligned (Megatron assumes s*CP)"),
     *device.PATCHES,
     *megatron_lm.PATCHES,

@@ -9,8 +9,9 @@ so an unmodified ``pretrain_gpt.py`` runs the configured algorithm once the adap
 
 Megatron-LM's own context-parallel rules and what happens to them (0.16.1, ``megatron/training/arguments.py``):
 
-* ``seq_length % (2*CP) == 0`` (its zigzag) - kept for ring / hybrid (the same rule), relaxed for
-  ``ulysses_cp_algo``, which only needs ``seq_length >= CP`` (unaligned lengths are split unevenly).
+* ``seq_length % (2*CP) == 0`` (its zigzag) - relaxed: ring / hybrid pad each batch at its end to the next
+  multiple (``sharding.padded_seq_len``; exact, pads out of the loss), ``ulysses_cp_algo`` only needs
+  ``seq_length >= CP`` (unaligned lengths are split unevenly).
 * ``world_size % (TP*PP*CP)`` - checked by us first with flag names, then by Megatron.
 * CP needs Transformer Engine's attention (TE spec) for Megatron's own CP - mindspeed-cp runs its algorithms
   in the local spec's core attention, so CP > 1 requires ``--transformer-impl local`` (refused otherwise:
@@ -28,7 +29,7 @@ import argparse
 import inspect
 from typing import Any, List, Optional
 
-from . import attention
+from . import batch
 from .config import ALGORITHMS, MASK_TYPES, ULYSSES, CPConfig, CPConfigError
 from .patching import Patch, replace, wrap
 
@@ -104,8 +105,7 @@ def _megatron_conflicts(args: Any, config: CPConfig) -> None:
         raise CPConfigError(
             "--reset-attention-mask with --context-parallel-size > 1 (packed documents) reads the document boundaries "
             "from the batch, which later pipeline stages do not receive: --pipeline-model-parallel-size 1 for now")
-    padded = config.uses_zigzag and config.attention_mask_type == "causal" and (
-        docs or (_seq_length(args) or 0) % (2 * cp))
+    padded = config.uses_zigzag and (docs or (_seq_length(args) or 0) % (2 * cp))
     if padded and (getattr(args, "pipeline_model_parallel_size", 1) or 1) > 1:
         raise CPConfigError(
             f"{algo} pads {'every document (--reset-attention-mask)' if docs else 'the sequence'}"
@@ -192,15 +192,14 @@ def cpu_args(args: Any) -> List[str]:
 
 
 def _validate_args(original, args, *rest, **kwargs):
-    """Our checks first (flag names), then Megatron's (its zigzag length rule relaxed for Ulysses), then
+    """Our checks first (flag names), then Megatron's (its zigzag length rule relaxed), then
     ``configure(args)`` with the finished namespace. Without an accelerator, :func:`cpu_args` first."""
     from . import megatron_adaptor
 
     if _cpu_only():
         cpu_args(args)
     config = check_args(args)
-    relaxed = (config.cp > 1 and args.seq_length is not None and args.seq_length % (2 * config.cp) != 0
-               and (config.context_parallel_algo == ULYSSES or config.attention_mask_type == "causal"))
+    relaxed = config.cp > 1 and args.seq_length is not None and args.seq_length % (2 * config.cp) != 0
     if relaxed:
         args.seq_length = _UnalignedSeqLength(args.seq_length)
         args.seq_length.modulus = 2 * config.cp
@@ -264,16 +263,6 @@ def _training_split_is_own() -> bool:
     except (ImportError, AttributeError):
         return True  # Patch.apply reports the absent target
     return getattr(fn, "__module__", None) != "megatron.core.utils"
-
-
-def _refuse_thd(original, *args, **kwargs):
-    from .state import STATE
-
-    if STATE.config.cp > 1:
-        raise CPConfigError(
-            f"packed sequences (THD: cu_seqlens in the batch, e.g. --sft or sequence packing) are not supported by "
-            f"--context-parallel-algo {STATE.config.context_parallel_algo}; use unpacked [b, s] batches")
-    return original(*args, **kwargs)
 
 
 def _token_balanced(loss_func, cp_group):
@@ -461,12 +450,10 @@ PATCHES: List[Patch] = [
     Patch(f"{_ARGS}.validate_args", wrap(_validate_args),
           "check the CP flags first (errors name them; TE / --cp-comm-type / dropout conflicts), relax Megatron's "
           "seq % (2*CP) rule for Ulysses, then configure(args) with the parsed namespace"),
-    Patch(_TRAINING_SPLIT, wrap(attention.get_batch_on_this_cp_rank),
+    Patch(_TRAINING_SPLIT, wrap(batch.get_batch_on_this_cp_rank),
           "pretrain_gpt.py takes the batch split from megatron.training.utils: where that is Megatron-LM's own "
           "copy, split per algorithm too (0.16.1 re-exports megatron.core.utils', patched there)",
           when=_training_split_is_own, when_doc="megatron.training.utils defines its own split"),
-    Patch("megatron.core.utils.get_thd_batch_on_this_cp_rank", wrap(_refuse_thd),
-          "packed (THD) batches on pretrain_gpt.py's path: refused with CP > 1 instead of split for TE's zigzag"),
     Patch(_SCHED, wrap(_forward_step_calc_loss),
           "normalise each CP rank's loss by the CP group's token count (all-reduced), not its own: exact with "
           "uneven tokens per rank (unaligned Ulysses, loss masks); --calculate-per-token-loss is left alone",

@@ -28,14 +28,14 @@ tokens of the padded sample ``0..T-1`` (documents in order, each followed by its
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 Tensor = torch.Tensor
 
 __all__ = ["Documents", "lengths_from_cu_seqlens", "lengths_from_position_ids", "lengths_from_eod",
-           "layout_work"]
+           "layout_work", "computed_scores"]
 
 
 def lengths_from_cu_seqlens(cu_seqlens: Sequence[int]) -> List[int]:
@@ -97,20 +97,25 @@ class Documents:
         self.padded_len = _round_up(total, m * U) if R > 1 else self.seq_len
         # the tail of every sample becomes one more (pad-only) document
         self.padded = [row + ([self.padded_len - sum(row)] if self.padded_len > sum(row) else []) for row in padded]
-        ids, source, order = [], [], []
+        ids, source, inside, order = [], [], [], []
         for row_len, row_pad in zip(self.lengths, self.padded):
-            i_ids, i_src, start = [], [], 0
+            i_ids, i_src, i_in, start = [], [], [], 0
             for d, p in enumerate(row_pad):
                 n = row_len[d] if d < len(row_len) else 0
                 i_ids += [d] * p
                 i_src += list(range(start, start + n)) + [-1] * (p - n)
+                i_in += range(p)
                 start += n
             ids.append(i_ids)
             source.append(i_src)
+            inside.append(i_in)
             order.append(self._order(row_pad))
         self.ids = torch.tensor(ids, dtype=torch.int32)  # [b, T] document id of every padded position
         self.source = torch.tensor(source, dtype=torch.long)  # [b, T] original position, -1 for a pad
         self.order = torch.tensor(order, dtype=torch.long)  # [b, T] padded positions in rank order
+        self.inside = torch.tensor(inside, dtype=torch.long)  # [b, T] position inside its document (pads count on)
+        self._host = (self.ids, self.order)  # CPU copies for planning (spans), whatever device .to() moves to
+        self._rope, self._spans = {}, {}
 
     def _order(self, row_pad: List[int]) -> List[int]:
         """Padded positions in CP rank order: ring position j's tokens (chunks j and 2R-1-j of every document),
@@ -150,6 +155,27 @@ class Documents:
         n = self.padded_len // self.ring
         return self.order[:, j * n:(j + 1) * n]
 
+    def rope_index(self, rank: int, table: int) -> Tensor:
+        """``[s_local]`` rows of a RoPE table of ``table`` positions for rank ``rank``'s tokens of sample 0, as
+        megatron-core's THD RoPE reads them: positions restart at every document, or, when the table covers the
+        whole row (``table == seq_len``), run through it. Pads take the last row (no real token sees them)."""
+        key = (rank, table)
+        if key not in self._rope:
+            pos = self.positions(rank)[0]
+            if table == self.seq_len:
+                idx = self.source[0].gather(0, pos).clamp(min=0)
+            else:
+                idx = self.inside[0].gather(0, pos).clamp(max=table - 1)
+            self._rope[key] = idx
+        return self._rope[key]
+
+    def original(self, padded: Tensor) -> Tensor:
+        """``[b, n]`` padded positions -> the tokens' positions in the unpadded sample, pads numbered after it
+        (``seq_len + padded position``, all distinct): what attention dropout is keyed by, so a document's drops
+        are those of the same tokens unpacked on one device."""
+        src = self.source.gather(1, padded)
+        return torch.where(src >= 0, src, padded + self.seq_len)
+
     def real(self, rank: int) -> Tensor:
         """``[b, s_local]`` bool: which of the rank's tokens are real (False: a pad, keep it out of the loss)."""
         return self.source.gather(1, self.positions(rank)) >= 0
@@ -178,6 +204,36 @@ class Documents:
                 full[i, src[i][keep]] = x[i][keep]
         return full.movedim(1, seq_dim if seq_dim > batch_dim else seq_dim + 1).movedim(0, batch_dim)
 
+    def spans(self, qj: int, kj: int, tile: int) -> List[Optional[Tuple[int, int]]]:
+        """Which keys of ring position ``kj`` each row tile of ring position ``qj`` can see: per tile of ``tile``
+        rows the column range ``(a, e)`` that holds every (same document, not later) key of any of its rows,
+        over all samples, or None when it sees none. Both hold their tokens in document order, so the range is
+        short (the tile's documents); outside it every score is masked and is never computed. Host work on
+        the CPU copies, once per batch and (qj, kj, tile) - cached, never per layer."""
+        key = (qj, kj, tile)
+        if key not in self._spans:
+            ids, order = self._host
+            n = self.padded_len // self.ring
+            qpos, kpos = order[:, qj * n:(qj + 1) * n], order[:, kj * n:(kj + 1) * n]  # each increasing
+            nt, D = -(-n // tile), int(ids.max()) + 1
+            t = torch.arange(n) // tile
+            first, last = torch.full((nt,), n), torch.full((nt,), -1)
+            for b in range(ids.shape[0]):
+                # latest[t, d]: the last row position of document d in tile t; the keys of d it sees are those
+                # of d's keys not after it - a prefix of d's run of keys, since keys are in position order
+                latest = torch.full((nt * D,), -1, dtype=torch.long)
+                latest.scatter_reduce_(0, t * D + ids[b].gather(0, qpos[b]).long(), qpos[b], reduce="amax")
+                latest = latest.view(nt, D)
+                start = torch.zeros(D + 1, dtype=torch.long)
+                start[1:] = torch.bincount(ids[b].gather(0, kpos[b]).long(), minlength=D).cumsum(0)
+                seen = (torch.searchsorted(kpos[b], latest, right=True) - start[:-1]).clamp(min=0)
+                seen = torch.minimum(seen, start[1:] - start[:-1])  # [tiles, documents]: keys seen
+                hit = seen > 0
+                first = torch.minimum(first, torch.where(hit, start[:-1], n).amin(1))
+                last = torch.maximum(last, torch.where(hit, start[:-1] + seen - 1, -1).amax(1))
+            self._spans[key] = [(a, e + 1) if e >= 0 else None for a, e in zip(first.tolist(), last.tolist())]
+        return self._spans[key]
+
     # ------------------------------------------------------------------ masks, one block at a time
     def block_mask(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """``[b, 1, sq, sk]`` bool, True = masked: key not in the query's document, or after it."""
@@ -187,7 +243,9 @@ class Documents:
 
     def to(self, device) -> "Documents":
         """The same documents with their index tensors on ``device`` (once per batch, not per layer)."""
-        self.ids, self.source, self.order = (t.to(device) for t in (self.ids, self.source, self.order))
+        self.ids, self.source, self.order, self.inside = (
+            t.to(device) for t in (self.ids, self.source, self.order, self.inside))
+        self._rope = {}
         return self
 
     @classmethod
@@ -218,3 +276,22 @@ def layout_work(docs: Documents) -> List[int]:
                 for x in (j, 2 * R - 1 - j):
                     work[j] += c * x * c + c * (c + 1) // 2
     return work
+
+
+def computed_scores(docs: Documents, tile: int) -> dict:
+    """What a documents ring hands its kernels per ring position (the spans are the union over the batch's
+    samples): ``computed`` score elements (tile rows x the key columns the tile's
+    documents reach, over every KV owner), ``full`` (every block whole, as without spans) and ``skipped_tiles``
+    (row tiles that reach no key of an owner). Per head; pads included."""
+    R = docs.ring
+    n = docs.padded_len // R
+    computed, skipped = [0] * R, [0] * R
+    for r in range(R):
+        for j in range(R):
+            for t, span in enumerate(docs.spans(r, j, tile)):
+                rows = min(tile, n - t * tile)
+                if span is None:
+                    skipped[r] += 1
+                else:
+                    computed[r] += rows * (span[1] - span[0])
+    return {"computed": computed, "full": [n * n * R] * R, "skipped_tiles": skipped}

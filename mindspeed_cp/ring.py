@@ -239,9 +239,8 @@ def _problem(sig: List[int], P: int, window_info: dict) -> Optional[str]:
     if k[3] < 1 or n % k[3]:
         return f"query heads {n} are not a multiple of key/value heads {k[3]} (GQA needs heads % kv_heads == 0)"
     if docs >= 0:
-        if not causal or m[0] >= 0 or p >= 0:
-            return ("documents= gives document-causal attention: pass causal=True, no attention_mask and no "
-                    "dropout (dropout with documents is not supported yet)")
+        if not causal or m[0] >= 0:
+            return "documents= gives document-causal attention: pass causal=True and no attention_mask"
         if s != docs:
             return (f"the documents lay out {docs} tokens per ring rank (Documents.shard), but q holds {s} "
                     f"(every document padded to a multiple of 2 x ring size {P})")
@@ -323,15 +322,19 @@ class _DocBlocks:
     time (``[b, 1, s_local, s_local]``); the per-document zigzag leaves no block fully masked and no row dead."""
 
     def __init__(self, documents, P: int, r: int) -> None:
-        self.documents, self.P = documents, P
+        self.documents, self.P, self.r = documents, P, r
         self.positions = [documents.ring_positions(j) for j in range(P)]  # [b, s_local] padded positions
         self.mine = self.positions[r]
         self.all_masked = [False] * P
         self.any_masked = [True] * P
         self.dead = None
 
-    def block(self, j: int, rows: slice = slice(None)) -> Tensor:
-        return self.documents.block_mask(self.mine[:, rows], self.positions[j])
+    def span(self, j: int, tile: int) -> Optional[Tuple[int, int]]:
+        """The key columns of owner ``j`` that row tile ``tile`` (of TILE rows) can see; None: none."""
+        return self.documents.spans(self.r, j, TILE)[tile]
+
+    def block(self, j: int, rows: slice = slice(None), cols: slice = slice(None)) -> Tensor:
+        return self.documents.block_mask(self.mine[:, rows], self.positions[j][:, cols])
 
 
 class _Plan:
@@ -344,9 +347,12 @@ class _Plan:
         self.dropout, self.seq_len = dropout, seq_len
         # fully masked rows (general masks only) averaging V over all keys: Megatron's local attention
         self.dead = masks.dead if dead == "uniform" and masks is not None else None
-        # global positions of every ring position's tokens (dropout masks are keyed by them)
-        self.positions = ([zigzag_index(seq_len, P, j, device) for j in range(P)] if dropout is not None
-                          else None)
+        # global positions of every ring position's tokens (dropout masks are keyed by them): [s_local], or
+        # [b, s_local] with documents (their positions in the unpadded sample)
+        self.positions = None
+        if dropout is not None:
+            self.positions = ([masks.documents.original(p) for p in masks.positions] if isinstance(masks, _DocBlocks)
+                              else [zigzag_index(seq_len, P, j, device) for j in range(P)])
         if window is None or window.size == 1:
             # plain ring = one inner ring over the whole group, no outer level
             self.K, self.W = P, 1
@@ -368,7 +374,7 @@ class _Plan:
         """The dropout of this rank's block with KV owner ``j`` (its ``rows`` x ``cols``), or None."""
         if self.dropout is None:
             return None
-        return self.dropout.block(self.positions[self.r][rows], self.positions[j][cols])
+        return self.dropout.block(self.positions[self.r][..., rows], self.positions[j][..., cols])
 
     def block(self, j: int, c: int):
         """(query rows, key cols, causal, mask) of this rank's block with KV owner ``j``; None = skip."""
@@ -385,16 +391,28 @@ class _Plan:
             return None
         return whole, whole, False, self.masks  # row tiles of it: _tiles
 
-    def tiles(self, blk, j: int, s: int):
+    def tiles(self, blk, j: int, s: int, phase: str):
         """The block as (rows, cols, causal, mask, first) row tiles: a masked block is cut into ``TILE`` rows so
-        its mask (the fused kernel's additive bias) never exceeds TILE x s_local, whatever s_local is."""
+        its mask (the fused kernel's additive bias) never exceeds TILE x s_local, whatever s_local is. With
+        documents a tile computes only the key columns its documents reach (:meth:`Documents.spans`), and a
+        tile that reaches none is skipped."""
         rows, cols, causal, masks = blk
         if not isinstance(masks, (_MaskBlocks, _DocBlocks)):
             yield rows, cols, causal, masks, True
             return
+        first = True
         for i in range(0, s, TILE):
             tile = slice(i, min(i + TILE, s))
-            yield tile, cols, False, masks.block(j, tile), i == 0
+            if isinstance(masks, _DocBlocks):
+                span = masks.span(j, i // TILE)
+                if span is None:
+                    _record_skip(phase, tile=True)
+                    continue
+                keys = slice(*span)
+                yield tile, keys, False, masks.block(j, tile, keys), first
+            else:
+                yield tile, cols, False, masks.block(j, tile), first
+            first = False
 
 
 def _pack_kv(k: Tensor, v: Tensor, bnsd: bool) -> Tensor:
@@ -423,7 +441,7 @@ def _forward_block(plan: _Plan, qb: Tensor, kv: Tensor, j: int, out: Tensor, lse
         _record_skip("forward")
         return
     kb, vb = _kv_views(kv, plan.bnsd)
-    for rows, cols, causal, mask, first in plan.tiles(blk, j, qb.shape[2]):
+    for rows, cols, causal, mask, first in plan.tiles(blk, j, qb.shape[2], "forward"):
         q_, k_ = qb[:, :, rows], kb[:, :, cols]
         _record("forward", q_.shape[0] * q_.shape[1], q_.shape[2], k_.shape[2], causal, mask, first)
         bo, bl = plan.kernel.forward(q_, k_, vb[:, :, cols], scale=plan.scale, causal=causal, mask=mask,
@@ -465,7 +483,7 @@ def _backward_block(plan: _Plan, qb, dob, ob, lse, kv, j: int, dq: Tensor, dkv: 
         return
     kb, vb = _kv_views(kv, plan.bnsd)
     dk, dv = _kv_views(dkv, plan.bnsd)
-    for rows, cols, causal, mask, first in plan.tiles(blk, j, qb.shape[2]):
+    for rows, cols, causal, mask, first in plan.tiles(blk, j, qb.shape[2], "backward"):
         q_, k_ = qb[:, :, rows], kb[:, :, cols]
         _record("backward", q_.shape[0] * q_.shape[1], q_.shape[2], k_.shape[2], causal, mask, first)
         gq, gk, gv = plan.kernel.backward(dob[:, :, rows], q_, k_, vb[:, :, cols], ob[:, :, rows], lse[:, :, rows],

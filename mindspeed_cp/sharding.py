@@ -47,13 +47,21 @@ def token_indices(config: CPConfig, cp_rank: int, seq_len: int) -> torch.Tensor:
     if config.uses_zigzag and seq_len % (2 * cp):
         raise CPConfigError(
             f"--seq-length {seq_len} is not divisible by 2 x --context-parallel-size {cp} = {2 * cp}: the zigzag "
-            f"split needs 2*CP equal chunks (the patched get_batch_on_this_cp_rank pads causal batches of any length "
-            f"at their end: mindspeed_cp.packing.Documents)")
+            f"split needs 2*CP equal chunks (the patched get_batch_on_this_cp_rank pads batches of any length at "
+            f"their end: mindspeed_cp.sharding.padded_seq_len)")
     if not config.uses_zigzag:  # Ulysses: contiguous, possibly uneven
         return torch.tensor_split(torch.arange(seq_len), cp)[cp_rank]
     u = config.ulysses_size
     pair = zigzag_indices(cp_rank // u, config.ring_size, seq_len)
     return pair.chunk(u)[cp_rank % u] if u > 1 else pair
+
+
+def padded_seq_len(config: CPConfig, seq_len: int) -> int:
+    """The length a batch is padded to at its end before the split: the next multiple of 2 x CP for Ring and
+    Hybrid (their zigzag needs 2*CP equal chunks), the length itself otherwise. Exact for causal attention (no
+    real token sees a later pad) and for general masks (their pad columns are masked)."""
+    m = 2 * config.cp
+    return -(-seq_len // m) * m if config.cp > 1 and config.uses_zigzag else seq_len
 
 
 def local_lengths(config: CPConfig, seq_len: int) -> list:

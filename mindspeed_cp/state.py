@@ -49,10 +49,12 @@ class CPState:
         self.timeout_minutes: Optional[float] = None  # configure(distributed_timeout_minutes=...)
         # Packed documents (mindspeed_cp.packing): where get_batch_on_this_cp_rank reads the boundaries
         # ("position_ids": restarts at 0, "eod": after every eod_token), and the Documents of the last batch,
-        # which every attention layer of the step uses.
+        # which every attention layer of the step uses; ``packed``: the PackedSeqParams get_thd_batch_on_this_cp_rank
+        # returned for that batch (a THD batch), which core attention and RoPE then expect.
         self.documents_from: Optional[str] = None
         self.eod_token: Optional[int] = None
         self.documents = None
+        self.packed = None
         self._agree = None
 
     # ------------------------------------------------------------ config
@@ -118,6 +120,7 @@ class CPState:
         self.layout = None
         self.seq_len = None
         self.documents = None
+        self.packed = None
 
     @property
     def agree_group(self):

@@ -148,3 +148,7 @@ def test_packing_record(quick):
     assert rec["seq"] == 4096 and rec["cp"] == 4 and len(rec["rows"]) == 3
     assert rec["summary"]["per_document_zigzag"]["worst"] <= 1.05 < rec["summary"]["global_zigzag"]["worst"]
     assert 0 <= rec["summary"]["padding"]["worst"] <= 0.02
+    # row tiles compute only the key columns their documents reach: far less than whole blocks, balanced
+    assert 1 <= rec["summary"]["computed_over_useful"]["mean"] and rec["summary"]["computed_over_full_blocks"]["worst"] < 0.5
+    assert rec["summary"]["computed_imbalance"]["worst"] <= 1.2  # coarse here: 4 row tiles per shard
+    assert "## Packed documents" in (out / "cpu.md").read_text()

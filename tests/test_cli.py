@@ -189,6 +189,8 @@ def test_patches_lists_megatron_targets():
     (["--world-size", 8, "--cp", 8, "--cp-algo", "hybrid_cp_algo", "--ulysses-degree-in-cp", 2, "--seq-length", 1000],
      "tokens per CP rank: 126 (each batch padded at its end to 1008)"),
     (["--world-size", 3, "--cp", 3, "--seq-length", 1000], "tokens per CP rank: 333/334"),
+    (["--world-size", 4, "--cp", 4, "--cp-algo", "megatron_cp_algo", "--seq-length", 4094, "--attention-mask-type",
+      "general"], "tokens per CP rank: 1024 (each batch padded at its end to 4096)"),
 ])
 def test_check_any_length(args, want):
     res = run_cli("check", *args)
@@ -196,8 +198,6 @@ def test_check_any_length(args, want):
 
 
 @pytest.mark.parametrize("args,names", [
-    (["--world-size", 4, "--cp", 4, "--cp-algo", "megatron_cp_algo", "--seq-length", 4094, "--attention-mask-type",
-      "general"], ["--seq-length 4094", "--attention-mask-type general"]),
     (["--world-size", 8, "--cp", 4, "--pp", 2, "--cp-algo", "megatron_cp_algo", "--seq-length", 4094],
      ["--pipeline-model-parallel-size"]),
 ])

@@ -64,10 +64,6 @@ BAD = [
     (dict(context_parallel_size=8, context_parallel_algo=H, ulysses_degree_in_cp=4),
      dict(num_attention_heads=12, num_query_groups=6),
      r"--ulysses-degree-in-cp 4 Ulysses ranks .*\(hybrid_cp_algo\)"),
-    (dict(context_parallel_size=4, context_parallel_algo=R, attention_mask_type="general"), dict(seq_length=36),
-     r"--seq-length 36 is not divisible by 2 x --context-parallel-size 4 = 8 \(megatron_cp_algo"),
-    (dict(context_parallel_size=8, context_parallel_algo=H, ulysses_degree_in_cp=2, attention_mask_type="general"),
-     dict(seq_length=40), r"--seq-length 40 is not divisible by 2 x --context-parallel-size 8 = 16 \(hybrid_cp_algo"),
     (dict(context_parallel_size=4), dict(seq_length=3),
      r"--seq-length 3 is shorter than --context-parallel-size 4"),
     # layout

@@ -41,8 +41,16 @@ def _cases(cases):
         g = torch.Generator().manual_seed(case.get("seed", 0))
         q, dout = (torch.randn(S, b, h, d, generator=g, dtype=torch.float64) for _ in range(2))
         k, v = (torch.randn(S, b, hk, d, generator=g, dtype=torch.float64) for _ in range(2))
-        mask, dead = None, case.get("dead", "zero")
-        if case.get("general"):
+        mask, dead, docs = None, case.get("dead", "zero"), None
+        if case.get("lengths"):  # packed documents: the dense document-causal mask for the reference only
+            from mindspeed_cp.packing import Documents
+
+            ring = 1 if algo == "ulysses_cp_algo" else case["cp"] // case.get("u", 1)
+            docs = Documents(case["lengths"], case["cp"], ring)
+            ids = [torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in case["lengths"]]
+            pos = torch.arange(S)
+            mask = torch.stack([(i[:, None] != i[None, :]) | (pos[None, :] > pos[:, None]) for i in ids])[:, None]
+        elif case.get("general"):
             mask = torch.rand(b, 1, S, S, generator=g) < 0.3
             mask[:, :, [3, S - 2]] = True
         spec = AttentionDropout(p, torch.tensor(case.get("seed", 0) * 7919 + 1), torch.arange(h))
@@ -50,6 +58,10 @@ def _cases(cases):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         ref = reference_attention_dropout(*leaves, keep, p, causal=mask is None, mask=mask, dead=dead)
         ref.backward(dout)
+        if docs is not None:
+            out.append(_documents_case(case, algo, cfg, docs, (q, k, v), dout, spec, ref, leaves))
+            ps.destroy_model_parallel()
+            continue
 
         idx = token_indices(cfg, ps.get_context_parallel_rank(), S)
         local = [t[idx].float().clone().requires_grad_() for t in (q, k, v)]
@@ -80,17 +92,58 @@ def _cases(cases):
     return out
 
 
+def _documents_case(case, algo, cfg, docs, qkv, dout, spec, ref, leaves):
+    """One case with packed documents: the per-document layout (pads at document ends), ``documents=``; errors
+    on the rank's real tokens (pads have no counterpart in the unpacked reference)."""
+    from megatron.core import parallel_state as ps
+
+    from mindspeed_cp.attention import _double_ring_window
+    from mindspeed_cp.hybrid import hybrid_attention
+    from mindspeed_cp.local import local_attention
+    from mindspeed_cp.ring import ring_attention
+    from mindspeed_cp.state import STATE
+    from mindspeed_cp.ulysses import UlyssesContextAttention
+
+    rank = ps.get_context_parallel_rank()
+    local = [docs.shard(t, rank).float().clone().requires_grad_() for t in qkv]
+    opts = dict(causal=True, dropout=spec, documents=docs)
+    if algo == "megatron_cp_algo":
+        o = ring_attention(*local, STATE.group("ring"), window=_double_ring_window(cfg), **opts)
+    elif algo == "hybrid_cp_algo":
+        o = hybrid_attention(*local, STATE.group("ulysses"), STATE.group("ring"), window=_double_ring_window(cfg),
+                             **opts)
+    else:
+        group = STATE.group("ulysses")
+
+        def attend(q_, k_, v_, mask_rows, drop):
+            return local_attention(q_, k_, v_, causal=True, tile=case.get("tile"), documents=docs,
+                                   dropout=drop.for_rank(group.rank(), q_.shape[2]))
+
+        o = UlyssesContextAttention(attend, group)(*local, None, drop=spec)
+    o.backward(docs.shard(dout, rank).float())
+    real = docs.real(rank).T  # [s_local, b]
+    errs = {}
+    for name, got, want in (("out", o, ref), ("dq", local[0].grad, leaves[0].grad),
+                            ("dk", local[1].grad, leaves[1].grad), ("dv", local[2].grad, leaves[2].grad)):
+        errs[name] = float((got.double() - docs.shard(want.detach(), rank))[real].abs().max() / want.abs().max())
+    return errs
+
+
 RING, HYBRID, ULYSSES = "megatron_cp_algo", "hybrid_cp_algo", "ulysses_cp_algo"
+DOCS = [[1, 17, 3, 11], [20, 12]]  # two samples, different documents; S = 32
 CASES = {
     2: [dict(algo=RING, cp=2, seq=32), dict(algo=ULYSSES, cp=2, seq=32, tile=8), dict(algo=ULYSSES, cp=2, seq=32),
         dict(algo=RING, cp=2, seq=32, general=True, dead="uniform", p=0.0),
         dict(algo=RING, cp=2, seq=32, general=True, dead="uniform", overlap=True),
         dict(algo=ULYSSES, cp=2, seq=32, general=True, dead="uniform", tile=8),
-        dict(algo=RING, cp=2, seq=32, general=True, dead="zero", p=0.5)],
+        dict(algo=RING, cp=2, seq=32, general=True, dead="zero", p=0.5),
+        dict(algo=RING, cp=2, seq=32, lengths=DOCS), dict(algo=ULYSSES, cp=2, seq=32, lengths=DOCS, tile=8)],
     4: [dict(algo=RING, cp=4, seq=32, p=0.1), dict(algo=RING, cp=4, seq=32, window=2, overlap=True),
         dict(algo=HYBRID, cp=4, u=2, seq=32), dict(algo=HYBRID, cp=4, u=2, seq=32, kv_heads=1, general=True,
                                                    dead="uniform"),
-        dict(algo=ULYSSES, cp=4, seq=32, kv_heads=1, general=True, dead="uniform", p=0.5)],
+        dict(algo=ULYSSES, cp=4, seq=32, kv_heads=1, general=True, dead="uniform", p=0.5),
+        dict(algo=RING, cp=4, seq=32, lengths=DOCS, window=2), dict(algo=HYBRID, cp=4, u=2, seq=32, lengths=DOCS),
+        dict(algo=ULYSSES, cp=4, seq=32, lengths=DOCS)],
 }
 
 

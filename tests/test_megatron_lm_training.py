@@ -73,6 +73,7 @@ RUNS = {
     "seq510_cp1": (4, [*SEQ510, "--context-parallel-size", "1"]),
     "seq510_ring4": (4, [*SEQ510, "--context-parallel-size", "4", *RING]),
     "seq510_hybrid4": (4, [*SEQ510, "--context-parallel-size", "4", *HYBRID]),
+    "seq510_ring4_general": (4, [*SEQ510, "--context-parallel-size", "4", *RING, "--attention-mask-type", "general"]),
 }
 _DONE = {}
 
@@ -105,7 +106,7 @@ def assert_same(got, want, iterations=None):
     ("seq511_ulysses2", "seq511_cp1"),
     ("docs_ulysses4", "docs_cp1"), ("docs_ring4", "docs_cp1"), ("docs_ring4_window2", "docs_cp1"),
     ("docs_hybrid4", "docs_cp1"), ("docs_ring4_eod", "docs_cp1"),
-    ("seq510_ring4", "seq510_cp1"), ("seq510_hybrid4", "seq510_cp1"),
+    ("seq510_ring4", "seq510_cp1"), ("seq510_hybrid4", "seq510_cp1"), ("seq510_ring4_general", "seq510_cp1"),
 ])
 def test_cp_run_equals_cp1(name, reference):
     assert_same(run(name), run(reference))

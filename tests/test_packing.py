@@ -161,6 +161,27 @@ def test_layout_is_a_balanced_permutation_with_pads_at_document_ends():
     assert max(work) == min(work)  # per-document zigzag: every ring position the same work, any lengths
 
 
+def test_spans_are_the_tightest_ranges_of_visible_keys():
+    """Every (row tile, KV owner) computes the key columns from the first to the last one any of its rows sees
+    (same document, not later) in any sample, and skips the tile when it sees none."""
+    for lengths, ring, cp in (([[1, 17, 3, 29], [25, 25]], 4, 4), ([[9, 31, 3, 1, 6]], 2, 4), ([[50]], 1, 2),
+                              ([[1] * 6 + [37], [20, 23]], 1, 4)):
+        docs = Documents.from_lengths(lengths, cp=cp, ring=ring)
+        n = docs.padded_len // ring
+        for r in range(ring):
+            for j in range(ring):
+                seen = ~docs.block_mask(docs.ring_positions(r), docs.ring_positions(j))[:, 0]
+                seen = seen.any(0)
+                for tile in (1, 3, 8, n):
+                    want = []
+                    for i in range(0, n, tile):
+                        cols = seen[i:i + tile].any(0).nonzero().flatten().tolist()
+                        want.append((cols[0], cols[-1] + 1) if cols else None)
+                    assert docs.spans(r, j, tile) == want, (lengths, ring, r, j, tile)
+    docs = Documents.from_lengths([[1] * 8 + [24]], cp=4, ring=4)  # some tiles see nothing of an owner
+    assert any(sp is None for r in range(4) for j in range(4) for sp in docs.spans(r, j, 1))
+
+
 def test_long_tailed_documents_balance_and_padding():
     """Lognormal document lengths (mean ~2k) at S=32k, CP=8: imbalance 1 exactly, padding <= 2 %."""
     rng = random.Random(0)
@@ -196,7 +217,6 @@ def test_shard_unshard_roundtrip():
 # ----------------------------------------------------------------------------- megatron-core GPT
 def _gpt_documents(case):
     import mindspeed_cp.megatron_adaptor as adaptor  # first, like a user's script
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.utils import get_batch_on_this_cp_rank
 
@@ -209,6 +229,11 @@ def _gpt_documents(case):
     if not case.get("plain"):
         batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths]).expand(b, S).contiguous()  # resets
     heads, kv = case.get("heads", 4), case.get("kv_heads")
+    mask = None
+    if case.get("general"):  # a general mask: documents and random holes, never a row without a key
+        g = torch.Generator().manual_seed(3)
+        mask = (doc_mask(lengths) | (torch.rand(b, 1, S, S, generator=g) < 0.3)) & ~torch.eye(S, dtype=torch.bool)
+        batch["attention_mask"] = mask
 
     def run(model, data):
         per_token = model(data["tokens"], data["position_ids"], data.get("attention_mask"), labels=data["labels"])
@@ -221,11 +246,16 @@ def _gpt_documents(case):
     ref_model = build_gpt(heads=heads, kv_heads=kv, seq=S, seed=7)
     ref_loss, ref_grads = run(ref_model, dict(batch) if case.get("plain") else
                               dict(batch, attention_mask=doc_mask(lengths).expand(b, 1, S, S)))
+    if case.get("general"):
+        dead = dict(batch, attention_mask=mask.clone())
+        dead["attention_mask"][:, :, 5] = True  # a row without any key
     state = ref_model.state_dict()
     ps.destroy_model_parallel()
 
     flags = {k: case[k] for k in ("context_parallel_algo", "ulysses_degree_in_cp", "cp_window_size",
                                   "use_cp_send_recv_overlap") if k in case}
+    if case.get("general"):
+        flags["attention_mask_type"] = "general"
     adaptor.configure(context_parallel_size=cp, documents=None if case.get("plain") else "position_ids", **flags)
     init_parallel(cp=cp)
     model = build_gpt(heads=heads, kv_heads=kv, seq=S, seed=11)
@@ -239,20 +269,41 @@ def _gpt_documents(case):
     local = get_batch_on_this_cp_rank(dict(batch))
     loss, grads = run(model, local)
     docs, rank = STATE.documents, ps.get_context_parallel_rank()
-    assert docs is not None and docs.padded_len > S or not case.get("plain"), "an unaligned batch is padded"
-    src = docs.source.gather(1, docs.positions(rank))  # [b, s_local] global position, -1 = pad
+    if case.get("plain"):  # an unaligned batch: padded at its end, then the algorithm's own split
+        from mindspeed_cp.sharding import token_indices
+
+        assert docs is None and STATE.seq_len > S and STATE.seq_len % (2 * cp) == 0
+        src = token_indices(STATE.config, rank, STATE.seq_len).expand(b, -1)
+        src = torch.where(src < S, src, -1)  # [b, s_local] global position, -1 = pad
+    else:
+        src = docs.source.gather(1, docs.positions(rank))  # [b, s_local] global position, -1 = pad
+    refused = None
+    if case.get("general"):
+        try:
+            get_batch_on_this_cp_rank(dead)
+        except Exception as e:  # noqa: BLE001 - the message is checked by the test
+            refused = f"{type(e).__name__}: {e}"
+    return dict(_against_cp1(src, loss, grads, ref_loss, ref_grads), pads=int((src < 0).sum()), refused=refused)
+
+
+def _against_cp1(src, loss, grads, ref_loss, ref_grads) -> dict:
+    """Per-token losses put back at their global positions (``src`` ``[b, s_local]``, -1 = pad) and CP-summed
+    gradients, against the CP=1 run: every token seen once, max |loss error|, max gradient error relative."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    b, S = ref_loss.shape
     full, seen = torch.zeros(b, S), torch.zeros(b, S)
     for i in range(b):
         keep = src[i] >= 0
         full[i, src[i][keep]] = loss[i][keep]
         seen[i, src[i][keep]] = 1
-    group = ps.get_context_parallel_group()
     for t in [full, seen] + list(grads.values()):
-        dist.all_reduce(t, group=group)
+        dist.all_reduce(t, group=ps.get_context_parallel_group())
     gmax = max(float(g.abs().max()) for g in ref_grads.values())
     return {"every_token_once": bool((seen == 1).all()), "loss_err": float((full - ref_loss).abs().max()),
             "grad_err": max(float((grads[n] - ref_grads[n]).abs().max()) for n in grads) / gmax,
-            "pads": int((src < 0).sum()), "s_local": int(src.shape[1])}
+            "s_local": int(src.shape[1])}
 
 
 GPT_DOC_CASES = [
@@ -275,6 +326,11 @@ GPT_DOC_CASES = [
                          ulysses_degree_in_cp=2), id="hybrid-cp4-S254"),
     pytest.param(4, dict(cp=4, lengths=[254], plain=True, context_parallel_algo="megatron_cp_algo", cp_window_size=2),
                  id="double-ring-cp4-S254"),
+    # general masks at unaligned lengths: pad columns masked, pad rows see themselves only
+    pytest.param(3, dict(cp=3, lengths=[100], plain=True, general=True, context_parallel_algo="megatron_cp_algo",
+                         heads=6, batch=2), id="ring-cp3-S100-general"),
+    pytest.param(4, dict(cp=4, lengths=[62], plain=True, general=True, context_parallel_algo="hybrid_cp_algo",
+                         ulysses_degree_in_cp=2), id="hybrid-cp4-S62-general"),
 ]
 
 
@@ -285,3 +341,138 @@ def test_gpt_with_packed_documents_matches_cp1(world, case):
     for rank, r in enumerate(run_on_ranks(world, _gpt_documents, case)):
         assert r["every_token_once"], (rank, r)
         assert r["loss_err"] <= 2e-6 * 5 and r["grad_err"] <= 1e-5, (rank, r)
+        if case.get("general"):
+            assert r["refused"] and "masks every key" in r["refused"] and "--seq-length" in r["refused"], r
+
+
+# ----------------------------------------------------------------------------- megatron-core THD batches
+def _thd_batch(lengths, pad_to=None, seed=0, vocab=128):
+    """One packed row of documents as megatron-core's THD path takes it: ``[1, T]`` tensors, ``cu_seqlens``
+    and (``pad_to``: the dataloader padded every document to a multiple of it, pads out of the loss)
+    ``cu_seqlens_padded``; positions restart at every document."""
+    segments = lengths if pad_to is None else [-(-n // pad_to) * pad_to for n in lengths]
+    T = sum(segments)
+    g = torch.Generator().manual_seed(seed)
+    stream = torch.randint(0, vocab, (1, T + 1), generator=g)
+    loss_mask = torch.cat([torch.cat([torch.ones(n), torch.zeros(p - n)]) for n, p in zip(lengths, segments)])
+    cu = lambda ns: torch.tensor([0] + torch.tensor(ns).cumsum(0).tolist(), dtype=torch.int32)  # noqa: E731
+    batch = {"tokens": stream[:, :-1].contiguous(), "labels": stream[:, 1:].contiguous(),
+             "loss_mask": loss_mask[None], "position_ids": torch.cat([torch.arange(p) for p in segments])[None]}
+    return batch, segments, cu(lengths), None if pad_to is None else cu(segments)
+
+
+def _megatron_dense_for_packed(module, mask):
+    """The CP=1 reference: Megatron's own local attention refuses ``packed_seq_params``, so a packed call
+    ([t, heads, d]) runs through its dense-mask path as a batch of one with the document mask."""
+    forward = module.forward
+
+    def packed(q, k, v, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+        assert packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        return forward(q[:, None], k[:, None], v[:, None], mask, attn_mask_type=attn_mask_type,
+                       attention_bias=attention_bias)
+
+    module.forward = packed
+
+
+def _gpt_thd(case):
+    import mindspeed_cp.megatron_adaptor as adaptor  # first, like a user's script
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.utils import get_thd_batch_on_this_cp_rank
+
+    from mindspeed_cp.state import STATE
+    from tests.gpt_helpers import build_gpt, init_parallel
+
+    cp, lengths = case["cp"], case["lengths"]
+    batch, segments, cu, cu_padded = _thd_batch(lengths, case.get("pad_to"), case.get("seed", 0))
+    T = sum(segments)
+    max_seqlen = torch.tensor([case.get("max_seqlen", max(segments))], dtype=torch.int32)
+
+    def run(model, data, params):
+        per_token = model(data["tokens"], data["position_ids"], None, labels=data["labels"],
+                          packed_seq_params=params)
+        (per_token * data["loss_mask"]).sum().div(T).backward()
+        return per_token.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                                    if p.grad is not None}
+
+    init_parallel(cp=1)
+    ref_model = build_gpt(seq=T, seed=7)
+    for m in ref_model.modules():
+        if isinstance(m, DotProductAttention):
+            _megatron_dense_for_packed(m, doc_mask(segments))
+    ref_batch, ref_params = get_thd_batch_on_this_cp_rank(dict(batch), cu, cu_padded, max_seqlen)  # Megatron's
+    ref_loss, ref_grads = run(ref_model, ref_batch, ref_params)
+    state = ref_model.state_dict()
+    ps.destroy_model_parallel()
+
+    flags = {k: case[k] for k in ("context_parallel_algo", "ulysses_degree_in_cp", "cp_window_size",
+                                  "use_cp_send_recv_overlap") if k in case}
+    adaptor.configure(context_parallel_size=cp, **flags)
+    init_parallel(cp=cp)
+    model = build_gpt(seq=T, seed=11)
+    model.load_state_dict(state)
+    local, params = get_thd_batch_on_this_cp_rank(dict(batch), cu, cu_padded, max_seqlen)
+    assert params is STATE.packed and torch.equal(params.cu_seqlens_q, cu) and params.max_seqlen_q == max_seqlen
+    loss, grads = run(model, local, params)
+    docs, rank = STATE.documents, ps.get_context_parallel_rank()
+    errors = _thd_errors(model, local, params, batch, cu, cu_padded, max_seqlen)
+    src = docs.source.gather(1, docs.positions(rank))  # [1, t] position in the packed row, -1 = a layout pad
+    return dict(_against_cp1(src, loss, grads, ref_loss, ref_grads), errors=errors)
+
+
+def _thd_errors(model, local, params, batch, cu, cu_padded, max_seqlen):
+    """The refusals of the THD path (the same on every rank: they read the batch, which every rank shares)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.utils import get_thd_batch_on_this_cp_rank
+
+    from mindspeed_cp.config import CPConfigError
+
+    def message(fn):
+        try:
+            fn()
+        except CPConfigError as e:
+            return str(e)
+        return None
+
+    with torch.no_grad():
+        out = {
+            "not_from_split": message(lambda: model(local["tokens"], None, None, packed_seq_params=PackedSeqParams(
+                qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=params.max_seqlen_q,
+                max_seqlen_kv=params.max_seqlen_kv))),
+            "no_params": message(lambda: model(local["tokens"], None, None)),
+            "two_rows": message(lambda: get_thd_batch_on_this_cp_rank(
+                {k: v.expand(2, -1) for k, v in batch.items()}, cu, cu_padded, max_seqlen)),
+            "short_cu": message(lambda: get_thd_batch_on_this_cp_rank(
+                dict(batch), cu[:-1], None if cu_padded is None else cu_padded[:-1], max_seqlen)),
+            "short_max": message(lambda: get_thd_batch_on_this_cp_rank(dict(batch), cu, cu_padded, max_seqlen // 8)),
+        }
+    return out
+
+
+THD_CASES = [
+    pytest.param(4, dict(cp=4, lengths=[7, 1, 30, 12], context_parallel_algo="megatron_cp_algo", pad_to=8),
+                 id="ring-cp4-cu_seqlens_padded"),
+    pytest.param(4, dict(cp=4, lengths=[7, 1, 30, 13], context_parallel_algo="ulysses_cp_algo"), id="ulysses-cp4"),
+    pytest.param(4, dict(cp=4, lengths=[7, 1, 30, 13], context_parallel_algo="hybrid_cp_algo",
+                         ulysses_degree_in_cp=2), id="hybrid-cp4"),
+    pytest.param(4, dict(cp=4, lengths=[19, 1, 40], context_parallel_algo="megatron_cp_algo", cp_window_size=2,
+                         use_cp_send_recv_overlap=True, pad_to=2), id="double-ring-cp4"),
+    pytest.param(3, dict(cp=3, lengths=[20, 5, 25], context_parallel_algo="megatron_cp_algo", max_seqlen=50),
+                 id="ring-cp3-rope-through-the-row"),
+]
+
+
+@pytest.mark.parametrize("world,case", THD_CASES)
+def test_gpt_thd_batches_match_cp1(world, case):
+    """megatron-core THD: ``get_thd_batch_on_this_cp_rank`` + ``PackedSeqParams`` through a GPT at CP > 1 give
+    the per-token losses (1e-5) and CP-summed gradients (1e-5 relative) of the same model at CP=1 (Megatron's
+    THD RoPE, its local attention with the document mask); misuse is refused on every rank."""
+    for rank, r in enumerate(run_on_ranks(world, _gpt_thd, case)):
+        assert r["every_token_once"], (rank, r)
+        assert r["loss_err"] <= 1e-5 and r["grad_err"] <= 1e-5, (rank, r)
+        e = r["errors"]
+        assert "did not come from megatron.core.utils.get_thd_batch_on_this_cp_rank" in e["not_from_split"], e
+        assert "the model got no packed_seq_params" in e["no_params"], e
+        assert "one packed row [1, T]" in e["two_rows"] and "(2, " in e["two_rows"], e
+        assert "covers" in e["short_cu"] and "but the packed row has" in e["short_cu"], e
+        assert "max_seqlen" in e["short_max"] and "shorter than a document" in e["short_max"], e
