@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-megatron-lm megatron-lm-deps demo demo-megatron-lm bench gpu-check groups-example clean
+.PHONY: setup test test-compat test-megatron-lm megatron-lm-deps demo demo-megatron-lm bench gpu-check groups-example clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,12 @@ $(STAMP): setup.py constraints.txt
 
 test: setup
 	$(VPY) -m pytest -q tests $(PYTEST_ARGS)
+
+# The Megatron-touching tests on megatron-core 0.12.3 ... 0.15.3 (Python 3.11 overlays) and 0.17.1 ... 0.19.2
+# (a Python 3.12 venv, cached in .compat/; 0.19.2 runs Megatron's training loop from its wheel).
+# COMPAT="0.12.3 0.19.2" for some releases; docs/compatibility.md.
+test-compat: setup
+	$(VPY) -m tests.compat $(COMPAT)
 
 # Megatron-LM (megatron/training) is not on PyPI: point MEGATRON_LM_PATH at a core_v0.16.1 checkout.
 # Its imports need a few more packages (triton only because megatron/training/initialize.py imports it;

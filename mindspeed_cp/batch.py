@@ -58,12 +58,22 @@ def check_packed(packed, where: str) -> bool:
 
 def get_batch_on_this_cp_rank(original, batch, *args, **kwargs):
     """Split tokens / labels / loss_mask / position_ids / attention_mask for the active algorithm."""
+    import inspect
+
     from megatron.core import parallel_state as ps
 
-    cp_group = kwargs.get("cp_group", args[0] if args else None)
+    # (batch, cp_group=None) up to 0.16; (batch, is_hybrid_cp, cp_group=None, ...) in 0.19: read by name
+    # (0.19 requires is_hybrid_cp; a 0.16-style call without it is served the same)
+    given = inspect.signature(original).bind_partial(batch, *args, **kwargs).arguments
+    cp_group = given.get("cp_group")
     size = cp_group.size() if cp_group is not None else ps.get_context_parallel_world_size()
     if size == 1:
         return batch
+    if given.get("is_hybrid_cp") or isinstance(batch.get("cu_seqlens"), torch.Tensor):
+        raise CPConfigError(
+            "get_batch_on_this_cp_rank with a packed batch (cu_seqlens) or Megatron's dynamic hybrid CP "
+            "(megatron-core 0.19's per-document split): not supported by mindspeed-cp yet; packed documents: "
+            "--reset-attention-mask / configure(documents=...), or get_thd_batch_on_this_cp_rank up to 0.18")
     cfg = STATE.config
     if cfg.cp != size:
         raise CPConfigError(f"get_batch_on_this_cp_rank: CP group of {size} ranks but --context-parallel-size "
@@ -158,8 +168,13 @@ def rotary_forward(original, self, *args, **kwargs):
     return original(self, *args, **kwargs)
 
 
-def get_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
-    """The rotary positions of the tokens this CP rank holds (contiguous, zigzag or hybrid)."""
+def get_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group=None):
+    """The rotary positions of the tokens this CP rank holds (contiguous, zigzag or hybrid). ``cp_group``:
+    megatron-core >= 0.13 passes it; before, the CP group of parallel_state."""
+    if cp_group is None:
+        from megatron.core import parallel_state as ps
+
+        cp_group = ps.get_context_parallel_group()
     cfg = STATE.config
     size = cp_group.size()
     if cfg.cp != size:
@@ -241,12 +256,17 @@ def get_thd_batch_on_this_cp_rank(original, batch, cu_seqlens, cu_seqlens_padded
     return batch, params
 
 
-def apply_rotary_pos_emb(original, t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None):
+def apply_rotary_pos_emb(original, t, freqs, config, *args, **kwargs):
     """RoPE of a THD batch split by :func:`get_thd_batch_on_this_cp_rank`: ``t`` ``[t, h, d]``, ``freqs``
-    ``[n, 1, 1, d]``. Every other call is Megatron's (its THD branch and TE's fused one assume TE's layout)."""
+    ``[n, 1, 1, d]``. Every other call is Megatron's (its THD branch and TE's fused one assume TE's layout).
+    Megatron's signature ``(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None)``; ``mscale`` and
+    ``cp_group`` are absent before megatron-core 0.13/0.14, so they are read only when given."""
     docs = STATE.documents
+    cu_seqlens = kwargs.get("cu_seqlens", args[0] if args else None)
     if cu_seqlens is None or STATE.packed is None or docs is None:
-        return original(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
+        return original(t, freqs, config, *args, **kwargs)
+    mscale = kwargs.get("mscale", args[1] if len(args) > 1 else 1.0)
+    cp_group = kwargs.get("cp_group", args[2] if len(args) > 2 else None)
     from megatron.core import parallel_state as ps
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 

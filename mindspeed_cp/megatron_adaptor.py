@@ -79,7 +79,44 @@ def _destroy_model_parallel(original, *args, **kwargs):
             dist.destroy_process_group(pg)
 
     STATE.clear_groups(destroy=destroy if dist.is_initialized() else None)
-    return original(*args, **kwargs)
+    result = original(*args, **kwargs)
+    _forget_stale_embedding_ranks()
+    return result
+
+
+def _forget_stale_embedding_ranks() -> None:
+    """megatron-core < 0.13 leaves the (position) embedding groups' rank lists behind when it destroys them; a
+    rank outside those groups at the next initialisation then believes it is in one and asks for a group that
+    is gone (finalize_model_grads: "position embedding group is not initialized"). Only rank lists whose group
+    is already None are reset, so newer versions are untouched."""
+    from megatron.core import parallel_state as ps
+
+    for group, ranks in (("_EMBEDDING_GROUP", "_EMBEDDING_GLOBAL_RANKS"),
+                         ("_POSITION_EMBEDDING_GROUP", "_POSITION_EMBEDDING_GLOBAL_RANKS")):
+        if getattr(ps, group, None) is None and getattr(ps, ranks, None) is not None:
+            setattr(ps, ranks, None)
+
+
+def _quantize_param_shard(original, model_params, *args, **kwargs):
+    if len(model_params) == 0:  # no FP8 parameters: nothing to cast (0.13+ returns here by itself)
+        return None
+    return original(model_params, *args, **kwargs)
+
+
+def _raises_without_fp8_params() -> bool:
+    """megatron-core 0.12's fallback (no Transformer Engine) raises even when there is nothing to quantize."""
+    import inspect
+
+    try:
+        from megatron.core import fp8_utils
+    except ImportError:
+        return False
+    impl = getattr(fp8_utils, "_quantize_param_shard_impl", None)
+    try:
+        return impl is not None and "len(model_params) == 0" not in inspect.getsource(impl) and "Invalid" in \
+            inspect.getsource(impl)
+    except (OSError, TypeError):
+        return False
 
 
 def _te_available() -> bool:
@@ -97,7 +134,13 @@ for _patch in (
           "after Megatron's groups, create the Ulysses / ring / double-ring groups (and the overlap "
           "communicators) from mindspeed_cp.topology, the function `mindspeed-cp groups` draws"),
     Patch("megatron.core.parallel_state.destroy_model_parallel", wrap(_destroy_model_parallel),
-          "drop the context-parallel groups together with Megatron's"),
+          "drop the context-parallel groups together with Megatron's (and the embedding groups' rank lists "
+          "megatron-core < 0.13 leaves behind)", versions="all (0.12: stale embedding rank lists reset)"),
+    Patch("megatron.core.fp8_utils.quantize_param_shard", wrap(_quantize_param_shard),
+          "the distributed optimizer casts its FP8 parameters after every step; without Transformer Engine there "
+          "are none, but megatron-core 0.12's fallback raises anyway (0.13 fixed it the same way)",
+          when=_raises_without_fp8_params, when_doc="megatron-core's FP8 fallback raises on an empty list",
+          versions="0.12 (0.13+ returns on an empty list itself)"),
     # core attention swap; with CP = 1 both calls go straight to Megatron's own code
     Patch("megatron.core.transformer.dot_product_attention.DotProductAttention.__init__",
           wrap(attention.core_attention_init),
@@ -125,15 +168,17 @@ for _patch in (
           "place: a name imported before the plugin would otherwise split Megatron's way", inplace=True),
     Patch("megatron.core.utils.get_thd_batch_on_this_cp_rank", wrap(batch.get_thd_batch_on_this_cp_rank),
           "packed THD batches (cu_seqlens): the per-document layout of every algorithm instead of TE's "
-          "(Megatron's needs TE for CP > 1), the same PackedSeqParams back; in place, as above", inplace=True),
+          "(Megatron's needs TE for CP > 1), the same PackedSeqParams back; in place, as above", inplace=True,
+          versions="0.16+ (absent before: no THD split in megatron-core)"),
     Patch("megatron.core.models.common.embeddings.rope_utils.get_pos_emb_on_this_cp_rank",
           replace(batch.get_pos_emb_on_this_cp_rank),
           "RoPE positions of the tokens this rank holds, for every algorithm (Megatron's is zigzag only, and "
-          "its index goes through .cuda())"),
+          "its index goes through .cuda())", versions="all (cp_group argument from 0.13; before, parallel_state's)"),
     Patch("megatron.core.models.common.embeddings.rope_utils.apply_rotary_pos_emb",
           wrap(batch.apply_rotary_pos_emb),
           "THD RoPE under CP: positions per document for the plugin's layout (Megatron's THD branch and TE's fused "
-          "kernel assume TE's zigzag over the whole CP group, and read cu_seqlens on the host every layer)"),
+          "kernel assume TE's zigzag over the whole CP group, and read cu_seqlens on the host every layer)",
+          versions="all (cp_group argument from 0.13; THD batches only from 0.16)"),
     Patch("megatron.core.models.common.embeddings.rotary_pos_embedding.RotaryEmbedding.forward",
           wrap(batch.rotary_forward),
           "RoPE's table is cached by length with this rank's slice in it; packed documents change the slice with "

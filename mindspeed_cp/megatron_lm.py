@@ -380,13 +380,17 @@ def _initialize_megatron_cpu(original, *args, **kwargs):
 
 
 def _initialize_distributed_cpu(original, *args, **kwargs):
-    """Megatron-LM creates its model-parallel groups only when torch.cuda.device_count() > 0."""
+    """Megatron-LM creates its model-parallel groups only when torch.cuda.device_count() > 0 (and, from 0.19,
+    unless the caller passes ``skip_model_parallel_init``: then it builds them itself)."""
     result = original(*args, **kwargs)
     from megatron.core import parallel_state as ps
     from megatron.training import get_args
 
+    if kwargs.get("skip_model_parallel_init") or (len(args) > 3 and args[3]):
+        return result
     if not ps.model_parallel_is_initialized():
         a = get_args()
+        gloo = getattr(a, "enable_gloo_process_groups", getattr(a, "use_gloo_process_groups", True))  # 0.19 name
         wanted = dict(
             tensor_model_parallel_size=a.tensor_model_parallel_size,
             pipeline_model_parallel_size=a.pipeline_model_parallel_size,
@@ -399,7 +403,7 @@ def _initialize_distributed_cpu(original, *args, **kwargs):
             get_embedding_ranks=kwargs.get("get_embedding_ranks", args[0] if args else None),
             get_position_embedding_ranks=kwargs.get("get_position_embedding_ranks",
                                                     args[1] if len(args) > 1 else None),
-            create_gloo_process_groups=getattr(a, "enable_gloo_process_groups", True),
+            create_gloo_process_groups=gloo,
         )
         params = inspect.signature(ps.initialize_model_parallel).parameters
         ps.initialize_model_parallel(**{k: v for k, v in wanted.items() if k in params})
@@ -426,8 +430,9 @@ def _no_fused_kernels(args):
     return None
 
 
-def _no_jit_warmup():
-    """_warmup_jit_function runs the fused bias-GeLU / dropout-add kernels on device=\"cuda\" tensors."""
+def _no_jit_warmup(*args, **kwargs):
+    """_warmup_jit_function runs the fused bias-GeLU / dropout-add kernels on device=\"cuda\" tensors (0.19 passes
+    ``tp_size``)."""
     return None
 
 

@@ -95,7 +95,9 @@ class Patch:
 
     ``make(original)`` returns the replacement; ``original`` is ``None`` when the attribute does not
     exist yet (``create=True`` patches add something). ``when`` decides at apply time whether the
-    patch is needed (e.g. only without an accelerator, only for some Megatron versions).
+    patch is needed (e.g. only without an accelerator, only for some Megatron versions). ``versions``: the
+    megatron-core releases the target exists in and what differs between them (feature-detected in the
+    replacement itself, listed by ``mindspeed-cp patches``; docs/compatibility.md has the table).
     """
 
     target: str
@@ -104,6 +106,7 @@ class Patch:
     when: Optional[Callable[[], bool]] = None
     when_doc: str = "always"
     create: bool = False
+    versions: str = "all"
     # Also redirect the original function object itself, so names bound before the plugin was imported
     # (`from megatron.core.utils import f` at the top of a user's file) run the replacement too.
     inplace: bool = False
@@ -112,6 +115,7 @@ class Patch:
     status: str = field(default="not applied", init=False)
     _undo: List[Tuple[Any, str, Any]] = field(default_factory=list, init=False, repr=False)
     _code_undo: Optional[Callable[[], None]] = field(default=None, init=False, repr=False)
+    _replacement: Any = field(default=None, init=False, repr=False)
 
     def apply(self) -> None:
         if not _gate(self):
@@ -133,6 +137,7 @@ class Patch:
             self._code_undo = _redirect(getattr(owner, name), replacement)
             original = getattr(owner, name)
         self._undo = [(owner, name, original)]
+        self._replacement = replacement
         setattr(owner, name, replacement)
         if original is not _MISSING and callable(original):
             # `from megatron.core.x import f` elsewhere bound the old object: rebind those names too.
@@ -158,7 +163,15 @@ class Patch:
                     pass
             else:
                 setattr(owner, name, original)
-        self._undo = []
+        if self._undo and self._undo[0][2] is not _MISSING:
+            # modules imported after the patch bound the replacement itself (`from x import f`): restore them too
+            owner, name, original = self._undo[0]
+            root = self.target.split(".")[0]
+            for mod_name, mod in list(sys.modules.items()):
+                if mod is not None and (mod_name == root or mod_name.startswith(root + ".")) and \
+                        getattr(mod, "__dict__", {}).get(name, _MISSING) is self._replacement:
+                    setattr(mod, name, original)
+        self._undo, self._replacement = [], None
         self.applied = False
         self.status = "not applied"
 
@@ -173,6 +186,7 @@ class Hook:
     why: str
     when: Optional[Callable[[], bool]] = None
     when_doc: str = "always"
+    versions: str = "all"
     applied: bool = field(default=False, init=False)
     status: str = field(default="not applied", init=False)
     _leave: Optional[Callable[[], None]] = field(default=None, init=False, repr=False)
@@ -224,14 +238,14 @@ class PatchRegistry:
         return any(p.applied for p in self._patches.values())
 
     def table(self) -> List[Dict[str, str]]:
-        return [{"target": p.target, "why": p.why, "when": p.when_doc, "status": p.status}
+        return [{"target": p.target, "why": p.why, "when": p.when_doc, "status": p.status, "versions": p.versions}
                 for p in self._patches.values()]
 
     def format(self) -> str:
         rows = self.table()
         width = max((len(r["target"]) for r in rows), default=10)
-        lines = [f"{'target'.ljust(width)}  status / when / why"]
+        lines = [f"{'target'.ljust(width)}  status / when / megatron-core versions / why"]
         for r in rows:
-            lines.append(f"{r['target'].ljust(width)}  [{r['status']}] ({r['when']})")
+            lines.append(f"{r['target'].ljust(width)}  [{r['status']}] ({r['when']}) megatron-core {r['versions']}")
             lines.append(f"{''.ljust(width)}  {r['why']}")
         return "\n".join(lines)

@@ -21,6 +21,8 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
+from tests import features
+
 SEED = 1234
 
 
@@ -39,12 +41,20 @@ def _batches(global_batch: int, seq: int, vocab: int) -> List[Dict[str, torch.Te
 
 
 def _loss_func(loss_mask, output_tensor):
-    """pretrain_gpt.py's loss_func (0.16): (sum of token losses, token count, report for logging)."""
+    """pretrain_gpt.py's loss_func (0.16): (sum of token losses, token count, report for logging). Where the
+    schedule multiplies such a loss by the CP size (megatron-core 0.12), the count it divides by is the CP
+    group's, as 0.12's pretrain_gpt.py all-reduces it; the report stays this rank's."""
     losses = output_tensor.view(-1).float()
     mask = loss_mask.view(-1).float()
     loss = torch.sum(losses * mask)
     num_tokens = mask.sum().clone().detach().to(torch.int)
-    return loss, num_tokens, {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
+    report = {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
+    if features.cp_scaled_token_loss():
+        from megatron.core import parallel_state as ps
+
+        num_tokens = num_tokens.clone()
+        dist.all_reduce(num_tokens, group=ps.get_context_parallel_group())
+    return loss, num_tokens, report
 
 
 def _forward_step(data_iterator, model):
@@ -85,10 +95,15 @@ def train(case: dict) -> dict:
     chunks = []
     for stage in range(vpp or 1):
         vp = stage if vpp else None
+        if features.vp_stage():
+            stage_kw, model_kw = dict(ignore_virtual=False, vp_stage=vp), dict(vp_stage=vp)
+        else:  # megatron-core < 0.13: the virtual rank is global state
+            ps.set_virtual_pipeline_model_parallel_rank(vp)
+            stage_kw, model_kw = dict(ignore_virtual=False), {}
         model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=vocab,
                          max_sequence_length=seq, position_embedding_type="rope",
-                         pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-                         post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp), vp_stage=vp)
+                         pre_process=ps.is_pipeline_first_stage(**stage_kw),
+                         post_process=ps.is_pipeline_last_stage(**stage_kw), **model_kw)
         chunks.append(DistributedDataParallel(config=config, ddp_config=ddp_config, module=model,
                                               disable_bucketing=stage > 0))
     optimizer = get_megatron_optimizer(

@@ -17,12 +17,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests import features
 from tests.dist import run_on_ranks
 
 SEED = 1234
 SEQ = 32
 HEADS = 4
 CP = 2
+
+
+needs_window = pytest.mark.skipif(not features.local_sliding_window(), reason=features.WHY["local_sliding_window"])
 
 
 def _masks(recompute: dict, seed: int = SEED):
@@ -63,6 +67,7 @@ def _global_heads(results, call):
     return out
 
 
+@needs_window
 def test_ulysses_dropout_masks_differ_across_cp_ranks():
     results = run_on_ranks(CP, _masks, {})
     for call in range(len(results[0]["forward"])):  # one per layer
@@ -78,6 +83,7 @@ def test_ulysses_dropout_masks_differ_across_cp_ranks():
     assert not torch.equal(results[0]["forward"][0], results[0]["forward"][1])
 
 
+@needs_window
 def test_ulysses_dropout_is_deterministic_for_a_seed():
     first = run_on_ranks(CP, _masks, {})
     again = run_on_ranks(CP, _masks, {})
@@ -87,6 +93,7 @@ def test_ulysses_dropout_is_deterministic_for_a_seed():
         assert not all(torch.equal(x, z) for x, z in zip(a["forward"], c["forward"]))
 
 
+@needs_window
 @pytest.mark.parametrize("name, recompute", [
     ("full", dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)),
     ("selective", dict(recompute_granularity="selective", recompute_modules=["core_attn"])),

@@ -9,6 +9,7 @@ Tolerances (fp32): losses 2e-6 absolute on values ~5, gradients 1e-5 relative to
 """
 import pytest
 
+from tests import features
 from tests.dist import expect_error_on_every_rank, run_on_ranks
 
 LOSS_TOL = 2e-6
@@ -236,6 +237,7 @@ def _ulysses_paths():
     return out
 
 
+@pytest.mark.skipif(not features.local_sliding_window(), reason=features.WHY["local_sliding_window"])
 def test_ulysses_uses_megatron_attention_only_where_the_kernels_cannot_follow():
     for r in run_on_ranks(2, _ulysses_paths):
         assert r["plain"][0] is None and not r["plain"][1]
@@ -258,6 +260,7 @@ def _ring_with_window():
     DotProductAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
 
 
+@pytest.mark.skipif(not features.local_sliding_window(), reason=features.WHY["local_sliding_window"])
 def test_ring_refuses_what_it_cannot_compute():
     """The ring has no fallback: a sliding window would silently become full causal attention."""
     expect_error_on_every_rank(2, _ring_with_window, match="megatron_cp_algo cannot compute sliding-window")

@@ -14,6 +14,7 @@ import torch
 
 from mindspeed_cp.packing import Documents, layout_work, lengths_from_cu_seqlens, lengths_from_eod, \
     lengths_from_position_ids
+from tests import features
 from tests.dist import run_on_ranks
 
 TOL = 1e-5
@@ -462,6 +463,7 @@ THD_CASES = [
 ]
 
 
+@pytest.mark.skipif(not features.thd_split(), reason=features.WHY["thd_split"])
 @pytest.mark.parametrize("world,case", THD_CASES)
 def test_gpt_thd_batches_match_cp1(world, case):
     """megatron-core THD: ``get_thd_batch_on_this_cp_rank`` + ``PackedSeqParams`` through a GPT at CP > 1 give

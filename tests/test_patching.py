@@ -67,6 +67,21 @@ def test_inplace_patch_reaches_names_bound_anywhere_before(fake_pkg):
     assert early(2) == 4
 
 
+def test_undo_reaches_names_bound_after_apply(fake_pkg, monkeypatch):
+    """A module imported while the patch was applied bound the replacement (`from x import f`): undo restores
+    it too (megatron-core 0.19 imports some of its modules only then)."""
+    core, user, double, Box = fake_pkg
+    reg = PatchRegistry()
+    reg.add(Patch("mscp_fake.core.double", wrap(lambda original, x: original(x) + 1), "late import site"))
+    reg.apply_all()
+    late = types.ModuleType("mscp_fake.late")
+    late.double = core.double  # imported after apply: the replacement
+    monkeypatch.setitem(sys.modules, "mscp_fake.late", late)
+    assert late.double(1) == 3
+    reg.undo_all()
+    assert late.double is double and late.double(1) == 2
+
+
 def test_conditions_missing_targets_and_duplicates(fake_pkg):
     reg = PatchRegistry()
     reg.add(Patch("mscp_fake.core.double", replace(None), "never", when=lambda: False, when_doc="never"))
