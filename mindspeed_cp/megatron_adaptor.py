@@ -169,7 +169,7 @@ for _patch in (
     Patch("megatron.core.utils.get_thd_batch_on_this_cp_rank", wrap(batch.get_thd_batch_on_this_cp_rank),
           "packed THD batches (cu_seqlens): the per-document layout of every algorithm instead of TE's "
           "(Megatron's needs TE for CP > 1), the same PackedSeqParams back; in place, as above", inplace=True,
-          versions="0.16+ (absent before: no THD split in megatron-core)"),
+          versions="0.16 - 0.17 (absent before; 0.18 removed it)"),
     Patch("megatron.core.models.common.embeddings.rope_utils.get_pos_emb_on_this_cp_rank",
           replace(batch.get_pos_emb_on_this_cp_rank),
           "RoPE positions of the tokens this rank holds, for every algorithm (Megatron's is zigzag only, and "
@@ -178,7 +178,7 @@ for _patch in (
           wrap(batch.apply_rotary_pos_emb),
           "THD RoPE under CP: positions per document for the plugin's layout (Megatron's THD branch and TE's fused "
           "kernel assume TE's zigzag over the whole CP group, and read cu_seqlens on the host every layer)",
-          versions="all (cp_group argument from 0.13; THD batches only from 0.16)"),
+          versions="all (cp_group argument from 0.13; THD batches only 0.16 - 0.17)"),
     Patch("megatron.core.models.common.embeddings.rotary_pos_embedding.RotaryEmbedding.forward",
           wrap(batch.rotary_forward),
           "RoPE's table is cached by length with this rank's slice in it; packed documents change the slice with "
