@@ -137,16 +137,20 @@ def _split_documents(batch, cfg: CPConfig, rank: int):
         raise CPConfigError(
             f"packed documents under {cfg.context_parallel_algo}: the samples of a micro-batch have different "
             f"documents, so each would need its own token layout (and RoPE positions); use --micro-batch-size 1")
-    docs = Documents(lengths, cfg.cp, ring)
-    device = batch["tokens"].device
-    for key, val in list(batch.items()):
-        if key == "attention_mask":
-            batch[key] = None
-        elif isinstance(val, torch.Tensor) and val.dim() >= 2:
-            batch[key] = docs.shard(val, rank, seq_dim=1, fill=0)
-    STATE.documents = docs.to(device)
-    STATE.seq_len = docs.padded_len
+    if "attention_mask" in batch:
+        batch["attention_mask"] = None
+    _lay_out(batch, Documents(lengths, cfg.cp, ring), rank, keep=("attention_mask",))
     return batch
+
+
+def _lay_out(batch, docs, rank: int, keep=()) -> None:
+    """This rank's tokens of every ``[b, S, ...]`` tensor of ``batch`` (in place; pads 0, loss_mask too) in the
+    layout of ``docs``, which every layer of the step then reads from STATE. ``keep``: keys left as they are."""
+    for key, val in list(batch.items()):
+        if key not in keep and isinstance(val, torch.Tensor) and val.dim() >= 2:
+            batch[key] = docs.shard(val, rank, seq_dim=1, fill=0)  # [b, S] -> [b, s_local]
+    STATE.documents = docs.to(batch["tokens"].device)
+    STATE.seq_len = docs.padded_len
 
 
 def get_rotary_seq_len(original, self, *args, **kwargs):
@@ -243,16 +247,11 @@ def get_thd_batch_on_this_cp_rank(original, batch, cu_seqlens, cu_seqlens_padded
     if max(real) > longest:
         raise CPConfigError(f"THD batch: max_seqlen {longest} is shorter than a document of {max(real)} tokens "
                             f"(RoPE's table would not cover it)")
-    docs = Documents([segments], cfg.cp, cfg.ring_size if cfg.uses_zigzag else 1)
-    for key, val in list(batch.items()):
-        if key not in THD_KEEP and isinstance(val, torch.Tensor) and val.dim() >= 2:
-            batch[key] = docs.shard(val, rank, seq_dim=1, fill=0)  # [1, T] -> [1, t], pads 0 (loss_mask too)
+    _lay_out(batch, Documents([segments], cfg.cp, cfg.ring_size if cfg.uses_zigzag else 1), rank, keep=THD_KEEP)
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                              cu_seqlens_q_padded=cu_seqlens_padded, cu_seqlens_kv_padded=cu_seqlens_padded,
                              max_seqlen_q=longest, max_seqlen_kv=longest)
-    STATE.documents = docs.to(tokens.device)
     STATE.packed = params
-    STATE.seq_len = docs.padded_len
     return batch, params
 
 
