@@ -9,7 +9,9 @@ main venv itself (``make test`` covers it fully). Python 3.12 (megatron-core >= 
 ``$PY312`` to choose another): the venv ``.compat/py312`` with the registry's torch 2.13.0 - the CUDA build, run
 on the CPU - and megatron-core 0.19.2, which ships ``megatron/training``, so Megatron's own training loop is
 tested there (``tests/test_megatron_training_wheel.py``); 0.17.1 and 0.18.2 as overlays on it. Downloads go
-through pip's cache: once per machine.
+through pip's cache: once per machine. ``$MINDSPEED_CP_COMPAT_CACHE`` moves ``.compat`` elsewhere: CI points it
+outside the clone so every clean clone on a machine reuses the venvs (they hold no code of ours: the tests put
+the checkout first on ``PYTHONPATH``).
 
 Per release: the GPT parity tests of every algorithm (``test_megatron_cp``, ``test_packing``'s GPT cases,
 ``test_dropout``), Megatron's schedules and optimizer (``test_megatron_core_training``), the CPU support
@@ -29,7 +31,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.path.join(ROOT, ".compat")
+CACHE = os.path.abspath(os.environ.get("MINDSPEED_CP_COMPAT_CACHE") or os.path.join(ROOT, ".compat"))
 PY311 = ["0.12.3", "0.13.1", "0.14.0", "0.15.3"]
 PY312_BASE = "0.19.2"
 PY312 = ["0.17.1", "0.18.2", PY312_BASE]
