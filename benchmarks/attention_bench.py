@@ -54,24 +54,19 @@ class KernelAttention:
 
 # ----------------------------------------------------------------------------- saved-for-backward bytes
 class SavedBytes:
-    """Distinct storages saved for backward while active (a storage counted once however many views)."""
+    """Distinct storages saved for backward while active (a storage counted once however many views):
+    :func:`mindspeed_cp.saved_stats.count_saved`, which also sees through the Ulysses KV cache's own hooks."""
 
     def __init__(self) -> None:
-        self._seen: Dict[int, int] = {}
-
-    def _pack(self, t: Tensor) -> Tensor:
-        st = t.untyped_storage()
-        self._seen.setdefault(st.data_ptr(), st.nbytes())
-        return t
-
-    @property
-    def total(self) -> int:
-        return sum(self._seen.values())
+        self.total = 0
 
     @contextlib.contextmanager
     def hooks(self) -> Iterator["SavedBytes"]:
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+        from mindspeed_cp.saved_stats import count_saved
+
+        with count_saved() as stats:
             yield self
+        self.total = stats.total
 
 
 # ----------------------------------------------------------------------------- groups and the algorithms
@@ -103,13 +98,16 @@ def build_runner(case: dict, kernel: str = "torch"):
     ring = STATE.group("ring") if cfg.ring_size > 1 else None
     window = _double_ring_window(cfg) if cfg.ring_size > 1 else None
     STATE.reset()  # the groups live on in this closure; nothing global is left behind
-    algo = case["algo"]
+    algo, policy = case["algo"], case.get("kv_cache_policy")
     if algo == "ulysses":
-        ulysses = UlyssesContextAttention(KernelAttention(kernel), uly)
+        ulysses = UlyssesContextAttention(KernelAttention(kernel), uly, kv_cache_policy=policy,
+                                          allgather_kv=case.get("allgather_kv", False))
         return cfg, lambda q, k, v: ulysses(q, k, v)
     if algo in ("ring", "double_ring"):
-        return cfg, lambda q, k, v: ring_attention(q, k, v, ring, causal=True, window=window, kernel=kernel)
-    return cfg, lambda q, k, v: hybrid_attention(q, k, v, uly, ring, causal=True, window=window, kernel=kernel)
+        return cfg, lambda q, k, v: ring_attention(q, k, v, ring, causal=True, window=window, kernel=kernel,
+                                                   kv_cache_policy=policy)
+    return cfg, lambda q, k, v: hybrid_attention(q, k, v, uly, ring, causal=True, window=window, kernel=kernel,
+                                                 kv_cache_policy=policy)
 
 
 def _inputs(case: dict, s_local: int, seed: int):

@@ -31,7 +31,7 @@ def _mark(ok: bool) -> str:
 
 
 def markdown(records: List[dict], scale: Optional[List[dict]], machine: str, runtime_s: float,
-             notes: List[str], packed: Optional[List[dict]] = None) -> str:
+             notes: List[str], packed: Optional[List[dict]] = None, kv_cache: Optional[List[dict]] = None) -> str:
     lines = [
         "# CPU benchmark (gloo ranks, one thread each)", "",
         f"Machine: {machine}. Whole run: {runtime_s:.0f} s. CPU times are relative only.", "",
@@ -86,6 +86,10 @@ def markdown(records: List[dict], scale: Optional[List[dict]], machine: str, run
                 f"| {100 * s['padding']['mean']:.2f} % / {100 * s['padding']['worst']:.2f} % "
                 f"| {s['computed_over_useful']['mean']:.2f} | {100 * s['computed_over_full_blocks']['mean']:.1f} % "
                 f"| {s['computed_imbalance']['worst']:.3f} | {s['skipped_tiles']['mean']:.0f} |")
+    if kv_cache:
+        from .kv_cache import markdown as kv_markdown
+
+        lines += kv_markdown(kv_cache)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

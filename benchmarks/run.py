@@ -30,11 +30,12 @@ FIELDS = ("algo", "cp", "seq", "batch", "heads", "kv_heads", "head_dim", "dtype_
 
 FULL = dict(cps=[2, 4, 8], seqs=[1024, 2048, 4096], shape=dict(batch=1, heads=8, kv_heads=8, head_dim=64),
             gqa=dict(seq=2048, kv_heads=2, cps=[4, 8]), reps=3, megatron_max_seq=4096,
-            scale=dict(start=4096, cap_s=60.0, mem_gib=4.0))
+            scale=dict(start=4096, cap_s=60.0, mem_gib=4.0), kv_cache=dict(seq=4096, cp=4, reps=5))
 QUICK = dict(cps=[2, 4], seqs=[64, 128], shape=dict(batch=2, heads=4, kv_heads=4, head_dim=16),
              gqa=dict(seq=128, kv_heads=1, cps=[4]), reps=1, megatron_max_seq=None,
              scale=dict(start=64, cap_s=30.0, mem_gib=2.0, max_seq=128), ulysses_paths_seqs=[256],
-             agreement_seqs=[128], agreement_calls=20, packing=[dict(seq=4096, cp=4, samples=3)])
+             agreement_seqs=[128], agreement_calls=20, packing=[dict(seq=4096, cp=4, samples=3)],
+             kv_cache=dict(seq=128, cp=4, reps=1, heads=4, head_dim=16))
 
 
 def variants(cp: int) -> List[dict]:
@@ -241,6 +242,12 @@ def main(argv=None) -> int:
               f"{p['summary']['per_document_zigzag']['worst']:.3f}, padding {100 * p['summary']['padding']['mean']:.2f} %",
               flush=True)
 
+    from .kv_cache import run as kv_cache
+
+    kv = kv_cache(**cfg["kv_cache"], log=lambda m: print(m, flush=True))
+    with open(os.path.join(args.out, "kv_cache.json" if args.name == "cpu" else f"{args.name}_kv_cache.json"), "w") as f:
+        json.dump(kv, f, indent=1)
+
     runtime = time.monotonic() - t_start
     notes = notes_for(records) + [f"Load average at the start of the run: {load0:.1f} "
                                   f"(at the end: {os.getloadavg()[0]:.1f}) on {os.cpu_count()} cores."]
@@ -251,7 +258,7 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "scale.json" if args.name == "cpu" else f"{args.name}_scale.json"), "w") as f:
             json.dump(scale, f, indent=1)
     with open(stem + ".md", "w") as f:
-        f.write(report.markdown(records, scale, mach, runtime, notes, packed))
+        f.write(report.markdown(records, scale, mach, runtime, notes, packed, kv))
     pngs = report.plots(records, scale, args.out)
     met = sum(all(r["goals"].values()) for r in records)
     print(f"benchmarks: {len(records)} records, all goals met by {met}; {runtime:.0f} s; wrote {stem}.json, "

@@ -42,3 +42,48 @@ def textbook_bytes(algo: str, S: int, cp: int, b: int, h: int, hk: int, d: int, 
     if algo == "hybrid":
         return hybrid_bytes(S, ulysses, cp // ulysses, b, h, hk, d, e)
     raise ValueError(f"unknown algorithm {algo!r}")
+
+
+# ----------------------------------------------------------------------------- KV-cache policies (issue 15)
+# Exact per-rank figures (any length: rank r of a Ulysses level holds split_sizes(S, P)[r] tokens), forward +
+# backward, for --context-parallel-kv-cache-policy None | half | full and --use-ulysses-allgather-kv. "sent" is
+# what the rank sends; "saved" is how many more bytes than with no policy autograd keeps for backward (the
+# input K/V kept, minus the all-to-all output or received blocks no longer kept; negative = less memory).
+_AGAIN = {None: 0, "half": 1, "full": 2}  # K/V tensors whose exchange runs again in backward (Ulysses)
+
+
+def ulysses_kv_cache(S: int, P: int, b: int, h: int, hk: int, d: int, e: int, policy=None, allgather=False,
+                     rank: int = 0) -> dict:
+    """Ulysses over P ranks: q/out all-to-alls, K/V all-to-alls (KV heads replicated to P when hk < P) or
+    all-gathers (every KV head, padded to the longest shard) plus reduce-scatters, and the policy's repeats."""
+    base, extra = divmod(S, P)
+    s = base + (1 if rank < extra else 0)
+    longest = base + (1 if extra else 0)
+    a = (P - 1) / P
+    qo = 2 * (s * h * a + (S - s) * h / P) * b * d * e  # q and out forward, their gradients backward
+    if allgather:
+        one = (P - 1) * longest * b * hk * d * e  # one K or V all-gather; its reduce-scatter sends as much
+        kv, post = 2 * 2 * one, S * b * 1 * d * e
+    else:
+        hr = max(hk, P)  # heads after the replication
+        one = s * hr * a * b * d * e
+        kv, post = 2 * (one + (S - s) * hr / P * b * d * e), S * b * hr / P * d * e
+    n = _AGAIN[policy]
+    return {"sent": qo + kv + n * one, "saved": n * (s * b * hk * d * e - post), "again": n * one}
+
+
+def ring_kv_cache(S: int, P: int, b: int, hk: int, d: int, e: int, policy=None) -> dict:
+    """Ring (or Double Ring) over P ranks holding S/P tokens each: blocks B = 2 (S/P) b hk d e."""
+    block = 2 * (S / P) * b * hk * d * e
+    hops = P - 1
+    again = {None: 1.0, "half": 0.5, "full": 0.0}[policy]
+    return {"sent": (2 + again) * hops * block, "saved": (1 - again) * hops * block}
+
+
+def hybrid_kv_cache(S: int, U: int, R: int, b: int, h: int, hk: int, d: int, e: int, policy=None,
+                    ring_policy="same", rank: int = 0) -> dict:
+    """Ulysses over U on the S/R tokens of a ring rank, Ring over R on h/U, max(hk, U)/U heads."""
+    ring_policy = policy if ring_policy == "same" else ring_policy
+    u = ulysses_kv_cache(S // R, U, b, h, hk, d, e, policy, rank=rank % U)
+    r = ring_kv_cache(S, R, b, max(hk, U) / U, d, e, ring_policy)
+    return {"sent": u["sent"] + r["sent"], "saved": u["saved"] + r["saved"]}

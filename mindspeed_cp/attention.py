@@ -137,6 +137,7 @@ class CPCoreAttention:
     ring_overlap_group: Any = None
     window: Any = None
     agree_group: Any = None  # where every call agrees on its inputs (CPU metadata): STATE.agree_group
+    kv_cache_policy: Optional[str] = None  # this layer's (--context-parallel-cache-interval picks the layers)
 
     @classmethod
     def for_module(cls, module, cfg: CPConfig) -> "CPCoreAttention":
@@ -156,7 +157,8 @@ class CPCoreAttention:
         scale *= getattr(getattr(module, "scale_mask_softmax", None), "scale", None) or 1.0
         local = isinstance(module, DotProductAttention)
         return cls(config=cfg, softmax_scale=scale, dead_rows="uniform" if local else "zero",
-                   megatron_only=_megatron_only(module, cfg), agree_group=STATE.agree_group, **groups)
+                   megatron_only=_megatron_only(module, cfg), agree_group=STATE.agree_group,
+                   kv_cache_policy=cfg.kv_cache_policy(getattr(module, "layer_number", 1) or 1), **groups)
 
     def _mask(self, attention_mask):
         """(causal, mask): the explicit mask only under ``--attention-mask-type general``."""
@@ -182,7 +184,8 @@ class CPCoreAttention:
         causal, mask = (True, None) if docs is not None else self._mask(attention_mask)
         return dict(causal=causal, attention_mask=mask, softmax_scale=self.softmax_scale,
                     bnsd=self.config.megatron_cp_in_bnsd, overlap_group=self.ring_overlap_group,
-                    window=self.window, dead_rows=self.dead_rows, agree_group=self.agree_group, documents=docs)
+                    window=self.window, dead_rows=self.dead_rows, agree_group=self.agree_group, documents=docs,
+                    kv_cache_policy=self.kv_cache_policy)
 
     @staticmethod
     def _dropout(module, query):
@@ -244,9 +247,13 @@ class CPCoreAttention:
                                        dead_rows=self.dead_rows, documents=docs)
 
             ulysses = UlyssesContextAttention(local, self.ulysses_group, agree_group=self.agree_group,
-                                              gather_size_calculator=_StateGatherSize(s_local, cfg.cp))
+                                              gather_size_calculator=_StateGatherSize(s_local, cfg.cp),
+                                              **self._ulysses_options())
             out = ulysses(query, key, value, mask, drop=dropout)  # [s/cp, b, h, d]
         return out.reshape(s_local, b, -1)
+
+    def _ulysses_options(self) -> dict:
+        return dict(kv_cache_policy=self.kv_cache_policy, allgather_kv=self.config.use_ulysses_allgather_kv)
 
     def _ulysses_megatron(self, module, local_forward, query, key, value, attention_mask, *args, **kwargs):
         """Ulysses around Megatron's own attention (which then sees the full sequence and h/(TP*CP) heads)."""
@@ -262,7 +269,8 @@ class CPCoreAttention:
                 return local_forward(q, k, v, gather_mask_rows(mask, self.ulysses_group, seq), *a, **kw)
 
         ulysses = UlyssesContextAttention(local, self.ulysses_group, agree_group=self.agree_group,
-                                          gather_size_calculator=_StateGatherSize(s_local, self.config.cp))
+                                          gather_size_calculator=_StateGatherSize(s_local, self.config.cp),
+                                          **self._ulysses_options())
         out = ulysses(query, key, value, attention_mask, *args, **kwargs)  # [s/cp, b, h*d]
         return out.reshape(s_local, b, -1)
 
@@ -360,7 +368,8 @@ def core_attention_init(original, self, config, *args, **kwargs):
     if cfg is None:
         return original(self, config, *args, **kwargs)
     cfg.validate(tensor_model_parallel_size=config.tensor_model_parallel_size,
-                 num_attention_heads=config.num_attention_heads, num_query_groups=config.num_query_groups)
+                 num_attention_heads=config.num_attention_heads, num_query_groups=config.num_query_groups,
+                 num_layers=getattr(config, "num_layers", None))
     original(self, local_attention_config(config, cfg), *args, **kwargs)
     self._mindspeed_cp = CPCoreAttention.for_module(self, cfg)
 

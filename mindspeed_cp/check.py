@@ -39,6 +39,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-query-groups", type=int, default=None, metavar="G",
                    help="KV heads (grouped-query attention); default: --num-attention-heads")
     p.add_argument("--seq-length", type=int, default=None, metavar="S")
+    p.add_argument("--num-layers", type=int, default=None, metavar="L",
+                   help="transformer layers (checks --context-parallel-cache-interval, lists the cached layers)")
     p.add_argument("--sequence-parallel", action="store_true", help="Megatron's --sequence-parallel (with TP)")
     p.add_argument("--format", choices=("text", "json"), default="text")
 
@@ -62,6 +64,11 @@ def summary(args: argparse.Namespace) -> dict:
     out = {"world_size": args.world_size, "tp": tp, "pp": pp, "cp": cp, "dp": args.world_size // (tp * pp * cp),
            "context_parallel_algo": config.context_parallel_algo, "ulysses_size": config.ulysses_size,
            "ring_size": config.ring_size, "cp_window_size": config.cp_window_size, "config": config.describe()}
+    if config.context_parallel_kv_cache_policy and config.cp > 1:
+        out["kv_cache_policy"] = config.context_parallel_kv_cache_policy
+        out["kv_cache_interval"] = config.context_parallel_cache_interval
+        if args.num_layers is not None:
+            out["kv_cache_layers"] = [n for n in range(1, args.num_layers + 1) if config.kv_cache_policy(n)]
     if args.num_attention_heads is not None:
         out["attention_heads_per_rank"] = args.num_attention_heads // (tp * config.ulysses_size)
     if args.seq_length is not None and config.uses_zigzag and args.seq_length % (2 * cp):
@@ -83,6 +90,11 @@ def _text(s: dict) -> str:
              + (f", Double Ring windows of {s['cp_window_size']}" if s["cp_window_size"] > 1 else "")]
     if "attention_heads_per_rank" in s:
         lines.append(f"  attention heads per rank inside attention: {s['attention_heads_per_rank']}")
+    if "kv_cache_policy" in s:
+        layers = s.get("kv_cache_layers")
+        every = layers is None or s.get("kv_cache_interval") == 0
+        lines.append(f"  KV cache {s['kv_cache_policy']}" + (" on every layer" if every else
+                     f" on layers {', '.join(map(str, layers))}"))
     if "tokens_per_cp_rank" in s:
         lines.append(f"  tokens per CP rank: {'/'.join(map(str, s['tokens_per_cp_rank']))}"
                      + (f" (each batch padded at its end to {s['padded_seq_length']})" if "padded_seq_length" in s

@@ -14,7 +14,13 @@ be equal on every rank; callers check that before the first collective (see :mod
 
 Communication goes through ``torch.distributed.all_to_all_single`` with split sizes (NCCL, HCCL and gloo
 all implement it); every exchange reports the bytes it sends to *other* ranks to
-:func:`mindspeed_cp.comm_stats.record` under the kind ``"all_to_all"``.
+:func:`mindspeed_cp.comm_stats.record` under the kind ``"all_to_all"`` (or the ``kind`` given).
+
+:func:`all_gather` (``--use-ulysses-allgather-kv``) gathers a sequence-sharded tensor on every rank, uneven
+shards padded to the longest; its backward is the reduce-scatter of the gradient (kinds ``"all_gather"``,
+``"reduce_scatter"``)::
+
+    # k: [s_r, b, hk, d] -> [S, b, hk, d]        backward: dk [S, b, hk, d] summed over ranks -> [s_r, b, hk, d]
 """
 from __future__ import annotations
 
@@ -60,7 +66,7 @@ def _resized(shape: Sequence[int], dim_a: int, size_a: int, dim_b: int, size_b: 
 
 
 def _exchange(x: torch.Tensor, group, scatter_dim: int, gather_dim: int,
-              scatter_sizes: List[int], gather_sizes: List[int]) -> torch.Tensor:
+              scatter_sizes: List[int], gather_sizes: List[int], kind: str = "all_to_all") -> torch.Tensor:
     """The all-to-all itself (no autograd). One copy into the send buffer, one out of the receive buffer."""
     me, world = dist.get_rank(group), len(scatter_sizes)
     # Send buffer: piece j (scatter_sizes[j] along scatter_dim) laid out contiguously, pieces in rank order,
@@ -78,7 +84,7 @@ def _exchange(x: torch.Tensor, group, scatter_dim: int, gather_dim: int,
     recv_shapes = [_resized(x.shape, scatter_dim, scatter_sizes[me], gather_dim, n) for n in gather_sizes]
     recv_counts = [math.prod(s) for s in recv_shapes]
     recv = x.new_empty(sum(recv_counts))
-    comm_stats.record("all_to_all", (send.numel() - send_counts[me]) * send.element_size())
+    comm_stats.record(kind, (send.numel() - send_counts[me]) * send.element_size())
     try:
         dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts,
                                group=group)
@@ -91,21 +97,21 @@ class _AllToAll(torch.autograd.Function):
     """Autograd wrapper: forward scatters ``scatter_dim`` / gathers ``gather_dim``; backward inverts it."""
 
     @staticmethod
-    def forward(ctx, x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes):
+    def forward(ctx, x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes, kind="all_to_all"):
         ctx.route = (group, scatter_dim, gather_dim, scatter_sizes, gather_sizes)
-        return _exchange(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes)
+        return _exchange(x, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes, kind)
 
     @staticmethod
     def backward(ctx, grad):
         group, scatter_dim, gather_dim, scatter_sizes, gather_sizes = ctx.route
         # Inverse route: what was gathered is scattered back to where it came from, and vice versa.
         grad_x = _AllToAll.apply(grad, group, gather_dim, scatter_dim, gather_sizes, scatter_sizes)
-        return grad_x, None, None, None, None, None
+        return grad_x, None, None, None, None, None, None
 
 
 def all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int,
                scatter_sizes: Optional[Sequence[int]] = None,
-               gather_sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
+               gather_sizes: Optional[Sequence[int]] = None, kind: str = "all_to_all") -> torch.Tensor:
     """Differentiable all-to-all: ``x`` cut along ``scatter_dim``, pieces gathered along ``gather_dim``.
 
     ``scatter_sizes``: how much of ``scatter_dim`` goes to each rank (default: equal parts; must then divide).
@@ -135,4 +141,73 @@ def all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int,
                          f"(dim {scatter_dim}) / gather sizes {gather_sizes} (dim {gather_dim}, rank {me})")
     if world == 1:
         return x
-    return _AllToAll.apply(x, group, scatter_dim, gather_dim, tuple(scatter_sizes), tuple(gather_sizes))
+    return _AllToAll.apply(x, group, scatter_dim, gather_dim, tuple(scatter_sizes), tuple(gather_sizes), kind)
+
+
+# torch 2.13 renamed them (the old names warn); older releases have only the old ones
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _padded(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``x`` moved to dim 0 and zero-padded there to ``size`` (contiguous)."""
+    x = x.movedim(dim, 0)
+    if x.shape[0] == size:
+        return x.contiguous()
+    out = x.new_zeros((size,) + tuple(x.shape[1:]))
+    out[: x.shape[0]] = x
+    return out
+
+
+def _gather(x: torch.Tensor, group, dim: int, sizes: List[int], kind: str) -> torch.Tensor:
+    most, world = max(sizes), len(sizes)
+    send = _padded(x, dim, most)
+    recv = send.new_empty((world * most,) + tuple(send.shape[1:]))
+    comm_stats.record(kind, (world - 1) * send.numel() * send.element_size())
+    try:
+        _ALL_GATHER(recv, send, group=group)
+    except RuntimeError as e:
+        raise peer_failure(e, group, "the Ulysses K/V all-gather") from e
+    # equal shards: the receive buffer is the result (a view); uneven: drop each shard's padding
+    whole = recv if len(set(sizes)) == 1 else torch.cat([recv[i * most:i * most + n] for i, n in enumerate(sizes)])
+    return whole.movedim(0, dim)
+
+
+def _reduce_scatter(grad: torch.Tensor, group, dim: int, sizes: List[int]) -> torch.Tensor:
+    most, world, me = max(sizes), len(sizes), dist.get_rank(group)
+    if len(set(sizes)) == 1:  # [P*most, ...] as it is
+        send = grad.movedim(dim, 0).contiguous()
+    else:  # each rank's piece padded to the longest: [P*most, ...]
+        send = torch.cat([_padded(p, dim, most) for p in torch.split(grad, sizes, dim=dim)])
+    recv = send.new_empty((most,) + tuple(send.shape[1:]))
+    comm_stats.record("reduce_scatter", (world - 1) * recv.numel() * recv.element_size())
+    try:
+        _REDUCE_SCATTER(recv, send, group=group)
+    except RuntimeError as e:
+        raise peer_failure(e, group, "the Ulysses dK/dV reduce-scatter") from e
+    return recv[: sizes[me]].movedim(0, dim)
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim, sizes, kind):
+        ctx.route = (group, dim, sizes)
+        return _gather(x, group, dim, list(sizes), kind)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, dim, sizes = ctx.route
+        return _reduce_scatter(grad.contiguous(), group, dim, list(sizes)), None, None, None, None
+
+
+def all_gather(x: torch.Tensor, group, dim: int, sizes: Sequence[int], kind: str = "all_gather") -> torch.Tensor:
+    """Differentiable all-gather along ``dim``: rank i contributes ``sizes[i]`` of it (uneven allowed). The
+    gradient of every rank's copy is summed back to its shard (a reduce-scatter). With one rank: ``x``."""
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    sizes = [int(n) for n in sizes]
+    dim %= x.dim()
+    if len(sizes) != world or sizes[me] != x.shape[dim]:
+        raise ValueError(f"all_gather: shape {tuple(x.shape)} does not match sizes {sizes} (dim {dim}, rank {me})")
+    if world == 1:
+        return x
+    return _AllGather.apply(x, group, dim, tuple(sizes), kind)

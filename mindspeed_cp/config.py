@@ -19,6 +19,7 @@ RING = "megatron_cp_algo"
 HYBRID = "hybrid_cp_algo"
 ALGORITHMS = (ULYSSES, RING, HYBRID)
 MASK_TYPES = ("causal", "general")
+KV_CACHE_POLICIES = ("full", "half")  # --context-parallel-kv-cache-policy (None: off); mindspeed_cp.kv_cache
 
 
 class CPConfigError(ValueError):
@@ -31,7 +32,7 @@ def _flag(name: str) -> str:
 
 @dataclass(frozen=True)
 class CPConfig:
-    """The seven context-parallel options (MindSpeed's flag names and defaults).
+    """The context-parallel options (MindSpeed's flag names and defaults).
 
     ``context_parallel_size``   ``--context-parallel-size`` (Megatron's own flag): ranks sharing a sequence.
     ``context_parallel_algo``   ``ulysses_cp_algo`` (default) | ``megatron_cp_algo`` (ring) | ``hybrid_cp_algo``.
@@ -40,6 +41,11 @@ class CPConfig:
     ``use_cp_send_recv_overlap``  ring/hybrid: post the next KV exchange before computing the current block.
     ``megatron_cp_in_bnsd``     ring/hybrid: compute blocks in ``[b, n, s, d]`` layout.
     ``attention_mask_type``     ``causal`` (default) | ``general`` (explicit boolean mask, True = masked).
+    ``context_parallel_kv_cache_policy``  None (default) | ``full`` | ``half``: which K/V backward keeps instead of
+                                communicating again (:mod:`mindspeed_cp.kv_cache`).
+    ``context_parallel_cache_interval``   0 (default): the policy applies to every layer; N > 0: only to layers
+                                with ``layer_number % (N+1) == 1``.
+    ``use_ulysses_allgather_kv``  Ulysses: K/V by all-gather (GQA with KV heads <= CP), Q by all-to-all.
     """
 
     context_parallel_size: int = 1
@@ -49,6 +55,9 @@ class CPConfig:
     use_cp_send_recv_overlap: bool = False
     megatron_cp_in_bnsd: bool = False
     attention_mask_type: str = "causal"
+    context_parallel_kv_cache_policy: Optional[str] = None
+    context_parallel_cache_interval: int = 0
+    use_ulysses_allgather_kv: bool = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -103,6 +112,14 @@ class CPConfig:
     def is_double_ring(self) -> bool:
         return self.ring_size > 1 and self.cp_window_size > 1
 
+    def kv_cache_policy(self, layer_number: int) -> Optional[str]:
+        """The KV-cache policy of the layer ``layer_number`` (1-based, Megatron's): every layer when
+        ``--context-parallel-cache-interval`` is 0, else those with ``layer_number % (N+1) == 1``."""
+        n = self.context_parallel_cache_interval
+        if self.cp == 1 or (n and layer_number % (n + 1) != 1):
+            return None
+        return self.context_parallel_kv_cache_policy
+
     @property
     def uses_zigzag(self) -> bool:
         """Ring and Hybrid shard the sequence in 2*ring zigzag chunks (causal load balance)."""
@@ -118,6 +135,7 @@ class CPConfig:
         seq_length: Optional[int] = None,
         world_size: Optional[int] = None,
         pipeline_model_parallel_size: int = 1,
+        num_layers: Optional[int] = None,
     ) -> "CPConfig":
         """Check this configuration against the model and layout; raise :class:`CPConfigError`.
 
@@ -131,13 +149,14 @@ class CPConfig:
         self._validate_options()
         self._validate_layout(world_size, tensor_model_parallel_size, pipeline_model_parallel_size)
         self._validate_heads(tensor_model_parallel_size, num_attention_heads, num_query_groups)
+        self._validate_kv_cache(tensor_model_parallel_size, num_attention_heads, num_query_groups, num_layers)
         if seq_length is not None:
             self._validate_seq(seq_length)
         return self
 
     def _validate_options(self) -> None:
         algo, cp = self.context_parallel_algo, self.context_parallel_size
-        for name in ("use_cp_send_recv_overlap", "megatron_cp_in_bnsd"):
+        for name in ("use_cp_send_recv_overlap", "megatron_cp_in_bnsd", "use_ulysses_allgather_kv"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise CPConfigError(f"{_flag(name)} must be True or False, got {value!r} "
@@ -196,6 +215,43 @@ class CPConfig:
                 raise CPConfigError(
                     f"--cp-window-size {k} must be smaller than {where} ({ring}) for Double Ring; "
                     f"use --cp-window-size 1 for a single ring ({algo})")
+
+    def _validate_kv_cache(self, tp, heads, kv_heads, num_layers) -> None:
+        """MindSpeed's rules for the KV-cache flags (its ``validate_args``), and ours for the all-gather."""
+        policy, n, gather = (self.context_parallel_kv_cache_policy, self.context_parallel_cache_interval,
+                             self.use_ulysses_allgather_kv)
+        if policy is not None and policy not in KV_CACHE_POLICIES:
+            raise CPConfigError(f"--context-parallel-kv-cache-policy {policy!r} is not one of "
+                                f"{', '.join(KV_CACHE_POLICIES)} (or unset)")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise CPConfigError(f"--context-parallel-cache-interval {n!r} must be an integer >= 0")
+        if policy is not None and self.cp == 1:
+            raise CPConfigError(f"--context-parallel-kv-cache-policy {policy} needs --context-parallel-size > 1")
+        if n and policy is None:
+            raise CPConfigError(f"--context-parallel-cache-interval {n} only applies with "
+                                f"--context-parallel-kv-cache-policy full|half")
+        if n and num_layers is not None and n >= num_layers:
+            raise CPConfigError(f"--context-parallel-cache-interval {n} must be smaller than --num-layers "
+                                f"{num_layers}")
+        if not gather:
+            return
+        if self.cp == 1:
+            raise CPConfigError("--use-ulysses-allgather-kv needs --context-parallel-size > 1")
+        if self.context_parallel_algo != ULYSSES:
+            raise CPConfigError(f"--use-ulysses-allgather-kv needs --context-parallel-algo ulysses_cp_algo "
+                                f"(got {self.context_parallel_algo})")
+        if heads is None:
+            return
+        kv = heads if kv_heads is None else kv_heads
+        kv_local = kv // tp
+        if kv == heads:
+            raise CPConfigError(f"--use-ulysses-allgather-kv needs grouped-query attention (--group-query-attention "
+                                f"--num-query-groups < --num-attention-heads {heads})")
+        if kv_local > self.cp or self.cp % kv_local:
+            raise CPConfigError(
+                f"--use-ulysses-allgather-kv gathers all {kv_local} KV heads per tensor-parallel rank "
+                f"(--num-query-groups {kv} / --tensor-model-parallel-size {tp}) on every rank: it needs at most "
+                f"--context-parallel-size {self.cp} of them, dividing it (more are cheaper through the all-to-all)")
 
     def _validate_layout(self, world_size, tp, pp) -> None:
         for name, v in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp)):
@@ -265,8 +321,12 @@ class CPConfig:
             parts.append(f"ulysses={self.ulysses_size} ring={self.ring_size}")
         if self.cp_window_size > 1:
             parts.append(f"window={self.cp_window_size}")
-        for name in ("use_cp_send_recv_overlap", "megatron_cp_in_bnsd"):
+        for name in ("use_cp_send_recv_overlap", "megatron_cp_in_bnsd", "use_ulysses_allgather_kv"):
             if getattr(self, name):
                 parts.append(name)
+        if self.context_parallel_kv_cache_policy:
+            parts.append(f"kv_cache={self.context_parallel_kv_cache_policy}"
+                         + (f"/{self.context_parallel_cache_interval + 1}" if self.context_parallel_cache_interval
+                            else ""))
         parts.append(f"mask={self.attention_mask_type}")
         return " ".join(parts)

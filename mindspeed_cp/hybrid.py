@@ -31,6 +31,7 @@ from . import ring as _ring
 from . import ulysses as _ulysses
 from .agree import Table, agree, agree_2d
 from .comm import split_sizes
+from .kv_cache import check_policy
 from .ring import DoubleRingWindow, RingAttentionError, TensorMeta, ring_attention
 from .ulysses import UlyssesContextAttention
 
@@ -85,11 +86,11 @@ def _mask_problem(mask, s_local: int, b: int, S: int) -> Optional[str]:
 
 
 def _agree(q, k, v, mask, causal, scale, bnsd, overlap_group, window, dropout, dead, ulysses_group, ring_group,
-           agree_group, documents=None) -> None:
+           agree_group, documents=None, policies=(None, None)) -> None:
     """One agreement over every CP rank for both levels (see the module docstring)."""
     U, R = dist.get_world_size(ulysses_group), dist.get_world_size(ring_group)
     problem = _ulysses._local_problem((q, k, v), 0, 2, None, U, dist.get_rank(ulysses_group))
-    u_row = _ulysses._row((q, k, v), None, problem is None)
+    u_row = _ulysses._row((q, k, v), None, problem is None, (policies[0], False))
     metas = (None, None, None)
     if problem is None:
         s_local, b, h, d = q.shape
@@ -110,7 +111,7 @@ def _agree(q, k, v, mask, causal, scale, bnsd, overlap_group, window, dropout, d
     wcode, winfo = _ring._window_code(window, ring_group, R, r, overlap_group)
     K, overlap = _ring._options(window, overlap_group)
     r_row = _ring._row(*metas, ring_mask, causal and mask is None, bnsd, overlap, K, wcode, dropout, dead, scale,
-                       documents)
+                       documents, policies[1])
     if problem is None:
         level = _ring._problem(r_row, R, winfo)
         problem = None if level is None else f"ring level ({R} ranks, [S/R, b, h/U, d] per rank): {level}"
@@ -132,7 +133,8 @@ def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, ulysses_group, ring_group,
                      attention_mask: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
                      bnsd: bool = False, overlap_group=None, window: Optional[DoubleRingWindow] = None,
                      kernel=None, dropout=None, dead_rows: str = "zero", check_inputs: bool = True,
-                     agree_group=None, documents=None) -> Tensor:
+                     agree_group=None, documents=None, kv_cache_policy: Optional[str] = None,
+                     ring_kv_cache_policy: Optional[str] = "same") -> Tensor:
     """Ulysses over ``ulysses_group`` around ring attention over ``ring_group``.
 
     q ``[s/CP, b, h, d]``, k/v ``[s/CP, b, hk, d]`` -> ``[s/CP, b, h, d]``. ``attention_mask`` (general,
@@ -143,15 +145,21 @@ def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, ulysses_group, ring_group,
     ``check_inputs``: agree on every CP rank's inputs first; ``agree_group``: a group over all CP ranks for
     that (one exchange instead of two; the Megatron path passes the CP group's gloo twin). ``documents``: a
     :class:`mindspeed_cp.packing.Documents` with ``ring`` = the ring size (document-causal attention).
+    ``kv_cache_policy``: None, ``"full"`` or ``"half"`` at the Ulysses level and, unless
+    ``ring_kv_cache_policy`` says otherwise (default ``"same"``), at the ring level (:mod:`mindspeed_cp.kv_cache`).
     """
+    if ring_kv_cache_policy == "same":
+        ring_kv_cache_policy = kv_cache_policy
+    check_policy(kv_cache_policy, "hybrid_attention")
+    check_policy(ring_kv_cache_policy, "hybrid_attention (ring level)")
     if dropout is not None and dropout.p == 0:
         dropout = None
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if check_inputs:
         _agree(q, k, v, attention_mask, causal, scale, bnsd, overlap_group, window, dropout, dead_rows,
-               ulysses_group, ring_group, agree_group, documents)
+               ulysses_group, ring_group, agree_group, documents, (kv_cache_policy, ring_kv_cache_policy))
     ring_level = _RingLevel(ulysses_group, ring_group, causal=causal, softmax_scale=scale,
                             bnsd=bnsd, overlap_group=overlap_group, window=window, kernel=kernel,
-                            dead_rows=dead_rows, documents=documents)
-    return UlyssesContextAttention(ring_level, ulysses_group, check_inputs=False)(q, k, v, attention_mask,
-                                                                                 dropout=dropout)
+                            dead_rows=dead_rows, documents=documents, kv_cache_policy=ring_kv_cache_policy)
+    ulysses = UlyssesContextAttention(ring_level, ulysses_group, check_inputs=False, kv_cache_policy=kv_cache_policy)
+    return ulysses(q, k, v, attention_mask, dropout=dropout)

@@ -30,7 +30,7 @@ import inspect
 from typing import Any, List, Optional
 
 from . import batch
-from .config import ALGORITHMS, MASK_TYPES, ULYSSES, CPConfig, CPConfigError
+from .config import ALGORITHMS, KV_CACHE_POLICIES, MASK_TYPES, ULYSSES, CPConfig, CPConfigError
 from .patching import Patch, replace, wrap
 
 # ----------------------------------------------------------------------------- the flags
@@ -50,6 +50,14 @@ ARGUMENTS = (
     ("--megatron-cp-in-bnsd", dict(action="store_true", help="ring level: compute attention blocks in [b, n, s, d]")),
     ("--attention-mask-type", dict(type=str, default="causal", choices=MASK_TYPES,
                                    help="causal (default), or general: the explicit mask from the batch")),
+    ("--context-parallel-kv-cache-policy", dict(type=str, default=None, choices=KV_CACHE_POLICIES,
+                                                help="keep K/V for backward instead of communicating them again: "
+                                                     "full (K and V) or half (K); default: none")),
+    ("--context-parallel-cache-interval", dict(type=int, default=0,
+                                               help="the KV-cache policy applies to layers with layer_number %% "
+                                                    "(N+1) == 1 only (0: every layer)")),
+    ("--use-ulysses-allgather-kv", dict(action="store_true",
+                                        help="ulysses_cp_algo with GQA: K/V by all-gather, Q by all-to-all")),
 )
 
 
@@ -133,7 +141,8 @@ def check_args(args: Any) -> CPConfig:
     kv = getattr(args, "num_query_groups", None) if getattr(args, "group_query_attention", False) else None
     seq = _seq_length(args)
     config.validate(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, num_attention_heads=heads,
-                    num_query_groups=kv, seq_length=seq, world_size=getattr(args, "world_size", None))
+                    num_query_groups=kv, seq_length=seq, world_size=getattr(args, "world_size", None),
+                    num_layers=getattr(args, "num_layers", None))
     if config.cp == 1:
         return config
     _megatron_conflicts(args, config)
@@ -450,7 +459,8 @@ _INIT = "megatron.training.initialize.initialize_megatron"
 PATCHES: List[Patch] = [
     Patch(f"{_ARGS}.parse_args", wrap(_parse_args),
           "add MindSpeed's CP flags the parser lacks (--context-parallel-algo, --ulysses-degree-in-cp, "
-          "--cp-window-size, --use-cp-send-recv-overlap, --megatron-cp-in-bnsd, --attention-mask-type) through "
+          "--cp-window-size, --use-cp-send-recv-overlap, --megatron-cp-in-bnsd, --attention-mask-type, "
+          "--context-parallel-kv-cache-policy, --context-parallel-cache-interval, --use-ulysses-allgather-kv) through "
           "extra_args_provider, after Megatron's own and any user provider"),
     Patch(f"{_ARGS}.validate_args", wrap(_validate_args),
           "check the CP flags first (errors name them; TE / --cp-comm-type / dropout conflicts), relax Megatron's "

@@ -25,6 +25,10 @@ log-sum-exp form (:func:`mindspeed_cp.kernels.merge`).
 * ``bnsd=True`` (``--megatron-cp-in-bnsd``): q/k/v are converted once to ``[b, n, s, d]``, KV travels in
   that layout and the output is converted back once; otherwise blocks are handed to the kernel as
   ``[b, n, s, d]`` views of the ``[s, b, n, d]`` tensors.
+* ``kv_cache_policy`` (``--context-parallel-kv-cache-policy``): ``"full"`` keeps every KV block received in
+  forward (autograd saves them), so backward sends only dK/dV: ``2 (P-1)`` blocks in all; ``"half"`` keeps the
+  K blocks and sends V again: ``2.5 (P-1)`` (:mod:`mindspeed_cp.kv_cache`). Blocks are kept in the order
+  forward met them, which is the order backward meets them (also across the two rings of Double Ring).
 * ``window`` (``--cp-window-size K > 1``, Double Ring / LoongTrain): an inner ring inside each window of
   K consecutive ring positions and an outer ring across the ``W = P/K`` windows (same position in every
   window). The outer exchange of the next window's KV overlaps the whole inner ring. Results equal the
@@ -50,6 +54,7 @@ from .block_stats import BlockStats, count_blocks
 from .block_stats import record as _record
 from .block_stats import record_skip as _record_skip
 from .kernels import acc_dtype, get_kernel, merge
+from .kv_cache import check_policy, policy_code
 from .local import DEAD_ROWS, add_uniform_grad, uniform_rows
 from .ring_comm import RingExchanger
 
@@ -76,11 +81,16 @@ class DoubleRingWindow:
     inter_overlap_group: Any = None
 
 
-def ring_comm_volume(s_local: int, b: int, kv_heads: int, d: int, elem_bytes: int, ring_size: int) -> dict:
-    """Textbook bytes one rank sends, forward + backward (equal for the plain and the Double Ring)."""
+def ring_comm_volume(s_local: int, b: int, kv_heads: int, d: int, elem_bytes: int, ring_size: int,
+                     kv_cache_policy: Optional[str] = None) -> dict:
+    """Textbook bytes one rank sends, forward + backward (equal for the plain and the Double Ring): K/V
+    blocks once in forward and again in backward (all of it, V only with ``"half"``, none with ``"full"``),
+    dK/dV once in backward."""
     block = 2 * s_local * b * kv_heads * d * elem_bytes  # one K+V block
     hops = ring_size - 1
-    return {"ring_kv": 2 * hops * block, "ring_dkv": hops * block, "total": 3 * hops * block}
+    again = {None: 1.0, "half": 0.5, "full": 0.0}[kv_cache_policy]
+    kv = (1 + again) * hops * block
+    return {"ring_kv": kv, "ring_dkv": hops * block, "total": kv + hops * block}
 
 
 def zigzag_index(seq_len: int, ring_size: int, pos: int, device=None) -> Tensor:
@@ -191,12 +201,13 @@ def _docs_sig(documents) -> List[int]:
 
 
 def _row(q, k, v, mask, causal, bnsd, overlap, K, window_code, dropout, dead, scale: float,
-         documents=None) -> List[int]:
+         documents=None, kv_cache_policy=None) -> List[int]:
     """One rank's metadata row: q/k/v/mask signatures, then the options every rank must share."""
     p = -1 if dropout is None else dropout.threshold  # the quantised probability: ranks must agree on it
     return (_tensor_sig(q) + _tensor_sig(k) + _tensor_sig(v) + _tensor_sig(mask)
             + [int(causal), int(bnsd), int(overlap), K if isinstance(K, int) else -1, int(window_code), p,
-               DEAD_ROWS.index(dead) if dead in DEAD_ROWS else -1, float_bits(scale)] + _docs_sig(documents))
+               DEAD_ROWS.index(dead) if dead in DEAD_ROWS else -1, float_bits(scale)] + _docs_sig(documents)
+            + [policy_code(kv_cache_policy)])
 
 
 def _describe(sig: List[int]) -> str:
@@ -208,18 +219,19 @@ def _describe(sig: List[int]) -> str:
         return f"{name} {[x for x in part[1:5] if x >= 0]}{'...' if part[0] > 4 else ''} {dtype} " \
                f"{device_name(part[7])}{grad}"
     parts = [t(n, sig[i * _TCOLS:(i + 1) * _TCOLS]) for i, n in enumerate(("q", "k", "v", "attention_mask"))]
-    causal, bnsd, overlap, K, _, p, dead, scale, docs, docs_crc = sig[_OPTS:]
+    causal, bnsd, overlap, K, _, p, dead, scale, docs, docs_crc, policy = sig[_OPTS:]
     drop = "none" if p < 0 else f"{p / (1 << 24):.4g}"
     dead = DEAD_ROWS[dead] if 0 <= dead < len(DEAD_ROWS) else "?"
     return (", ".join(parts) + f", causal={bool(causal)}, bnsd={bool(bnsd)}, overlap={bool(overlap)}, window={K}, "
-            f"dropout={drop}, dead_rows={dead}, softmax_scale={bits_float(scale):.6g}"
+            f"dropout={drop}, dead_rows={dead}, softmax_scale={bits_float(scale):.6g}, "
+            f"kv_cache_policy={None if policy < 0 else repr(('full', 'half')[policy])}"
             + ("" if docs < 0 else f", documents {docs_crc:08x} ({docs} tokens per ring rank)"))
 
 
 def _problem(sig: List[int], P: int, window_info: dict) -> Optional[str]:
     """What is wrong with one rank's inputs (a pure function of its row), or None."""
     q, k, v, m = (sig[i * _TCOLS:(i + 1) * _TCOLS] for i in range(4))
-    causal, _, _, _, wcode, p, dead, scale, docs, _ = sig[_OPTS:]
+    causal, _, _, _, wcode, p, dead, scale, docs, _, _ = sig[_OPTS:]
     if dead < 0:
         return f"dead_rows must be one of {', '.join(DEAD_ROWS)}"
     if q[0] != 4 or k[0] != 4 or v[0] != 4:
@@ -278,11 +290,11 @@ def _options(window, overlap_group) -> Tuple[int, bool]:
 
 
 def _validate(q, k, v, mask, causal, bnsd, overlap_group, window, ring_group, P: int, r: int, dropout,
-              dead, scale: float, agree_group=None, documents=None) -> None:
+              dead, scale: float, agree_group=None, documents=None, kv_cache_policy=None) -> None:
     """Agree on every rank's inputs (one all-gather), then raise the same error everywhere if any is off."""
     wcode, winfo = _window_code(window, ring_group, P, r, overlap_group)
     K, overlap = _options(window, overlap_group)
-    mine = _row(q, k, v, mask, causal, bnsd, overlap, K, wcode, dropout, dead, scale, documents)
+    mine = _row(q, k, v, mask, causal, bnsd, overlap, K, wcode, dropout, dead, scale, documents, kv_cache_policy)
     problem = _problem(mine, P, winfo)
     if problem:
         problem = f"{problem} (got {_describe(mine)})"
@@ -341,7 +353,8 @@ class _Plan:
     """Everything fixed for one call: ring geometry, exchangers, kernel, mask blocks."""
 
     def __init__(self, *, P, r, window, ring_group, overlap_group, causal, bnsd, scale, kernel, masks,
-                 dropout=None, dead="zero", seq_len=0, device=None):
+                 dropout=None, dead="zero", seq_len=0, device=None, kv_cache_policy=None):
+        self.kv_cache = kv_cache_policy  # None | "full" | "half": what forward keeps of the received blocks
         self.P, self.r, self.causal, self.bnsd, self.scale, self.kernel, self.masks = \
             P, r, causal, bnsd, scale, kernel, masks
         self.dropout, self.seq_len = dropout, seq_len
@@ -449,8 +462,17 @@ def _forward_block(plan: _Plan, qb: Tensor, kv: Tensor, j: int, out: Tensor, lse
         out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows], bo, bl)
 
 
-def _ring_forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-    """q/k/v ``[s, b, n|hk, d]`` -> out ``[b, n, s, d]`` and lse ``[b, n, s]`` (float32/float64)."""
+def _keep(plan: _Plan, kv: Tensor, kept: List[Tensor]) -> None:
+    """What the KV-cache policy keeps of a received block for backward (travel layout)."""
+    if plan.kv_cache == "full":
+        kept.append(kv)
+    elif plan.kv_cache == "half":
+        kept.append(kv[0].clone())  # K alone: the clone lets V's half of the buffer go
+
+
+def _ring_forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, List[Tensor]]:
+    """q/k/v ``[s, b, n|hk, d]`` -> out ``[b, n, s, d]``, lse ``[b, n, s]`` (float32/float64) and the received
+    blocks the KV-cache policy keeps, in the order they were met."""
     s, b, n, d = q.shape
     dt = acc_dtype(q.dtype)
     qb = _as_bnsd(q, plan.bnsd)
@@ -458,6 +480,7 @@ def _ring_forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor,
     lse = torch.full((b, n, s), -math.inf, dtype=dt, device=q.device)
     outer_kv = _pack_kv(k, v, plan.bnsd)
     v_sum = None if plan.dead is None else torch.zeros((b, k.shape[2], d), dtype=dt, device=q.device)
+    kept: List[Tensor] = []
     for o in range(plan.W):
         last_outer = o == plan.W - 1
         outer_next = plan.outer.start(outer_kv, "ring_kv") if plan.overlap and not last_outer else None
@@ -465,6 +488,8 @@ def _ring_forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor,
         for i in range(plan.K):
             last = i == plan.K - 1
             inner_next = plan.inner.start(kv, "ring_kv") if plan.overlap and not last else None
+            if o or i:
+                _keep(plan, kv, kept)
             _forward_block(plan, qb, kv, plan.owner(o, i), out, lse)
             if v_sum is not None:  # every KV block passes by, computed or skipped
                 v_sum += _kv_views(kv, plan.bnsd)[1].sum(2)
@@ -472,16 +497,15 @@ def _ring_forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor,
                 kv = (inner_next or plan.inner.start(kv, "ring_kv")).wait()
         if not last_outer:
             outer_kv = (outer_next or plan.outer.start(outer_kv, "ring_kv")).wait()
-    return uniform_rows(out, plan.dead, v_sum, plan.seq_len) if v_sum is not None else out, lse
+    return (uniform_rows(out, plan.dead, v_sum, plan.seq_len) if v_sum is not None else out), lse, kept
 
 
 # ------------------------------------------------------------------------------------------ backward
-def _backward_block(plan: _Plan, qb, dob, ob, lse, kv, j: int, dq: Tensor, dkv: Tensor) -> None:
+def _backward_block(plan: _Plan, qb, dob, ob, lse, kb, vb, j: int, dq: Tensor, dkv: Tensor) -> None:
     blk = plan.block(j, qb.shape[2] // 2)
     if blk is None:
         _record_skip("backward")
         return
-    kb, vb = _kv_views(kv, plan.bnsd)
     dk, dv = _kv_views(dkv, plan.bnsd)
     for rows, cols, causal, mask, first in plan.tiles(blk, j, qb.shape[2], "backward"):
         q_, k_ = qb[:, :, rows], kb[:, :, cols]
@@ -523,34 +547,60 @@ class _DkvTrail:
         return self.own
 
 
-def _inner_backward(plan: _Plan, o: int, kv: Tensor, qb, dob, ob, lse, dq: Tensor) -> Tensor:
-    """One pass of the inner ring starting from ``kv``; returns the dK/dV of ``kv`` summed over the ring."""
-    trail = _DkvTrail(plan.inner, kv.dtype, plan.overlap)
+class _BackwardKV:
+    """Where backward finds each step's K/V block: its own (step 0), or - per KV-cache policy - received
+    again (None: the whole block travels), kept (``"full"``: nothing travels), or K kept and V received
+    (``"half"``: V travels). ``travelling`` is what one hop sends (None: nothing)."""
+
+    def __init__(self, plan: _Plan, k: Tensor, v: Tensor, kept: List[Tensor]) -> None:
+        self.plan, self.own, self.kept = plan, _pack_kv(k, v, plan.bnsd), iter(kept)
+        self.travelling = {None: self.own, "half": self.own[1], "full": None}[plan.kv_cache]
+
+    def block(self, step: int, travelling: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """(K, V) ``[b, hk, s, d]`` views of the block at (global) ``step``, ``travelling`` as it arrived."""
+        bnsd, policy = self.plan.bnsd, self.plan.kv_cache
+        if step == 0 or policy is None:
+            return _kv_views(self.own if step == 0 else travelling, bnsd)
+        if policy == "full":
+            return _kv_views(next(self.kept), bnsd)
+        k = next(self.kept)
+        return (k, travelling) if bnsd else (_bnsd(k), _bnsd(travelling))
+
+
+def _inner_backward(plan: _Plan, o: int, travelling, source: _BackwardKV, qb, dob, ob, lse, dq: Tensor) -> Tensor:
+    """One pass of the inner ring from outer step ``o``; returns the dK/dV of its first block summed over the
+    ring."""
+    trail = _DkvTrail(plan.inner, source.own.dtype, plan.overlap)
+    moves = travelling is not None
     for i in range(plan.K):
         last = i == plan.K - 1
-        kv_next = plan.inner.start(kv, "ring_kv") if plan.overlap and not last else None
-        grad = torch.zeros(kv.shape, dtype=dq.dtype, device=kv.device)
-        _backward_block(plan, qb, dob, ob, lse, kv, plan.owner(o, i), dq, grad)
+        nxt = plan.inner.start(travelling, "ring_kv") if plan.overlap and moves and not last else None
+        kb, vb = source.block(o * plan.K + i, travelling)
+        grad = torch.zeros(source.own.shape, dtype=dq.dtype, device=dq.device)
+        _backward_block(plan, qb, dob, ob, lse, kb, vb, plan.owner(o, i), dq, grad)
         add_uniform_grad(_kv_views(grad, plan.bnsd)[1], dob, plan.dead, plan.seq_len)
         trail.add(i, grad)
-        if not last:
-            kv = (kv_next or plan.inner.start(kv, "ring_kv")).wait()
+        if moves and not last:
+            travelling = (nxt or plan.inner.start(travelling, "ring_kv")).wait()
     return trail.result()
 
 
-def _ring_backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor):
+def _ring_backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   kept: List[Tensor]):
     """-> dq ``[b, n, s, d]`` and dkv (travel layout), both float32/float64."""
     s, b, n, d = q.shape
     qb, dob, ob = (_as_bnsd(t, plan.bnsd) for t in (q, dout, out))
     dq = torch.zeros((b, n, s, d), dtype=lse.dtype, device=q.device)
-    outer_kv = _pack_kv(k, v, plan.bnsd)
+    source = _BackwardKV(plan, k, v, kept)
+    outer = source.travelling
     trail = _DkvTrail(plan.outer, k.dtype, plan.overlap)  # the same scheme one level up, along the outer ring
     for o in range(plan.W):
         last_outer = o == plan.W - 1
-        outer_next = plan.outer.start(outer_kv, "ring_kv") if plan.overlap and not last_outer else None
-        trail.add(o, _inner_backward(plan, o, outer_kv, qb, dob, ob, lse, dq))
-        if not last_outer:
-            outer_kv = (outer_next or plan.outer.start(outer_kv, "ring_kv")).wait()
+        moves = outer is not None and not last_outer
+        outer_next = plan.outer.start(outer, "ring_kv") if plan.overlap and moves else None
+        trail.add(o, _inner_backward(plan, o, outer, source, qb, dob, ob, lse, dq))
+        if moves:
+            outer = (outer_next or plan.outer.start(outer, "ring_kv")).wait()
     return dq, trail.result()
 
 
@@ -560,17 +610,17 @@ class RingAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan):
-        out, lse = _ring_forward(plan, q, k, v)
+        out, lse, kept = _ring_forward(plan, q, k, v)
         out = _sbhd(out).to(q.dtype).contiguous()  # [b, n, s, d] -> [s, b, n, d], once
         ctx.plan = plan
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, *kept)  # kept blocks: autograd's own bookkeeping and hooks
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, *kept = ctx.saved_tensors
         plan = ctx.plan
-        dq, dkv = _ring_backward(plan, dout, q, k, v, out, lse)
+        dq, dkv = _ring_backward(plan, dout, q, k, v, out, lse, kept)
         dq = _sbhd(dq).to(q.dtype).contiguous()
         dk, dv = (x.to(k.dtype) for x in ((_sbhd(dkv[0]), _sbhd(dkv[1])) if plan.bnsd else (dkv[0], dkv[1])))
         return dq, dk.contiguous(), dv.contiguous(), None
@@ -580,7 +630,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, ring_group=None, *, causal: 
                    attention_mask: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
                    bnsd: bool = False, overlap_group=None, window: Optional[DoubleRingWindow] = None,
                    kernel=None, dropout=None, dead_rows: str = "zero", check_inputs: bool = True,
-                   agree_group=None, documents=None) -> Tensor:
+                   agree_group=None, documents=None, kv_cache_policy: Optional[str] = None) -> Tensor:
     """Attention over the sequence shared by the ranks of ``ring_group`` (zigzag layout).
 
     q ``[s_local, b, n, d]``, k/v ``[s_local, b, nk, d]`` (``n % nk == 0``) -> out ``[s_local, b, n, d]``.
@@ -597,6 +647,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, ring_group=None, *, causal: 
     (default ``ring_group``; a gloo group over the same ranks keeps it off the device). ``documents``: a
     :class:`mindspeed_cp.packing.Documents` (packed documents, per-document zigzag; its ``ring`` is this
     ring's size): document-causal attention from document boundaries, ``causal=True``, no mask.
+    ``kv_cache_policy``: None, ``"full"`` or ``"half"`` (see the module docstring; every rank must agree).
     """
     if ring_group is None:
         ring_group = dist.group.WORLD
@@ -606,9 +657,10 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, ring_group=None, *, causal: 
     if dropout is not None and dropout.p == 0:
         dropout = None
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    check_policy(kv_cache_policy, "ring_attention")
     if check_inputs:
         _validate(q, k, v, attention_mask, causal, bnsd, overlap_group, window, ring_group, P, r, dropout,
-                  dead_rows, scale, agree_group, documents)
+                  dead_rows, scale, agree_group, documents, kv_cache_policy)
     s_local = q.shape[0]
     masks = None if attention_mask is None else _MaskBlocks(attention_mask, P, r, s_local)
     if documents is not None:
@@ -616,5 +668,5 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, ring_group=None, *, causal: 
     plan = _Plan(P=P, r=r, window=window, ring_group=ring_group, overlap_group=overlap_group,
                  causal=causal and attention_mask is None, bnsd=bnsd, scale=scale,
                  kernel=get_kernel(kernel, q.device), masks=masks, dropout=dropout, dead=dead_rows,
-                 seq_len=s_local * P, device=q.device)
+                 seq_len=s_local * P, device=q.device, kv_cache_policy=kv_cache_policy)
     return RingAttentionFunction.apply(q, k, v, plan)

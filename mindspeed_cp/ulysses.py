@@ -21,6 +21,13 @@ the same checks on the same table, so a bad input raises the same :class:`Ulysse
 (naming global ranks) instead of hanging the others in an all-to-all or silently producing wrong rows.
 ``check_inputs=False`` skips that exchange (then only rank-local checks run; Hybrid does so after its own
 agreement over the whole CP group).
+
+KV cache (``kv_cache_policy``, MindSpeed's ``--context-parallel-kv-cache-policy``): ``"full"`` keeps the input
+K/V for backward instead of what the all-to-all made of them and runs their all-to-all again in backward,
+``"half"`` does so for K only (:mod:`mindspeed_cp.kv_cache`; any local attention). ``allgather_kv``
+(``--use-ulysses-allgather-kv``): K/V are all-gathered over the sequence instead (every KV head, then each
+rank keeps the one its query heads use; GQA with ``kv_heads <= P``, ``P % kv_heads == 0``) and backward
+reduce-scatters dK/dV; Q and the output still go by all-to-all.
 """
 from __future__ import annotations
 
@@ -33,7 +40,8 @@ import torch
 import torch.distributed as dist
 
 from .agree import Table, agree, device_code, device_name
-from .comm import all_to_all, split_sizes
+from .comm import all_gather, all_to_all, split_sizes
+from .kv_cache import RecomputedKV, check_policy, policy_code
 
 __all__ = [
     "UlyssesContextAttention", "DistributedAttention", "UlyssesError", "GatherSizeCalculator",
@@ -136,7 +144,19 @@ def _as_length(size: Any) -> Optional[int]:
         raise TypeError(f"gather size must be an int (the global sequence length), got {size!r}") from None
 
 
-def _local_problem(qkv, seq_dim: int, head_dim: int, gather_size, ranks: int, rank: int) -> Optional[str]:
+def allgather_problem(heads: int, kv_heads: int, ranks: int) -> Optional[str]:
+    """Why K/V cannot go by all-gather (``--use-ulysses-allgather-kv``) for these head counts, or None."""
+    if kv_heads >= heads:
+        return (f"--use-ulysses-allgather-kv needs grouped-query attention (fewer key/value heads than the {heads} "
+                f"query heads), got {kv_heads} key/value heads")
+    if kv_heads > ranks or ranks % kv_heads:
+        return (f"--use-ulysses-allgather-kv gathers all {kv_heads} key/value heads on each of the {ranks} ranks: it "
+                f"needs at most {ranks} of them, dividing {ranks} (with more, the all-to-all sends less)")
+    return None
+
+
+def _local_problem(qkv, seq_dim: int, head_dim: int, gather_size, ranks: int, rank: int,
+                   allgather: bool = False) -> Optional[str]:
     """What is wrong with this rank's own inputs (None if nothing); needs no communication."""
     for name, t in zip(_NAMES, qkv):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -158,6 +178,10 @@ def _local_problem(qkv, seq_dim: int, head_dim: int, gather_size, ranks: int, ra
         kv_head_repeats(q.shape[head_dim], k.shape[head_dim], ranks)
     except UlyssesError as e:
         return str(e)
+    if allgather:
+        problem = allgather_problem(q.shape[head_dim], k.shape[head_dim], ranks)
+        if problem:
+            return problem
     s_local = q.shape[seq_dim]
     if gather_size is None:
         return None if s_local > 0 else (
@@ -172,13 +196,14 @@ def _local_problem(qkv, seq_dim: int, head_dim: int, gather_size, ranks: int, ra
     return None
 
 
-def _row(qkv, gather_size, ok: bool) -> List[int]:
+def _row(qkv, gather_size, ok: bool, options=(None, False)) -> List[int]:
     """This rank's metadata row: the gather size (-1 = aligned), then q/k/v signatures (zeros when this
-    rank's inputs are unusable; then only its problem text matters)."""
+    rank's inputs are unusable; then only its problem text matters), then the KV cache policy and the
+    all-gather switch (a rank that differs would wait in backward for an exchange the others skip)."""
     row = [-1 if gather_size is None else int(gather_size)]
     for t in qkv:
         row += _signature(t) if ok else [0] * _COLS
-    return row
+    return row + [policy_code(options[0]), int(options[1])]
 
 
 def _check(table: Table, seq_dim: int, where: str = "the Ulysses group") -> Optional[str]:
@@ -205,7 +230,10 @@ def _describe(row: List[int]) -> str:
         col = row[1 + _COLS * i: 1 + _COLS * (i + 1)]
         grad = " requires_grad" if col[5] else ""
         parts.append(f"{name} {tuple(col[:4])} {dtypes.get(col[4], '?')} {device_name(col[6])}{grad}")
-    return ", ".join(parts) + (", aligned" if row[0] < 0 else f", gather size {row[0]}")
+    policy, gather = row[1 + 3 * _COLS:3 + 3 * _COLS]
+    return (", ".join(parts) + (", aligned" if row[0] < 0 else f", gather size {row[0]}")
+            + f", kv_cache_policy={None if policy < 0 else repr(('full', 'half')[policy])}"
+            + (", allgather_kv" if gather else ""))
 
 
 # ----------------------------------------------------------------------------- the module
@@ -225,6 +253,8 @@ class UlyssesContextAttention(torch.nn.Module):
             (one small all-gather per forward). False trusts the caller.
         agree_group: where that exchange runs (default: ``sequence_process_group``); a gloo group over the
             same ranks keeps it off the device (the Megatron path passes the CP group's gloo twin).
+        kv_cache_policy: None, ``"full"`` or ``"half"`` (see the module docstring).
+        allgather_kv: K/V by all-gather instead of all-to-all (GQA with ``kv_heads <= P``).
 
     GQA/MQA: key/value may have fewer heads than query; see :func:`kv_head_repeats` for the rule (KV heads
     are scattered when there are at least P of them, otherwise each is repeated P/kv times, e.g. h=8, kv=2,
@@ -233,7 +263,8 @@ class UlyssesContextAttention(torch.nn.Module):
 
     def __init__(self, local_attention, sequence_process_group, scatter_idx: int = 2, gather_idx: int = 0,
                  gather_size_calculator: Optional[GatherSizeCalculator] = None, *,
-                 check_inputs: bool = True, agree_group=None) -> None:
+                 check_inputs: bool = True, agree_group=None, kv_cache_policy: Optional[str] = None,
+                 allgather_kv: bool = False) -> None:
         super().__init__()
         dims = {scatter_idx % 4, gather_idx % 4}
         if len(dims) != 2 or 3 in dims:
@@ -248,6 +279,8 @@ class UlyssesContextAttention(torch.nn.Module):
         self.gather_size_calculator = gather_size_calculator
         self.check_inputs = check_inputs
         self.agree_group = agree_group
+        self.kv_cache_policy = check_policy(kv_cache_policy, "UlyssesContextAttention")
+        self.allgather_kv = bool(allgather_kv)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any,
                 **kwargs: Any) -> torch.Tensor:
@@ -256,12 +289,15 @@ class UlyssesContextAttention(torch.nn.Module):
         gather_size, problem, cause = None, None, None
         try:
             gather_size = _as_length(self.gather_size_calculator.calculate(*args, **kwargs))
-            problem = _local_problem((query, key, value), seq_dim, head_dim, gather_size, ranks, rank)
+            problem = _local_problem((query, key, value), seq_dim, head_dim, gather_size, ranks, rank,
+                                     self.allgather_kv)
         except Exception as e:  # noqa: BLE001 - a failing calculator must fail every rank, not hang them
             gather_size, problem, cause = None, f"{type(e).__name__}: {e}", e
         if self.check_inputs:
             try:
-                agree(self.agree_group or group, _row((query, key, value), gather_size, problem is None), problem,
+                options = (self.kv_cache_policy, self.allgather_kv)
+                agree(self.agree_group or group, _row((query, key, value), gather_size, problem is None, options),
+                      problem,
                       check=lambda table: _check(table, seq_dim), error=UlyssesError, like=query,
                       prefix="Ulysses inputs rejected on ")
             except UlyssesError as e:
@@ -273,15 +309,30 @@ class UlyssesContextAttention(torch.nn.Module):
         total = s_local * ranks if gather_size is None else gather_size
         seq_sizes = split_sizes(total, ranks)
         repeats = kv_head_repeats(heads, key.shape[head_dim], ranks)
-        if repeats > 1:
-            # [s/P, b, kv, d] -> [s/P, b, P, d]: KV head j repeated for the P/kv ranks whose queries use it
-            key = key.repeat_interleave(repeats, dim=head_dim)
-            value = value.repeat_interleave(repeats, dim=head_dim)
 
-        # [s/P, b, h, d] -> [s, b, h/P, d]   (key/value: [s/P, b, kv', d] -> [s, b, kv'/P, d])
-        q, k, v = (all_to_all(t, group, head_dim, seq_dim, gather_sizes=seq_sizes) for t in (query, key, value))
+        def kv_exchange(t: torch.Tensor, again: bool = False) -> torch.Tensor:
+            if self.allgather_kv:
+                # [s/P, b, kv, d] -> [s, b, kv, d] -> [s, b, 1, d]: the KV head this rank's query heads use
+                whole = all_gather(t, group, seq_dim, seq_sizes, kind="all_gather_again" if again else "all_gather")
+                return whole.narrow(head_dim, rank // (ranks // t.shape[head_dim]), 1).contiguous()
+            if repeats > 1:
+                # [s/P, b, kv, d] -> [s/P, b, P, d]: KV head j repeated for the P/kv ranks whose queries use it
+                t = t.repeat_interleave(repeats, dim=head_dim)
+            # [s/P, b, kv', d] -> [s, b, kv'/P, d]
+            return all_to_all(t, group, head_dim, seq_dim, gather_sizes=seq_sizes,
+                              kind="all_to_all_again" if again else "all_to_all")
 
-        out = self.local_attn(q, k, v, *args, **kwargs)
+        # [s/P, b, h, d] -> [s, b, h/P, d]
+        q = all_to_all(query, group, head_dim, seq_dim, gather_sizes=seq_sizes)
+        k, v = kv_exchange(key), kv_exchange(value)
+        kept = RecomputedKV()  # the policy's K/V: rebuilt in backward from the input instead of saved
+        again = lambda t: kv_exchange(t, again=True)  # noqa: E731
+        if self.kv_cache_policy is not None and ranks > 1:
+            kept.add(k, key, again)
+            if self.kv_cache_policy == "full":
+                kept.add(v, value, again)
+        with kept.hooks():
+            out = self.local_attn(q, k, v, *args, **kwargs)
         flat = self._check_output(out, q, total)
         if flat:  # [s, b, h/P*d] -> [s, b, h/P, d]
             out = out.unflatten(-1, (heads // ranks, -1))

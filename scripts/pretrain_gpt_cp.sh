@@ -86,13 +86,16 @@ CP_FLAGS=(--context-parallel-size "$CP" --context-parallel-algo "$CP_ALGO" --cp-
 [[ -n ${ULYSSES_DEGREE:-} ]] && CP_FLAGS+=(--ulysses-degree-in-cp "$ULYSSES_DEGREE")
 [[ ${CP_OVERLAP:-0} == 1 ]] && CP_FLAGS+=(--use-cp-send-recv-overlap)
 [[ ${CP_BNSD:-0} == 1 ]] && CP_FLAGS+=(--megatron-cp-in-bnsd)
+[[ -n ${CP_KV_CACHE:-} ]] && CP_FLAGS+=(--context-parallel-kv-cache-policy "$CP_KV_CACHE")  # full | half
+[[ -n ${CP_KV_CACHE_INTERVAL:-} ]] && CP_FLAGS+=(--context-parallel-cache-interval "$CP_KV_CACHE_INTERVAL")
+[[ ${ULYSSES_ALLGATHER_KV:-0} == 1 ]] && CP_FLAGS+=(--use-ulysses-allgather-kv)
 
 MODEL_FLAGS=(--num-attention-heads "$NUM_ATTENTION_HEADS" --seq-length "$SEQ_LENGTH")
 [[ -n ${NUM_QUERY_GROUPS:-} ]] && MODEL_FLAGS+=(--num-query-groups "$NUM_QUERY_GROUPS")
 [[ ${SEQUENCE_PARALLEL:-0} == 1 ]] && MODEL_FLAGS+=(--sequence-parallel)
 
 "$PYTHON" -m mindspeed_cp.check --world-size "$WORLD_SIZE" --tp "$TP" --pp "$PP" "${CP_FLAGS[@]}" \
-  "${MODEL_FLAGS[@]}" || exit 2
+  "${MODEL_FLAGS[@]}" --num-layers "$NUM_LAYERS" || exit 2
 GROUPS_FLAGS=(--world-size "$WORLD_SIZE" --tp "$TP" --pp "$PP" --cp "$CP" --cp-algo "$CP_ALGO"
               --cp-window-size "$CP_WINDOW" --nodes "$NNODES" --format text)
 [[ -n ${ULYSSES_DEGREE:-} ]] && GROUPS_FLAGS+=(--ulysses-degree-in-cp "$ULYSSES_DEGREE")

@@ -152,3 +152,19 @@ def test_packing_record(quick):
     assert 1 <= rec["summary"]["computed_over_useful"]["mean"] and rec["summary"]["computed_over_full_blocks"]["worst"] < 0.5
     assert rec["summary"]["computed_imbalance"]["worst"] <= 1.2  # coarse here: 4 row tiles per shard
     assert "## Packed documents" in (out / "cpu.md").read_text()
+
+
+def test_kv_cache_records(quick):
+    """Every policy x setting: bytes sent = the formula, Δsaved = the formula (within 2 %), ratios to no policy."""
+    out, _, _ = quick
+    with open(out / "kv_cache.json") as f:
+        records = json.load(f)
+    assert len(records) == 18 and {r["policy"] for r in records} == {"none", "half", "full"}
+    for r in records:
+        assert abs(r["sent_over_formula"] - 1) <= 0.02, r
+        assert abs(r["saved_delta"] - r["saved_delta_formula"]) <= 0.02 * max(1, abs(r["saved_delta_formula"])), r
+        assert r["time_s"] > 0 and r["time_ratio"] > 0
+    ring = {r["policy"]: r for r in records if r["label"] == "Ring"}
+    assert ring["full"]["comm_ratio"] == pytest.approx(2 / 3) and ring["half"]["comm_ratio"] == pytest.approx(5 / 6)
+    assert ring["full"]["memory_ratio"] > ring["half"]["memory_ratio"] > 1
+    assert "## KV-cache policies" in (out / "cpu.md").read_text()

@@ -48,20 +48,28 @@ def _gpt_case(case):
 
     # reference: CP = 1, same TP
     init_parallel(tp=tp, cp=1)
-    ref_model = build_gpt(heads=heads, kv_heads=kv, seq=seq, seed=7)
+    layers = case.get("num_layers", 2)
+    model_fields = case.get("model", {})  # TransformerConfig overrides for both models
+    ref_model = build_gpt(heads=heads, kv_heads=kv, seq=seq, seed=7, num_layers=layers, **model_fields)
     ref_loss, ref_grads = loss_and_grads(ref_model, dict(batch), b * seq)
     state = ref_model.state_dict()
     ps.destroy_model_parallel()
 
     flags = {k: case[k] for k in ("context_parallel_algo", "ulysses_degree_in_cp", "cp_window_size",
-                                  "use_cp_send_recv_overlap", "megatron_cp_in_bnsd", "attention_mask_type")
+                                  "use_cp_send_recv_overlap", "megatron_cp_in_bnsd", "attention_mask_type",
+                                  "context_parallel_kv_cache_policy", "context_parallel_cache_interval",
+                                  "use_ulysses_allgather_kv")
              if k in case}
     adaptor.configure(context_parallel_size=cp, **flags)
     init_parallel(tp=tp, cp=cp)
-    model = build_gpt(heads=heads, kv_heads=kv, seq=seq, seed=11)
+    model = build_gpt(heads=heads, kv_heads=kv, seq=seq, seed=11, num_layers=layers, **model_fields)
     model.load_state_dict(state)
     local = get_batch_on_this_cp_rank(dict(batch))
-    loss, grads = loss_and_grads(model, local, b * seq)
+    from mindspeed_cp.comm_stats import count_bytes
+
+    with count_bytes() as sent:
+        loss, grads = loss_and_grads(model, local, b * seq)
+    policies = [m._mindspeed_cp.kv_cache_policy for m in model.modules() if hasattr(m, "_mindspeed_cp")]
 
     cp_group = ps.get_context_parallel_group()
     # per-token losses back to global positions
@@ -83,6 +91,8 @@ def _gpt_case(case):
         "loss_scale": float(ref_loss.abs().max()),
         "grad_err": max(float((grads[n] - ref_grads[n]).abs().max()) for n in grads) / gmax,
         "worst_param": max(grads, key=lambda n: float((grads[n] - ref_grads[n]).abs().max())),
+        "kv_cache_policies": policies,  # per layer, in order
+        "sent": dict(sent.by_kind),
     }
 
 

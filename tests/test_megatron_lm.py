@@ -22,7 +22,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUR_FLAGS = ("context_parallel_size", "context_parallel_algo", "ulysses_degree_in_cp", "cp_window_size",
-             "use_cp_send_recv_overlap", "megatron_cp_in_bnsd", "attention_mask_type")
+             "use_cp_send_recv_overlap", "megatron_cp_in_bnsd", "attention_mask_type",
+             "context_parallel_kv_cache_policy", "context_parallel_cache_interval", "use_ulysses_allgather_kv")
 # A tiny GPT that Megatron-LM 0.16.1 accepts on the CPU; cases append their own flags (argparse: last wins).
 BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8", "--seq-length", "64",
         "--max-position-embeddings", "128", "--micro-batch-size", "1", "--transformer-impl", "local",
@@ -115,7 +116,15 @@ CASES = [
     dict(name="all_flags", world=8, argv=[
         "--context-parallel-size", "8", "--context-parallel-algo", "hybrid_cp_algo", "--ulysses-degree-in-cp", "2",
         "--cp-window-size", "2", "--use-cp-send-recv-overlap", "--megatron-cp-in-bnsd",
-        "--attention-mask-type", "general"]),
+        "--attention-mask-type", "general", "--context-parallel-kv-cache-policy", "half",
+        "--context-parallel-cache-interval", "1"]),
+    dict(name="allgather_kv", world=4, argv=["--context-parallel-size", "4", "--use-ulysses-allgather-kv",
+                                             "--group-query-attention", "--num-query-groups", "2",
+                                             "--context-parallel-kv-cache-policy", "full"]),
+    dict(name="allgather_kv_mha", world=4, argv=["--context-parallel-size", "4", "--use-ulysses-allgather-kv"]),
+    dict(name="cache_interval_too_big", world=4, argv=["--context-parallel-size", "4", "--context-parallel-algo",
+                                                       "megatron_cp_algo", "--context-parallel-kv-cache-policy",
+                                                       "full", "--context-parallel-cache-interval", "2"]),
     dict(name="ulysses_unaligned", world=8, argv=["--context-parallel-size", "4", "--seq-length", "66"]),
     dict(name="ring_unaligned", world=8, argv=["--context-parallel-size", "4", "--seq-length", "66",
                                                "--context-parallel-algo", "megatron_cp_algo"]),
@@ -173,7 +182,9 @@ def test_defaults(results):
     assert r["ok"], r
     assert r["parsed"] == {"context_parallel_size": 2, "context_parallel_algo": "ulysses_cp_algo",
                            "ulysses_degree_in_cp": None, "cp_window_size": 1, "use_cp_send_recv_overlap": False,
-                           "megatron_cp_in_bnsd": False, "attention_mask_type": "causal"}
+                           "megatron_cp_in_bnsd": False, "attention_mask_type": "causal",
+                           "context_parallel_kv_cache_policy": None, "context_parallel_cache_interval": 0,
+                           "use_ulysses_allgather_kv": False}
     assert r["configured"] == r["parsed"]  # configure(args) ran with the parsed namespace
 
 
@@ -182,7 +193,8 @@ def test_all_flags_together(results):
     assert r["ok"], r
     want = {"context_parallel_size": 8, "context_parallel_algo": "hybrid_cp_algo", "ulysses_degree_in_cp": 2,
             "cp_window_size": 2, "use_cp_send_recv_overlap": True, "megatron_cp_in_bnsd": True,
-            "attention_mask_type": "general"}
+            "attention_mask_type": "general", "context_parallel_kv_cache_policy": "half",
+            "context_parallel_cache_interval": 1, "use_ulysses_allgather_kv": False}
     assert r["parsed"] == want and r["configured"] == want
 
 
@@ -212,12 +224,21 @@ def test_ulysses_accepts_seq_not_divisible_by_2cp(results):
     ("cp_comm_type", ["--cp-comm-type a2a", "--context-parallel-algo"]),
     ("unaligned_pp", ["--seq-length 66", "--pipeline-model-parallel-size 2"]),
     ("general_without_mask", ["--attention-mask-type general", "--no-create-attention-mask-in-dataloader"]),
+    ("allgather_kv_mha", ["--use-ulysses-allgather-kv needs grouped-query attention"]),
+    ("cache_interval_too_big", ["--context-parallel-cache-interval 2 must be smaller than --num-layers 2"]),
 ])
 def test_bad_configuration_names_its_flags(results, name, flags):
     r = results[name]
     assert not r["ok"] and r.get("type") == "CPConfigError", r
     for flag in flags:
         assert flag in r["error"], (flag, r["error"])
+
+
+def test_kv_cache_flags(results):
+    """MindSpeed's KV-cache flags through Megatron-LM's parser and validate_args into the configuration."""
+    r = results["allgather_kv"]
+    assert r["ok"], r
+    assert r["configured"]["use_ulysses_allgather_kv"] and r["configured"]["context_parallel_kv_cache_policy"] == "full"
 
 
 def test_unknown_algorithm_is_an_argparse_error(results):
@@ -284,7 +305,9 @@ def test_launcher_runs_real_pretrain_gpt_from_megatron_lm_path(megatron_lm, tmp_
     assert res.returncode == 0, res.stderr[-4000:]
     for flag in ("--context-parallel-algo {ulysses_cp_algo,megatron_cp_algo,hybrid_cp_algo}",
                  "--ulysses-degree-in-cp", "--cp-window-size", "--use-cp-send-recv-overlap",
-                 "--megatron-cp-in-bnsd", "--attention-mask-type {causal,general}", "--context-parallel-size"):
+                 "--megatron-cp-in-bnsd", "--attention-mask-type {causal,general}", "--context-parallel-size",
+                 "--context-parallel-kv-cache-policy {full,half}", "--context-parallel-cache-interval",
+                 "--use-ulysses-allgather-kv"):
         assert flag in res.stdout, flag
     # Megatron's own --context-parallel-size, not registered a second time
     assert len(re.findall(r"^\s+--context-parallel-size ", res.stdout, re.M)) == 1

@@ -74,6 +74,16 @@ RUNS = {
     "seq510_ring4": (4, [*SEQ510, "--context-parallel-size", "4", *RING]),
     "seq510_hybrid4": (4, [*SEQ510, "--context-parallel-size", "4", *HYBRID]),
     "seq510_ring4_general": (4, [*SEQ510, "--context-parallel-size", "4", *RING, "--attention-mask-type", "general"]),
+    # KV-cache policies (MindSpeed's flags): kept blocks / rebuilt all-to-alls, with activation recompute too
+    "ring4_kv_full": (4, ["--context-parallel-size", "4", *RING, "--context-parallel-kv-cache-policy", "full"]),
+    "recompute_ring4_kv_half": (4, [*RECOMPUTE, "--context-parallel-size", "4", *RING,
+                                    "--context-parallel-kv-cache-policy", "half", "--use-cp-send-recv-overlap"]),
+    "hybrid4_kv_half_interval": (4, ["--context-parallel-size", "4", *HYBRID, "--context-parallel-kv-cache-policy",
+                                     "half", "--context-parallel-cache-interval", "1"]),
+    "recompute_ulysses4_kv_full": (4, [*RECOMPUTE, "--context-parallel-size", "4", *ULYSSES,
+                                       "--context-parallel-kv-cache-policy", "full"]),
+    "ulysses4_allgather_kv_full": (4, ["--context-parallel-size", "4", *ULYSSES, "--use-ulysses-allgather-kv",
+                                       "--context-parallel-kv-cache-policy", "full"]),
 }
 _DONE = {}
 
@@ -107,6 +117,8 @@ def assert_same(got, want, iterations=None):
     ("docs_ulysses4", "docs_cp1"), ("docs_ring4", "docs_cp1"), ("docs_ring4_window2", "docs_cp1"),
     ("docs_hybrid4", "docs_cp1"), ("docs_ring4_eod", "docs_cp1"),
     ("seq510_ring4", "seq510_cp1"), ("seq510_hybrid4", "seq510_cp1"), ("seq510_ring4_general", "seq510_cp1"),
+    ("ring4_kv_full", "cp1"), ("recompute_ring4_kv_half", "recompute_cp1"), ("hybrid4_kv_half_interval", "cp1"),
+    ("ulysses4_allgather_kv_full", "cp1"), ("recompute_ulysses4_kv_full", "recompute_cp1"),
 ])
 def test_cp_run_equals_cp1(name, reference):
     assert_same(run(name), run(reference))

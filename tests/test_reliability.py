@@ -139,7 +139,7 @@ def _ring_bad(mode):
 RING_BAD = {
     "empty": r"q is \[0, 1, 4, 8\]: every ring rank needs a non-empty shard.*\(on every rank\)",
     "empty_one": r"^ring attention inputs rejected on rank 2: q is \[0, 1, 4, 8\]: every ring rank needs",
-    "scale": r"differ across the 4 ranks.*rank 0: .*softmax_scale=0.25;.*rank 1: .*softmax_scale=0.5",
+    "scale": r"differ across the 4 ranks.*rank 0: .*softmax_scale=0.25,.*rank 1: .*softmax_scale=0.5",
     "no_grad": r"differ.*rank 0: q \[4, 1, 4, 8\] float32 cpu requires_grad.*rank 1: q \[4, 1, 4, 8\] float32 cpu,",
     "requires_grad": r"differ.*rank 2: q \[4, 1, 4, 8\] float32 cpu,",
     "device": r"differ.*rank 0: q \[4, 1, 4, 8\] float32 cpu.*rank 1: q \[4, 1, 4, 8\] float32 meta",
