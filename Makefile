@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-compat test-megatron-lm megatron-lm-deps demo demo-megatron-lm bench gpu-check groups-example clean
+.PHONY: setup test test-compat test-megatron-lm megatron-lm-deps demo demo-megatron-lm bench bench-peers gpu-check groups-example clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,11 @@ demo: setup
 
 bench: setup
 	$(VPY) -m benchmarks.run
+
+# Peers side by side (DeepSpeed Ulysses, PyTorch's ring; issue 16): their own venv in .peers/ (built once, ~1 GB),
+# results in benchmarks/results/peers.md / .json. QUICK=1 for tiny sizes.
+bench-peers: setup
+	$(VPY) -m benchmarks.peers $(if $(QUICK),--quick,)
 
 # One prepared script for a machine with a GPU (no setup: it runs with that machine's torch, nothing downloaded).
 # Without a GPU it says so and exits 0. Writes benchmarks/results/gpu.md.

@@ -38,7 +38,8 @@ class CPConfig:
     ``context_parallel_algo``   ``ulysses_cp_algo`` (default) | ``megatron_cp_algo`` (ring) | ``hybrid_cp_algo``.
     ``ulysses_degree_in_cp``    hybrid only: ranks per Ulysses group (U); the ring then has CP/U ranks.
     ``cp_window_size``          ring/hybrid: >1 selects Double Ring with inner windows of this many ranks.
-    ``use_cp_send_recv_overlap``  ring/hybrid: post the next KV exchange before computing the current block.
+    ``use_cp_send_recv_overlap``  ring/hybrid: send and receive on two communicators (every exchange is posted
+                                before the block it overlaps, with or without it).
     ``megatron_cp_in_bnsd``     ring/hybrid: compute blocks in ``[b, n, s, d]`` layout.
     ``attention_mask_type``     ``causal`` (default) | ``general`` (explicit boolean mask, True = masked).
     ``context_parallel_kv_cache_policy``  None (default) | ``full`` | ``half``: which K/V backward keeps instead of

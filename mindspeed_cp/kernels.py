@@ -116,7 +116,13 @@ def _fix_dead(out: Tensor, lse: Tensor, dead: Optional[Tensor]) -> Tuple[Tensor,
 
 
 def _finite(x: Tensor) -> Tensor:
-    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # one pass, no mask tensor
+
+
+def _bad(x: Tensor) -> Tensor:
+    """``[..., s, d]`` -> ``[..., s]``: True where any element is not finite. ``x * 0`` is NaN exactly there and a
+    sum of zeros never overflows: two cheap passes instead of isfinite's four and a boolean ``all``."""
+    return torch.isnan((x * 0).sum(-1))
 
 
 def _poison(out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, causal: bool,
@@ -124,7 +130,7 @@ def _poison(out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, causal: b
     """NaN (out and lse) on every row whose query, or any key/value it sees, is not finite - what dense
     attention gives. torch's CPU flash op drops a NaN key that is a row's only visible one (out 0, lse 0), and
     the merge would then hide it in a finite result. Elementwise and O(s d) per block, no host sync."""
-    bad_kv = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # [b, nk, sk]
+    bad_kv = _bad(k) | _bad(v)  # [b, nk, sk]
     bad_kv = _expand_kv(bad_kv[..., None], q.shape[1] // k.shape[1])[..., 0] if k.shape[1] != q.shape[1] \
         else bad_kv
     sq, sk = q.shape[2], k.shape[2]
@@ -137,8 +143,8 @@ def _poison(out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, causal: b
         if causal:
             hidden = hidden | _causal_mask(sq, sk, q.device)
         rows = (bad_kv[..., None, :] & ~hidden).any(-1)
-    rows = rows | ~torch.isfinite(q).all(-1)
-    return out.masked_fill(rows[..., None], math.nan), lse.masked_fill(rows, math.nan)
+    rows = rows | _bad(q)
+    return out.masked_fill_(rows[..., None], math.nan), lse.masked_fill_(rows, math.nan)  # the kernel's own outputs
 
 
 # ----------------------------------------------------------------------------------------------- math
@@ -295,9 +301,15 @@ class TorchFusedKernel:
         route = self._route("forward", q, causal, sq, sk, mask, dropout)
         res = None
         if route != "math":
-            # a non-finite key would reach masked rows through the additive bias (NaN + -inf = NaN): compute
-            # with zeros there, then give NaN exactly to the rows that see it (_poison), as dense attention does
-            k, v, k_in, v_in = _finite(k), _finite(v), k, v
+            # a non-finite key would reach masked rows through the additive bias (NaN + -inf = NaN), a non-finite
+            # value through a masked probability (0 x inf = NaN): compute with zeros there, then give NaN exactly to
+            # the rows that see it (_poison), as dense attention does. Measured on torch's CPU op: its own causal
+            # mask never lets a key through, and without any mask every row sees every key.
+            k_in, v_in = k, v
+            if mask is not None or route != "cpu":
+                k = _finite(k)
+            if mask is not None or causal or route != "cpu":
+                v = _finite(v)
         if route == "cpu":
             res = self._try("cpu", lambda: self._cpu(q, k, v, 0.0, causal, attn_mask=self._bias(mask, q.dtype, sq, sk),
                                                      scale=scale)[:2])
@@ -324,7 +336,8 @@ class TorchFusedKernel:
         res = None
         dout_, out_ = dout.to(q.dtype), out.to(q.dtype)
         if route == "cpu":
-            lse_ = _safe_lse(lse.to(acc_dtype(q.dtype))).contiguous()
+            lse_ = lse.to(acc_dtype(q.dtype))
+            lse_ = (lse_ if mask is None else _safe_lse(lse_)).contiguous()  # only a mask empties a row (-inf)
             res = self._try("cpu", lambda: self._cpu_bwd(dout_, q, k, v, out_, lse_, 0.0, causal,
                                                          attn_mask=self._bias(mask, q.dtype, sq, sk), scale=scale))
         elif route == "efficient":
@@ -524,3 +537,16 @@ def merge(out: Optional[Tensor], lse: Optional[Tensor], block_out: Tensor, block
     total = torch.where(total == 0, torch.ones_like(total), total)
     new_out = out.to(dt) * (w_old / total)[..., None] + block_out.to(dt) * (w_new / total)[..., None]
     return new_out, new_lse
+
+
+def merge_(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
+    """:func:`merge` into ``out`` / ``lse`` themselves (float32/float64 accumulators, views allowed): the weights
+    are computed on ``[..., s]``, the output is scaled and accumulated in place - no full-size temporary."""
+    block_lse = block_lse.to(lse.dtype)
+    top = torch.maximum(lse, block_lse)
+    top = top.masked_fill_(top == -math.inf, 0.0)
+    w_old, w_new = torch.exp(lse - top), torch.exp(block_lse - top)
+    total = w_old + w_new
+    torch.add(top, torch.log(total), out=lse)  # log 0 = -inf for rows empty in both
+    total.masked_fill_(total == 0, 1.0)
+    out.mul_((w_old / total)[..., None]).addcmul_(block_out.to(out.dtype), (w_new / total)[..., None])

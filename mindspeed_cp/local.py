@@ -28,7 +28,7 @@ from typing import Any, Iterator, Optional, Tuple
 import torch
 
 from .block_stats import record, record_skip
-from .kernels import acc_dtype, dead_rows, get_kernel, merge
+from .kernels import acc_dtype, dead_rows, get_kernel, merge_
 
 Tensor = torch.Tensor
 
@@ -125,7 +125,7 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tens
             args = plan.block_args(rows, cols, s, q.device)
             record("forward", b * n, rows.stop - rows.start, cols.stop - cols.start, causal, args["mask"])
             bo, bl = plan.kernel.forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], causal=causal, **args)
-            out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows], bo, bl)
+            merge_(out[:, :, rows], lse[:, :, rows], bo, bl)
     if plan.dead == "uniform":
         out = uniform_rows(out, dead_rows(plan.mask, plan.causal, s, s), v.sum(2), s)
     return out, lse

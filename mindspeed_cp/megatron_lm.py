@@ -46,7 +46,8 @@ ARGUMENTS = (
     ("--cp-window-size", dict(type=int, default=1,
                               help="ring level: > 1 selects Double Ring with inner windows of this many ranks")),
     ("--use-cp-send-recv-overlap", dict(action="store_true",
-                                        help="ring level: overlap the next KV send/recv with the current block")),
+                                        help="ring level: send and receive on two communicators (the exchanges "
+                                             "overlap the blocks either way)")),
     ("--megatron-cp-in-bnsd", dict(action="store_true", help="ring level: compute attention blocks in [b, n, s, d]")),
     ("--attention-mask-type", dict(type=str, default="causal", choices=MASK_TYPES,
                                    help="causal (default), or general: the explicit mask from the batch")),

@@ -19,9 +19,9 @@ log-sum-exp form (:func:`mindspeed_cp.kernels.merge`).
   accumulator follows the block and ends at its owner. The owner keeps its own block's share locally and
   the accumulator starts at the next rank, so it needs P-1 hops: per rank, forward + backward,
   ``3 (P-1) 2 s b hk d e`` bytes (KV forward, KV and dKV backward; DESIGN.md section 3).
-* ``overlap_group`` (``--use-cp-send-recv-overlap``): the next KV exchange is posted before the current
-  block is computed, send and receive on separate communicators (:mod:`mindspeed_cp.ring_comm`);
-  without it the exchange runs synchronously after each block.
+* Every exchange is posted before the block it overlaps is computed (the next KV block, the previous dK/dV
+  share) and waited for after it. ``overlap_group`` (``--use-cp-send-recv-overlap``) puts send and receive on
+  separate communicators (:mod:`mindspeed_cp.ring_comm`); without it both go batched on the ring group.
 * ``bnsd=True`` (``--megatron-cp-in-bnsd``): q/k/v are converted once to ``[b, n, s, d]``, KV travels in
   that layout and the output is converted back once; otherwise blocks are handed to the kernel as
   ``[b, n, s, d]`` views of the ``[s, b, n, d]`` tensors.
@@ -53,7 +53,7 @@ from .agree import Table, agree, bits_float, device_code, device_name, float_bit
 from .block_stats import BlockStats, count_blocks
 from .block_stats import record as _record
 from .block_stats import record_skip as _record_skip
-from .kernels import acc_dtype, get_kernel, merge
+from .kernels import acc_dtype, get_kernel, merge_
 from .kv_cache import check_policy, policy_code
 from .local import DEAD_ROWS, add_uniform_grad, uniform_rows
 from .ring_comm import RingExchanger
@@ -369,12 +369,10 @@ class _Plan:
         if window is None or window.size == 1:
             # plain ring = one inner ring over the whole group, no outer level
             self.K, self.W = P, 1
-            self.overlap = overlap_group is not None
             self.inner = RingExchanger(ring_group, overlap_group) if P > 1 else None
             self.outer = None
         else:
             self.K, self.W = window.size, P // window.size
-            self.overlap = window.intra_overlap_group is not None
             self.inner = RingExchanger(window.intra_group, window.intra_overlap_group)
             self.outer = RingExchanger(window.inter_group, window.inter_overlap_group)
         self.x, self.a = divmod(r, self.K)
@@ -448,7 +446,9 @@ def _as_bnsd(x: Tensor, bnsd: bool) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ forward
-def _forward_block(plan: _Plan, qb: Tensor, kv: Tensor, j: int, out: Tensor, lse: Tensor) -> None:
+def _forward_block(plan: _Plan, qb: Tensor, kv: Tensor, j: int, out: Tensor, lse: Tensor, fresh: bool) -> None:
+    """Attend to owner ``j``'s block and merge into ``out`` / ``lse``; ``fresh``: nothing merged there yet and
+    the block covers every row (the rank's own block, causal or not), so its result is copied, not merged."""
     blk = plan.block(j, qb.shape[2] // 2)
     if blk is None:
         _record_skip("forward")
@@ -459,7 +459,11 @@ def _forward_block(plan: _Plan, qb: Tensor, kv: Tensor, j: int, out: Tensor, lse
         _record("forward", q_.shape[0] * q_.shape[1], q_.shape[2], k_.shape[2], causal, mask, first)
         bo, bl = plan.kernel.forward(q_, k_, vb[:, :, cols], scale=plan.scale, causal=causal, mask=mask,
                                      dropout=plan.dropout_block(j, rows, cols))
-        out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows], bo, bl)
+        if fresh and rows == slice(None):
+            out.copy_(bo)
+            lse.copy_(bl)
+        else:
+            merge_(out[:, :, rows], lse[:, :, rows], bo, bl)
 
 
 def _keep(plan: _Plan, kv: Tensor, kept: List[Tensor]) -> None:
@@ -476,46 +480,61 @@ def _ring_forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor,
     s, b, n, d = q.shape
     dt = acc_dtype(q.dtype)
     qb = _as_bnsd(q, plan.bnsd)
-    out = torch.zeros((b, n, s, d), dtype=dt, device=q.device)
-    lse = torch.full((b, n, s), -math.inf, dtype=dt, device=q.device)
+    out = torch.empty((b, n, s, d), dtype=dt, device=q.device)
+    lse = torch.empty((b, n, s), dtype=dt, device=q.device)
+    fresh = plan.masks is None  # the own block (step 0) covers every row: it writes out / lse
+    if not fresh:  # masked blocks are tiled and may be skipped: start from the empty merge
+        out.zero_()
+        lse.fill_(-math.inf)
     outer_kv = _pack_kv(k, v, plan.bnsd)
     v_sum = None if plan.dead is None else torch.zeros((b, k.shape[2], d), dtype=dt, device=q.device)
     kept: List[Tensor] = []
     for o in range(plan.W):
         last_outer = o == plan.W - 1
-        outer_next = plan.outer.start(outer_kv, "ring_kv") if plan.overlap and not last_outer else None
+        outer_next = None if last_outer else plan.outer.start(outer_kv, "ring_kv")  # travels during the inner ring
         kv = outer_kv
         for i in range(plan.K):
             last = i == plan.K - 1
-            inner_next = plan.inner.start(kv, "ring_kv") if plan.overlap and not last else None
+            inner_next = None if last else plan.inner.start(kv, "ring_kv")  # travels during this block
             if o or i:
                 _keep(plan, kv, kept)
-            _forward_block(plan, qb, kv, plan.owner(o, i), out, lse)
+            _forward_block(plan, qb, kv, plan.owner(o, i), out, lse, fresh and o == 0 and i == 0)
             if v_sum is not None:  # every KV block passes by, computed or skipped
                 v_sum += _kv_views(kv, plan.bnsd)[1].sum(2)
             if not last:
-                kv = (inner_next or plan.inner.start(kv, "ring_kv")).wait()
+                kv = inner_next.wait()
         if not last_outer:
-            outer_kv = (outer_next or plan.outer.start(outer_kv, "ring_kv")).wait()
+            outer_kv = outer_next.wait()
     return (uniform_rows(out, plan.dead, v_sum, plan.seq_len) if v_sum is not None else out), lse, kept
 
 
 # ------------------------------------------------------------------------------------------ backward
 def _backward_block(plan: _Plan, qb, dob, ob, lse, kb, vb, j: int, dq: Tensor, dkv: Tensor) -> None:
+    """Gradients of owner ``j``'s block: dq accumulated, ``dkv`` (uninitialised) written - copied from a single
+    tile over every key, else zeroed and accumulated tile by tile."""
     blk = plan.block(j, qb.shape[2] // 2)
     if blk is None:
         _record_skip("backward")
+        dkv.zero_()
         return
     dk, dv = _kv_views(dkv, plan.bnsd)
-    for rows, cols, causal, mask, first in plan.tiles(blk, j, qb.shape[2], "backward"):
+    tiles = list(plan.tiles(blk, j, qb.shape[2], "backward"))
+    whole = len(tiles) == 1 and tiles[0][1] == slice(None)
+    if not whole:
+        dkv.zero_()
+    for rows, cols, causal, mask, first in tiles:
         q_, k_ = qb[:, :, rows], kb[:, :, cols]
         _record("backward", q_.shape[0] * q_.shape[1], q_.shape[2], k_.shape[2], causal, mask, first)
         gq, gk, gv = plan.kernel.backward(dob[:, :, rows], q_, k_, vb[:, :, cols], ob[:, :, rows], lse[:, :, rows],
                                           scale=plan.scale, causal=causal, mask=mask,
                                           dropout=plan.dropout_block(j, rows, cols))
         dq[:, :, rows] += gq
-        dk[:, :, cols] += gk
-        dv[:, :, cols] += gv
+        if whole:
+            dk.copy_(gk)
+            dv.copy_(gv)
+        else:
+            dk[:, :, cols] += gk
+            dv[:, :, cols] += gv
 
 
 class _DkvTrail:
@@ -526,8 +545,8 @@ class _DkvTrail:
     at the starting rank, which adds it to its own share (:meth:`result`).
     """
 
-    def __init__(self, exchanger, dtype: torch.dtype, overlap: bool) -> None:
-        self.exchanger, self.dtype, self.overlap = exchanger, dtype, overlap
+    def __init__(self, exchanger, dtype: torch.dtype) -> None:
+        self.exchanger, self.dtype = exchanger, dtype
         self.own: Optional[Tensor] = None
         self.pending = None
 
@@ -537,9 +556,7 @@ class _DkvTrail:
             return
         if self.pending is not None:
             grad += self.pending.wait()  # the previous ranks' share of this block
-        self.pending = self.exchanger.start(grad.to(self.dtype), "ring_dkv")
-        if not self.overlap:
-            self.pending.wait()
+        self.pending = self.exchanger.start(grad.to(self.dtype), "ring_dkv")  # travels during the next block
 
     def result(self) -> Tensor:
         if self.pending is not None:
@@ -570,18 +587,18 @@ class _BackwardKV:
 def _inner_backward(plan: _Plan, o: int, travelling, source: _BackwardKV, qb, dob, ob, lse, dq: Tensor) -> Tensor:
     """One pass of the inner ring from outer step ``o``; returns the dK/dV of its first block summed over the
     ring."""
-    trail = _DkvTrail(plan.inner, source.own.dtype, plan.overlap)
+    trail = _DkvTrail(plan.inner, source.own.dtype)
     moves = travelling is not None
     for i in range(plan.K):
         last = i == plan.K - 1
-        nxt = plan.inner.start(travelling, "ring_kv") if plan.overlap and moves and not last else None
+        nxt = plan.inner.start(travelling, "ring_kv") if moves and not last else None
         kb, vb = source.block(o * plan.K + i, travelling)
-        grad = torch.zeros(source.own.shape, dtype=dq.dtype, device=dq.device)
+        grad = torch.empty(source.own.shape, dtype=dq.dtype, device=dq.device)  # _backward_block writes all of it
         _backward_block(plan, qb, dob, ob, lse, kb, vb, plan.owner(o, i), dq, grad)
         add_uniform_grad(_kv_views(grad, plan.bnsd)[1], dob, plan.dead, plan.seq_len)
         trail.add(i, grad)
-        if moves and not last:
-            travelling = (nxt or plan.inner.start(travelling, "ring_kv")).wait()
+        if nxt is not None:
+            travelling = nxt.wait()
     return trail.result()
 
 
@@ -593,14 +610,14 @@ def _ring_backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o
     dq = torch.zeros((b, n, s, d), dtype=lse.dtype, device=q.device)
     source = _BackwardKV(plan, k, v, kept)
     outer = source.travelling
-    trail = _DkvTrail(plan.outer, k.dtype, plan.overlap)  # the same scheme one level up, along the outer ring
+    trail = _DkvTrail(plan.outer, k.dtype)  # the same scheme one level up, along the outer ring
     for o in range(plan.W):
         last_outer = o == plan.W - 1
         moves = outer is not None and not last_outer
-        outer_next = plan.outer.start(outer, "ring_kv") if plan.overlap and moves else None
+        outer_next = plan.outer.start(outer, "ring_kv") if moves else None
         trail.add(o, _inner_backward(plan, o, outer, source, qb, dob, ob, lse, dq))
-        if moves:
-            outer = (outer_next or plan.outer.start(outer, "ring_kv")).wait()
+        if outer_next is not None:
+            outer = outer_next.wait()
     return dq, trail.result()
 
 

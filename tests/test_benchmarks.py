@@ -168,3 +168,19 @@ def test_kv_cache_records(quick):
     assert ring["full"]["comm_ratio"] == pytest.approx(2 / 3) and ring["half"]["comm_ratio"] == pytest.approx(5 / 6)
     assert ring["full"]["memory_ratio"] > ring["half"]["memory_ratio"] > 1
     assert "## KV-cache policies" in (out / "cpu.md").read_text()
+
+
+def test_ring_overhead_runs_and_matches_torchs_ring():
+    """benchmarks/ring_overhead.py at a tiny size: our ring and PyTorch's private ring (same zigzag shards, fp32)
+    give the same output and gradients, and both are timed."""
+    from benchmarks.ring_overhead import run
+
+    rec = run(cp=2, seq=256, heads=4, kv_heads=4, head_dim=16, rounds=1)
+    assert rec["max_abs_diff"] <= 1e-5, rec
+    assert rec["median_s"]["ours"] > 0 and rec["median_s"]["torch_ring"] > 0 and rec["ratio_ours_over_torch"] > 0
+    # the c10d-level meter (benchmarks/dispatch_bytes.py): ours = the textbook 3 (P-1) K+V blocks plus the input
+    # agreement's all-gather; PyTorch's ring sends one more dK/dV hop (+1/3 at P = 2)
+    ours, theirs = rec["sent_bytes"]["ours"], rec["sent_bytes"]["torch_ring"]
+    assert rec["sent_by_op"]["ours"]["send"] == rec["sent_textbook"] and ours - rec["sent_textbook"] < 1024, rec
+    assert theirs == pytest.approx(4 / 3 * rec["sent_textbook"]), rec
+    assert not rec["unknown_ops"]["ours"] and not rec["unknown_ops"]["torch_ring"], rec

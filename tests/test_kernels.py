@@ -164,6 +164,23 @@ def test_merge_handles_empty_parts():
     assert torch.equal(o2, o) and torch.equal(l2, l_)
 
 
+def test_merge_in_place_equals_merge():
+    """The ring's and the local tiles' in-place merge gives merge()'s values, empty rows and bf16 blocks included."""
+    g = torch.Generator().manual_seed(3)
+    out, bo = torch.randn(2, 3, 5, 4, generator=g), torch.randn(2, 3, 5, 4, generator=g)
+    lse, bl = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    lse[0, 0, :2] = -math.inf  # empty so far
+    bl[0, 0, 1:3] = -math.inf  # empty block rows (row 1: empty in both)
+    out[0, 0, :2] = 0
+    for block in (bo, bo.bfloat16()):
+        want_o, want_l = K.merge(out, lse, block, bl)
+        o, l_ = out.clone(), lse.clone()
+        K.merge_(o[:, :, 1:], l_[:, :, 1:], block[:, :, 1:], bl[:, :, 1:])  # views, as the ring merges row tiles
+        K.merge_(o[:, :, :1], l_[:, :, :1], block[:, :, :1], bl[:, :, :1])
+        assert torch.allclose(o, want_o, atol=1e-6, rtol=0) and torch.equal(l_.isneginf(), want_l.isneginf())
+        assert torch.allclose(l_[~l_.isneginf()], want_l[~want_l.isneginf()], atol=1e-6, rtol=0)
+
+
 def test_get_kernel():
     assert K.get_kernel(None, "cpu").name == "torch"
     assert K.get_kernel("math").name == "math"
