@@ -97,30 +97,11 @@ def _systems(P: int):
         o.backward(dout)
         return o.detach(), [t.grad for t in leaves]
 
-    def ours_ring(q, k, v, dout, S):
-        from mindspeed_cp.ring import ring_attention
+    from .ring_overhead import ours_ring, torch_ring  # the ring pair, shared with benchmarks/ring_overhead.py
 
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        o = ring_attention(*leaves, group, causal=True)
-        o.backward(dout)
-        return o.detach(), [t.grad for t in leaves]
-
-    def torch_ring(q, k, v, dout, S):
-        from torch.distributed.tensor.experimental._context_parallel import _attention as tcp
-
-        aten = torch.ops.aten
-        qb, kb, vb, db = (t.permute(1, 2, 0, 3).contiguous() for t in (q, k, v, dout))
-        o, lse = tcp._templated_ring_attention(group, 2, aten._scaled_dot_product_flash_attention_for_cpu,
-                                               qb, kb, vb, is_causal=True)[:2]
-        grads = tcp._templated_ring_attention_backward(
-            group, 2, aten._scaled_dot_product_flash_attention_for_cpu_backward.default, grad_out=db,
-            grad_out_name="grad_out", query=qb, key=kb, value=vb, out=o, logsumexp=lse, is_causal=True,
-            dropout_p=0.0)[:3]
-        back = lambda t: t.permute(2, 0, 1, 3)  # noqa: E731
-        return back(o), [back(g) for g in grads]
-
-    out.update({"ours-ulysses": ours_ulysses, "deepspeed-ulysses": deepspeed_ulysses, "ours-ring": ours_ring,
-                "torch-ring": torch_ring})
+    out.update({"ours-ulysses": ours_ulysses, "deepspeed-ulysses": deepspeed_ulysses,
+                "ours-ring": lambda q, k, v, dout, S: ours_ring(group, q, k, v, dout),
+                "torch-ring": lambda q, k, v, dout, S: torch_ring(group, q, k, v, dout)})
     return out
 
 

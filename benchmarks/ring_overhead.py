@@ -29,32 +29,36 @@ FILLS = ("aten::zero_", "aten::fill_", "aten::zeros", "aten::zeros_like", "aten:
 COPIES = ("aten::copy_", "aten::clone", "aten::cat", "aten::stack", "aten::contiguous")
 
 
-def _systems(group, scale):
+def ours_ring(group, q, k, v, dout, scale=None):
+    """Our ring, forward + backward on this rank's zigzag shard ``[s, b, h, d]`` -> (out, [dq, dk, dv])."""
+    from mindspeed_cp.ring import ring_attention
+
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = ring_attention(*leaves, group, causal=True, softmax_scale=scale)
+    out.backward(dout)
+    return out.detach(), [t.grad for t in leaves]
+
+
+def torch_ring(group, q, k, v, dout, scale=None):
+    """PyTorch's ring (CPU flash op, head-tail balance) on the same shard: ``[s, b, h, d]`` -> its ``[b, h, s, d]``."""
     import torch
     from torch.distributed.tensor.experimental._context_parallel import _attention as tcp
 
-    from mindspeed_cp.ring import ring_attention
-
     aten = torch.ops.aten
+    qb, kb, vb, db = (t.permute(1, 2, 0, 3).contiguous() for t in (q, k, v, dout))
+    out, lse = tcp._templated_ring_attention(group, 2, aten._scaled_dot_product_flash_attention_for_cpu,
+                                             qb, kb, vb, is_causal=True, scale=scale)[:2]
+    grads = tcp._templated_ring_attention_backward(
+        group, 2, aten._scaled_dot_product_flash_attention_for_cpu_backward.default, grad_out=db,
+        grad_out_name="grad_out", query=qb, key=kb, value=vb, out=out, logsumexp=lse, is_causal=True, dropout_p=0.0,
+        scale=scale)[:3]
+    back = lambda t: t.permute(2, 0, 1, 3)  # noqa: E731
+    return back(out), [back(g) for g in grads]
 
-    def ours(q, k, v, dout):
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        out = ring_attention(*leaves, group, causal=True, softmax_scale=scale)
-        out.backward(dout)
-        return out.detach(), [t.grad for t in leaves]
 
-    def torch_ring(q, k, v, dout):  # [s, b, h, d] -> its [b, h, s, d]
-        qb, kb, vb, db = (t.permute(1, 2, 0, 3).contiguous() for t in (q, k, v, dout))
-        out, lse = tcp._templated_ring_attention(group, 2, aten._scaled_dot_product_flash_attention_for_cpu,
-                                                 qb, kb, vb, is_causal=True, scale=scale)[:2]
-        grads = tcp._templated_ring_attention_backward(
-            group, 2, aten._scaled_dot_product_flash_attention_for_cpu_backward.default, grad_out=db,
-            grad_out_name="grad_out", query=qb, key=kb, value=vb, out=out, logsumexp=lse, is_causal=True, dropout_p=0.0,
-            scale=scale)[:3]
-        back = lambda t: t.permute(2, 0, 1, 3)  # noqa: E731
-        return back(out), [back(g) for g in grads]
-
-    return {"ours": ours, "torch_ring": torch_ring}
+def _systems(group, scale):
+    return {"ours": lambda *a: ours_ring(group, *a, scale=scale),
+            "torch_ring": lambda *a: torch_ring(group, *a, scale=scale)}
 
 
 def _measure(seq: int, heads: int, kv_heads: int, head_dim: int, rounds: int, profile: bool) -> dict:

@@ -54,7 +54,7 @@ from .block_stats import BlockStats, count_blocks
 from .block_stats import record as _record
 from .block_stats import record_skip as _record_skip
 from .kernels import acc_dtype, get_kernel, merge_
-from .kv_cache import check_policy, policy_code
+from .kv_cache import KV_CACHE_POLICIES, check_policy, policy_code
 from .local import DEAD_ROWS, add_uniform_grad, uniform_rows
 from .ring_comm import RingExchanger
 
@@ -224,7 +224,7 @@ def _describe(sig: List[int]) -> str:
     dead = DEAD_ROWS[dead] if 0 <= dead < len(DEAD_ROWS) else "?"
     return (", ".join(parts) + f", causal={bool(causal)}, bnsd={bool(bnsd)}, overlap={bool(overlap)}, window={K}, "
             f"dropout={drop}, dead_rows={dead}, softmax_scale={bits_float(scale):.6g}, "
-            f"kv_cache_policy={None if policy < 0 else repr(('full', 'half')[policy])}"
+            f"kv_cache_policy={None if policy < 0 else repr(KV_CACHE_POLICIES[policy])}"
             + ("" if docs < 0 else f", documents {docs_crc:08x} ({docs} tokens per ring rank)"))
 
 

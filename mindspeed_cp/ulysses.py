@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from .agree import Table, agree, device_code, device_name
 from .comm import all_gather, all_to_all, split_sizes
-from .kv_cache import RecomputedKV, check_policy, policy_code
+from .kv_cache import KV_CACHE_POLICIES, RecomputedKV, check_policy, policy_code
 
 __all__ = [
     "UlyssesContextAttention", "DistributedAttention", "UlyssesError", "GatherSizeCalculator",
@@ -232,7 +232,7 @@ def _describe(row: List[int]) -> str:
         parts.append(f"{name} {tuple(col[:4])} {dtypes.get(col[4], '?')} {device_name(col[6])}{grad}")
     policy, gather = row[1 + 3 * _COLS:3 + 3 * _COLS]
     return (", ".join(parts) + (", aligned" if row[0] < 0 else f", gather size {row[0]}")
-            + f", kv_cache_policy={None if policy < 0 else repr(('full', 'half')[policy])}"
+            + f", kv_cache_policy={None if policy < 0 else repr(KV_CACHE_POLICIES[policy])}"
             + (", allgather_kv" if gather else ""))
 
 
