@@ -47,7 +47,7 @@ demo: setup
 bench: setup
 	$(VPY) -m benchmarks.run
 
-# Peers side by side (DeepSpeed Ulysses, PyTorch's ring; issue 16): their own venv in .peers/ (built once, ~1 GB),
+# Peers side by side (DeepSpeed and yunchang Ulysses, PyTorch and yunchang rings, USP; issue 16): own venv in .peers/ (built once, ~1 GB),
 # results in benchmarks/results/peers.md / .json. QUICK=1 for tiny sizes.
 bench-peers: setup
 	$(VPY) -m benchmarks.peers $(if $(QUICK),--quick,)

@@ -7,6 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mindspeed_cp", "mindspeed_cp.*"]),
+    package_data={"mindspeed_cp": ["devices/*.json"]},  # mindspeed-cp plan's device presets
     python_requires=">=3.10",
     # torch is deliberately not pinned here: users bring their own CUDA/NPU build.
     install_requires=["torch>=2.1", "megatron-core>=0.12"],

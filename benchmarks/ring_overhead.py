@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import time
 
@@ -88,8 +89,10 @@ def _measure(seq: int, heads: int, kv_heads: int, head_dim: int, rounds: int, pr
         sent[name] = {"total": meter.total, "by_op": dict(meter.by_op), "unknown": dict(meter.unknown)}
     times = {name: [] for name in systems}
     cpu = {name: [] for name in systems}
-    for _ in range(rounds):
-        for name, fn in systems.items():
+    order = list(systems.items())
+    for i in range(rounds):  # a new order every round (the same on every rank): no system always runs first
+        random.Random(i).shuffle(order)
+        for name, fn in order:
             dist.barrier()
             t0, c0 = time.perf_counter(), time.process_time()
             fn(q, k, v, dout)

@@ -260,6 +260,11 @@ def main(argv=None) -> int:
     with open(stem + ".md", "w") as f:
         f.write(report.markdown(records, scale, mach, runtime, notes, packed, kv))
     pngs = report.plots(records, scale, args.out)
+    from .planner_check import run as planner_check  # the cost model against what was just measured
+
+    checked = planner_check(stem + ".json", args.out)
+    print(f"  planner cost model: rank correlation {checked['rank_correlation']:.3f}, median |error| "
+          f"{100 * checked['median_abs_error']:.1f} % over {len(checked['rows'])} configurations", flush=True)
     met = sum(all(r["goals"].values()) for r in records)
     print(f"benchmarks: {len(records)} records, all goals met by {met}; {runtime:.0f} s; wrote {stem}.json, "
           f"{stem}.md, {', '.join(os.path.basename(p) for p in pngs)}", flush=True)

@@ -6,6 +6,7 @@ Subcommands (one function each, looked up in :data:`COMMANDS`)::
         --cp-window-size 2 --format html --output groups.html
     mindspeed-cp patches [--format json]
     mindspeed-cp check --world-size 32 --tp 8 --cp 4 --num-attention-heads 64 --seq-length 32768 ...
+    mindspeed-cp plan --model gpt3-30b --seq-length 32768 --world-size 32 --gpus-per-node 8 --device h100
     mindspeed-cp demo [--ranks 4 --steps 5 --seq 512 ...]
 
 ``groups`` draws the layout of :func:`mindspeed_cp.topology.rank_layout` (the function the runtime creates
@@ -20,7 +21,7 @@ import json
 import sys
 from typing import Callable, Dict, List, Optional
 
-from . import check
+from . import check, plan
 from .config import ALGORITHMS, ULYSSES
 from .topology import rank_layout
 
@@ -117,8 +118,9 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], str]] = {
     "groups": cmd_groups,
     "patches": cmd_patches,
     "check": check.run,
+    "plan": plan.run,
 }
-_ADDERS = (_add_groups, _add_patches, check.add_parser, _add_demo)
+_ADDERS = (_add_groups, _add_patches, check.add_parser, plan.add_parser, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

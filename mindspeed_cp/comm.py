@@ -65,19 +65,29 @@ def _resized(shape: Sequence[int], dim_a: int, size_a: int, dim_b: int, size_b: 
     return out
 
 
+def _outermost(shape: Sequence[int], dim: int) -> bool:
+    """Every dim before ``dim`` has size 1: consecutive pieces along ``dim`` are consecutive runs of memory."""
+    return math.prod(shape[:dim]) == 1
+
+
 def _exchange(x: torch.Tensor, group, scatter_dim: int, gather_dim: int,
               scatter_sizes: List[int], gather_sizes: List[int], kind: str = "all_to_all") -> torch.Tensor:
-    """The all-to-all itself (no autograd). One copy into the send buffer, one out of the receive buffer."""
+    """The all-to-all itself (no autograd). At most one copy each way: none into the send buffer when the
+    pieces already are consecutive runs (scatter along the outermost dim, e.g. the output's sequence), none out
+    of the receive buffer when the received runs are (gather along it, e.g. q/k/v's sequence)."""
     me, world = dist.get_rank(group), len(scatter_sizes)
     # Send buffer: piece j (scatter_sizes[j] along scatter_dim) laid out contiguously, pieces in rank order,
     # because all_to_all_single cuts its flat input into consecutive runs of send_counts elements.
     pieces = torch.split(x, scatter_sizes, dim=scatter_dim)
     send_counts = [p.numel() for p in pieces]
-    send = x.new_empty(sum(send_counts))
-    if len(set(scatter_sizes)) == 1:  # equal pieces (heads): one strided copy [.., P*n, ..] -> [P, .., n, ..]
+    if _outermost(x.shape, scatter_dim) and x.is_contiguous():
+        send = x.reshape(-1)  # pieces cut along the outermost dim of a contiguous tensor are those runs already
+    elif len(set(scatter_sizes)) == 1:  # equal pieces (heads): one strided copy [.., P*n, ..] -> [P, .., n, ..]
+        send = x.new_empty(sum(send_counts))
         grouped = x.unflatten(scatter_dim, (world, scatter_sizes[0])).movedim(scatter_dim, 0)
         send.view(grouped.shape).copy_(grouped)
     else:
+        send = x.new_empty(sum(send_counts))
         for run, piece in zip(send.split(send_counts), pieces):
             run.view(piece.shape).copy_(piece)
     # From rank i we receive its gather-dim share (gather_sizes[i]) of the heads/tokens we own here.
@@ -90,6 +100,8 @@ def _exchange(x: torch.Tensor, group, scatter_dim: int, gather_dim: int,
                                group=group)
     except RuntimeError as e:
         raise peer_failure(e, group, "the Ulysses all-to-all") from e
+    if _outermost(x.shape, gather_dim):  # runs received in rank order along the outermost dim: the result itself
+        return recv.view(_resized(x.shape, scatter_dim, scatter_sizes[me], gather_dim, sum(gather_sizes)))
     return torch.cat([run.view(s) for run, s in zip(recv.split(recv_counts), recv_shapes)], dim=gather_dim)
 
 

@@ -120,8 +120,12 @@ def _finite(x: Tensor) -> Tensor:
 
 
 def _bad(x: Tensor) -> Tensor:
-    """``[..., s, d]`` -> ``[..., s]``: True where any element is not finite. ``x * 0`` is NaN exactly there and a
-    sum of zeros never overflows: two cheap passes instead of isfinite's four and a boolean ``all``."""
+    """``[..., s, d]`` -> ``[..., s]``: True where any element is not finite. A float64 sum of 16/32-bit values
+    cannot overflow (max 3.4e38 x d << 1.8e308), so it is finite exactly where every element is (measured on
+    fresh blocks: 0.4 / 5.5 ms at 2k / 8k tokens x 4 heads, against 2.8 / 11.7 ms for ``isnan((x * 0).sum(-1))``,
+    which float64 inputs still use: NaN exactly there, and a sum of zeros never overflows)."""
+    if x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return ~torch.isfinite(x.sum(-1, dtype=torch.float64))
     return torch.isnan((x * 0).sum(-1))
 
 

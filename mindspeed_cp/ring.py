@@ -53,6 +53,7 @@ from .agree import Table, agree, bits_float, device_code, device_name, float_bit
 from .block_stats import BlockStats, count_blocks
 from .block_stats import record as _record
 from .block_stats import record_skip as _record_skip
+from .costmodel import ring_kv_cache
 from .kernels import acc_dtype, get_kernel, merge_
 from .kv_cache import KV_CACHE_POLICIES, check_policy, policy_code
 from .local import DEAD_ROWS, add_uniform_grad, uniform_rows
@@ -85,12 +86,9 @@ def ring_comm_volume(s_local: int, b: int, kv_heads: int, d: int, elem_bytes: in
                      kv_cache_policy: Optional[str] = None) -> dict:
     """Textbook bytes one rank sends, forward + backward (equal for the plain and the Double Ring): K/V
     blocks once in forward and again in backward (all of it, V only with ``"half"``, none with ``"full"``),
-    dK/dV once in backward."""
-    block = 2 * s_local * b * kv_heads * d * elem_bytes  # one K+V block
-    hops = ring_size - 1
-    again = {None: 1.0, "half": 0.5, "full": 0.0}[kv_cache_policy]
-    kv = (1 + again) * hops * block
-    return {"ring_kv": kv, "ring_dkv": hops * block, "total": kv + hops * block}
+    dK/dV once in backward (:func:`mindspeed_cp.costmodel.ring_kv_cache`)."""
+    v = ring_kv_cache(s_local * ring_size, ring_size, b, kv_heads, d, elem_bytes, kv_cache_policy)
+    return {"ring_kv": v["kv"], "ring_dkv": v["dkv"], "total": v["kv"] + v["dkv"]}
 
 
 def zigzag_index(seq_len: int, ring_size: int, pos: int, device=None) -> Tensor:

@@ -184,3 +184,38 @@ def test_ring_overhead_runs_and_matches_torchs_ring():
     assert rec["sent_by_op"]["ours"]["send"] == rec["sent_textbook"] and ours - rec["sent_textbook"] < 1024, rec
     assert theirs == pytest.approx(4 / 3 * rec["sent_textbook"]), rec
     assert not rec["unknown_ops"]["ours"] and not rec["unknown_ops"]["torch_ring"], rec
+
+
+def test_planner_check_on_the_quick_run(quick):
+    """make bench ends with the planner's predictions of what it measured (benchmarks/planner_check.py)."""
+    out, records, _ = quick
+    with open(out / "planner.json") as f:
+        res = json.load(f)
+    assert len(res["rows"]) == sum(1 for r in records if r.get("time_s"))
+    assert all(r["predicted_s"] > 0 for r in res["rows"]) and -1 <= res["rank_correlation"] <= 1
+    assert (out / "planner.md").exists()
+
+
+def test_peer_layouts_and_summary_rules():
+    """benchmarks/peers.py without its venv: the Hybrid layout is the plugin's, a fixed copy of a peer is timed
+    only where the peer as shipped fails, and a problem no peer solves is a row of its own."""
+    import torch
+
+    from benchmarks.peer_systems import layout
+    from benchmarks.peers import _timed, markdown, summary
+    from mindspeed_cp.config import CPConfig
+    from mindspeed_cp.sharding import token_indices
+
+    cfg = CPConfig(context_parallel_size=8, context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2)
+    for r in range(8):
+        assert torch.equal(layout("hybrid", 64, 8, r), token_indices(cfg, r, 64))
+    ok, bad = {"error": 1e-7}, {"failed": "wrong result"}
+    assert _timed("yunchang-ring-fixed", {"yunchang-ring-fixed": ok, "yunchang-ring": bad})
+    assert not _timed("yunchang-ring-fixed", {"yunchang-ring-fixed": ok, "yunchang-ring": ok})
+    pb = dict(P=4, S=64, heads=4, kv_heads=2)
+    recs = [dict(pb, system="ours-ulysses", algo="ulysses", error=1e-7, sent=10, cpu_s=1.0, wall_s=1.0,
+                 ours_over_cpu=1.0, ours_over_wall=1.0),
+            dict(pb, system="deepspeed-ulysses", algo="ulysses", failed="AssertionError: kv heads")]
+    (row,) = summary(recs)
+    assert row["peer"] is None and row["failed"] == ["deepspeed-ulysses: AssertionError: kv heads"]
+    assert "**no exact peer**" in markdown(recs, 1)

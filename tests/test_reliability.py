@@ -232,6 +232,23 @@ def test_fused_kernel_returns_nan_where_the_math_kernel_does():
     assert fo.isnan().all(-1)[0, 0].tolist() == [False] * 3 + [True] * 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_non_finite_rows_are_found_exactly(dtype):
+    """The poisoning's detector: a row is bad iff one of its elements is NaN or +-inf - the largest finite
+    values of the dtype, whose plain sum would overflow, are not."""
+    from mindspeed_cp.kernels import _bad
+
+    big = torch.finfo(dtype).max
+    x = torch.zeros(6, 64, dtype=dtype)
+    x[0] = big  # sums past the dtype's range
+    x[1, ::2], x[1, 1::2] = big, -big
+    x[2, 5] = math.inf
+    x[3, 7], x[3, 9] = math.inf, -math.inf
+    x[4, 0] = math.nan
+    x[5] = -big
+    assert _bad(x).tolist() == [False, False, True, True, True, False]
+
+
 # ----------------------------------------------------------------------------- configure(): strict types
 @pytest.mark.parametrize("flags,match", [
     (dict(use_cp_send_recv_overlap="false"), r"--use-cp-send-recv-overlap must be True or False, got 'false'"),

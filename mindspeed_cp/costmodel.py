@@ -1,0 +1,420 @@
+"""The cost model: every formula of bytes, work, memory and time, in one place (pure arithmetic, no torch).
+
+The benchmarks compare measurements with these formulas (``benchmarks/textbook.py`` re-exports them) and
+``mindspeed-cp plan`` (:mod:`mindspeed_cp.plan`) ranks configurations with them, so a formula the benchmarks
+check is the formula the planner uses.
+
+Notation: ``S`` global tokens, ``P`` ranks of a CP level, ``s = S/P`` local tokens, ``b`` micro-batch, ``h``
+query heads, ``hk`` KV heads, ``d`` head dim, ``e`` bytes per element.
+
+**Bytes** one rank sends, forward + backward (DESIGN.md section 3):
+
+* Ulysses over P: ``2 (P-1)/P s b d (2h + 2hk) e`` - q, k, v, out each cross one all-to-all forward, their
+  gradients the inverse one backward. With ``hk < P`` KV heads are replicated to P first.
+* Ring over P (and Double Ring: inner + outer hops add up to the same P-1 per pass): ``3 (P-1) 2 s b hk d e``
+  - K+V forward, K+V again and dK+dV backward (KV-cache policies remove some of the backward K/V).
+* Hybrid U x R: Ulysses over U on the S/P local tokens plus Ring over R on ``h/U``, ``hk/U`` heads, S/R tokens.
+
+**Work**: causal attention computes ``S (S+1) / 2`` query-key pairs per head (a full mask ``S^2``); forward
+``4 d`` FLOPs per pair (``QK^T`` and ``PV``), backward ``10 d`` (flash attention's backward recomputes the
+scores: ``QK^T``, ``dV``, ``dP``, ``dQ``, ``dK``). Zigzag gives every ring rank exactly the same pairs per step
+(:func:`ring_step_pairs`); Ulysses gives every rank ``h/U`` whole heads.
+
+**Memory** per device (Megatron's mixed precision): weights + gradients + optimizer = 18 bytes per parameter, or
+``6 + 12/DP`` with the distributed optimizer (Megatron-LM's ``docs/source/api-guide/dist_optimizer.md``);
+activations per layer ``s b H (34/t)`` bytes with TP ``t`` and sequence parallelism and flash attention
+(Korthikanti et al. 2022, "Reducing Activation Recomputation", table 2, without the ``5 a s / h`` score term
+that flash attention does not store), ``2 s b H`` with full recomputation (the layer input only).
+
+**Time** (:func:`attention_time`): compute = FLOPs / (peak x efficiency(tokens per kernel call)), where
+efficiency rises with the block length as ``eff_max x n / (n + n_half)`` (a short block cannot fill the
+device: the reason MindSpeed asks for S/CP > 8k on NPUs); an all-to-all = latency + the bytes to each link
+class / that class's bandwidth, the slowest class deciding, never overlapped; a ring step = max(compute,
+transfer) + latency (every exchange is posted before the block it overlaps; on a CPU device compute + transfer:
+gloo's copies run on the same cores); Double Ring's outer hop is hidden
+behind a whole inner ring of compute. Links are classified per group from :func:`mindspeed_cp.topology.
+rank_layout` (intra-node if both ranks share a node of ``gpus_per_node``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+# ============================================================================ bytes (textbook)
+
+
+def ulysses_bytes(S: int, P: int, b: int, h: int, hk: int, d: int, e: int) -> float:
+    s = S / P
+    return 2 * (P - 1) / P * s * b * d * (2 * h + 2 * hk) * e
+
+
+def ring_bytes(S: int, P: int, b: int, hk: int, d: int, e: int) -> float:
+    s = S / P
+    return 3 * (P - 1) * 2 * s * b * hk * d * e
+
+
+def hybrid_bytes(S: int, U: int, R: int, b: int, h: int, hk: int, d: int, e: int) -> float:
+    # all-to-all among U ranks on the S/(U R) tokens each CP rank holds, then a ring of R ranks on S/R tokens
+    # with h/U, hk/U heads
+    return ulysses_bytes(S / R, U, b, h, hk, d, e) + ring_bytes(S, R, b, hk / U, d, e)
+
+
+def textbook_bytes(algo: str, S: int, cp: int, b: int, h: int, hk: int, d: int, e: int, ulysses: int = 1) -> float:
+    """Textbook bytes per rank for ``algo`` in ``ulysses | ring | double_ring | hybrid``."""
+    if algo == "ulysses":
+        return ulysses_bytes(S, cp, b, h, hk, d, e)
+    if algo in ("ring", "double_ring"):
+        return ring_bytes(S, cp, b, hk, d, e)
+    if algo == "hybrid":
+        return hybrid_bytes(S, ulysses, cp // ulysses, b, h, hk, d, e)
+    raise ValueError(f"unknown algorithm {algo!r}")
+
+
+# ---------------------------------------------------------------------------- KV-cache policies (issue 15)
+# Exact per-rank figures (any length: rank r of a Ulysses level holds split_sizes(S, P)[r] tokens), forward +
+# backward, for --context-parallel-kv-cache-policy None | half | full and --use-ulysses-allgather-kv. "sent" is
+# what the rank sends; "saved" is how many more bytes than with no policy autograd keeps for backward (the
+# input K/V kept, minus the all-to-all output or received blocks no longer kept; negative = less memory).
+_AGAIN = {None: 0, "half": 1, "full": 2}  # K/V tensors whose exchange runs again in backward (Ulysses)
+RING_AGAIN = {None: 1.0, "half": 0.5, "full": 0.0}  # share of the K/V blocks a ring sends again in backward
+
+
+def ulysses_kv_cache(S: int, P: int, b: int, h: int, hk: int, d: int, e: int, policy=None, allgather=False,
+                     rank: int = 0) -> dict:
+    """Ulysses over P ranks: q/out all-to-alls, K/V all-to-alls (KV heads replicated to P when hk < P) or
+    all-gathers (every KV head, padded to the longest shard) plus reduce-scatters, and the policy's repeats."""
+    base, extra = divmod(S, P)
+    s = base + (1 if rank < extra else 0)
+    longest = base + (1 if extra else 0)
+    a = (P - 1) / P
+    qo = 2 * (s * h * a + (S - s) * h / P) * b * d * e  # q and out forward, their gradients backward
+    if allgather:
+        one = (P - 1) * longest * b * hk * d * e  # one K or V all-gather; its reduce-scatter sends as much
+        kv, post = 2 * 2 * one, S * b * 1 * d * e
+    else:
+        hr = max(hk, P)  # heads after the replication
+        one = s * hr * a * b * d * e
+        kv, post = 2 * (one + (S - s) * hr / P * b * d * e), S * b * hr / P * d * e
+    n = _AGAIN[policy]
+    return {"sent": qo + kv + n * one, "saved": n * (s * b * hk * d * e - post), "again": n * one}
+
+
+def ring_kv_cache(S: int, P: int, b: int, hk: float, d: int, e: int, policy=None) -> dict:
+    """Ring (or Double Ring) over P ranks holding S/P tokens each: blocks B = 2 (S/P) b hk d e."""
+    block = 2 * (S / P) * b * hk * d * e
+    hops = P - 1
+    again = RING_AGAIN[policy]
+    return {"sent": (2 + again) * hops * block, "saved": (1 - again) * hops * block,
+            "kv": (1 + again) * hops * block, "dkv": hops * block}
+
+
+def hybrid_kv_cache(S: int, U: int, R: int, b: int, h: int, hk: int, d: int, e: int, policy=None,
+                    ring_policy="same", rank: int = 0) -> dict:
+    """Ulysses over U on the S/R tokens of a ring rank, Ring over R on h/U, max(hk, U)/U heads."""
+    ring_policy = policy if ring_policy == "same" else ring_policy
+    u = ulysses_kv_cache(S // R, U, b, h, hk, d, e, policy, rank=rank % U)
+    r = ring_kv_cache(S, R, b, max(hk, U) / U, d, e, ring_policy)
+    return {"sent": u["sent"] + r["sent"], "saved": u["saved"] + r["saved"]}
+
+
+# ============================================================================ work
+
+
+def causal_pairs(S: int) -> int:
+    """Query-key pairs of causal attention over S tokens (query i sees keys 0..i)."""
+    return S * (S + 1) // 2
+
+
+def ring_step_pairs(S: int, P: int, step: int) -> int:
+    """Pairs one zigzag ring rank computes at ``step`` (0 = its own K/V), the same on every rank.
+
+    Rank r holds chunks r and 2P-1-r of c = S/(2P) tokens. Its own step: chunk r with itself and chunk 2P-1-r
+    with both (``2 c^2 + c``); any other step: exactly two of the four chunk pairs are fully visible (``2 c^2``).
+    Summed over steps and ranks: ``S (S+1) / 2``."""
+    c = S // (2 * P)
+    return 2 * c * c + (c if step == 0 else 0)
+
+
+FWD_FLOPS_PER_PAIR = 4  # x d: QK^T and PV, 2 d each
+BWD_FLOPS_PER_PAIR = 10  # x d: QK^T again, dV, dP, dQ, dK
+
+
+def attention_flops(pairs: float, heads: float, d: int, b: int = 1) -> Dict[str, float]:
+    """Forward and backward FLOPs of ``pairs`` query-key pairs on ``heads`` heads."""
+    return {"forward": FWD_FLOPS_PER_PAIR * d * pairs * heads * b, "backward": BWD_FLOPS_PER_PAIR * d * pairs * heads * b}
+
+
+# ============================================================================ model and memory
+
+
+@dataclass(frozen=True)
+class Model:
+    """What the cost model needs of a GPT: Megatron-LM's flag values."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: Optional[int] = None  # KV heads; None = num_attention_heads
+    ffn_hidden_size: Optional[int] = None  # None = 4 x hidden
+    vocab_size: int = 50304
+    swiglu: bool = False
+    name: str = ""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    def layer_params(self) -> int:
+        H, d = self.hidden_size, self.head_dim
+        attn = H * self.num_attention_heads * d * 2 + 2 * H * self.kv_heads * d  # q, proj; k, v
+        mlp = (3 if self.swiglu else 2) * H * self.ffn
+        return attn + mlp + 4 * H  # + two layer norms
+
+    def params(self) -> int:
+        return self.num_layers * self.layer_params() + 2 * self.vocab_size * self.hidden_size  # untied in/out
+
+
+def weight_bytes(params_per_device: float, dp: int, distributed_optimizer: bool) -> float:
+    """bf16 weights, fp32 gradients, fp32 master + Adam moments: 18 bytes per parameter, 6 + 12/DP sharded."""
+    return params_per_device * ((6 + 12 / dp) if distributed_optimizer else 18)
+
+
+def activation_bytes_per_layer(tokens: int, b: int, H: int, tp: int, recompute: str) -> float:
+    """Bytes one layer keeps for backward on one device for ``tokens`` local tokens (bf16, sequence
+    parallelism with TP, flash attention): Korthikanti et al.'s ``34 s b H / t``, or ``2 s b H`` (its input)
+    with full recomputation; ``selective`` is the same as none with flash attention (no score matrix to drop)."""
+    if recompute == "full":
+        return 2 * tokens * b * H / tp
+    return 34 * tokens * b * H / tp
+
+
+# ============================================================================ devices and time
+
+
+@dataclass
+class Device:
+    """A device preset (``mindspeed_cp/devices/*.json``; every number overridable on the plan command line).
+
+    Bandwidths are GB/s per device and direction, latencies microseconds. ``attention_efficiency``: the fraction
+    of ``peak_tflops`` a flash-attention forward + backward reaches on long blocks, ``attention_half_tokens`` the
+    block length at which it reaches half of that; ``matmul_efficiency`` the same for the dense layers;
+    ``link_efficiency`` / ``inter_link_efficiency`` the achieved fraction of a link's bandwidth inside / between
+    fast domains. ``fast_domain``: devices sharing the fast links (default ``gpus_per_node``; e.g. a PCIe switch
+    pair). ``intra_node_pair_gbps``: what one pair of devices gets when the fast links are a mesh rather than a
+    switch (Ascend's HCCS: a ring hop uses one link, an all-to-all all of them); 0 = switched."""
+
+    name: str
+    peak_tflops: float
+    hbm_gb: float
+    intra_node_gbps: float
+    inter_node_gbps: float
+    intra_node_latency_us: float = 10.0
+    inter_node_latency_us: float = 20.0
+    attention_efficiency: float = 0.5
+    attention_half_tokens: float = 512.0
+    matmul_efficiency: float = 0.6
+    link_efficiency: float = 0.8
+    inter_link_efficiency: float = 0.9
+    intra_node_pair_gbps: float = 0.0
+    kernel_call_us: float = 0.0  # fixed cost of one attention kernel call (launch; CPU: dispatch)
+    attention_call_us: float = 0.0  # fixed cost of one attention forward + backward beyond its kernel calls
+    gpus_per_node: int = 8
+    fast_domain: int = 0
+    cores: int = 0  # a CPU "device": the cores its ranks share (0: an accelerator, one rank each)
+    oversubscription: float = 1.0  # time multiplier: ranks per core when a CPU runs more ranks than cores
+    description: str = ""
+    sources: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def domain(self) -> int:
+        return self.fast_domain or self.gpus_per_node
+
+    def compute_s(self, flops: float, block_tokens: float, kind: str = "attention", calls: int = 1) -> float:
+        if kind == "attention":
+            eff = self.attention_efficiency * block_tokens / (block_tokens + self.attention_half_tokens)
+            fixed = calls * self.kernel_call_us * 1e-6
+        else:
+            eff, fixed = self.matmul_efficiency, 0.0
+        return self.oversubscription * (flops / (self.peak_tflops * 1e12 * eff) + fixed)
+
+    def link(self, cls: str, peers: int = 1):
+        """(bandwidth bytes/s, latency s) of link class ``intra`` or ``inter`` for traffic spread over ``peers``."""
+        if cls == "intra":
+            gbps = self.intra_node_gbps
+            if self.intra_node_pair_gbps:  # a mesh: each peer over its own link
+                gbps = min(gbps, self.intra_node_pair_gbps * peers)
+            bw, us = gbps * self.link_efficiency, self.intra_node_latency_us
+        else:
+            bw, us = self.inter_node_gbps * self.inter_link_efficiency, self.inter_node_latency_us
+        return bw * 1e9 / self.oversubscription, us * 1e-6
+
+    def for_ranks(self, ranks: int) -> "Device":
+        """This device with ``ranks`` ranks on it: a CPU's cores are shared by its ranks."""
+        over = max(1.0, ranks / self.cores) if self.cores else 1.0
+        return dataclasses.replace(self, oversubscription=over)
+
+
+def link_classes(group: Sequence[int], gpus_per_node: int) -> Dict[str, int]:
+    """A rank's peers in ``group`` on its own node and on other nodes, for the group's rank with the most
+    off-node peers (the one an all-to-all waits for)."""
+    nodes = [r // gpus_per_node for r in group]
+    worst = {"intra": 0, "inter": 0}
+    for n in nodes:
+        inter = sum(1 for m in nodes if m != n)
+        if inter >= worst["inter"]:
+            worst = {"intra": len(nodes) - 1 - inter, "inter": inter}
+    return worst
+
+
+def ring_hops(group: Sequence[int], gpus_per_node: int) -> str:
+    """``intra`` if every hop of the ring (each rank to the next, the last to the first) stays on a node."""
+    nodes = [r // gpus_per_node for r in group]
+    return "intra" if all(nodes[i] == nodes[(i + 1) % len(nodes)] for i in range(len(nodes))) else "inter"
+
+
+def all_to_all_s(dev: Device, bytes_sent: float, peers: Dict[str, int], calls: int) -> Dict[str, float]:
+    """Time of all-to-alls sending ``bytes_sent`` in total to ``peers`` (spread evenly), in ``calls`` calls."""
+    total = peers["intra"] + peers["inter"]
+    if total == 0 or bytes_sent == 0:
+        return {"time": 0.0, "intra": 0.0, "inter": 0.0}
+    out = {"intra": bytes_sent * peers["intra"] / total, "inter": bytes_sent * peers["inter"] / total}
+    t, lat = 0.0, 0.0
+    for cls in ("intra", "inter"):
+        if peers[cls]:
+            bw, latency = dev.link(cls, peers[cls])
+            t = max(t, out[cls] / bw)
+            lat = max(lat, latency)
+    out["time"] = t + calls * lat
+    return out
+
+
+@dataclass
+class Attention:
+    """One attention configuration to cost: a CP layout for one model layer's core attention on one rank."""
+
+    algo: str  # ulysses | ring | hybrid
+    cp: int
+    ulysses: int = 1  # U (hybrid); Ulysses = cp, Ring = 1
+    window: int = 1  # Double Ring inner window (ring level)
+    overlap: bool = False
+    kv_cache: Optional[str] = None
+    tp: int = 1
+    ulysses_group: Sequence[int] = ()
+    ring_group: Sequence[int] = ()  # the ring-level ranks in ring order
+
+
+def attention_time(dev: Device, model: Model, S: int, b: int, a: Attention, e: int = 2,
+                   forward_only: bool = False) -> Dict[str, float]:
+    """Predicted forward + backward time of one core attention on one rank, and its parts (seconds, bytes).
+    ``forward_only``: the forward pass alone (inference; published forward-only microbenchmarks)."""
+    h, hk, d, G = model.num_attention_heads / a.tp, max(model.kv_heads / a.tp, 1), model.head_dim, dev.domain
+    U = a.cp if a.algo == "ulysses" else a.ulysses if a.algo == "hybrid" else 1
+    R = a.cp // U
+    out = {"compute": 0.0, "a2a": 0.0, "ring_exposed": 0.0, "ring_transfer": 0.0, "intra_bytes": 0.0,
+           "inter_bytes": 0.0, "latency": 0.0}
+    # ---- Ulysses level (U > 1): 4 all-to-alls forward, 4 backward, never overlapped
+    if U > 1:
+        policy = a.kv_cache
+        sent = ulysses_kv_cache(S // R, U, b, h, hk, d, e, policy)["sent"]
+        calls = 8 + (_AGAIN[policy] if policy else 0)
+        if forward_only:
+            sent, calls = ulysses_kv_cache(S // R, U, b, h, hk, d, e)["sent"] / 2, 4
+        peers = link_classes(a.ulysses_group or range(U), G)
+        t = all_to_all_s(dev, sent, peers, calls=calls)
+        out["a2a"] = t["time"]
+        out["intra_bytes"] += t["intra"]
+        out["inter_bytes"] += t["inter"]
+    hu, hku = h / U, max(hk, U) / U  # heads each rank computes (KV heads replicated to U when fewer)
+    if R == 1:
+        fl = attention_flops(causal_pairs(S), hu, d, b)
+        out["compute"] = dev.compute_s(fl["forward"] + (0 if forward_only else fl["backward"]), S,
+                                       calls=1 if forward_only else 2) + dev.oversubscription * dev.attention_call_us * 1e-6
+        out["total"] = out["compute"] + out["a2a"]
+        return out
+    # ---- ring level over R ranks (Double Ring: windows of K)
+    K = a.window if a.window > 1 else R
+    block = 2 * (S / R) * b * hku * d * e  # one K+V block
+    ring_group = list(a.ring_group) or list(range(R))
+    inner_cls = "intra" if all(ring_hops(ring_group[x * K:(x + 1) * K], G) == "intra" for x in range(R // K)) \
+        else "inter"
+    outer_cls = ring_hops(ring_group[::K], G) if R > K else inner_cls
+    c = S // (2 * R)
+    again = RING_AGAIN[a.kv_cache]
+    # per step: (blocks sent, FLOPs per pair, exchanges posted); backward sends K/V again (policy) and dK/dV
+    phases = {"forward": (1.0, FWD_FLOPS_PER_PAIR, 1),
+              "backward": (again + 1.0, BWD_FLOPS_PER_PAIR, 1 if a.overlap or again == 0 else 2)}
+    if forward_only:
+        del phases["backward"]
+    for blocks, per_pair, exchanges in phases.values():
+        for step in range(R):
+            comp = dev.compute_s(per_pair * d * ring_step_pairs(S, R, step) * hu * b, 2 * c if step == 0 else c)
+            out["compute"] += comp
+            if step == R - 1:
+                continue  # P-1 hops per pass: the last block needs no successor
+            outer = R > K and (step + 1) % K == 0  # the hop that leaves a Double Ring window
+            cls = outer_cls if outer else inner_cls
+            bw, lat = dev.link(cls)
+            transfer = blocks * block / bw + exchanges * lat
+            hide = comp * (K if outer else 1)  # Double Ring: a whole inner ring of compute hides the outer hop
+            if dev.cores:
+                hide = 0.0  # CPU ranks: gloo's copies run on the same cores as the compute - nothing is hidden
+            out["ring_exposed"] += max(0.0, transfer - hide)
+            out["ring_transfer"] += transfer
+            out["latency"] += exchanges * lat
+            out[f"{cls}_bytes"] += blocks * block
+    out["compute"] += dev.oversubscription * dev.attention_call_us * 1e-6
+    out["total"] = out["compute"] + out["a2a"] + out["ring_exposed"]
+    return out
+
+
+def layer_time(dev: Device, model: Model, S: int, b: int, a: Attention, tp_group: Sequence[int] = (),
+               e: int = 2) -> Dict[str, float]:
+    """One transformer layer forward + backward on one rank: the core attention (:func:`attention_time`), the
+    dense layers (``2 x 3`` FLOPs per parameter per token: forward, backward of inputs and of weights) on the
+    rank's ``S/CP`` tokens split over TP, and TP's sequence-parallel all-gathers / reduce-scatters (2 each way
+    per layer forward, the same backward; not overlapped)."""
+    att = attention_time(dev, model, S, b, a, e)
+    tokens = S // a.cp
+    dense = 6 * (model.layer_params() - 4 * model.hidden_size) * tokens * b / a.tp
+    out = dict(att, attention=att["total"], dense=dev.compute_s(dense, tokens, kind="dense"), tp_comm=0.0,
+               tp_intra_bytes=0.0, tp_inter_bytes=0.0)
+    if a.tp > 1:
+        sent = 4 * 2 * (a.tp - 1) / a.tp * tokens * b * model.hidden_size * e  # 4 collectives x fwd+bwd
+        t = all_to_all_s(dev, sent, link_classes(tp_group or range(a.tp), dev.domain), calls=8)
+        out["tp_comm"] = t["time"]
+        out["intra_bytes"] += t["intra"]
+        out["inter_bytes"] += t["inter"]
+        out["tp_intra_bytes"], out["tp_inter_bytes"] = t["intra"], t["inter"]
+    out["total"] = att["total"] + out["dense"] + out["tp_comm"]
+    return out
+
+
+def rank_correlation(xs: List[float], ys: List[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    den = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return num / den if den else 1.0

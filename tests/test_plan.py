@@ -1,0 +1,239 @@
+"""``mindspeed-cp plan`` and its cost model (mindspeed_cp/costmodel.py): feasibility, formulas against the bytes
+the algorithms really send, link classes from the layout, published rankings, the shipped presets, the CLI."""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+
+import pytest
+import torch
+
+from mindspeed_cp import costmodel as cm
+from mindspeed_cp.cli import main as cli_main
+from mindspeed_cp.config import CPConfig, CPConfigError
+from mindspeed_cp.plan import cp_attention_time, device, plan, presets, read_conf
+
+from .dist import run_on_ranks
+from .published_cases import CASES, GAP, degrees
+
+GPT_1_3B = cm.Model(num_layers=24, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=8192, name="gpt3-1.3b")
+GPT_30B = cm.Model(num_layers=64, hidden_size=6144, num_attention_heads=64, ffn_hidden_size=24576, name="gpt3-30b")
+
+
+# ----------------------------------------------------------------------------- presets
+@pytest.mark.parametrize("name", ["a100", "h100", "h200", "h800", "910b", "l20"])
+def test_every_device_preset_loads_and_cites_its_numbers(name):
+    dev = device(name)
+    assert name in presets()
+    for key in ("peak_tflops", "hbm_gb", "intra_node_gbps", "inter_node_gbps", "attention_efficiency"):
+        assert getattr(dev, key) > 0
+        assert key in dev.sources, f"{name}: no source for {key}"
+
+
+def test_device_constants_can_be_overridden_and_typos_are_refused():
+    assert device("h100", {"inter_node_gbps": "25"}).inter_node_gbps == 25.0
+    with pytest.raises(ValueError, match="not a device constant"):
+        device("h100", {"inter_gbps": "25"})
+    with pytest.raises(ValueError, match="no such preset"):
+        device("h1000")
+
+
+# ----------------------------------------------------------------------------- feasibility
+def test_every_ranked_configuration_validates_and_every_rejection_says_why():
+    model = cm.Model(num_layers=48, hidden_size=5120, num_attention_heads=40, num_query_groups=8)  # 40 heads, GQA 8
+    res = plan(model, device("h100"), 32768, 32, recompute="full")
+    assert res["ranked"] and res["rejected"]
+    check = dict(num_attention_heads=40, num_query_groups=8, seq_length=32768, world_size=32)
+    for e in res["ranked"]:
+        e["config"].validate(tensor_model_parallel_size=e["tp"], **check)
+        assert e["memory"]["fits"]
+    whys = {r["why"] for r in res["rejected"]}
+    assert any("--num-attention-heads 40" in w for w in whys), whys  # e.g. Ulysses over TP 2 x CP 16 ranks
+    assert any("GB of 80 GB" in w for w in whys), whys  # CP 1 and TP 1 does not fit at 32k
+    for r in res["rejected"]:  # a rejection by rule is exactly CPConfig's error
+        if "GB of" not in r["why"]:
+            with pytest.raises(CPConfigError, match=re.escape(r["why"])):
+                r["config"].validate(tensor_model_parallel_size=r["tp"], **check)
+
+
+def test_memory_rules_out_what_does_not_fit():
+    dev = device("a100")
+    fits = plan(GPT_1_3B, dev, 32768, 8, tp=1, cp=1)["ranked"]
+    small = plan(GPT_1_3B, device("a100", {"hbm_gb": "40"}), 32768, 8, tp=1, cp=1)
+    assert fits and not small["ranked"]
+    assert "GB of 40 GB" in small["rejected"][0]["why"]
+
+
+# ----------------------------------------------------------------------------- formulas
+def test_ring_step_pairs_sum_to_causal_attention():
+    for S, P in ((64, 2), (96, 4), (4096, 8)):
+        assert sum(cm.ring_step_pairs(S, P, j) for j in range(P)) * P == cm.causal_pairs(S)
+
+
+def _measured_bytes(algo, S, h, hk, d, U, policy):
+    import torch.distributed as dist
+
+    from mindspeed_cp.comm_stats import count_bytes
+    from mindspeed_cp.hybrid import hybrid_attention
+    from mindspeed_cp.local import local_attention
+    from mindspeed_cp.ring import ring_attention, zigzag_index
+    from mindspeed_cp.sharding import token_indices
+    from mindspeed_cp.ulysses import UlyssesContextAttention
+
+    P, r = dist.get_world_size(), dist.get_rank()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(S, 1, n, d, generator=g) for n in (h, hk, hk))
+    if algo == "ulysses":
+        idx = torch.tensor_split(torch.arange(S), P)[r]
+    elif algo == "ring":
+        idx = zigzag_index(S, P, r)
+    else:
+        idx = token_indices(CPConfig(context_parallel_size=P, context_parallel_algo="hybrid_cp_algo",
+                                     ulysses_degree_in_cp=U), r, S)
+    leaves = [t[idx].clone().requires_grad_() for t in (q, k, v)]
+    with count_bytes() as st:
+        if algo == "ulysses":
+            out = UlyssesContextAttention(lambda a, b, c: local_attention(a, b, c), dist.group.WORLD,
+                                          kv_cache_policy=policy)(*leaves)
+        elif algo == "ring":
+            out = ring_attention(*leaves, dist.group.WORLD, kv_cache_policy=policy)
+        else:
+            groups = [dist.new_group(list(range(i * U, (i + 1) * U))) for i in range(P // U)]
+            rings = [dist.new_group(list(range(j, P, U))) for j in range(U)]
+            out = hybrid_attention(*leaves, groups[r // U], rings[r % U], kv_cache_policy=policy)
+        out.sum().backward()
+    return st.total - st.by_kind.get("metadata", 0)
+
+
+@pytest.mark.parametrize("algo,hk,U,policy", [("ulysses", 4, 4, None), ("ulysses", 4, 4, "full"),
+                                              ("ring", 4, 1, None), ("ring", 2, 1, "half"), ("ring", 4, 1, "full"),
+                                              ("hybrid", 4, 2, None), ("hybrid", 2, 2, "full")])
+def test_the_bytes_the_model_charges_are_the_bytes_sent(algo, hk, U, policy):
+    """attention_time's bytes per link class add up to what comm_stats counts on real gloo ranks."""
+    S, h, d, P = 64, 4, 8, 4
+    sent = max(run_on_ranks(P, _measured_bytes, algo, S, h, hk, d, U, policy))
+    model = cm.Model(num_layers=1, hidden_size=h * d, num_attention_heads=h, num_query_groups=hk)
+    t = cp_attention_time(device("h100"), model, S, 1, P, P if algo == "ulysses" else U, kv_cache=policy, e=4)
+    assert t["intra_bytes"] + t["inter_bytes"] == pytest.approx(sent, rel=1e-9)
+
+
+def test_link_classes_follow_the_rank_layout():
+    # 30B preset: TP 4, hybrid CP 8 with U 2 on 8-GPU nodes: the Ulysses pair is on one node, the ring crosses
+    model, dev = GPT_30B, device("h100")
+    res = plan(model, dev, 32768, 32, tp=4, cp=8, recompute="full", kv_policies=(None,))
+    hyb = next(e for e in res["ranked"] if e["config"].context_parallel_algo == "hybrid_cp_algo"
+               and e["config"].ulysses_degree_in_cp == 2 and e["config"].cp_window_size == 1)
+    uly = next(e for e in res["ranked"] if e["config"].context_parallel_algo == "ulysses_cp_algo")
+    assert hyb["predicted"]["intra_bytes"] > 0 and hyb["predicted"]["inter_bytes"] > 0
+    # Ulysses over 8 ranks TP 4 apart spans 4 nodes (2 ranks each): 6 of a rank's 7 peers are off its node
+    p = uly["predicted"]
+    assert p["inter_bytes"] - p["tp_inter_bytes"] == pytest.approx(6 * (p["intra_bytes"] - p["tp_intra_bytes"]))
+    assert p["tp_inter_bytes"] == 0 < p["tp_intra_bytes"]  # TP 4 stays on its node
+    assert cm.link_classes([0, 4, 8, 12], 8) == {"intra": 1, "inter": 2}
+    assert cm.ring_hops([0, 1, 2, 3], 8) == "intra" and cm.ring_hops([0, 8], 8) == "inter"
+
+
+def test_a_mesh_gives_a_ring_hop_one_link_and_an_all_to_all_all_of_them():
+    dev = device("910b")
+    assert dev.link("intra", 1)[0] == pytest.approx(28e9 * dev.link_efficiency)
+    assert dev.link("intra", 7)[0] == pytest.approx(196e9 * dev.link_efficiency)
+
+
+def test_double_ring_hides_the_inter_node_hop_behind_an_inner_ring():
+    """16 ranks, 8 per node, ring CP 16 at 32k: window 8 (a node) exposes less than the plain ring."""
+    dev = device("h100", {"inter_node_gbps": "5"})
+    model = cm.Model(num_layers=1, hidden_size=4096, num_attention_heads=32)
+    plain = cp_attention_time(dev, model, 32768, 1, 16, 1)
+    double = cp_attention_time(dev, model, 32768, 1, 16, 1, window=8)
+    assert double["ring_exposed"] < plain["ring_exposed"]
+    assert double["intra_bytes"] + double["inter_bytes"] == plain["intra_bytes"] + plain["inter_bytes"]
+
+
+def test_kv_cache_full_trades_memory_for_bytes():
+    dev = device("h100")
+    res = plan(GPT_1_3B, dev, 32768, 8, tp=1, cp=8)["ranked"]
+    by = {(e["config"].context_parallel_algo, e["config"].context_parallel_kv_cache_policy,
+           e["config"].cp_window_size, e["config"].use_cp_send_recv_overlap, e["config"].ulysses_degree_in_cp): e
+          for e in res}
+    none, full = by[("megatron_cp_algo", None, 1, False, None)], by[("megatron_cp_algo", "full", 1, False, None)]
+    assert full["predicted"]["intra_bytes"] == pytest.approx(2 / 3 * none["predicted"]["intra_bytes"])
+    assert full["memory"]["kv_cache"] > 0 == none["memory"]["kv_cache"]
+
+
+def test_rank_correlation():
+    assert cm.rank_correlation([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert cm.rank_correlation([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+
+
+# ----------------------------------------------------------------------------- published rankings
+def _judged_pairs(case):
+    pub = case["published"]
+    return [(a, b) for a, b in itertools.permutations(pub, 2) if pub[a] >= GAP * pub[b]]  # a clearly faster
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_published_rankings(case):
+    dev = device(case["device"])
+    model = cm.Model(num_layers=1, hidden_size=case["heads"] * case["head_dim"], num_attention_heads=case["heads"],
+                     num_query_groups=case["kv_heads"])
+    time = {lab: cp_attention_time(dev, model, case["S"], case["batch"], case["world"], degrees(lab)[0],
+                                   forward_only=case["forward_only"])["total"] for lab in case["published"]}
+    wrong = [(a, b) for a, b in _judged_pairs(case) if not time[a] < time[b]]
+    assert _judged_pairs(case), "a case must judge at least one pair"
+    assert (not wrong) == case["reproduced"], (
+        f"{case['id']}: published faster-slower pairs the model orders otherwise: {wrong}; predicted ms "
+        f"{ {k: round(1e3 * v, 2) for k, v in time.items()} } - update tests/published_cases.py and docs/planner.md")
+
+
+# ----------------------------------------------------------------------------- the shipped presets
+@pytest.mark.parametrize("model,preset,world", [(GPT_1_3B, "1.3b-32k-ulysses", 8), (GPT_1_3B, "1.3b-32k-ring", 8),
+                                                (GPT_1_3B, "1.3b-32k-hybrid", 8), (GPT_30B, "30b-32k-ulysses", 32),
+                                                (GPT_30B, "30b-32k-hybrid", 32), (GPT_30B, "30b-32k-double-ring", 32)])
+def test_the_shipped_presets_are_within_five_percent_of_the_plan(model, preset, world):
+    """Each preset shows one algorithm at its TP and CP: the plan's best of that algorithm there (Ulysses degree,
+    window, overlap, KV-cache policy) is at most 5 % faster than the preset by the cost model."""
+    conf = read_conf(f"configs/cp/{preset}.conf")
+    tp, cp = int(conf["TP"]), int(conf["CP"])
+    recompute = "full" if "--recompute-granularity full" in conf.get("EXTRA_ARGS", "") else "none"
+    res = plan(model, device("h100"), 32768, world, tp=tp, cp=cp, recompute=recompute)
+    want = dict(context_parallel_algo=conf["CP_ALGO"], cp_window_size=int(conf.get("CP_WINDOW", 1)),
+                use_cp_send_recv_overlap=conf.get("CP_OVERLAP") == "1",
+                context_parallel_kv_cache_policy=conf.get("CP_KV_CACHE") or None)
+    if conf["CP_ALGO"] == "hybrid_cp_algo":
+        want["ulysses_degree_in_cp"] = int(conf["ULYSSES_DEGREE"])
+    mine = [e for e in res["ranked"] if all(getattr(e["config"], k) == v for k, v in want.items())]
+    assert mine, f"{preset} is infeasible or over memory by the plan: {[r['why'] for r in res['rejected']][:3]}"
+    best = min(e["rank_time"] for e in res["ranked"] if e["config"].context_parallel_algo == conf["CP_ALGO"])
+    assert min(e["rank_time"] for e in mine) <= 1.05 * best, (preset, min(e["rank_time"] for e in mine), best)
+
+
+# ----------------------------------------------------------------------------- the command
+def test_plan_command_text_json_and_preset(tmp_path, capsys):
+    out = tmp_path / "mine.conf"
+    assert cli_main(["plan", "--model", "gpt3-30b", "--seq-length", "32768", "--world-size", "32",
+                     "--device", "h100", "--recompute", "full", "--top", "3", "--cp", "8",
+                     "--write-preset", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "feasible configurations" in text and "--context-parallel-size" in text
+    conf = read_conf(out)
+    assert {"NNODES", "TP", "CP", "CP_ALGO"} <= set(conf) and conf["NNODES"] == "4" and conf["CP"] == "8"
+    flags = text.splitlines()[4].split("  ")[-1].strip()  # the best row's flags = the preset's settings
+    assert f"--context-parallel-algo {conf['CP_ALGO']}" in flags and f"--tensor-model-parallel-size {conf['TP']}" in flags
+    assert cli_main(["plan", "--model", "gpt3-1.3b", "--seq-length", "32768", "--world-size", "8",
+                     "--device", "a100", "--format", "json", "--top", "2"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["ranked"]) == 2 and data["ranked"][0]["flags"].startswith("--tensor-model-parallel-size")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--model", "nope"], "--model 'nope': no such file or preset"),
+    (["--model", "gpt3-1.3b", "--device", "tpu"], "--device 'tpu': no such preset"),
+    (["--num-layers", "2"], "the model needs --hidden-size, --num-attention-heads"),
+    (["--model", "gpt3-1.3b", "--set", "peak=1"], "not a device constant"),
+    (["--model", "gpt3-1.3b", "--tp", "3"], "no feasible configuration"),
+])
+def test_plan_command_errors_are_one_line_and_status_2(argv, match, capsys):
+    assert cli_main(["plan", "--seq-length", "32768", "--world-size", "8"] + argv) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1
