@@ -320,13 +320,13 @@ def attention_time(dev: Device, model: Model, S: int, b: int, a: Attention, e: i
     h, hk, d, G = model.num_attention_heads / a.tp, max(model.kv_heads / a.tp, 1), model.head_dim, dev.domain
     U = a.cp if a.algo == "ulysses" else a.ulysses if a.algo == "hybrid" else 1
     R = a.cp // U
-    out = {"compute": 0.0, "a2a": 0.0, "ring_exposed": 0.0, "ring_transfer": 0.0, "intra_bytes": 0.0,
-           "inter_bytes": 0.0, "latency": 0.0}
+    # the fixed cost of one attention call beyond its kernel calls (wrappers, checks), whatever the algorithm
+    out = {"compute": dev.oversubscription * dev.attention_call_us * 1e-6, "a2a": 0.0, "ring_exposed": 0.0,
+           "ring_transfer": 0.0, "intra_bytes": 0.0, "inter_bytes": 0.0, "latency": 0.0}
     # ---- Ulysses level (U > 1): 4 all-to-alls forward, 4 backward, never overlapped
     if U > 1:
-        policy = a.kv_cache
-        sent = ulysses_kv_cache(S // R, U, b, h, hk, d, e, policy)["sent"]
-        calls = 8 + (_AGAIN[policy] if policy else 0)
+        sent = ulysses_kv_cache(S // R, U, b, h, hk, d, e, a.kv_cache)["sent"]
+        calls = 8 + _AGAIN[a.kv_cache]
         if forward_only:
             sent, calls = ulysses_kv_cache(S // R, U, b, h, hk, d, e)["sent"] / 2, 4
         peers = link_classes(a.ulysses_group or range(U), G)
@@ -337,8 +337,8 @@ def attention_time(dev: Device, model: Model, S: int, b: int, a: Attention, e: i
     hu, hku = h / U, max(hk, U) / U  # heads each rank computes (KV heads replicated to U when fewer)
     if R == 1:
         fl = attention_flops(causal_pairs(S), hu, d, b)
-        out["compute"] = dev.compute_s(fl["forward"] + (0 if forward_only else fl["backward"]), S,
-                                       calls=1 if forward_only else 2) + dev.oversubscription * dev.attention_call_us * 1e-6
+        out["compute"] += dev.compute_s(fl["forward"] + (0 if forward_only else fl["backward"]), S,
+                                        calls=1 if forward_only else 2)
         out["total"] = out["compute"] + out["a2a"]
         return out
     # ---- ring level over R ranks (Double Ring: windows of K)
@@ -372,7 +372,6 @@ def attention_time(dev: Device, model: Model, S: int, b: int, a: Attention, e: i
             out["ring_transfer"] += transfer
             out["latency"] += exchanges * lat
             out[f"{cls}_bytes"] += blocks * block
-    out["compute"] += dev.oversubscription * dev.attention_call_us * 1e-6
     out["total"] = out["compute"] + out["a2a"] + out["ring_exposed"]
     return out
 

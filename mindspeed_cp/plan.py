@@ -30,8 +30,8 @@ import os
 from typing import Dict, List, Optional
 
 from .config import CPConfig, CPConfigError, HYBRID, RING, ULYSSES
-from .costmodel import (Attention, Device, Model, activation_bytes_per_layer, layer_time, ring_kv_cache,
-                        weight_bytes)
+from .costmodel import (Attention, Device, Model, activation_bytes_per_layer, attention_time, layer_time,
+                        ring_kv_cache, weight_bytes)
 from .topology import rank_layout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -160,8 +160,6 @@ def cp_attention_time(dev: Device, model: Model, S: int, b: int, world: int, uly
     config = CPConfig(context_parallel_size=world, context_parallel_algo=algo, cp_window_size=window,
                       ulysses_degree_in_cp=ulysses if algo == HYBRID else None, use_cp_send_recv_overlap=overlap,
                       context_parallel_kv_cache_policy=kv_cache)
-    from .costmodel import attention_time
-
     return attention_time(dev.for_ranks(world), model, S, b, _attention(config, 1, 1, world), e=e,
                           forward_only=forward_only)
 
