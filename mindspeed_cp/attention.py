@@ -350,7 +350,8 @@ def _active_cp_config(transformer_config) -> Optional[CPConfig]:
 def local_attention_config(config, cfg: CPConfig):
     """The TransformerConfig Megatron's attention is built from under CP: CP = 1 (its own CP stays off) and,
     under a Ulysses level of U ranks, the heads one rank sees after the all-to-all: h/U query heads and
-    max(kv/(TP*U), 1) KV heads per TP rank (fewer KV heads than ranks are replicated)."""
+    max(kv/(TP*U), 1) KV heads per TP rank (fewer KV heads than ranks are replicated). A learnable softmax offset
+    is not initialised there: :func:`_full_softmax_offset` makes the whole one, as at CP = 1."""
     import dataclasses
 
     tp, u = config.tensor_model_parallel_size, cfg.ulysses_size
@@ -359,19 +360,85 @@ def local_attention_config(config, cfg: CPConfig):
     if u > 1:
         changes.update(num_attention_heads=heads // u, num_query_groups=max(kv // (tp * u), 1) * tp,
                        kv_channels=config.kv_channels)
+        if getattr(config, "softmax_type", "vanilla") == "learnable":
+            changes.update(perform_initialization=False)
     return dataclasses.replace(config, **changes)
 
 
+class _HeadSlice(torch.nn.Module):
+    """Megatron's softmax, handed this Ulysses rank's heads of the whole softmax offset (``[h/TP]``, the
+    parameter a CP = 1 checkpoint holds) instead of an offset of its own heads only. No state of its own."""
+
+    def __init__(self, softmax: torch.nn.Module, start: int, count: int) -> None:
+        super().__init__()
+        self.softmax, self.start, self.count = softmax, start, count
+
+    def forward(self, scores, mask, softmax_offset=None):
+        if softmax_offset is not None:
+            softmax_offset = softmax_offset.narrow(0, self.start, self.count)
+        return self.softmax(scores, mask, softmax_offset)
+
+
+def _full_softmax_offset(module, config, cfg: CPConfig) -> None:
+    """Under a Ulysses level Megatron's attention sees h/U heads, and would keep a learnable offset (gpt-oss's
+    sinks) of h/U heads: a CP = 1 checkpoint would not load, and the DP x CP gradient reduction would add up the
+    gradients of different heads. Keep the whole ``[h/TP]`` offset on every CP rank (made and initialised as
+    Megatron does at CP = 1, drawing the same random numbers) and hand each rank's softmax its heads' slice: the
+    gradient of a slice reaches its heads only, so the reduction over DP x CP sums each head's gradient once.
+    (``off-by-one`` offsets are zeros, not parameters: Megatron's own of h/U heads is right.)"""
+    if cfg.ulysses_size == 1 or getattr(config, "softmax_type", "vanilla") != "learnable" \
+            or not hasattr(module, "scale_mask_softmax"):  # TE's attention keeps its own (untested here)
+        return
+    heads = config.num_attention_heads // config.tensor_model_parallel_size
+    module.softmax_offset = torch.nn.Parameter(
+        torch.empty(heads, device=torch.cuda.current_device(), dtype=config.params_dtype))
+    if config.perform_initialization:
+        module.softmax_offset = config.init_method(module.softmax_offset)
+    local = module.num_attention_heads_per_partition
+    module.scale_mask_softmax = _HeadSlice(module.scale_mask_softmax, STATE.group("ulysses").rank() * local, local)
+
+
+def _pop_head_sizes(original, kwargs: dict):
+    """``(k_channels, v_channels)`` given to a core attention whose constructor does not take them (Megatron's local
+    ``DotProductAttention``; MLA's local spec passes them, TE's attention takes them), removed from ``kwargs``."""
+    if "k_channels" not in kwargs and "v_channels" not in kwargs:
+        return None
+    if "k_channels" in inspect.signature(original).parameters:
+        return None
+    return kwargs.pop("k_channels", None), kwargs.pop("v_channels", None)
+
+
+def _set_head_sizes(module, channels, scale_given: bool) -> None:
+    """Megatron's local attention with MLA's head sizes: scores over ``k_channels``, output ``v_channels`` per head
+    (it assumes ``kv_channels`` for both). The default softmax scale is then ``k_channels ** -0.5``."""
+    k_channels, v_channels = channels
+    if k_channels is not None:
+        module.hidden_size_per_attention_head = k_channels
+        if not scale_given:
+            module.softmax_scale = k_channels ** -0.5 / (module.layer_number if
+                                                         module.config.apply_query_key_layer_scaling else 1)
+    if v_channels is not None:
+        module.hidden_size_per_partition = v_channels * module.num_attention_heads_per_partition
+
+
 def core_attention_init(original, self, config, *args, **kwargs):
-    """Build Megatron's core attention (local or TE) as the local attention, then attach the CP algorithm."""
+    """Build Megatron's core attention (local or TE) as the local attention, then attach the CP algorithm.
+
+    Megatron's local attention also takes MLA's ``k_channels`` / ``v_channels`` here (the local MLA spec passes
+    them; without this it does not build, CP or not)."""
+    channels = _pop_head_sizes(original, kwargs)
+    scale_given = inspect.signature(original).bind(self, config, *args, **kwargs).arguments.get("softmax_scale")
     cfg = _active_cp_config(config)
-    if cfg is None:
-        return original(self, config, *args, **kwargs)
-    cfg.validate(tensor_model_parallel_size=config.tensor_model_parallel_size,
-                 num_attention_heads=config.num_attention_heads, num_query_groups=config.num_query_groups,
-                 num_layers=getattr(config, "num_layers", None))
-    original(self, local_attention_config(config, cfg), *args, **kwargs)
-    self._mindspeed_cp = CPCoreAttention.for_module(self, cfg)
+    if cfg is not None:
+        cfg.validate(tensor_model_parallel_size=config.tensor_model_parallel_size,
+                     num_attention_heads=config.num_attention_heads, num_query_groups=config.num_query_groups,
+                     num_layers=getattr(config, "num_layers", None))
+    original(self, config if cfg is None else local_attention_config(config, cfg), *args, **kwargs)
+    if channels is not None:
+        _set_head_sizes(self, channels, scale_given is not None)
+    if cfg is not None:
+        self._mindspeed_cp = CPCoreAttention.for_module(self, cfg)
+        _full_softmax_offset(self, config, cfg)
 
 
 def core_attention_forward(original, self, query, key, value, attention_mask, *args, **kwargs):

@@ -24,12 +24,15 @@ THD split reads ``max_seqlen``; nothing per layer synchronises the device.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 
 import torch
 
 from .config import CPConfig, CPConfigError
 from .sharding import batch_seq_len, padded_seq_len, split_batch, token_indices
+from .shift import plan_shift, shift_left
 from .state import STATE
 
 THD_KEEP = ("attention_mask", "cu_seqlens", "cu_seqlens_padded", "max_seqlen")  # left as given, as Megatron does
@@ -58,8 +61,6 @@ def check_packed(packed, where: str) -> bool:
 
 def get_batch_on_this_cp_rank(original, batch, *args, **kwargs):
     """Split tokens / labels / loss_mask / position_ids / attention_mask for the active algorithm."""
-    import inspect
-
     from megatron.core import parallel_state as ps
 
     # (batch, cp_group=None) up to 0.16; (batch, is_hybrid_cp, cp_group=None, ...) in 0.19: read by name
@@ -201,6 +202,47 @@ def get_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group=None):
             f"Megatron's get_batch_on_this_cp_rank.", stacklevel=2)
     idx = token_indices(cfg, cp_group.rank(), seq).to(pos_emb.device)
     return pos_emb.index_select(seq_dim, idx)
+
+
+# ------------------------------------------------------------------------------------ MTP shift
+def roll_tensor(original, tensor, *args, **kwargs):
+    """megatron-core's multi-token-prediction shift ``roll_tensor(tensor, shifts=-1, dims=-1, cp_group=None,
+    packed_seq_params=None)`` (``cp_group`` from 0.14, ``packed_seq_params`` from 0.16) under the active layout:
+    by global position (:mod:`mindspeed_cp.shift`), stopping at document ends for THD batches as Megatron does on
+    one device. Returns Megatron's pair (shifted tensor, its sum); under CP the sum is the CP group's total / CP:
+    the count Megatron divides the MTP loss by, so that its average over the DP x CP ranks is the one-device mean
+    whatever each rank holds (Megatron's own is each rank's count: exact only for equal counts)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    given = inspect.signature(original).bind(tensor, *args, **kwargs).arguments
+    group = given.get("cp_group")
+    if group is None and STATE.groups_built and STATE.config.cp > 1:
+        group = ps.get_context_parallel_group()  # megatron-core < 0.14 passes none: it shifted locally
+    if group is None or group.size() == 1:
+        return original(tensor, *args, **kwargs)
+    shifts, dims = given.get("shifts", -1), given.get("dims", -1)
+    if shifts != -1:
+        raise CPConfigError(f"roll_tensor(shifts={shifts}) under context parallelism: only the one-position shift "
+                            f"of multi-token prediction (shifts=-1) is laid out")
+    within = check_packed(given.get("packed_seq_params"), "multi-token prediction")
+    rolled = shift_left(tensor, dims, _shift_plan(group.rank(), tensor.shape[dims], within), group)
+    count = rolled.sum()
+    dist.all_reduce(count, group=group)
+    return rolled, count / group.size()
+
+
+def _shift_plan(rank: int, s_local: int, within_documents: bool):
+    docs = STATE.documents
+    if docs is not None:
+        return docs.shift_plan(rank, within_documents)
+    cfg = STATE.config
+    return _layout_shift_plan(cfg, rank, STATE.seq_len if STATE.seq_len is not None else s_local * cfg.cp)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_shift_plan(cfg: CPConfig, rank: int, seq_len: int):
+    return plan_shift([token_indices(cfg, q, seq_len) for q in range(cfg.cp)], rank, seq_len)
 
 
 # ------------------------------------------------------------------------------------ THD

@@ -45,30 +45,35 @@ from typing import Dict, List, Optional, Sequence
 # ============================================================================ bytes (textbook)
 
 
-def ulysses_bytes(S: int, P: int, b: int, h: int, hk: int, d: int, e: int) -> float:
+def _dv(d: int, dv: Optional[int]) -> int:
+    return d if dv is None else dv
+
+
+def ulysses_bytes(S: int, P: int, b: int, h: int, hk: int, d: int, e: int, dv: Optional[int] = None) -> float:
     s = S / P
-    return 2 * (P - 1) / P * s * b * d * (2 * h + 2 * hk) * e
+    return 2 * (P - 1) / P * s * b * (h + hk) * (d + _dv(d, dv)) * e
 
 
-def ring_bytes(S: int, P: int, b: int, hk: int, d: int, e: int) -> float:
+def ring_bytes(S: int, P: int, b: int, hk: int, d: int, e: int, dv: Optional[int] = None) -> float:
     s = S / P
-    return 3 * (P - 1) * 2 * s * b * hk * d * e
+    return 3 * (P - 1) * s * b * hk * (d + _dv(d, dv)) * e
 
 
-def hybrid_bytes(S: int, U: int, R: int, b: int, h: int, hk: int, d: int, e: int) -> float:
+def hybrid_bytes(S: int, U: int, R: int, b: int, h: int, hk: int, d: int, e: int, dv: Optional[int] = None) -> float:
     # all-to-all among U ranks on the S/(U R) tokens each CP rank holds, then a ring of R ranks on S/R tokens
     # with h/U, hk/U heads
-    return ulysses_bytes(S / R, U, b, h, hk, d, e) + ring_bytes(S, R, b, hk / U, d, e)
+    return ulysses_bytes(S / R, U, b, h, hk, d, e, dv) + ring_bytes(S, R, b, hk / U, d, e, dv)
 
 
-def textbook_bytes(algo: str, S: int, cp: int, b: int, h: int, hk: int, d: int, e: int, ulysses: int = 1) -> float:
+def textbook_bytes(algo: str, S: int, cp: int, b: int, h: int, hk: int, d: int, e: int, ulysses: int = 1,
+                   dv: Optional[int] = None) -> float:
     """Textbook bytes per rank for ``algo`` in ``ulysses | ring | double_ring | hybrid``."""
     if algo == "ulysses":
-        return ulysses_bytes(S, cp, b, h, hk, d, e)
+        return ulysses_bytes(S, cp, b, h, hk, d, e, dv)
     if algo in ("ring", "double_ring"):
-        return ring_bytes(S, cp, b, hk, d, e)
+        return ring_bytes(S, cp, b, hk, d, e, dv)
     if algo == "hybrid":
-        return hybrid_bytes(S, ulysses, cp // ulysses, b, h, hk, d, e)
+        return hybrid_bytes(S, ulysses, cp // ulysses, b, h, hk, d, e, dv)
     raise ValueError(f"unknown algorithm {algo!r}")
 
 
@@ -77,45 +82,53 @@ def textbook_bytes(algo: str, S: int, cp: int, b: int, h: int, hk: int, d: int, 
 # backward, for --context-parallel-kv-cache-policy None | half | full and --use-ulysses-allgather-kv. "sent" is
 # what the rank sends; "saved" is how many more bytes than with no policy autograd keeps for backward (the
 # input K/V kept, minus the all-to-all output or received blocks no longer kept; negative = less memory).
+# K has the head size d, V its own dv (MLA), so "half" (K) is not half of "full" (K and V) when they differ.
 _AGAIN = {None: 0, "half": 1, "full": 2}  # K/V tensors whose exchange runs again in backward (Ulysses)
-RING_AGAIN = {None: 1.0, "half": 0.5, "full": 0.0}  # share of the K/V blocks a ring sends again in backward
+RING_AGAIN = {None: 1.0, "half": 0.5, "full": 0.0}  # share of the K/V blocks a ring sends again in backward (d = dv)
+
+
+def _again(policy, d: int, dv: int) -> int:
+    """Head sizes whose K/V exchange runs again in backward (Ulysses) / that a ring keeps: half K, full K and V."""
+    return {None: 0, "half": d, "full": d + dv}[policy]
 
 
 def ulysses_kv_cache(S: int, P: int, b: int, h: int, hk: int, d: int, e: int, policy=None, allgather=False,
-                     rank: int = 0) -> dict:
+                     rank: int = 0, dv: Optional[int] = None) -> dict:
     """Ulysses over P ranks: q/out all-to-alls, K/V all-to-alls (KV heads replicated to P when hk < P) or
     all-gathers (every KV head, padded to the longest shard) plus reduce-scatters, and the policy's repeats."""
+    dv = _dv(d, dv)
     base, extra = divmod(S, P)
     s = base + (1 if rank < extra else 0)
     longest = base + (1 if extra else 0)
     a = (P - 1) / P
-    qo = 2 * (s * h * a + (S - s) * h / P) * b * d * e  # q and out forward, their gradients backward
+    qo = (s * h * a + (S - s) * h / P) * b * (d + dv) * e  # q and out forward, their gradients backward
     if allgather:
-        one = (P - 1) * longest * b * hk * d * e  # one K or V all-gather; its reduce-scatter sends as much
-        kv, post = 2 * 2 * one, S * b * 1 * d * e
+        one = (P - 1) * longest * b * hk * e  # one K or V all-gather per head size; its reduce-scatter as much
+        kv, post = 2 * one * (d + dv), S * b * 1 * e
     else:
         hr = max(hk, P)  # heads after the replication
-        one = s * hr * a * b * d * e
-        kv, post = 2 * (one + (S - s) * hr / P * b * d * e), S * b * hr / P * d * e
-    n = _AGAIN[policy]
-    return {"sent": qo + kv + n * one, "saved": n * (s * b * hk * d * e - post), "again": n * one}
+        one = s * hr * a * b * e
+        kv, post = (one + (S - s) * hr / P * b * e) * (d + dv), S * b * hr / P * e
+    n = _again(policy, d, dv)
+    return {"sent": qo + kv + n * one, "saved": n * (s * b * hk * e - post), "again": n * one}
 
 
-def ring_kv_cache(S: int, P: int, b: int, hk: float, d: int, e: int, policy=None) -> dict:
-    """Ring (or Double Ring) over P ranks holding S/P tokens each: blocks B = 2 (S/P) b hk d e."""
-    block = 2 * (S / P) * b * hk * d * e
+def ring_kv_cache(S: int, P: int, b: int, hk: float, d: int, e: int, policy=None, dv: Optional[int] = None) -> dict:
+    """Ring (or Double Ring) over P ranks holding S/P tokens each: blocks ``(S/P) b hk (d + dv) e``."""
+    dv = _dv(d, dv)
+    head = (S / P) * b * hk * e  # one block per unit of head size
     hops = P - 1
-    again = RING_AGAIN[policy]
-    return {"sent": (2 + again) * hops * block, "saved": (1 - again) * hops * block,
-            "kv": (1 + again) * hops * block, "dkv": hops * block}
+    kept = _again(policy, d, dv)
+    return {"sent": (3 * (d + dv) - kept) * hops * head, "saved": kept * hops * head,
+            "kv": (2 * (d + dv) - kept) * hops * head, "dkv": (d + dv) * hops * head}
 
 
 def hybrid_kv_cache(S: int, U: int, R: int, b: int, h: int, hk: int, d: int, e: int, policy=None,
-                    ring_policy="same", rank: int = 0) -> dict:
+                    ring_policy="same", rank: int = 0, dv: Optional[int] = None) -> dict:
     """Ulysses over U on the S/R tokens of a ring rank, Ring over R on h/U, max(hk, U)/U heads."""
     ring_policy = policy if ring_policy == "same" else ring_policy
-    u = ulysses_kv_cache(S // R, U, b, h, hk, d, e, policy, rank=rank % U)
-    r = ring_kv_cache(S, R, b, max(hk, U) / U, d, e, ring_policy)
+    u = ulysses_kv_cache(S // R, U, b, h, hk, d, e, policy, rank=rank % U, dv=dv)
+    r = ring_kv_cache(S, R, b, max(hk, U) / U, d, e, ring_policy, dv=dv)
     return {"sent": u["sent"] + r["sent"], "saved": u["saved"] + r["saved"]}
 
 

@@ -96,8 +96,8 @@ def _agree(q, k, v, mask, causal, scale, bnsd, overlap_group, window, dropout, d
         s_local, b, h, d = q.shape
         S, hk = s_local * U * R, max(k.shape[2], U)  # KV heads after the Ulysses replication
         metas = (TensorMeta((s_local * U, b, h // U, d), q.dtype, q.requires_grad, q.device),
-                 TensorMeta((s_local * U, b, hk // U, d), k.dtype, k.requires_grad, k.device))
-        metas = metas + (metas[1],)
+                 TensorMeta((s_local * U, b, hk // U, d), k.dtype, k.requires_grad, k.device),
+                 TensorMeta((s_local * U, b, hk // U, v.shape[3]), v.dtype, v.requires_grad, v.device))
         if mask is not None and causal:
             problem = ("attention_mask was given with causal=True: pass causal=False for a general mask "
                        "(--attention-mask-type general), or no mask for causal")
@@ -137,7 +137,8 @@ def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, ulysses_group, ring_group,
                      ring_kv_cache_policy: Optional[str] = "same") -> Tensor:
     """Ulysses over ``ulysses_group`` around ring attention over ``ring_group``.
 
-    q ``[s/CP, b, h, d]``, k/v ``[s/CP, b, hk, d]`` -> ``[s/CP, b, h, d]``. ``attention_mask`` (general,
+    q ``[s/CP, b, h, d]``, k ``[s/CP, b, hk, d]``, v ``[s/CP, b, hk, dv]`` (MLA: ``dv`` its own) ->
+    ``[s/CP, b, h, dv]``. ``attention_mask`` (general,
     with ``causal=False``): bool ``[b|1, 1, s/CP, S]`` rows of this rank's tokens, or the full
     ``[b|1, 1, S, S]``; True = masked. The ring options (``bnsd``, ``overlap_group``, ``window``,
     ``kernel``, ``dead_rows``) apply at the ring level; ``dropout`` (:class:`mindspeed_cp.dropout.

@@ -5,8 +5,10 @@ Every backend has the same small interface, in the ``[b, n, s, d]`` layout ("bns
     out, lse = kernel.forward(q, k, v, scale=s, causal=c, mask=m)
     dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, scale=s, causal=c, mask=m)
 
-* ``q`` ``[b, n, sq, d]``, ``k``/``v`` ``[b, nk, sk, d]`` with ``n % nk == 0`` (GQA by shape: query head
-  ``h`` uses KV head ``h // (n // nk)``, Megatron's grouping).
+* ``q`` ``[b, n, sq, d]``, ``k`` ``[b, nk, sk, d]``, ``v`` ``[b, nk, sk, dv]`` with ``n % nk == 0`` (GQA by shape:
+  query head ``h`` uses KV head ``h // (n // nk)``, Megatron's grouping); ``out`` ``[b, n, sq, dv]``. The value head
+  size is its own (MLA: DeepSeek's ``d = 192``, ``dv = 128``); backends whose fused op wants one head size get zero
+  columns appended (:func:`same_head_size`), which changes no score, output or gradient.
 * ``causal``: top-left aligned (query ``i`` sees keys ``0..i``), meant for the square diagonal block.
 * ``mask``: bool, broadcastable to ``[b, n, sq, sk]`` (each of the first two dims 1 or full), True = masked
   (Megatron's convention).
@@ -49,7 +51,7 @@ Tensor = torch.Tensor
 
 __all__ = [
     "MathKernel", "TorchFusedKernel", "FlashAttnKernel", "NpuKernel", "get_kernel", "available_kernels",
-    "merge", "acc_dtype", "dead_rows", "KERNELS", "ROUTES",
+    "merge", "acc_dtype", "dead_rows", "same_head_size", "KERNELS", "ROUTES",
 ]
 
 # (kernel, "forward" | "backward", route taken, why not a faster one) -> calls, for every fused-kernel call
@@ -90,9 +92,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention kernels take [b, n, s, d] tensors, got q {list(q.shape)}, "
                          f"k {list(k.shape)}, v {list(v.shape)}")
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"attention kernel shapes do not fit: q {list(q.shape)} [b, n, sq, d], "
-                         f"k {list(k.shape)} and v {list(v.shape)} [b, nk, sk, d]")
+                         f"k {list(k.shape)} [b, nk, sk, d] and v {list(v.shape)} [b, nk, sk, dv]")
     if k.shape[1] < 1 or q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} are not a multiple of key/value heads {k.shape[1]}")
 
@@ -106,6 +108,29 @@ def _fold_kv_grad(dx: Tensor, nk: int) -> Tensor:
     # [b, nk*groups, s, d] -> [b, nk, s, d]: the replicated heads' gradients sum back
     b, n, s, d = dx.shape
     return dx if n == nk else dx.reshape(b, nk, n // nk, s, d).sum(2)
+
+
+def same_head_size(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """q/k/v with one head size for fused ops that want it: V gets zero columns up to ``d`` (``dv < d``, MLA), or
+    Q and K up to ``dv`` (``dv > d``). Exact: a zero column adds 0 to every score and its output column is 0.
+    The caller keeps ``out[..., :dv]`` and the gradients' first ``d`` / ``dv`` columns (:func:`_trim`)."""
+    d, dv = q.shape[-1], v.shape[-1]
+    if d == dv:
+        return q, k, v
+    if dv < d:
+        return q, k, torch.nn.functional.pad(v, (0, d - dv))
+    return torch.nn.functional.pad(q, (0, dv - d)), torch.nn.functional.pad(k, (0, dv - d)), v
+
+
+def _widen(x: Tensor, size: int) -> Tensor:
+    """``x`` [..., dv] with zero columns up to ``size`` (dout / out of a padded V)."""
+    return x if x.shape[-1] == size else torch.nn.functional.pad(x, (0, size - x.shape[-1]))
+
+
+def _trim(grads, d: int, dv: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv of a padded call cut back to the real head sizes."""
+    dq, dk, dvv = grads
+    return dq[..., :d], dk[..., :d], dvv[..., :dv]
 
 
 def _fix_dead(out: Tensor, lse: Tensor, dead: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -194,8 +219,8 @@ class MathKernel:
         kept = self._kept(dropout, p)
         if kept is not None:  # dropout on the normalised probabilities; the LSE stays the undropped one
             p = p * kept
-        out = torch.matmul(p, v.to(dt)[:, :, None])  # [b, nk, g, sq, d]
-        return out.reshape(b, n, sq, d), lse.reshape(b, n, sq)
+        out = torch.matmul(p, v.to(dt)[:, :, None])  # [b, nk, g, sq, dv]
+        return out.reshape(b, n, sq, v.shape[-1]), lse.reshape(b, n, sq)
 
     def backward(self, dout, q, k, v, out, lse, *, scale: float, causal: bool, mask: Optional[Tensor] = None,
                  dropout=None):
@@ -207,12 +232,12 @@ class MathKernel:
         s = self._scores(q, k, scale, causal, mask, dt)
         p = torch.exp(s - _safe_lse(lse.to(dt)).reshape(b, nk, g, sq, 1))  # [b, nk, g, sq, sk]
         kept = self._kept(dropout, p)
-        do5 = dout.to(dt).reshape(b, nk, g, sq, d)
-        dv = torch.matmul((p if kept is None else p * kept).transpose(-1, -2), do5).sum(2)  # [b, nk, sk, d]
+        do5 = dout.to(dt).reshape(b, nk, g, sq, v.shape[-1])
+        dv = torch.matmul((p if kept is None else p * kept).transpose(-1, -2), do5).sum(2)  # [b, nk, sk, dv]
         dp = torch.matmul(do5, v.to(dt)[:, :, None].transpose(-1, -2))
         if kept is not None:  # d(out)/d(p) goes through the same mask; delta = rowsum(dO * O) already has it
             dp = dp * kept
-        delta = (do5 * out.to(dt).reshape(b, nk, g, sq, d)).sum(-1, keepdim=True)  # rowsum(dO * O)
+        delta = (do5 * out.to(dt).reshape(do5.shape)).sum(-1, keepdim=True)  # rowsum(dO * O)
         ds = p * (dp - delta) * scale
         dq = torch.matmul(ds, k.to(dt)[:, :, None]).reshape(b, n, sq, d)
         dk = torch.matmul(ds.transpose(-1, -2), q.to(dt).reshape(b, nk, g, sq, d)).sum(2)
@@ -247,12 +272,13 @@ class TorchFusedKernel:
         self._eff_bwd = getattr(aten, "_scaled_dot_product_efficient_attention_backward", None)
         self.broken: Dict[str, str] = {}  # route -> the error that disabled it
 
-    def _route(self, phase: str, q: Tensor, causal: bool, sq: int, sk: int, mask, dropout) -> str:
-        route, reason = self._choose(phase, q, causal, sq, sk, mask, dropout)
+    def _route(self, phase: str, q: Tensor, causal: bool, sq: int, sk: int, mask, dropout, dv: int) -> str:
+        route, reason = self._choose(phase, q, causal, sq, sk, mask, dropout, max(q.shape[-1], dv))
         ROUTES[(self.name, phase, route, reason)] += 1
         return route
 
-    def _choose(self, phase, q, causal, sq, sk, mask, dropout) -> Tuple[str, str]:
+    def _choose(self, phase, q, causal, sq, sk, mask, dropout, d: int) -> Tuple[str, str]:
+        """(route, why not a faster one); ``d``: the head size the fused op sees (:func:`same_head_size`)."""
         if dropout is not None and dropout.p > 0:
             return "math", "dropout (reproducible masks)"
         dev = q.device.type
@@ -265,7 +291,6 @@ class TorchFusedKernel:
         eff_ok = (self._eff is not None and self._eff_bwd is not None and "efficient" not in self.broken
                   and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and (not causal or sq == sk))
         if phase == "forward" and self._flash is not None and "flash" not in self.broken:
-            d = q.shape[-1]
             why = ("mask" if mask is not None else "dtype" if q.dtype not in (torch.float16, torch.bfloat16)
                    else "head dim" if d % 8 or d > 256 else "pre-sm80" if _sm(q.device) < 80 else "")
             if not why:
@@ -302,64 +327,69 @@ class TorchFusedKernel:
     def forward(self, q, k, v, *, scale: float, causal: bool, mask: Optional[Tensor] = None, dropout=None):
         _check(q, k, v)
         sq, sk = q.shape[2], k.shape[2]
-        route = self._route("forward", q, causal, sq, sk, mask, dropout)
-        res = None
-        if route != "math":
-            # a non-finite key would reach masked rows through the additive bias (NaN + -inf = NaN), a non-finite
-            # value through a masked probability (0 x inf = NaN): compute with zeros there, then give NaN exactly to
-            # the rows that see it (_poison), as dense attention does. Measured on torch's CPU op: its own causal
-            # mask never lets a key through, and without any mask every row sees every key.
-            k_in, v_in = k, v
-            if mask is not None or route != "cpu":
-                k = _finite(k)
-            if mask is not None or causal or route != "cpu":
-                v = _finite(v)
-        if route == "cpu":
-            res = self._try("cpu", lambda: self._cpu(q, k, v, 0.0, causal, attn_mask=self._bias(mask, q.dtype, sq, sk),
-                                                     scale=scale)[:2])
-        elif route in ("flash", "efficient"):  # no native GQA on CUDA: KV expanded per block
-            g = q.shape[1] // k.shape[1]
-            kx, vx = _expand_kv(k, g), _expand_kv(v, g)
-            if route == "flash":
-                res = self._try("flash", lambda: self._flash(q, kx, vx, 0.0, causal, False, scale=scale)[:2])
-            if res is None:
-                res = self._try("efficient", lambda: self._eff(q, kx, vx, self._cuda_bias(mask, q, sq, sk), True, 0.0,
-                                                               causal, scale=scale)[:2])
+        route = self._route("forward", q, causal, sq, sk, mask, dropout, v.shape[-1])
+        res = None if route == "math" else self._fused_forward(route, q, k, v, scale, causal, mask)
         if res is None:
             return self.fallback.forward(q, k, v, scale=scale, causal=causal, mask=mask, dropout=dropout)
         out, lse = res
         lse = lse[..., :sq]  # some kernels pad the LSE rows
-        out, lse = _fix_dead(out, lse.to(acc_dtype(q.dtype)), dead_rows(mask, causal, sq, sk))
-        return _poison(out, lse, q, k_in, v_in, causal, mask)
+        out, lse = _fix_dead(out[..., :v.shape[-1]], lse.to(acc_dtype(q.dtype)), dead_rows(mask, causal, sq, sk))
+        return _poison(out, lse, q, k, v, causal, mask)
+
+    def _fused_forward(self, route: str, q, k, v, scale: float, causal: bool, mask) -> Optional[Tuple[Tensor, Tensor]]:
+        """(out, lse) of a fused route (out possibly with padded value columns), or None when the op failed."""
+        sq, sk = q.shape[2], k.shape[2]
+        # a non-finite key would reach masked rows through the additive bias (NaN + -inf = NaN), a non-finite
+        # value through a masked probability (0 x inf = NaN): compute with zeros there, then give NaN exactly to
+        # the rows that see it (_poison), as dense attention does. Measured on torch's CPU op: its own causal
+        # mask never lets a key through, and without any mask every row sees every key.
+        if mask is not None or route != "cpu":
+            k = _finite(k)
+        if mask is not None or causal or route != "cpu":
+            v = _finite(v)
+        q, k, v = same_head_size(q, k, v)
+        if route == "cpu":
+            return self._try("cpu", lambda: self._cpu(q, k, v, 0.0, causal, attn_mask=self._bias(mask, q.dtype, sq, sk),
+                                                      scale=scale)[:2])
+        g = q.shape[1] // k.shape[1]  # no native GQA on CUDA: KV expanded per block
+        kx, vx = _expand_kv(k, g), _expand_kv(v, g)
+        res = self._try("flash", lambda: self._flash(q, kx, vx, 0.0, causal, False, scale=scale)[:2]) \
+            if route == "flash" else None
+        if res is None:
+            res = self._try("efficient", lambda: self._eff(q, kx, vx, self._cuda_bias(mask, q, sq, sk), True, 0.0,
+                                                           causal, scale=scale)[:2])
+        return res
 
     def backward(self, dout, q, k, v, out, lse, *, scale: float, causal: bool, mask: Optional[Tensor] = None,
                  dropout=None):
         _check(q, k, v)
-        sq, sk = q.shape[2], k.shape[2]
-        route = self._route("backward", q, causal, sq, sk, mask, dropout)
-        res = None
-        dout_, out_ = dout.to(q.dtype), out.to(q.dtype)
-        if route == "cpu":
-            lse_ = lse.to(acc_dtype(q.dtype))
-            lse_ = (lse_ if mask is None else _safe_lse(lse_)).contiguous()  # only a mask empties a row (-inf)
-            res = self._try("cpu", lambda: self._cpu_bwd(dout_, q, k, v, out_, lse_, 0.0, causal,
-                                                         attn_mask=self._bias(mask, q.dtype, sq, sk), scale=scale))
-        elif route == "efficient":
-            nk, g = k.shape[1], q.shape[1] // k.shape[1]
-            lse_ = _safe_lse(lse.float())
-            pad = -(-sq // 32) * 32 - sq  # the efficient kernel's LSE has rows padded to 32
-            if pad:
-                lse_ = torch.nn.functional.pad(lse_, (0, pad), value=math.inf)
-            seed = torch.zeros((), dtype=torch.int64, device=q.device)
-            grads = self._try("efficient", lambda: self._eff_bwd(
-                dout_, q, _expand_kv(k, g), _expand_kv(v, g), self._cuda_bias(mask, q, sq, sk), out_,
-                lse_.contiguous(), seed, seed, 0.0, [True, True, True, False], causal, scale=scale))
-            if grads is not None:
-                res = grads[0], _fold_kv_grad(grads[1], nk), _fold_kv_grad(grads[2], nk)
+        route = self._route("backward", q, causal, q.shape[2], k.shape[2], mask, dropout, v.shape[-1])
+        res = None if route == "math" else self._fused_backward(route, dout, q, k, v, out, lse, scale, causal, mask)
         if res is None:
             return self.fallback.backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask,
                                           dropout=dropout)
-        return res[0], res[1], res[2]
+        return _trim(res, q.shape[-1], v.shape[-1])
+
+    def _fused_backward(self, route: str, dout, q, k, v, out, lse, scale: float, causal: bool, mask):
+        """dq, dk, dv of a fused route (padded head sizes, see :func:`same_head_size`), or None when it failed."""
+        sq, sk = q.shape[2], k.shape[2]
+        q, k, v = same_head_size(q, k, v)
+        dout_, out_ = _widen(dout.to(q.dtype), v.shape[-1]), _widen(out.to(q.dtype), v.shape[-1])
+        if route == "cpu":
+            lse_ = lse.to(acc_dtype(q.dtype))
+            lse_ = (lse_ if mask is None else _safe_lse(lse_)).contiguous()  # only a mask empties a row (-inf)
+            return self._try("cpu", lambda: self._cpu_bwd(dout_, q, k, v, out_, lse_, 0.0, causal,
+                                                          attn_mask=self._bias(mask, q.dtype, sq, sk), scale=scale))
+        nk, g = k.shape[1], q.shape[1] // k.shape[1]
+        lse_ = _safe_lse(lse.float())
+        pad = -(-sq // 32) * 32 - sq  # the efficient kernel's LSE has rows padded to 32
+        if pad:
+            lse_ = torch.nn.functional.pad(lse_, (0, pad), value=math.inf)
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        grads = self._try("efficient", lambda: self._eff_bwd(
+            dout_, q, _expand_kv(k, g), _expand_kv(v, g), self._cuda_bias(mask, q, sq, sk), out_,
+            lse_.contiguous(), seed, seed, 0.0, [True, True, True, False], causal, scale=scale))
+        return None if grads is None else (grads[0], _fold_kv_grad(grads[1], nk), _fold_kv_grad(grads[2], nk))
 
 
 def _sm(device) -> int:
@@ -393,13 +423,16 @@ class FlashAttnKernel:
                                 "alibi_slopes", "deterministic", "rng_state"}
 
     @staticmethod
-    def _ok(q: Tensor, causal: bool, sq: int, sk: int, mask, dropout) -> bool:
+    def _ok(q: Tensor, v: Tensor, causal: bool, mask, dropout) -> bool:
+        """flash-attn's fast path: fp16/bf16 CUDA, no mask, square causal blocks, one head size (its 2.x kernels;
+        MLA's separate value head size goes to torch's kernels)."""
         return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and mask is None
-                and (not causal or sq == sk) and (dropout is None or dropout.p == 0))
+                and (not causal or q.shape[2] == v.shape[2]) and (dropout is None or dropout.p == 0)
+                and q.shape[-1] == v.shape[-1])
 
     def forward(self, q, k, v, *, scale: float, causal: bool, mask: Optional[Tensor] = None, dropout=None):
         _check(q, k, v)
-        if not self._ok(q, causal, q.shape[2], k.shape[2], mask, dropout):
+        if not self._ok(q, v, causal, mask, dropout):
             return self.fallback.forward(q, k, v, scale=scale, causal=causal, mask=mask, dropout=dropout)
         t = lambda x: x.transpose(1, 2)  # noqa: E731  [b, n, s, d] <-> [b, s, n, d]
         out, lse, _ = self._iface.flash_attn_func(t(q), t(k), t(v), 0.0, softmax_scale=scale, causal=causal,
@@ -409,7 +442,7 @@ class FlashAttnKernel:
     def backward(self, dout, q, k, v, out, lse, *, scale: float, causal: bool, mask: Optional[Tensor] = None,
                  dropout=None):
         _check(q, k, v)
-        if not self._ok(q, causal, q.shape[2], k.shape[2], mask, dropout):
+        if not self._ok(q, v, causal, mask, dropout):
             return self.fallback.backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask,
                                           dropout=dropout)
         t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731
@@ -451,10 +484,11 @@ class NpuKernel:
         if q.device.type != "npu" or (dropout is not None and dropout.p > 0):
             return self.fallback.forward(q, k, v, scale=scale, causal=causal, mask=mask, dropout=dropout)
         m = self._mask(mask, causal, q.shape[2], k.shape[2], q.device)
-        res = self._npu.npu_fusion_attention(q, k, v, q.shape[1], "BNSD", atten_mask=m, scale=scale,
+        qp, kp, vp = same_head_size(q, k, v)
+        res = self._npu.npu_fusion_attention(qp, kp, vp, q.shape[1], "BNSD", atten_mask=m, scale=scale,
                                              keep_prob=1.0, pre_tockens=self._FULL, next_tockens=self._FULL,
                                              sparse_mode=0)
-        out, smax, ssum = res[0], res[1], res[2]
+        out, smax, ssum = res[0][..., :v.shape[-1]], res[1], res[2]
         lse = (smax[..., 0] + torch.log(ssum[..., 0])).float()
         return _fix_dead(out, lse, dead_rows(mask, causal, q.shape[2], k.shape[2]))
 
@@ -467,11 +501,13 @@ class NpuKernel:
         m = self._mask(mask, causal, q.shape[2], k.shape[2], q.device)
         smax = _safe_lse(lse.float())[..., None].expand(*lse.shape, 8).contiguous()
         ssum = torch.ones_like(smax)
+        qp, kp, vp = same_head_size(q, k, v)
+        width = vp.shape[-1]
         res = self._npu.npu_fusion_attention_grad(
-            q, k, v, dout.to(q.dtype), q.shape[1], "BNSD", atten_mask=m, softmax_max=smax, softmax_sum=ssum,
-            attention_in=out.to(q.dtype), scale_value=scale, keep_prob=1.0, pre_tockens=self._FULL,
-            next_tockens=self._FULL, sparse_mode=0)
-        return res[0], res[1], res[2]
+            qp, kp, vp, _widen(dout.to(q.dtype), width), q.shape[1], "BNSD", atten_mask=m, softmax_max=smax,
+            softmax_sum=ssum, attention_in=_widen(out.to(q.dtype), width), scale_value=scale, keep_prob=1.0,
+            pre_tockens=self._FULL, next_tockens=self._FULL, sparse_mode=0)
+        return _trim(res[:3], q.shape[-1], v.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------- selection

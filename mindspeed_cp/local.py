@@ -1,6 +1,6 @@
 """Attention over a whole local sequence with the plugin's kernels: what Ulysses runs after its all-to-all.
 
-    out = local_attention(q, k, v, causal=True)       # q [s, b, n, d], k/v [s, b, nk, d] -> out [s, b, n, d]
+    out = local_attention(q, k, v, causal=True)   # q [s, b, n, d], k [s, b, nk, d], v [s, b, nk, dv] -> [s, b, n, dv]
 
 The same shape as the ring (forward, backward, autograd.Function, a thin wrapper), on one rank: the kernels
 of :mod:`mindspeed_cp.kernels` (causal, general mask, GQA by shape, dropout from :mod:`mindspeed_cp.dropout`),
@@ -111,8 +111,8 @@ def add_uniform_grad(dv: Tensor, dout: Tensor, dead: Optional[Tensor], keys: int
 
 # ------------------------------------------------------------------------------------------ forward / backward
 def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-    """q/k/v ``[b, n|nk, s, d]`` -> out ``[b, n, s, d]`` and lse ``[b, n, s]`` (float32/float64)."""
-    b, n, s, d = q.shape
+    """q/k ``[b, n|nk, s, d]``, v ``[b, nk, s, dv]`` -> out ``[b, n, s, dv]`` and lse ``[b, n, s]`` (float32/64)."""
+    b, n, s, d = q.shape[:3] + v.shape[3:]
     if plan.tile is None:
         args = plan.block_args(slice(None), slice(None), s, q.device)
         record("forward", b * n, s, s, plan.causal, args["mask"])
@@ -177,7 +177,8 @@ class LocalAttentionFunction(torch.autograd.Function):
 def local_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, attention_mask: Optional[Tensor] = None,
                     softmax_scale: Optional[float] = None, dropout=None, kernel=None, tile: Optional[int] = None,
                     dead_rows: str = "zero", documents=None) -> Tensor:
-    """Attention of ``q`` ``[s, b, n, d]`` over ``k``/``v`` ``[s, b, nk, d]`` (``n % nk == 0``) -> ``[s, b, n, d]``.
+    """Attention of ``q`` ``[s, b, n, d]`` over ``k`` ``[s, b, nk, d]`` / ``v`` ``[s, b, nk, dv]`` (``n % nk == 0``;
+    MLA: ``dv`` its own) -> ``[s, b, n, dv]``.
 
     ``causal``: query i sees keys 0..i. ``attention_mask``: bool ``[b|1, n|1, s, s]``, True = masked (with
     ``causal`` both apply). ``dropout``: a :class:`mindspeed_cp.dropout.AttentionDropout` (positions are
@@ -187,9 +188,10 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, att
     :class:`mindspeed_cp.packing.Documents` whose whole (padded) sequence this is, in its rank order (what the
     Ulysses all-to-all assembles): document-causal attention, each tile's mask built from document ids.
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0]:
-        raise ValueError(f"local_attention takes q [s, b, n, d] and k, v [s, b, nk, d] of the same s, got "
-                         f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
+    if (q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]
+            or q.shape[3] != k.shape[3]):
+        raise ValueError(f"local_attention takes q [s, b, n, d], k [s, b, nk, d] and v [s, b, nk, dv] of the same s, "
+                         f"got q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
     if dead_rows not in DEAD_ROWS:
         raise ValueError(f"dead_rows must be one of {DEAD_ROWS}, got {dead_rows!r}")
     s = q.shape[0]

@@ -157,6 +157,11 @@ for _patch in (
           wrap(attention.core_attention_forward),
           "TE spec: run the configured algorithm around (or instead of) TE's attention (untested here)",
           when=_te_available, when_doc="Transformer Engine importable"),
+    Patch("megatron.core.transformer.multi_latent_attention.HAVE_TE", replace(False),
+          "without Transformer Engine megatron-core stands in mocks for TE's classes, so MLA believes TE is there and "
+          "its constructor fails on isinstance(linear_proj, TELinear): MLA with the local spec must see no TE",
+          when=lambda: not _te_available(), when_doc="Transformer Engine not importable",
+          versions="0.16+ (the mocks), a no-op where the flag is already False"),
     Patch("megatron.core.tensor_parallel.random.model_parallel_cuda_manual_seed",
           wrap(attention.model_parallel_cuda_manual_seed),
           "also seed one attention-dropout stream per CP rank for the Ulysses level (Megatron's stream is seeded "
@@ -170,6 +175,11 @@ for _patch in (
           "packed THD batches (cu_seqlens): the per-document layout of every algorithm instead of TE's "
           "(Megatron's needs TE for CP > 1), the same PackedSeqParams back; in place, as above", inplace=True,
           versions="0.16 - 0.17 (absent before; 0.18 removed it)"),
+    Patch("megatron.core.transformer.multi_token_prediction.roll_tensor", wrap(batch.roll_tensor),
+          "multi-token prediction shifts tokens, labels, loss mask and positions one position left; Megatron's CP "
+          "shift assumes its zigzag (wrong at every shard boundary of Ulysses and Hybrid, and before 0.14 it did not "
+          "cross ranks at all): shift by global position under every layout (one value per boundary), and count the "
+          "MTP loss tokens over the CP group", versions="all (cp_group from 0.14, packed_seq_params from 0.16)"),
     Patch("megatron.core.models.common.embeddings.rope_utils.get_pos_emb_on_this_cp_rank",
           replace(batch.get_pos_emb_on_this_cp_rank),
           "RoPE positions of the tokens this rank holds, for every algorithm (Megatron's is zigzag only, and "

@@ -114,8 +114,9 @@ class Documents:
         self.source = torch.tensor(source, dtype=torch.long)  # [b, T] original position, -1 for a pad
         self.order = torch.tensor(order, dtype=torch.long)  # [b, T] padded positions in rank order
         self.inside = torch.tensor(inside, dtype=torch.long)  # [b, T] position inside its document (pads count on)
-        self._host = (self.ids, self.order)  # CPU copies for planning (spans), whatever device .to() moves to
-        self._rope, self._spans = {}, {}
+        # CPU copies for planning (spans, the MTP shift), whatever device .to() moves to
+        self._host = (self.ids, self.order, self.source)
+        self._rope, self._spans, self._shifts = {}, {}, {}
 
     def _order(self, row_pad: List[int]) -> List[int]:
         """Padded positions in CP rank order: ring position j's tokens (chunks j and 2R-1-j of every document),
@@ -212,7 +213,7 @@ class Documents:
         the CPU copies, once per batch and (qj, kj, tile) - cached, never per layer."""
         key = (qj, kj, tile)
         if key not in self._spans:
-            ids, order = self._host
+            ids, order, _ = self._host
             n = self.padded_len // self.ring
             qpos, kpos = order[:, qj * n:(qj + 1) * n], order[:, kj * n:(kj + 1) * n]  # each increasing
             nt, D = -(-n // tile), int(ids.max()) + 1
@@ -233,6 +234,26 @@ class Documents:
                 last = torch.maximum(last, torch.where(hit, start[:-1] + seen - 1, -1).amax(1))
             self._spans[key] = [(a, e + 1) if e >= 0 else None for a, e in zip(first.tolist(), last.tolist())]
         return self._spans[key]
+
+    def shift_plan(self, rank: int, within_documents: bool):
+        """The :class:`mindspeed_cp.shift.ShiftPlan` of ``rank`` (cached): the one-position shift of multi-token
+        prediction by original position, pads taking 0. ``within_documents``: every document's last token takes 0
+        too (megatron-core's THD shift); else the shift runs through the whole sample (its ``[b, S]`` shift).
+        Every sample must share the layout (Ring/Hybrid refuse different documents per sample; Ulysses keeps the
+        order)."""
+        from .shift import plan_shift
+
+        key = (rank, within_documents)
+        if key not in self._shifts:
+            _, order, source = self._host
+            if bool((order != order[:1]).any()) or bool((source != source[:1]).any()):
+                raise ValueError("multi-token prediction with packed documents: the samples of the micro-batch are "
+                                 "laid out differently; use --micro-batch-size 1")
+            n = [self.local_len(q) for q in range(self.cp)]
+            ranks = torch.split(source[0].gather(0, order[0]), n)  # original position of every rank's tokens
+            ends = torch.tensor(self.lengths[0]).cumsum(0) - 1 if within_documents else None
+            self._shifts[key] = plan_shift(list(ranks), rank, self.seq_len, ends)
+        return self._shifts[key]
 
     # ------------------------------------------------------------------ masks, one block at a time
     def block_mask(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:

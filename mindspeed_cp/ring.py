@@ -239,8 +239,9 @@ def _problem(sig: List[int], P: int, window_info: dict) -> Optional[str]:
     if not q[7] == k[7] == v[7] or (m[0] >= 0 and m[7] != q[7]):
         return "q, k, v and attention_mask must be on one device"
     s, b, n, d = q[1:5]
-    if k[1:5] != v[1:5] or k[1] != s or k[2] != b or k[4] != d:
-        return "k and v must be [s_local, b, kv_heads, head_dim] with q's s_local, b and head_dim"
+    if k[1:4] != v[1:4] or k[1] != s or k[2] != b or k[4] != d or v[4] < 1:
+        return ("k must be [s_local, b, kv_heads, head_dim] with q's s_local, b and head_dim, and v "
+                "[s_local, b, kv_heads, v_head_dim] (v_head_dim may differ: MLA)")
     if min(s, b, n, d) < 1:
         return (f"q is [{s}, {b}, {n}, {d}]: every ring rank needs a non-empty shard (s_local >= 2 for the "
                 f"zigzag layout, batch, heads and head_dim >= 1)")
@@ -351,8 +352,9 @@ class _Plan:
     """Everything fixed for one call: ring geometry, exchangers, kernel, mask blocks."""
 
     def __init__(self, *, P, r, window, ring_group, overlap_group, causal, bnsd, scale, kernel, masks,
-                 dropout=None, dead="zero", seq_len=0, device=None, kv_cache_policy=None):
+                 dropout=None, dead="zero", seq_len=0, device=None, kv_cache_policy=None, pair=None):
         self.kv_cache = kv_cache_policy  # None | "full" | "half": what forward keeps of the received blocks
+        self.pair: KVPair = pair  # how K and V travel
         self.P, self.r, self.causal, self.bnsd, self.scale, self.kernel, self.masks = \
             P, r, causal, bnsd, scale, kernel, masks
         self.dropout, self.seq_len = dropout, seq_len
@@ -424,19 +426,52 @@ class _Plan:
             first = False
 
 
-def _pack_kv(k: Tensor, v: Tensor, bnsd: bool) -> Tensor:
-    # KV as it travels: [2, b, hk, s, d] (bnsd) or [2, s, b, hk, d]
-    if not bnsd:
-        return torch.stack((k, v))
-    kv = k.new_empty((2,) + tuple(_bnsd(k).shape))
-    kv[0].copy_(_bnsd(k))
-    kv[1].copy_(_bnsd(v))
-    return kv
+class KVPair:
+    """K and V as they travel around the ring: one flat buffer, K's elements then V's, each in the travel layout
+    (``[s, b, hk, d]``, or ``[b, hk, s, d]`` with ``bnsd``); V has its own head size (MLA: ``d_v != d``). dK/dV
+    accumulators use the same layout, and the KV-cache policies keep parts of it (``half``: the K part)."""
 
+    def __init__(self, k_shape, v_shape, bnsd: bool) -> None:
+        order = (1, 2, 0, 3) if bnsd else (0, 1, 2, 3)
+        self.bnsd = bnsd
+        self.k_shape = tuple(k_shape[i] for i in order)
+        self.v_shape = tuple(v_shape[i] for i in order)
+        self.nk = math.prod(self.k_shape)
+        self.numel = self.nk + math.prod(self.v_shape)
 
-def _kv_views(kv: Tensor, bnsd: bool) -> Tuple[Tensor, Tensor]:
-    # travel layout -> ([b, hk, s, d], [b, hk, s, d]) views
-    return (kv[0], kv[1]) if bnsd else (_bnsd(kv[0]), _bnsd(kv[1]))
+    def empty(self, dtype, device) -> Tensor:
+        return torch.empty(self.numel, dtype=dtype, device=device)
+
+    def pack(self, k: Tensor, v: Tensor) -> Tensor:
+        """``[s, b, hk, d]`` K and ``[s, b, hk, dv]`` V -> the flat travel buffer (one copy of each)."""
+        buf = self.empty(k.dtype, k.device)
+        self.k_part(buf).view(self.k_shape).copy_(_bnsd(k) if self.bnsd else k)
+        self.v_part(buf).view(self.v_shape).copy_(_bnsd(v) if self.bnsd else v)
+        return buf
+
+    def k_part(self, buf: Tensor) -> Tensor:
+        return buf[:self.nk]
+
+    def v_part(self, buf: Tensor) -> Tensor:
+        return buf[self.nk:]
+
+    def k_view(self, part: Tensor) -> Tensor:
+        """A K part (flat) -> its ``[b, hk, s, d]`` view."""
+        x = part.view(self.k_shape)
+        return x if self.bnsd else _bnsd(x)
+
+    def v_view(self, part: Tensor) -> Tensor:
+        x = part.view(self.v_shape)
+        return x if self.bnsd else _bnsd(x)
+
+    def views(self, buf: Tensor) -> Tuple[Tensor, Tensor]:
+        """The buffer -> (K ``[b, hk, s, d]``, V ``[b, hk, s, dv]``) views."""
+        return self.k_view(self.k_part(buf)), self.v_view(self.v_part(buf))
+
+    def unpack(self, buf: Tensor) -> Tuple[Tensor, Tensor]:
+        """The buffer -> (K ``[s, b, hk, d]``, V ``[s, b, hk, dv]``) views."""
+        k, v = self.views(buf)
+        return _sbhd(k), _sbhd(v)
 
 
 def _as_bnsd(x: Tensor, bnsd: bool) -> Tensor:
@@ -451,7 +486,7 @@ def _forward_block(plan: _Plan, qb: Tensor, kv: Tensor, j: int, out: Tensor, lse
     if blk is None:
         _record_skip("forward")
         return
-    kb, vb = _kv_views(kv, plan.bnsd)
+    kb, vb = plan.pair.views(kv)
     for rows, cols, causal, mask, first in plan.tiles(blk, j, qb.shape[2], "forward"):
         q_, k_ = qb[:, :, rows], kb[:, :, cols]
         _record("forward", q_.shape[0] * q_.shape[1], q_.shape[2], k_.shape[2], causal, mask, first)
@@ -469,13 +504,13 @@ def _keep(plan: _Plan, kv: Tensor, kept: List[Tensor]) -> None:
     if plan.kv_cache == "full":
         kept.append(kv)
     elif plan.kv_cache == "half":
-        kept.append(kv[0].clone())  # K alone: the clone lets V's half of the buffer go
+        kept.append(plan.pair.k_part(kv).clone())  # K alone: the clone lets V's part of the buffer go
 
 
 def _ring_forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, List[Tensor]]:
-    """q/k/v ``[s, b, n|hk, d]`` -> out ``[b, n, s, d]``, lse ``[b, n, s]`` (float32/float64) and the received
-    blocks the KV-cache policy keeps, in the order they were met."""
-    s, b, n, d = q.shape
+    """q/k ``[s, b, n|hk, d]``, v ``[s, b, hk, dv]`` -> out ``[b, n, s, dv]``, lse ``[b, n, s]`` (float32/float64)
+    and the received blocks the KV-cache policy keeps, in the order they were met."""
+    s, b, n, d = q.shape[:3] + v.shape[3:]
     dt = acc_dtype(q.dtype)
     qb = _as_bnsd(q, plan.bnsd)
     out = torch.empty((b, n, s, d), dtype=dt, device=q.device)
@@ -484,7 +519,7 @@ def _ring_forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor,
     if not fresh:  # masked blocks are tiled and may be skipped: start from the empty merge
         out.zero_()
         lse.fill_(-math.inf)
-    outer_kv = _pack_kv(k, v, plan.bnsd)
+    outer_kv = plan.pair.pack(k, v)
     v_sum = None if plan.dead is None else torch.zeros((b, k.shape[2], d), dtype=dt, device=q.device)
     kept: List[Tensor] = []
     for o in range(plan.W):
@@ -498,7 +533,7 @@ def _ring_forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor,
                 _keep(plan, kv, kept)
             _forward_block(plan, qb, kv, plan.owner(o, i), out, lse, fresh and o == 0 and i == 0)
             if v_sum is not None:  # every KV block passes by, computed or skipped
-                v_sum += _kv_views(kv, plan.bnsd)[1].sum(2)
+                v_sum += plan.pair.views(kv)[1].sum(2)
             if not last:
                 kv = inner_next.wait()
         if not last_outer:
@@ -515,7 +550,7 @@ def _backward_block(plan: _Plan, qb, dob, ob, lse, kb, vb, j: int, dq: Tensor, d
         _record_skip("backward")
         dkv.zero_()
         return
-    dk, dv = _kv_views(dkv, plan.bnsd)
+    dk, dv = plan.pair.views(dkv)
     tiles = list(plan.tiles(blk, j, qb.shape[2], "backward"))
     whole = len(tiles) == 1 and tiles[0][1] == slice(None)
     if not whole:
@@ -568,18 +603,18 @@ class _BackwardKV:
     (``"half"``: V travels). ``travelling`` is what one hop sends (None: nothing)."""
 
     def __init__(self, plan: _Plan, k: Tensor, v: Tensor, kept: List[Tensor]) -> None:
-        self.plan, self.own, self.kept = plan, _pack_kv(k, v, plan.bnsd), iter(kept)
-        self.travelling = {None: self.own, "half": self.own[1], "full": None}[plan.kv_cache]
+        self.plan, self.own, self.kept = plan, plan.pair.pack(k, v), iter(kept)
+        self.travelling = {None: self.own, "half": plan.pair.v_part(self.own), "full": None}[plan.kv_cache]
 
     def block(self, step: int, travelling: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        """(K, V) ``[b, hk, s, d]`` views of the block at (global) ``step``, ``travelling`` as it arrived."""
-        bnsd, policy = self.plan.bnsd, self.plan.kv_cache
+        """(K ``[b, hk, s, d]``, V ``[b, hk, s, dv]``) views of the block at (global) ``step``, ``travelling`` as it
+        arrived."""
+        pair, policy = self.plan.pair, self.plan.kv_cache
         if step == 0 or policy is None:
-            return _kv_views(self.own if step == 0 else travelling, bnsd)
+            return pair.views(self.own if step == 0 else travelling)
         if policy == "full":
-            return _kv_views(next(self.kept), bnsd)
-        k = next(self.kept)
-        return (k, travelling) if bnsd else (_bnsd(k), _bnsd(travelling))
+            return pair.views(next(self.kept))
+        return pair.k_view(next(self.kept)), pair.v_view(travelling)
 
 
 def _inner_backward(plan: _Plan, o: int, travelling, source: _BackwardKV, qb, dob, ob, lse, dq: Tensor) -> Tensor:
@@ -591,9 +626,9 @@ def _inner_backward(plan: _Plan, o: int, travelling, source: _BackwardKV, qb, do
         last = i == plan.K - 1
         nxt = plan.inner.start(travelling, "ring_kv") if moves and not last else None
         kb, vb = source.block(o * plan.K + i, travelling)
-        grad = torch.empty(source.own.shape, dtype=dq.dtype, device=dq.device)  # _backward_block writes all of it
+        grad = plan.pair.empty(dq.dtype, dq.device)  # _backward_block writes all of it
         _backward_block(plan, qb, dob, ob, lse, kb, vb, plan.owner(o, i), dq, grad)
-        add_uniform_grad(_kv_views(grad, plan.bnsd)[1], dob, plan.dead, plan.seq_len)
+        add_uniform_grad(plan.pair.views(grad)[1], dob, plan.dead, plan.seq_len)
         trail.add(i, grad)
         if nxt is not None:
             travelling = nxt.wait()
@@ -602,7 +637,7 @@ def _inner_backward(plan: _Plan, o: int, travelling, source: _BackwardKV, qb, do
 
 def _ring_backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    kept: List[Tensor]):
-    """-> dq ``[b, n, s, d]`` and dkv (travel layout), both float32/float64."""
+    """-> dq ``[b, n, s, d]`` and dK/dV (a :class:`KVPair` buffer), both float32/float64."""
     s, b, n, d = q.shape
     qb, dob, ob = (_as_bnsd(t, plan.bnsd) for t in (q, dout, out))
     dq = torch.zeros((b, n, s, d), dtype=lse.dtype, device=q.device)
@@ -626,7 +661,7 @@ class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan):
         out, lse, kept = _ring_forward(plan, q, k, v)
-        out = _sbhd(out).to(q.dtype).contiguous()  # [b, n, s, d] -> [s, b, n, d], once
+        out = _sbhd(out).to(q.dtype).contiguous()  # [b, n, s, dv] -> [s, b, n, dv], once
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, out, lse, *kept)  # kept blocks: autograd's own bookkeeping and hooks
         return out
@@ -637,8 +672,8 @@ class RingAttentionFunction(torch.autograd.Function):
         plan = ctx.plan
         dq, dkv = _ring_backward(plan, dout, q, k, v, out, lse, kept)
         dq = _sbhd(dq).to(q.dtype).contiguous()
-        dk, dv = (x.to(k.dtype) for x in ((_sbhd(dkv[0]), _sbhd(dkv[1])) if plan.bnsd else (dkv[0], dkv[1])))
-        return dq, dk.contiguous(), dv.contiguous(), None
+        dk, dv = (x.to(k.dtype).contiguous() for x in plan.pair.unpack(dkv))
+        return dq, dk, dv, None
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, ring_group=None, *, causal: bool = True,
@@ -648,7 +683,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, ring_group=None, *, causal: 
                    agree_group=None, documents=None, kv_cache_policy: Optional[str] = None) -> Tensor:
     """Attention over the sequence shared by the ranks of ``ring_group`` (zigzag layout).
 
-    q ``[s_local, b, n, d]``, k/v ``[s_local, b, nk, d]`` (``n % nk == 0``) -> out ``[s_local, b, n, d]``.
+    q ``[s_local, b, n, d]``, k ``[s_local, b, nk, d]``, v ``[s_local, b, nk, dv]`` (``n % nk == 0``; MLA: ``dv``
+    its own) -> out ``[s_local, b, n, dv]``.
     ``ring_group``: the ring (None = the default group), ranks in ring order. ``causal``: zigzag causal;
     ``attention_mask`` (with ``causal=False``): bool ``[b|1, n|1, s_local|S, S]``, True = masked.
     ``softmax_scale``: default ``1/sqrt(d)``. ``bnsd``: compute in ``[b, n, s, d]`` (converted once).
@@ -683,5 +719,6 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, ring_group=None, *, causal: 
     plan = _Plan(P=P, r=r, window=window, ring_group=ring_group, overlap_group=overlap_group,
                  causal=causal and attention_mask is None, bnsd=bnsd, scale=scale,
                  kernel=get_kernel(kernel, q.device), masks=masks, dropout=dropout, dead=dead_rows,
-                 seq_len=s_local * P, device=q.device, kv_cache_policy=kv_cache_policy)
+                 seq_len=s_local * P, device=q.device, kv_cache_policy=kv_cache_policy,
+                 pair=KVPair(k.shape, v.shape, bnsd))
     return RingAttentionFunction.apply(q, k, v, plan)

@@ -46,19 +46,22 @@ def init_parallel(tp: int = 1, cp: int = 1, pp: int = 1, seed: Optional[int] = 1
 
 def build_gpt(num_layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: Optional[int] = None,
               vocab: int = 128, seq: int = 64, seed: Optional[int] = 1234, dtype: torch.dtype = torch.float32,
-              position_embedding_type: str = "rope", **overrides):
+              position_embedding_type: str = "rope", mla: Optional[dict] = None, moe: Optional[dict] = None,
+              **overrides):
     """A GPTModel (local layer spec) for the parallel layout of :func:`init_parallel`.
 
     ``seed`` re-seeds Megatron's RNG right before building, so the same seed gives the same weights
     whatever happened before (and, with CPU initialisation, whatever the TP size). ``overrides`` are
-    TransformerConfig fields (e.g. ``hidden_dropout=0.1``, ``recompute_granularity="full"``). With a
+    TransformerConfig fields (e.g. ``hidden_dropout=0.1``, ``recompute_granularity="full"``,
+    ``mtp_num_layers=1``: the stock local MTP block spec is added). ``mla``: MLATransformerConfig fields (the
+    stock local MLA spec); ``moe``: MoE fields (``num_moe_experts``, ...; the local spec's experts). With a
     half ``dtype`` the model is wrapped in Megatron's Float16Module (half weights, fp32 loss).
     """
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     if seed is not None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -71,10 +74,12 @@ def build_gpt(num_layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: O
         context_parallel_size=ps.get_context_parallel_world_size(),
         pipeline_dtype=dtype if ps.get_pipeline_model_parallel_world_size() > 1 else None,
     )
-    fields.update(overrides)
-    config = TransformerConfig(**fields)
-    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=vocab,
-                     max_sequence_length=seq, position_embedding_type=position_embedding_type)
+    fields.update(overrides, **(mla or {}), **(moe or {}))
+    config = (MLATransformerConfig if mla is not None else TransformerConfig)(**fields)
+    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, multi_latent_attention=mla is not None)
+    mtp = None if not config.mtp_num_layers else get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab, max_sequence_length=seq,
+                     position_embedding_type=position_embedding_type, mtp_block_spec=mtp)
     if dtype in (torch.bfloat16, torch.float16):  # as Megatron trains in half: every weight in `dtype`,
         from megatron.core.transformer.module import Float16Module  # fp32 logits / loss out
 

@@ -1,7 +1,7 @@
 """KV-cache policies (``--context-parallel-kv-cache-policy``, ``--use-ulysses-allgather-kv``) at the attention level.
 
 For every algorithm (Ulysses aligned and unaligned, with the K/V all-gather; Ring; Double Ring; Hybrid) x policy
-(None, half, full) x {MHA, GQA}, on gloo ranks with the runtime's groups:
+(None, half, full) x {MHA, GQA, MLA (a value head size of its own)}, on gloo ranks with the runtime's groups:
 
 * out, dq, dk, dv equal float64 full attention (1e-5 relative to the largest reference value, fp32 inputs), and
   equal the same call without a policy exactly (the policy changes what is kept, never what is computed);
@@ -54,12 +54,12 @@ def _expected(case, rank):
     from benchmarks import textbook
 
     S, h, hk, b, d, e = case["seq"], case["heads"], case.get("kv_heads", case["heads"]), 2, 8, 4
-    algo, cp, policy = case["algo"], case["cp"], case["policy"]
+    algo, cp, policy, dv = case["algo"], case["cp"], case["policy"], case.get("dv", 8)
     if algo == "ulysses":
-        return textbook.ulysses_kv_cache(S, cp, b, h, hk, d, e, policy, case.get("allgather", False), rank)
+        return textbook.ulysses_kv_cache(S, cp, b, h, hk, d, e, policy, case.get("allgather", False), rank, dv=dv)
     if algo == "ring":
-        return textbook.ring_kv_cache(S, cp, b, hk, d, e, policy)
-    return textbook.hybrid_kv_cache(S, case["u"], cp // case["u"], b, h, hk, d, e, policy, rank=rank)
+        return textbook.ring_kv_cache(S, cp, b, hk, d, e, policy, dv=dv)
+    return textbook.hybrid_kv_cache(S, case["u"], cp // case["u"], b, h, hk, d, e, policy, rank=rank, dv=dv)
 
 
 def _kv_cases(cases):
@@ -83,10 +83,12 @@ def _kv_cases(cases):
             cfg, built = adaptor.configure(**flags), flags
             ps.initialize_model_parallel(context_parallel_size=case["cp"])
         rank = ps.get_context_parallel_rank()
-        S, b, h, hk, d = case["seq"], 2, case["heads"], case.get("kv_heads", case["heads"]), 8
+        S, b, h, hk, d, dv = case["seq"], 2, case["heads"], case.get("kv_heads", case["heads"]), 8, case.get("dv", 8)
         g = torch.Generator().manual_seed(7)
-        q, dout = (torch.randn(S, b, h, d, generator=g, dtype=torch.float64) for _ in range(2))
-        k, v = (torch.randn(S, b, hk, d, generator=g, dtype=torch.float64) for _ in range(2))
+        q, dout = torch.randn(S, b, h, d, generator=g, dtype=torch.float64), torch.randn(S, b, h, dv, generator=g,
+                                                                                           dtype=torch.float64)
+        k, v = torch.randn(S, b, hk, d, generator=g, dtype=torch.float64), torch.randn(S, b, hk, dv, generator=g,
+                                                                                         dtype=torch.float64)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         ref = reference_attention(*leaves, causal=True)
         ref.backward(dout)
@@ -124,15 +126,20 @@ def _check(results):
 
 
 U = "ulysses"
+# MLA: the value head size its own (dv 4 or 12 against the qk head size 8), alone and with GQA
 SETTINGS_4 = {  # name: cases of one group layout (heads, KV heads, options), each run with both policies
     "ulysses": [dict(algo=U, heads=4), dict(algo=U, heads=8, kv_heads=2), dict(algo=U, heads=4, unaligned=True, seq=30),
                 dict(algo=U, heads=8, kv_heads=2, unaligned=True, seq=29), dict(algo=U, heads=8, kv_heads=1, allgather=True),
-                dict(algo=U, heads=8, kv_heads=2, allgather=True, unaligned=True, seq=31)],
-    "ring": [dict(algo="ring", heads=4), dict(algo="ring", heads=4, bnsd=True)],
+                dict(algo=U, heads=8, kv_heads=2, allgather=True, unaligned=True, seq=31),
+                dict(algo=U, heads=4, dv=4), dict(algo=U, heads=8, kv_heads=2, dv=12, unaligned=True, seq=30),
+                dict(algo=U, heads=8, kv_heads=1, dv=4, allgather=True)],
+    "ring": [dict(algo="ring", heads=4), dict(algo="ring", heads=4, bnsd=True), dict(algo="ring", heads=4, dv=4),
+             dict(algo="ring", heads=8, kv_heads=2, dv=12, bnsd=True)],
     "ring-overlap": [dict(algo="ring", heads=8, kv_heads=2, overlap=True)],
-    "double-ring": [dict(algo="ring", heads=4, window=2)],
+    "double-ring": [dict(algo="ring", heads=4, window=2), dict(algo="ring", heads=8, kv_heads=2, window=2, dv=4)],
     "double-ring-overlap": [dict(algo="ring", heads=8, kv_heads=2, window=2, overlap=True, bnsd=True)],
-    "hybrid": [dict(algo="hybrid", heads=4, u=2), dict(algo="hybrid", heads=4, kv_heads=1, u=2)],
+    "hybrid": [dict(algo="hybrid", heads=4, u=2), dict(algo="hybrid", heads=4, kv_heads=1, u=2),
+               dict(algo="hybrid", heads=4, u=2, dv=4), dict(algo="hybrid", heads=8, kv_heads=2, u=2, dv=12)],
     "hybrid-overlap": [dict(algo="hybrid", heads=8, kv_heads=2, u=2, overlap=True)],
 }
 
