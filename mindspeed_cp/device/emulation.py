@@ -10,7 +10,8 @@ go through, torch itself:
 
 1. :class:`CpuDeviceMode`, a ``TorchFunctionMode`` entered once on the main thread, sees every torch function
    and Tensor method call. A CUDA device in ``device=`` (``"cuda"``, ``"cuda:N"``, ``torch.device("cuda")``, a
-   bare ``int``), in ``Tensor.to(...)`` and ``.cuda()`` means the CPU; ``pin_memory=True`` and
+   bare ``int``), in ``Tensor.to(...)`` and ``.cuda()`` means the CPU; ``torch.device(N)`` is ``cuda:N`` (torch
+   would look for an accelerator); ``pin_memory=True`` and
    ``Tensor.pin_memory()`` pin nothing (pinning needs an accelerator); ``Tensor.type()`` *asked by Megatron
    code* names the CUDA type (``torch.cuda.FloatTensor``) because Megatron's optimizers compare that string.
 2. ``torch.cuda`` entry points that mean nothing without a device take their CPU meaning

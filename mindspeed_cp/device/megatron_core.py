@@ -1,9 +1,13 @@
-"""The Megatron functions torch's level cannot reach on the CPU: the RNG tracker and weight initialisation.
+"""The Megatron functions torch's level cannot reach on the CPU: the RNG tracker, weight initialisation, MoE / MLA.
 
 Everything else megatron-core does on "the device" (masks, RoPE tables, scratch buffers, TP collectives'
-outputs, ``broadcast_data``, DDP buffers, optimizers, schedules) goes through :mod:`.emulation`. These five
+outputs, ``broadcast_data``, DDP buffers, optimizers, schedules) goes through :mod:`.emulation`. These
 remain because their CUDA use is not a device *argument*: the tracker reads and writes the CUDA generator
-objects themselves, and weight placement is a choice between two initialisation paths.
+objects themselves, weight placement is a choice between two initialisation paths, and the MoE all-to-all
+dispatcher asks ``tensor.is_cuda`` before bringing its split sizes to the host. Two more are megatron-core
+0.13 - 0.16 defects without Transformer Engine (which a CPU never has): the router's gating linear reads an
+unbound ``te_general_gemm``, MLA takes Megatron's MagicMock stand-in for TE as TE. Each of those applies only
+where the defect is there. The flex MoE dispatcher (DeepEP / HybridEP CUDA kernels) is refused by name.
 
 Decisions
 - Weights: on the CPU "initialise on the device" *is* CPU initialisation, so ``use_cpu_initialization``
@@ -18,7 +22,10 @@ Decisions
   runs unchanged: the tracker per TP / EP rank with Megatron's own seeds, the default generator with
   ``seed``.
 - Sequence parallelism with the local spec needs Apex (Megatron's torch norm refuses it): not a device
-  issue, left to Megatron.
+  issue, left to Megatron. (So MoE with TP > 1, for which Megatron requires sequence parallelism.)
+- ``tensor.is_cuda`` is not faked for Megatron (as ``Tensor.type()`` is): Megatron also asks it to choose
+  Triton / fused kernels and CPU offloading, which must keep seeing the truth. The one MoE helper that means
+  "is this on the device?" is patched instead.
 """
 from __future__ import annotations
 
