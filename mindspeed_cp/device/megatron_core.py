@@ -165,8 +165,8 @@ def _mla_te_flag_false():
 
 
 # ----------------------------------------------------------------------------- the list
-def _cpu_patch(target: str, make, why: str, **kwargs) -> Patch:
-    return Patch(target=target, make=make, why=why, when=_cpu_only, when_doc="no accelerator", **kwargs)
+def _cpu_patch(target: str, make, why: str) -> Patch:
+    return Patch(target=target, make=make, why=why, when=_cpu_only, when_doc="no accelerator")
 
 
 _RANDOM = "megatron.core.tensor_parallel.random"
@@ -194,8 +194,7 @@ PATCHES = [
     _cpu_patch("megatron.core.transformer.moe.token_dispatcher.MoEFlexTokenDispatcher.__init__",
                wrap(_refuse_flex),
                "refuse the flex dispatcher by name at model build, on every rank: DeepEP / HybridEP are CUDA "
-               "kernels (Megatron would ask to install them, which cannot help on a CPU)",
-               versions="all"),
+               "kernels (Megatron would ask to install them, which cannot help on a CPU)"),
     Patch(f"{_MOE_UTILS}.te_general_gemm", replace(None),
           "the MoE router's gating linear (RouterGatingLinearFunction) tests `te_general_gemm is not None`, a "
           "name moe_utils binds only when Transformer Engine imports: NameError for every moe_router_dtype. "
