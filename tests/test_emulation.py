@@ -34,6 +34,11 @@ def test_cuda_device_arguments_mean_the_cpu():
     assert x.to(device="cuda", dtype=torch.int32).dtype == torch.int32
     assert x.new_zeros(3, device="cuda").device.type == "cpu"
     assert torch.empty(3, pin_memory=True).device.type == "cpu" and x.pin_memory() is x
+    # torch.device(N): torch asks for the current accelerator and raises without one; it is cuda:N (YaRN RoPE)
+    assert torch.device(torch.cuda.current_device()) == torch.device("cuda", 0) == torch.device(1 - 1)
+    with torch.device(torch.cuda.current_device()):
+        assert torch.arange(3).device.type == "cpu"
+    assert torch.device("cpu").type == "cpu" and torch.device("cuda", 1).index == 1
     module = torch.nn.Linear(2, 2).cuda()
     assert module.weight.device.type == "cpu"
     assert torch.cuda.is_available() is False and torch.cuda.device_count() == 0  # the truth stays

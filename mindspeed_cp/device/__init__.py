@@ -8,8 +8,8 @@ Two parts, both listed by ``mindspeed-cp patches`` and both skipped when an acce
   their storage until done. This is what lets Megatron-LM's ``pretrain`` loop (DDP, optimizers, timers,
   schedules, checkpoints) run unmodified.
 - :mod:`.megatron_core` - the few Megatron functions torch's level cannot reach: the RNG tracker's named
-  states on the CPU generator, CPU weight initialisation (TP-independent), and helpers whose CUDA buffers
-  are chosen in ways the device argument alone does not fix.
+  states on the CPU generator, CPU weight initialisation (TP-independent), the MoE all-to-all dispatcher's
+  host copies, and megatron-core's MoE router and MLA without Transformer Engine.
 """
 from __future__ import annotations
 

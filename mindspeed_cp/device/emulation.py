@@ -10,7 +10,8 @@ go through, torch itself:
 
 1. :class:`CpuDeviceMode`, a ``TorchFunctionMode`` entered once on the main thread, sees every torch function
    and Tensor method call. A CUDA device in ``device=`` (``"cuda"``, ``"cuda:N"``, ``torch.device("cuda")``, a
-   bare ``int``), in ``Tensor.to(...)`` and ``.cuda()`` means the CPU; ``pin_memory=True`` and
+   bare ``int``), in ``Tensor.to(...)`` and ``.cuda()`` means the CPU; ``torch.device(N)`` is ``cuda:N`` (torch
+   would look for an accelerator); ``pin_memory=True`` and
    ``Tensor.pin_memory()`` pin nothing (pinning needs an accelerator); ``Tensor.type()`` *asked by Megatron
    code* names the CUDA type (``torch.cuda.FloatTensor``) because Megatron's optimizers compare that string.
 2. ``torch.cuda`` entry points that mean nothing without a device take their CPU meaning
@@ -138,7 +139,18 @@ def _tensor_type(func, args, kwargs):
     return result
 
 
+def _device_index(func, args, kwargs):
+    """``torch.device(N)``: torch reads a bare index as the current accelerator's and raises without one
+    (YaRN RoPE: ``with torch.device(torch.cuda.current_device())``). It is CUDA device N, as with a GPU;
+    used as a device it then means the CPU like every other CUDA device."""
+    if len(args) == 1 and not kwargs and isinstance(args[0], int) and not isinstance(args[0], bool):
+        _note("torch.device(index)", 2)
+        return func("cuda", args[0])
+    return func(*args, **kwargs)
+
+
 _METHODS: Dict[Callable, Callable] = {
+    torch.device: _device_index,
     torch.Tensor.cuda: _tensor_cuda,
     torch.Tensor.to: _tensor_to,
     torch.Tensor.pin_memory: _tensor_pin_memory,
@@ -334,6 +346,7 @@ def _cuda(name: str, impl: Any, why: str) -> Patch:
 PATCHES = [
     Hook("torch (TorchFunctionMode: mindspeed_cp.device.emulation.CpuDeviceMode)", _enter_mode,
          "every torch call: a CUDA device (\"cuda\", \"cuda:N\", an index, .cuda(), .to(\"cuda\")) means the CPU, "
+         "torch.device(N) is cuda:N (torch would look for an accelerator), "
          "pin_memory pins nothing, Megatron's tensor.type() checks see the CUDA type name",
          when=cpu_only, when_doc="no accelerator"),
     Patch("torch.autograd.graph._engine_run_backward", wrap(_backward_under_mode),

@@ -1,9 +1,13 @@
-"""The Megatron functions torch's level cannot reach on the CPU: the RNG tracker and weight initialisation.
+"""The Megatron functions torch's level cannot reach on the CPU: the RNG tracker, weight initialisation, MoE / MLA.
 
 Everything else megatron-core does on "the device" (masks, RoPE tables, scratch buffers, TP collectives'
-outputs, ``broadcast_data``, DDP buffers, optimizers, schedules) goes through :mod:`.emulation`. These five
+outputs, ``broadcast_data``, DDP buffers, optimizers, schedules) goes through :mod:`.emulation`. These
 remain because their CUDA use is not a device *argument*: the tracker reads and writes the CUDA generator
-objects themselves, and weight placement is a choice between two initialisation paths.
+objects themselves, weight placement is a choice between two initialisation paths, and the MoE all-to-all
+dispatcher asks ``tensor.is_cuda`` before bringing its split sizes to the host. Two more are megatron-core
+0.13 - 0.16 defects without Transformer Engine (which a CPU never has): the router's gating linear reads an
+unbound ``te_general_gemm``, MLA takes Megatron's MagicMock stand-in for TE as TE. Each of those applies only
+where the defect is there. The flex MoE dispatcher (DeepEP / HybridEP CUDA kernels) is refused by name.
 
 Decisions
 - Weights: on the CPU "initialise on the device" *is* CPU initialisation, so ``use_cpu_initialization``
@@ -18,15 +22,20 @@ Decisions
   runs unchanged: the tracker per TP / EP rank with Megatron's own seeds, the default generator with
   ``seed``.
 - Sequence parallelism with the local spec needs Apex (Megatron's torch norm refuses it): not a device
-  issue, left to Megatron.
+  issue, left to Megatron. (So MoE with TP > 1, for which Megatron requires sequence parallelism.)
+- ``tensor.is_cuda`` is not faked for Megatron (as ``Tensor.type()`` is): Megatron also asks it to choose
+  Triton / fused kernels and CPU offloading, which must keep seeing the truth. The one MoE helper that means
+  "is this on the device?" is patched instead.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 
 import torch
 
-from ..patching import Patch, replace, wrap
+from ..patching import Hook, Patch, replace, wrap
 from .emulation import cpu_only as _cpu_only
 
 
@@ -93,6 +102,68 @@ def _tracker_fork(self, name="model-parallel-rng"):
         self._current_state_name = outer_name
 
 
+# ----------------------------------------------------------------------------- MoE router without TE
+_MOE_UTILS = "megatron.core.transformer.moe.moe_utils"
+
+
+@functools.lru_cache(maxsize=None)  # asked first before the patch binds the name: the release's own state
+def _router_gemm_unbound() -> bool:
+    """megatron-core 0.13-0.16 without Transformer Engine: the router's gating linear reads the name
+    ``te_general_gemm``, which ``moe_utils`` binds only when its TE import succeeds (0.17+ binds None)."""
+    try:
+        moe_utils = importlib.import_module(_MOE_UTILS)
+    except ImportError:
+        return False
+    return hasattr(moe_utils, "RouterGatingLinearFunction") and "te_general_gemm" not in vars(moe_utils)
+
+
+def _to_host(original, tensor, as_numpy=False, record_stream=False):
+    """``moe_utils.maybe_move_tensor_to_cpu`` with the CPU as the device: a tensor on it is a device tensor,
+    so it gets the device-to-host treatment (a copy; a numpy array when asked) instead of coming back as
+    it is. (Megatron tests ``tensor.is_cuda``: on the CPU the all-to-all dispatcher's split sizes stayed
+    tensors, which ``all_to_all_single`` rejects.) No stream to record: the CPU is synchronous."""
+    if torch.is_tensor(tensor) and tensor.device.type == "cpu":
+        copy = tensor.detach().clone()
+        return copy.numpy() if as_numpy else copy
+    return original(tensor, as_numpy, record_stream)
+
+
+def _refuse_flex(original, self, *args, **kwargs):
+    raise RuntimeError(
+        "mindspeed-cp: moe_token_dispatcher_type='flex' runs DeepEP's / HybridEP's CUDA kernels, which have no CPU "
+        "version; with no accelerator use moe_token_dispatcher_type='alltoall' (expert parallelism > 1 too) or "
+        "'allgather'")
+
+
+# ----------------------------------------------------------------------------- MLA without TE
+_MLA = "megatron.core.transformer.multi_latent_attention"
+
+
+@functools.lru_cache(maxsize=None)  # asked first before the patch corrects the flag
+def _mla_sees_te_stub() -> bool:
+    """megatron-core 0.14-0.16 without Transformer Engine: ``extensions.transformer_engine`` stands a MagicMock
+    in for ``transformer_engine``, so MLA's ``from ...transformer_engine import TELinear`` succeeds, MLA sets its
+    own ``HAVE_TE = True`` and ``isinstance(self.linear_proj, TELinear)`` raises TypeError (TELinear is a mock,
+    not a class). 0.17+ takes HAVE_TE from extensions.transformer_engine."""
+    try:
+        mla = importlib.import_module(_MLA)
+        te_ext = importlib.import_module("megatron.core.extensions.transformer_engine")
+    except ImportError:
+        return False
+    return getattr(mla, "HAVE_TE", False) is True and getattr(te_ext, "HAVE_TE", True) is False
+
+
+def _mla_te_flag_false():
+    """Set MLA's module flag (a value, not a function: a Hook, so no other module's HAVE_TE is touched)."""
+    mla = importlib.import_module(_MLA)
+    mla.HAVE_TE = False
+
+    def undo() -> None:
+        mla.HAVE_TE = True
+
+    return undo
+
+
 # ----------------------------------------------------------------------------- the list
 def _cpu_patch(target: str, make, why: str) -> Patch:
     return Patch(target=target, make=make, why=why, when=_cpu_only, when_doc="no accelerator")
@@ -115,4 +186,28 @@ PATCHES = [
                "named tracker states are CPU generator states (torch.cuda.get_rng_state needs CUDA)"),
     _cpu_patch(f"{_RANDOM}.CudaRNGStatesTracker.fork", replace(_tracker_fork),
                "swap CPU generator states in and out (independent streams) without the CPU-state warning"),
+    # MoE
+    _cpu_patch(f"{_MOE_UTILS}.maybe_move_tensor_to_cpu", wrap(_to_host),
+               "the all-to-all token dispatcher brings its split sizes to the host as numpy arrays only when "
+               "they are CUDA tensors (`tensor.is_cuda`); on the CPU they stayed tensors and all_to_all_single "
+               "rejected them (EP > 1). A CPU tensor is the device's here: copied to the host the same way"),
+    _cpu_patch("megatron.core.transformer.moe.token_dispatcher.MoEFlexTokenDispatcher.__init__",
+               wrap(_refuse_flex),
+               "refuse the flex dispatcher by name at model build, on every rank: DeepEP / HybridEP are CUDA "
+               "kernels (Megatron would ask to install them, which cannot help on a CPU)"),
+    Patch(f"{_MOE_UTILS}.te_general_gemm", replace(None),
+          "the MoE router's gating linear (RouterGatingLinearFunction) tests `te_general_gemm is not None`, a "
+          "name moe_utils binds only when Transformer Engine imports: NameError for every moe_router_dtype. "
+          "Bound to None, as 0.17 does, Megatron takes its own torch.mm path",
+          when=lambda: _cpu_only() and _router_gemm_unbound(),
+          when_doc="no accelerator, no Transformer Engine (te_general_gemm unbound)", create=True,
+          versions="0.13 - 0.16 (0.12's router uses F.linear; 0.17+ binds None itself)"),
+    # MLA
+    Hook(f"{_MLA}.HAVE_TE (set to False)", _mla_te_flag_false,
+         "MLASelfAttention checks isinstance(linear_proj, TELinear) when its HAVE_TE is True; without Transformer "
+         "Engine that flag is True anyway (TELinear imports from megatron's MagicMock stand-in for TE) and the "
+         "check raises TypeError: every MLA model fails at construction. The flag says what is installed",
+         when=lambda: _cpu_only() and _mla_sees_te_stub(),
+         when_doc="no accelerator, no Transformer Engine (MLA's HAVE_TE wrongly True)",
+         versions="0.14 - 0.16 (0.12 - 0.13 have no such check; 0.17+ imports HAVE_TE from the TE extension)"),
 ]
