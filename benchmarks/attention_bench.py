@@ -114,8 +114,10 @@ def _inputs(case: dict, s_local: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, case.get("dtype", "float32"))
     b, h, hk, d = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
-    q, k, v = (torch.randn(s_local, b, n, d, generator=g).to(dtype).requires_grad_() for n in (h, hk, hk))
-    dout = torch.randn(s_local, b, h, d, generator=g).to(dtype)
+    dv = case.get("v_head_dim", d)  # MLA: the value head size its own
+    q, k, v = (torch.randn(s_local, b, n, e, generator=g).to(dtype).requires_grad_() for n, e in ((h, d), (hk, d),
+                                                                                                   (hk, dv)))
+    dout = torch.randn(s_local, b, h, dv, generator=g).to(dtype)
     return q, k, v, dout
 
 
@@ -173,8 +175,9 @@ def measure_cases(cases: List[dict], reps: int = 3, kernel: str = "torch") -> Li
 
 
 # ----------------------------------------------------------------------------- CP = 1 references
-def _megatron_attention(h: int, hk: int, d: int):
-    """Megatron's own core attention (local spec ``DotProductAttention``) at CP=1, causal."""
+def _megatron_attention(h: int, hk: int, d: int, dv: int):
+    """Megatron's own core attention (local spec ``DotProductAttention``) at CP=1, causal (MLA's head sizes as
+    its local spec passes them)."""
     import mindspeed_cp.megatron_adaptor  # noqa: F401  - CPU support for megatron-core; CP=1 leaves it alone
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -186,8 +189,9 @@ def _megatron_attention(h: int, hk: int, d: int):
         tensor_parallel.model_parallel_cuda_manual_seed(1234)  # its RNG tracker (attention dropout region)
     config = TransformerConfig(num_layers=1, hidden_size=h * d, num_attention_heads=h, num_query_groups=hk,
                                kv_channels=d, attention_dropout=0.0, hidden_dropout=0.0, context_parallel_size=1)
+    sizes = {} if dv == d else dict(k_channels=d, v_channels=dv)
     module = DotProductAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal,
-                                 attention_type="self")
+                                 attention_type="self", **sizes)
     return lambda q, k, v: module(q, k, v, None)  # [S, b, h, d] -> [S, b, h*d]
 
 
@@ -202,7 +206,7 @@ def measure_single(jobs: List[dict], reps: int = 3, kernel: str = "torch",
     results = []
     for job in jobs:
         S = job["seq"]
-        key = (job["heads"], job["kv_heads"], job["head_dim"])
+        key = (job["heads"], job["kv_heads"], job["head_dim"], job.get("v_head_dim", job["head_dim"]))
         if key not in megatron:
             megatron[key] = _megatron_attention(*key)
         q, k, v, dout = _inputs(job, S, seed=S)

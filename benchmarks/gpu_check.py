@@ -8,7 +8,8 @@ one Markdown page with four tables:
 
 1. **Kernels vs float64.** Every kernel backend available here (``math``, ``torch`` with the route it took per
    call - flash / efficient / math, from ``mindspeed_cp.kernels.ROUTES`` -, ``flash`` when flash-attn is
-   installed) in fp16 / bf16 / fp32 on causal, general-mask (with fully masked rows), GQA and dropout blocks:
+   installed) in fp16 / bf16 / fp32 on causal, general-mask (with fully masked rows), GQA and dropout blocks, and
+   MLA's shapes (q/k head 192, v head 128: causal, masked, GQA):
    forward + backward errors of out, dq, dk, dv relative to the largest float64 reference value.
 2. **Ring on one GPU.** The P ring-step blocks of one zigzag rank computed one after another and merged, vs one
    full flash attention (``benchmarks.gpu_decomposition``): the decomposition efficiency (full / P) / rank.
@@ -58,12 +59,15 @@ def _case_tensors(case: str, dtype, device, quick: bool):
     from mindspeed_cp.dropout import AttentionDropout
 
     s = 256 if quick else 1024
-    b, n, nk, d = 2, 8, (2 if case == "gqa" else 8), 64
+    b, n, nk, d = 2, 8, (2 if case in ("gqa", "mla-gqa") else 8), 64
+    dv = d
+    if case.startswith("mla"):  # MLA: DeepSeek's q/k head 128 + 64 rope, v head 128 (quick: a quarter)
+        d, dv = (48, 32) if quick else (192, 128)
     gen = torch.Generator(device=device).manual_seed(1)
     rnd = lambda *shape: torch.randn(*shape, generator=gen, device=device).to(dtype)  # noqa: E731
-    q, k, v, dout = rnd(b, n, s, d), rnd(b, nk, s, d), rnd(b, nk, s, d), rnd(b, n, s, d)
-    mask, drop, causal = None, None, case != "mask"
-    if case == "mask":
+    q, k, v, dout = rnd(b, n, s, d), rnd(b, nk, s, d), rnd(b, nk, s, dv), rnd(b, n, s, dv)
+    mask, drop, causal = None, None, case not in ("mask", "mla-mask")
+    if case in ("mask", "mla-mask"):
         mask = torch.rand(b, 1, s, s, generator=gen, device=device) < 0.3
         mask[:, :, [3, s - 5]] = True  # fully masked rows: 0, never NaN
     if case == "dropout":
@@ -83,7 +87,7 @@ def kernel_table(device, quick: bool) -> List[dict]:
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             if device.type == "cpu" and dtype == torch.float16 and name != "math":
                 continue
-            for case in ("causal", "mask", "gqa", "dropout"):
+            for case in ("causal", "mask", "gqa", "dropout", "mla", "mla-mask", "mla-gqa"):
                 q, k, v, dout, causal, mask, drop = _case_tensors(case, dtype, device, quick)
                 scale = q.shape[-1] ** -0.5
                 before = dict(ROUTES)

@@ -27,7 +27,7 @@ def predict(dev: Device, rec: dict) -> float:
     cp, U = rec["cp"], rec.get("ulysses_degree") or 1
     algo = {"double_ring": "ring"}.get(rec["algo"], rec["algo"])
     model = Model(num_layers=1, hidden_size=rec["heads"] * rec["head_dim"], num_attention_heads=rec["heads"],
-                  num_query_groups=rec["kv_heads"])
+                  num_query_groups=rec["kv_heads"], v_head_dim=rec.get("v_head_dim"))
     a = Attention(algo=algo, cp=cp, ulysses=cp if algo == "ulysses" else U if algo == "hybrid" else 1,
                   window=rec.get("window") or 1)
     return attention_time(dev.for_ranks(cp), model, rec["seq"], rec["batch"], a, e=rec["dtype_bytes"])["total"]

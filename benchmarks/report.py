@@ -18,6 +18,12 @@ def label(r: dict) -> str:
     return ALGO_NAME[r["algo"]]
 
 
+def _mla(r: dict) -> str:
+    """`` MLA 96/64`` where the value head size differs from the query/key one."""
+    dv = r.get("v_head_dim", r["head_dim"])
+    return "" if dv == r["head_dim"] else f" MLA {r['head_dim']}/{dv}"
+
+
 def _gib(x: Optional[float]) -> str:
     return "-" if x is None else f"{x / 2**30:.2f}"
 
@@ -52,7 +58,7 @@ def markdown(records: List[dict], scale: Optional[List[dict]], machine: str, run
         comm = r["comm_bytes"] / r["comm_bytes_textbook"]
         speed = "-" if not r["time_s_single"] else f"{r['time_s_single'] / r['time_s']:.2f}"
         lines.append(
-            f"| {label(r)} | {r['cp']} | {r['heads']}/{r['kv_heads']} | {r['seq']} | {comm:.3f}{_mark(g['comm'])} "
+            f"| {label(r)}{_mla(r)} | {r['cp']} | {r['heads']}/{r['kv_heads']} | {r['seq']} | {comm:.3f}{_mark(g['comm'])} "
             f"| {r['work_imbalance']:.3f}{_mark(g['balance'])} | {r['masked_blocks_computed']}{_mark(g['masked'])} "
             f"| {r['memory_ratio']:.3f}{_mark(g['memory'])} | {_ms(r['time_s'])} | {_ms(r['time_s_single'])} "
             f"| {_ms(r['time_s_single_kernel'])} | {speed} | {r['parallel_efficiency']:.2f} "
@@ -105,7 +111,8 @@ def plots(records: List[dict], scale: Optional[List[dict]], out_dir: str) -> Lis
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    main = [r for r in records if r["textbook_assumption_holds"] and r["kv_heads"] == r["heads"]] or records
+    main = [r for r in records if r["textbook_assumption_holds"] and r["kv_heads"] == r["heads"]
+            and r.get("v_head_dim", r["head_dim"]) == r["head_dim"]] or records
     written = []
     ratios = [("comm_ratio", "comm bytes / textbook", GOALS["comm"]),
               ("work_imbalance", "work max / mean", GOALS["balance"]),

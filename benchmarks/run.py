@@ -24,15 +24,17 @@ from .launch import launch
 from .textbook import textbook_bytes
 
 ALGO_KINDS = ("all_to_all", "ring_kv", "ring_dkv")  # the algorithms' traffic; "metadata" is reported apart
-FIELDS = ("algo", "cp", "seq", "batch", "heads", "kv_heads", "head_dim", "dtype_bytes", "comm_bytes",
+FIELDS = ("algo", "cp", "seq", "batch", "heads", "kv_heads", "head_dim", "v_head_dim", "dtype_bytes", "comm_bytes",
           "comm_bytes_textbook", "work_imbalance", "masked_blocks_computed", "saved_bytes", "saved_bytes_single",
           "time_s", "time_s_single")
 
 FULL = dict(cps=[2, 4, 8], seqs=[1024, 2048, 4096], shape=dict(batch=1, heads=8, kv_heads=8, head_dim=64),
-            gqa=dict(seq=2048, kv_heads=2, cps=[4, 8]), reps=3, megatron_max_seq=4096,
+            gqa=dict(seq=2048, kv_heads=2, cps=[4, 8]), mla=dict(seq=2048, head_dim=96, v_head_dim=64, cps=[4]),
+            reps=3, megatron_max_seq=4096,
             scale=dict(start=4096, cap_s=60.0, mem_gib=4.0), kv_cache=dict(seq=4096, cp=4, reps=5))
 QUICK = dict(cps=[2, 4], seqs=[64, 128], shape=dict(batch=2, heads=4, kv_heads=4, head_dim=16),
-             gqa=dict(seq=128, kv_heads=1, cps=[4]), reps=1, megatron_max_seq=None,
+             gqa=dict(seq=128, kv_heads=1, cps=[4]), mla=dict(seq=128, head_dim=24, v_head_dim=16, cps=[4]), reps=1,
+             megatron_max_seq=None,
              scale=dict(start=64, cap_s=30.0, mem_gib=2.0, max_seq=128), ulysses_paths_seqs=[256],
              agreement_seqs=[128], agreement_calls=20, packing=[dict(seq=4096, cp=4, samples=3)],
              kv_cache=dict(seq=128, cp=4, reps=1, heads=4, head_dim=16))
@@ -52,15 +54,19 @@ def plan(cfg: dict) -> Dict[int, List[dict]]:
     per_cp: Dict[int, List[dict]] = {}
     for cp in cfg["cps"]:
         cases = [dict(shape, cp=cp, seq=S, **v) for S in cfg["seqs"] for v in variants(cp)]
+        main = [v for v in variants(cp) if v["algo"] in ("ulysses", "ring", "hybrid") and v.get("ulysses", 2) == 2]
         if cp in cfg["gqa"]["cps"]:  # grouped-query attention: fewer KV heads than ranks for Ulysses
-            cases += [dict(shape, cp=cp, seq=cfg["gqa"]["seq"], kv_heads=cfg["gqa"]["kv_heads"], **v)
-                      for v in variants(cp) if v["algo"] in ("ulysses", "ring", "hybrid") and v.get("ulysses", 2) == 2]
+            cases += [dict(shape, cp=cp, seq=cfg["gqa"]["seq"], kv_heads=cfg["gqa"]["kv_heads"], **v) for v in main]
+        mla = cfg["mla"]
+        if cp in mla["cps"]:  # MLA: the value head size its own (DeepSeek: 192 / 128)
+            cases += [dict(shape, cp=cp, seq=mla["seq"], head_dim=mla["head_dim"], v_head_dim=mla["v_head_dim"], **v)
+                      for v in main]
         per_cp[cp] = cases
     return per_cp
 
 
 def _shape_key(c: dict) -> tuple:
-    return (c["seq"], c["batch"], c["heads"], c["kv_heads"], c["head_dim"])
+    return (c["seq"], c["batch"], c["heads"], c["kv_heads"], c["head_dim"], c.get("v_head_dim", c["head_dim"]))
 
 
 def machine() -> str:
@@ -97,10 +103,10 @@ def build_record(c: dict, per_rank: List[dict], single: dict, mach: str) -> dict
     U = c.get("ulysses", 1) if c["algo"] == "hybrid" else (c["cp"] if c["algo"] == "ulysses" else 1)
     rec = {
         "algo": c["algo"], "cp": c["cp"], "seq": c["seq"], "batch": c["batch"], "heads": c["heads"],
-        "kv_heads": c["kv_heads"], "head_dim": c["head_dim"], "dtype_bytes": e,
-        "comm_bytes": max(alg),
+        "kv_heads": c["kv_heads"], "head_dim": c["head_dim"], "v_head_dim": c.get("v_head_dim", c["head_dim"]),
+        "dtype_bytes": e, "comm_bytes": max(alg),
         "comm_bytes_textbook": textbook_bytes(c["algo"], c["seq"], c["cp"], c["batch"], c["heads"], c["kv_heads"],
-                                              c["head_dim"], e, ulysses=c.get("ulysses", 1)),
+                                              c["head_dim"], e, ulysses=c.get("ulysses", 1), dv=c.get("v_head_dim")),
         "work_imbalance": max(work) / (sum(work) / len(work)),
         "masked_blocks_computed": sum(r["empty_blocks"] for r in per_rank),
         "saved_bytes": max(r["saved_bytes"] for r in per_rank),
@@ -110,7 +116,7 @@ def build_record(c: dict, per_rank: List[dict], single: dict, mach: str) -> dict
         # extras
         "comm_bytes_textbook_replicated_kv": textbook_bytes(
             c["algo"], c["seq"], c["cp"], c["batch"], c["heads"], max(c["kv_heads"], U), c["head_dim"], e,
-            ulysses=c.get("ulysses", 1)),
+            ulysses=c.get("ulysses", 1), dv=c.get("v_head_dim")),
         "ulysses_degree": U, "ring_degree": c["cp"] // U, "window": c.get("window", 1),
         "comm_bytes_metadata": max(r["comm_by_kind"].get("metadata", 0) for r in per_rank),
         "comm_bytes_by_kind": per_rank[0]["comm_by_kind"],
@@ -180,8 +186,9 @@ def main(argv=None) -> int:
     jobs = {}
     for cases in per_cp.values():
         for c in cases:
-            jobs.setdefault(_shape_key(c), dict(seq=c["seq"], batch=c["batch"], heads=c["heads"],
-                                                 kv_heads=c["kv_heads"], head_dim=c["head_dim"], dtype=c["dtype"]))
+            jobs.setdefault(_shape_key(c), dict(seq=c["seq"], batch=c["batch"], heads=c["heads"], kv_heads=c["kv_heads"],
+                                                 head_dim=c["head_dim"], dtype=c["dtype"],
+                                                 v_head_dim=c.get("v_head_dim", c["head_dim"])))
     res = launch(1, measure_single, list(jobs.values()), cfg["reps"], "torch", cfg["megatron_max_seq"],
                  timeout=900)
     if not res.ok:

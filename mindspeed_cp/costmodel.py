@@ -154,9 +154,16 @@ FWD_FLOPS_PER_PAIR = 4  # x d: QK^T and PV, 2 d each
 BWD_FLOPS_PER_PAIR = 10  # x d: QK^T again, dV, dP, dQ, dK
 
 
-def attention_flops(pairs: float, heads: float, d: int, b: int = 1) -> Dict[str, float]:
+def pair_flops(d: int, dv: Optional[int] = None) -> Dict[str, float]:
+    """FLOPs of one query-key pair on one head: forward ``QK^T`` (2 d) and ``PV`` (2 dv); backward ``QK^T`` again,
+    ``dQ``, ``dK`` (2 d each) and ``dV``, ``dP`` (2 dv each). ``4 d`` / ``10 d`` when ``dv = d``."""
+    dv = _dv(d, dv)
+    return {"forward": 2 * d + 2 * dv, "backward": 6 * d + 4 * dv}
+
+
+def attention_flops(pairs: float, heads: float, d: int, b: int = 1, dv: Optional[int] = None) -> Dict[str, float]:
     """Forward and backward FLOPs of ``pairs`` query-key pairs on ``heads`` heads."""
-    return {"forward": FWD_FLOPS_PER_PAIR * d * pairs * heads * b, "backward": BWD_FLOPS_PER_PAIR * d * pairs * heads * b}
+    return {phase: f * pairs * heads * b for phase, f in pair_flops(d, dv).items()}
 
 
 # ============================================================================ model and memory
@@ -174,6 +181,8 @@ class Model:
     vocab_size: int = 50304
     swiglu: bool = False
     name: str = ""
+    kv_channels: Optional[int] = None  # the query / key head size; None = hidden / heads (MLA: qk + rope dims)
+    v_head_dim: Optional[int] = None  # the value head size; None = the query / key one (MLA: its own)
 
     @property
     def kv_heads(self) -> int:
@@ -181,15 +190,19 @@ class Model:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def v_dim(self) -> int:
+        return self.v_head_dim or self.head_dim
 
     @property
     def ffn(self) -> int:
         return self.ffn_hidden_size or 4 * self.hidden_size
 
     def layer_params(self) -> int:
-        H, d = self.hidden_size, self.head_dim
-        attn = H * self.num_attention_heads * d * 2 + 2 * H * self.kv_heads * d  # q, proj; k, v
+        H, d, dv = self.hidden_size, self.head_dim, self.v_dim
+        attn = H * (self.num_attention_heads + self.kv_heads) * (d + dv)  # q and k (d), v and proj (dv)
         mlp = (3 if self.swiglu else 2) * H * self.ffn
         return attn + mlp + 4 * H  # + two layer norms
 
@@ -331,6 +344,7 @@ def attention_time(dev: Device, model: Model, S: int, b: int, a: Attention, e: i
     """Predicted forward + backward time of one core attention on one rank, and its parts (seconds, bytes).
     ``forward_only``: the forward pass alone (inference; published forward-only microbenchmarks)."""
     h, hk, d, G = model.num_attention_heads / a.tp, max(model.kv_heads / a.tp, 1), model.head_dim, dev.domain
+    dv = model.v_dim
     U = a.cp if a.algo == "ulysses" else a.ulysses if a.algo == "hybrid" else 1
     R = a.cp // U
     # the fixed cost of one attention call beyond its kernel calls (wrappers, checks), whatever the algorithm
@@ -338,10 +352,10 @@ def attention_time(dev: Device, model: Model, S: int, b: int, a: Attention, e: i
            "ring_transfer": 0.0, "intra_bytes": 0.0, "inter_bytes": 0.0, "latency": 0.0}
     # ---- Ulysses level (U > 1): 4 all-to-alls forward, 4 backward, never overlapped
     if U > 1:
-        sent = ulysses_kv_cache(S // R, U, b, h, hk, d, e, a.kv_cache)["sent"]
+        sent = ulysses_kv_cache(S // R, U, b, h, hk, d, e, a.kv_cache, dv=dv)["sent"]
         calls = 8 + _AGAIN[a.kv_cache]
         if forward_only:
-            sent, calls = ulysses_kv_cache(S // R, U, b, h, hk, d, e)["sent"] / 2, 4
+            sent, calls = ulysses_kv_cache(S // R, U, b, h, hk, d, e, dv=dv)["sent"] / 2, 4
         peers = link_classes(a.ulysses_group or range(U), G)
         t = all_to_all_s(dev, sent, peers, calls=calls)
         out["a2a"] = t["time"]
@@ -349,28 +363,29 @@ def attention_time(dev: Device, model: Model, S: int, b: int, a: Attention, e: i
         out["inter_bytes"] += t["inter"]
     hu, hku = h / U, max(hk, U) / U  # heads each rank computes (KV heads replicated to U when fewer)
     if R == 1:
-        fl = attention_flops(causal_pairs(S), hu, d, b)
+        fl = attention_flops(causal_pairs(S), hu, d, b, dv)
         out["compute"] += dev.compute_s(fl["forward"] + (0 if forward_only else fl["backward"]), S,
                                         calls=1 if forward_only else 2)
         out["total"] = out["compute"] + out["a2a"]
         return out
     # ---- ring level over R ranks (Double Ring: windows of K)
     K = a.window if a.window > 1 else R
-    block = 2 * (S / R) * b * hku * d * e  # one K+V block
+    block = (S / R) * b * hku * (d + dv) * e  # one K+V block
     ring_group = list(a.ring_group) or list(range(R))
     inner_cls = "intra" if all(ring_hops(ring_group[x * K:(x + 1) * K], G) == "intra" for x in range(R // K)) \
         else "inter"
     outer_cls = ring_hops(ring_group[::K], G) if R > K else inner_cls
     c = S // (2 * R)
-    again = RING_AGAIN[a.kv_cache]
+    again = 1 - _again(a.kv_cache, d, dv) / (d + dv)  # share of the blocks backward sends again
     # per step: (blocks sent, FLOPs per pair, exchanges posted); backward sends K/V again (policy) and dK/dV
-    phases = {"forward": (1.0, FWD_FLOPS_PER_PAIR, 1),
-              "backward": (again + 1.0, BWD_FLOPS_PER_PAIR, 1 if a.overlap or again == 0 else 2)}
+    per_pair = pair_flops(d, dv)
+    phases = {"forward": (1.0, per_pair["forward"], 1),
+              "backward": (again + 1.0, per_pair["backward"], 1 if a.overlap or again == 0 else 2)}
     if forward_only:
         del phases["backward"]
-    for blocks, per_pair, exchanges in phases.values():
+    for blocks, flops, exchanges in phases.values():
         for step in range(R):
-            comp = dev.compute_s(per_pair * d * ring_step_pairs(S, R, step) * hu * b, 2 * c if step == 0 else c)
+            comp = dev.compute_s(flops * ring_step_pairs(S, R, step) * hu * b, 2 * c if step == 0 else c)
             out["compute"] += comp
             if step == R - 1:
                 continue  # P-1 hops per pass: the last block needs no successor

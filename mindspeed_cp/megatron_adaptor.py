@@ -13,6 +13,8 @@ Usage (MindSpeed's convention)::
 """
 from __future__ import annotations
 
+import functools
+import importlib
 from typing import Any, Optional
 
 from . import attention, batch, device, megatron_lm
@@ -127,6 +129,18 @@ def _te_available() -> bool:
     return bool(HAVE_TE)
 
 
+@functools.lru_cache(maxsize=None)  # asked before the patch corrects the flag: the release's own state
+def _mla_sees_te_stub() -> bool:
+    """megatron-core 0.14-0.16 without Transformer Engine: MLA's module flag HAVE_TE is True (its TE names
+    imported from Megatron's MagicMock stand-in) while the TE extension's own is False."""
+    try:
+        mla = importlib.import_module("megatron.core.transformer.multi_latent_attention")
+        te_ext = importlib.import_module("megatron.core.extensions.transformer_engine")
+    except ImportError:
+        return False
+    return getattr(mla, "HAVE_TE", False) is True and getattr(te_ext, "HAVE_TE", True) is False
+
+
 # ----------------------------------------------------------------------------- the list
 PATCHES = PatchRegistry()
 for _patch in (
@@ -158,10 +172,11 @@ for _patch in (
           "TE spec: run the configured algorithm around (or instead of) TE's attention (untested here)",
           when=_te_available, when_doc="Transformer Engine importable"),
     Patch("megatron.core.transformer.multi_latent_attention.HAVE_TE", replace(False),
-          "without Transformer Engine megatron-core stands in mocks for TE's classes, so MLA believes TE is there and "
-          "its constructor fails on isinstance(linear_proj, TELinear): MLA with the local spec must see no TE",
-          when=lambda: not _te_available(), when_doc="Transformer Engine not importable",
-          versions="0.16+ (the mocks), a no-op where the flag is already False"),
+          "without Transformer Engine megatron-core stands a MagicMock in for it, so MLA's `from ...transformer_engine "
+          "import TELinear` succeeds, MLA sets its HAVE_TE and its constructor raises on isinstance(linear_proj, "
+          "TELinear): every MLA model fails to build. The flag says what is installed",
+          when=_mla_sees_te_stub, when_doc="no Transformer Engine, MLA's HAVE_TE wrongly True",
+          versions="0.14 - 0.16 (0.12 - 0.13 have no such check; 0.17+ imports HAVE_TE from the TE extension)"),
     Patch("megatron.core.tensor_parallel.random.model_parallel_cuda_manual_seed",
           wrap(attention.model_parallel_cuda_manual_seed),
           "also seed one attention-dropout stream per CP rank for the Ulysses level (Megatron's stream is seeded "
@@ -193,6 +208,10 @@ for _patch in (
           wrap(batch.rotary_forward),
           "RoPE's table is cached by length with this rank's slice in it; packed documents change the slice with "
           "every batch, so the cache is bypassed for them"),
+    Patch("megatron.core.models.common.embeddings.yarn_rotary_pos_embedding.YarnRotaryEmbedding.forward",
+          wrap(batch.rotary_forward),
+          "YaRN RoPE (MLA's default) caches its table the same way: bypassed for packed documents",
+          versions="all (YaRN from 0.12)"),
     Patch("megatron.core.models.common.embeddings.rotary_pos_embedding.RotaryEmbedding.get_rotary_seq_len",
           wrap(batch.get_rotary_seq_len),
           "RoPE table covers the global length when Ulysses lengths are unaligned (Megatron assumes s*CP)"),

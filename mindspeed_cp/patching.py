@@ -55,6 +55,9 @@ def wrap(impl: Callable) -> Callable[[Any], Any]:
             return impl(original, *args, **kwargs)
 
         replacement.__mindspeed_cp_original__ = original
+        for attr in ("cache_clear", "cache_info"):  # an lru_cache'd original: its cache stays reachable
+            if hasattr(original, attr):
+                setattr(replacement, attr, getattr(original, attr))
         return replacement
 
     return make
@@ -163,8 +166,9 @@ class Patch:
                     pass
             else:
                 setattr(owner, name, original)
-        if self._undo and self._undo[0][2] is not _MISSING:
+        if self._undo and self._undo[0][2] is not _MISSING and callable(self._undo[0][2]):
             # modules imported after the patch bound the replacement itself (`from x import f`): restore them too
+            # (callables only, as apply rebinds: a replaced value such as False is shared by unrelated names)
             owner, name, original = self._undo[0]
             root = self.target.split(".")[0]
             for mod_name, mod in list(sys.modules.items()):

@@ -100,7 +100,18 @@ def model_from(args: argparse.Namespace) -> Model:
                          + " (or --model NAME|FILE.conf)")
     vocab = args.vocab_size or int(conf.get("VOCAB_SIZE", 50304))
     name = os.path.basename(args.model)[:-5] if args.model and args.model.endswith(".conf") else (args.model or "")
-    return Model(vocab_size=vocab, swiglu=args.swiglu, name=name, **values)
+    return Model(vocab_size=vocab, swiglu=args.swiglu, name=name, **values, **_head_sizes(conf.get("MODEL_ARGS", "")))
+
+
+def _head_sizes(model_args: str) -> Dict[str, int]:
+    """MLA's head sizes from a model conf's Megatron-LM flags (``--multi-latent-attention --qk-head-dim 24
+    --qk-pos-emb-head-dim 8 --v-head-dim 16``): the query/key head is qk + rope, the value head its own."""
+    flags = model_args.split()
+    if "--multi-latent-attention" not in flags:
+        return {}
+    value = lambda flag, default: int(flags[flags.index(flag) + 1]) if flag in flags else default  # noqa: E731
+    qk = value("--qk-head-dim", 128) + value("--qk-pos-emb-head-dim", 64)  # Megatron-LM's defaults
+    return {"kv_channels": qk, "v_head_dim": value("--v-head-dim", 128)}
 
 
 # ----------------------------------------------------------------------------- enumeration
@@ -179,7 +190,7 @@ def memory(model: Model, dev: Device, S: int, b: int, tp: int, pp: int, world: i
     if config.context_parallel_kv_cache_policy and cp > 1 and config.ring_size > 1:
         hk = max(model.kv_heads / tp, config.ulysses_size) / config.ulysses_size
         per_layer = ring_kv_cache(S, config.ring_size, b, hk, model.head_dim, e,
-                                  config.context_parallel_kv_cache_policy)["saved"]
+                                  config.context_parallel_kv_cache_policy, dv=model.v_dim)["saved"]
         kv = per_layer * (1 if recompute == "full" else model.num_layers)
     logits = 4 * tokens * b * model.vocab_size / tp  # fp32 logits of the last stage
     total = weights + act + kv + logits

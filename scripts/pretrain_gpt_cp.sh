@@ -14,7 +14,9 @@
 #   NNODES [preset]  GPUS_PER_NODE [8]  NODE_RANK [0]  MASTER_ADDR [localhost]  MASTER_PORT [6000]
 #   TRAIN_ITERS [20000]  PYTHON [python3]  TORCHRUN [torchrun]  DISTRIBUTED_BACKEND [nccl; gloo on a CPU]
 #   MODEL=NAME         configs/models/NAME.conf replaces the script's model size, keeping its sequence length
-#                      (MODEL=tiny: a 2-layer GPT to debug the launch on a laptop or in CI)
+#                      (MODEL=tiny: a 2-layer GPT to debug the launch on a laptop or in CI; deepseek-tiny: MLA +
+#                      MoE + MTP; gpt-oss-tiny: GQA + learnable sinks + MoE). A model conf may set NUM_QUERY_GROUPS
+#                      (GQA), EP (--expert-model-parallel-size) and MODEL_ARGS (its other Megatron-LM flags).
 #   DEVICE [auto]      auto: an accelerator if torch sees one, else the CPU; gpu; cpu. On the CPU the command
 #                      uses gloo ranks and fp32 (one line says so) - Megatron-LM then trains through
 #                      mindspeed-cp's CPU support.
@@ -114,6 +116,11 @@ GPT_ARGS=(
   --attention-dropout 0.0 --hidden-dropout 0.0 "${PRECISION[@]}"
   --distributed-backend "$DISTRIBUTED_BACKEND"
 )
+# a model conf's own Megatron-LM flags (MLA, MoE, MTP, sinks: configs/models/deepseek-tiny.conf, gpt-oss-tiny.conf)
+[[ -n ${NUM_QUERY_GROUPS:-} ]] && GPT_ARGS+=(--group-query-attention)
+[[ -n ${EP:-} ]] && GPT_ARGS+=(--expert-model-parallel-size "$EP")
+read -r -a MODEL_EXTRA <<< "${MODEL_ARGS:-}"
+GPT_ARGS+=("${MODEL_EXTRA[@]}")
 # causal attention needs no S x S mask (1 GiB per sample at 32k); the general mask is read from the batch
 [[ $ATTENTION_MASK_TYPE == causal ]] && CP_FLAGS+=(--no-create-attention-mask-in-dataloader)
 

@@ -41,14 +41,16 @@ def quick(tmp_path_factory):
 
 
 def _design_textbook(r):
-    """DESIGN.md section 3, written out again here (s = S/P local tokens)."""
+    """DESIGN.md section 3, written out again here (s = S/P local tokens), with MLA's value head size dv in the
+    place of d for V and the output (dv = d otherwise)."""
     S, P, b, h, hk, d, e = (r[k] for k in ("seq", "cp", "batch", "heads", "kv_heads", "head_dim", "dtype_bytes"))
+    dv = r["v_head_dim"]
 
     def uly(S, P, h, hk):
-        return 2 * (P - 1) / P * (S / P) * b * d * (2 * h + 2 * hk) * e
+        return 2 * (P - 1) / P * (S / P) * b * (h * d + hk * d + hk * dv + h * dv) * e
 
     def ring(S, P, hk):
-        return 3 * (P - 1) * 2 * (S / P) * b * hk * d * e
+        return 3 * (P - 1) * (S / P) * b * hk * (d + dv) * e
 
     if r["algo"] == "ulysses":
         return uly(S, P, h, hk)
@@ -56,7 +58,7 @@ def _design_textbook(r):
         return ring(S, P, hk)
     U = r["ulysses_degree"]
     R = P // U
-    return 2 * (U - 1) / U * (S / P) * b * d * (2 * h + 2 * hk) * e + ring(S, R, hk / U)
+    return uly(S / R, U, h, hk) + ring(S, R, hk / U)
 
 
 def test_every_field_and_variant(quick):
@@ -68,6 +70,8 @@ def test_every_field_and_variant(quick):
         assert r["comm_bytes_textbook"] == pytest.approx(_design_textbook(r), rel=1e-12)
     seen = {(r["algo"], r["cp"]) for r in records}
     assert {("ulysses", 2), ("ring", 2), ("ulysses", 4), ("ring", 4), ("double_ring", 4), ("hybrid", 4)} <= seen
+    mla = {r["algo"] for r in records if r["v_head_dim"] != r["head_dim"]}  # MLA: the value head size its own
+    assert mla == {"ulysses", "ring", "hybrid"}, mla
     for name in ("cpu.md", "ratios_vs_cp.png", "ratios_vs_seq.png", "scale_cp4.png"):
         assert (out / name).stat().st_size > 0, name
 

@@ -25,7 +25,7 @@ def test_tables_on_the_cpu(tmp_path):
     page = out.read_text()
     assert "### 1. Kernels vs float64" in page and "### 3. Ulysses' local attention" in page
     rows = [line for line in page.splitlines() if line.startswith("| torch | float32 |")]
-    assert {r.split("|")[3].strip() for r in rows} == {"causal", "mask", "gqa", "dropout"}
+    assert {r.split("|")[3].strip() for r in rows} == {"causal", "mask", "gqa", "dropout", "mla", "mla-mask", "mla-gqa"}
     for r in rows:  # every fp32 error below 1e-5, and the route each call took is named
         cells = [c.strip() for c in r.split("|")]
         assert all(float(x) < 1e-5 for x in cells[4:8]), r

@@ -3,15 +3,14 @@ schedules with p2p, timers) with CP equals the same run at CP=1 - on gloo ranks,
 
 ``tests/megatron_loop.py`` wires it as Megatron-LM's ``train`` does; this is what CI (no Megatron-LM
 checkout) sees of the real training loop. The reference has the same TP / PP layout at CP=1 and the same
-global batch (4 sequences, CP=1 spreads the ranks over data parallelism). Tolerance, per step, float32 (sums
-taken in another order): 2e-6 absolute on the loss (about 4.9), 2e-6 relative on the grad norm (0.8 - 2.5).
+global batch (4 sequences, CP=1 spreads the ranks over data parallelism). Tolerance per step, float32:
+``tests.megatron_loop.step_tolerance`` (1e-6 / 2e-6 relative at the first step, then Adam's
+measured drift).
 """
 import pytest
 
 from tests.dist import run_on_ranks
-from tests.megatron_loop import train
-
-TOL = 2e-6
+from tests.megatron_loop import step_tolerance, train
 RING = dict(context_parallel_algo="megatron_cp_algo")
 
 CASES = {  # name: (CP case, its CP=1 reference)
@@ -34,6 +33,7 @@ def test_training_loop_with_cp_equals_cp1(name):
     for g, w in zip(got, want):
         assert len(g["losses"]) == 4
         for step, (a, b, x, y) in enumerate(zip(g["losses"], w["losses"], g["grad_norms"], w["grad_norms"])):
-            assert abs(a - b) <= TOL and abs(x - y) <= TOL * max(1.0, abs(y)), (name, step, g, w)
+            loss_tol, norm_tol = step_tolerance(step)
+            assert abs(a - b) <= loss_tol * abs(b) and abs(x - y) <= norm_tol * abs(y), (name, step, g, w)
     assert got[0]["losses"][-1] < got[0]["losses"][0]  # it trains
     assert "forward-compute" in got[0]["timers"]  # the schedules' timers ran (torch.cuda.synchronize inside)

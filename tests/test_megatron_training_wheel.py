@@ -23,6 +23,7 @@ import os
 import pytest
 
 from mindspeed_cp.demo_megatron_lm import TINY_GPT, run_pretrain_gpt
+from tests.megatron_loop import step_tolerance
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -47,7 +48,6 @@ _REASON = _why_not()
 pytestmark = pytest.mark.skipif(bool(_REASON), reason=_REASON)
 
 ITERS = 4
-TOL = 2e-6
 ALGORITHMS = {
     "ulysses": ["--context-parallel-algo", "ulysses_cp_algo"],
     "ring_overlap": ["--context-parallel-algo", "megatron_cp_algo", "--use-cp-send-recv-overlap"],
@@ -73,8 +73,11 @@ def test_cp4_equals_cp1(name):
     assert "context-parallel size: 4" in got.output  # Megatron's own summary of the layout
     assert [r["iteration"] for r in got.records] == [r["iteration"] for r in ref.records] == list(range(1, ITERS + 1))
     dl = max(abs(a - b) for a, b in zip(got.losses, ref.losses))
-    dg = max(abs(a - b) for a, b in zip(got.grad_norms, ref.grad_norms))
+    dg = max(abs(a - b) / abs(b) for a, b in zip(got.grad_norms, ref.grad_norms))
     print(f"\n{name}: lm loss {' '.join(f'{x:.7f}' for x in got.losses)} | max |dloss| {dl:.2e} | "
-          f"max |dgrad norm| {dg:.2e} | {got.seconds:.0f} s (CP=1 {ref.seconds:.0f} s)")
+          f"max |dgrad norm| / grad norm {dg:.2e} | {got.seconds:.0f} s (CP=1 {ref.seconds:.0f} s)")
     assert all(r["skipped"] == 0 for r in got.records)
-    assert dl <= TOL and dg <= TOL, (name, got.losses, ref.losses, got.grad_norms, ref.grad_norms)
+    for step, (a, b, x, y) in enumerate(zip(got.losses, ref.losses, got.grad_norms, ref.grad_norms)):
+        loss_tol, norm_tol = step_tolerance(step)
+        assert abs(a - b) <= loss_tol * abs(b) and abs(x - y) <= norm_tol * abs(y), (name, step, got.losses, ref.losses,
+                                                                           got.grad_norms, ref.grad_norms)

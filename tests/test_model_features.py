@@ -25,7 +25,8 @@ LOSS_TOL = 1e-5  # per-token losses ~5: measured max 9.5e-7
 GRAD_TOL = 1e-4  # relative to the largest reference gradient: measured max 3.3e-7
 WEIGHT_TOL = 1e-5  # after SGD steps (lr 0.5): measured max
 MLA = dict(q_lora_rank=None, kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=12,
-           rope_type="rope", multi_latent_attention=True)
+           rope_type="yarn", rotary_scaling_factor=4.0, original_max_position_embeddings=16,
+           multi_latent_attention=True)
 FLAGS = ("context_parallel_algo", "ulysses_degree_in_cp", "cp_window_size", "use_cp_send_recv_overlap",
          "megatron_cp_in_bnsd", "context_parallel_kv_cache_policy", "use_ulysses_allgather_kv")
 
@@ -150,6 +151,12 @@ def _variant(spec, variant, state, tokens):
     model, ddp = _model(spec, seed=11)
     model.load_state_dict(state)
     params = None
+    if spec.get("before"):  # an earlier batch with other documents (RoPE tables are cached by length)
+        other = dict(batch, position_ids=torch.cat([torch.arange(n) for n in spec["before"]]).expand_as(
+            batch["position_ids"]).contiguous())
+        with torch.no_grad():
+            prev = get_batch_on_this_cp_rank(other)
+            model(prev["tokens"], prev["position_ids"], None, labels=prev["labels"])
     if thd is not None:
         from megatron.core.utils import get_thd_batch_on_this_cp_rank
 
@@ -260,9 +267,18 @@ MLA_VARIANTS = [dict(cp=4, context_parallel_algo=U), dict(cp=4, context_parallel
 
 
 def test_mla_stock_local_spec_matches_cp1():
-    """MLA (qk head 16 + 8 rope, v head 12) with megatron-core's own local MLA spec (which passes k_channels /
-    v_channels to the core attention) under every algorithm and KV-cache policy = CP=1."""
+    """MLA (qk head 16 + 8 rope, v head 12, YaRN RoPE) with megatron-core's own local MLA spec (which passes
+    k_channels / v_channels to the core attention) under every algorithm and KV-cache policy = CP=1."""
     _check(4, dict(seq=32, model=dict(mla=MLA), variants=MLA_VARIANTS))
+
+
+def test_mla_with_mtp_and_packed_documents_matches_cp1():
+    """MLA + MTP with packed documents after an earlier batch of other documents (YaRN's table is cached by length:
+    the documents' positions change with every batch) and plain MLA with the rope variant."""
+    _check(4, dict(seq=50, documents=[7, 1, 30, 12], before=[33, 17], batch=1, model=dict(MTP, mla=MLA),
+                   variants=[dict(cp=4, context_parallel_algo=R), dict(cp=4, context_parallel_algo=H,
+                                                                      ulysses_degree_in_cp=2)]))
+    _check(2, dict(seq=32, model=dict(mla=dict(MLA, rope_type="rope")), variants=[dict(cp=2, context_parallel_algo=U)]))
 
 
 # ----------------------------------------------------------------------------------------------- learnable sinks

@@ -218,13 +218,8 @@ def _mla_gpt(rope_type):
         v_head_dim=8, rope_type=rope_type, normalization="RMSNorm", rotary_scaling_factor=4.0,
         original_max_position_embeddings=16)
     spec = get_gpt_layer_local_spec(multi_latent_attention=True, normalization="RMSNorm")
-    try:
-        model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=128, max_sequence_length=32,
-                         position_embedding_type="none")
-    except TypeError as e:  # MLA builds its RoPE first, then core attention with k_channels / v_channels
-        if "unexpected keyword argument 'k_channels'" in str(e):
-            return {"blocked": str(e)}
-        raise
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=128, max_sequence_length=32,
+                     position_embedding_type="none")
     loss = lm_loss(model, fixed_batch(seq=32))
     loss.backward()
     return {"loss": loss.item(), "grads_finite": all(torch.isfinite(p.grad).all() for p in model.parameters())}
@@ -232,16 +227,13 @@ def _mla_gpt(rope_type):
 
 @pytest.mark.parametrize("rope_type", ["yarn", "rope"])
 def test_mla_local_spec_on_cpu(rope_type):
-    """An MLA GPT with megatron-core's stock local spec, CP=1: its RoPE (YaRN or plain) builds on the CPU and
-    MLA does not trip over the Transformer Engine stand-in. Megatron's local DotProductAttention (0.16.1) has no
-    k_channels / v_channels, which the local MLA spec passes: until the plugin's attention accepts them the
-    build stops there (after the RoPE), and the forward is expected to fail."""
+    """An MLA GPT with megatron-core's stock local spec, CP=1: its RoPE (YaRN or plain) builds on the CPU, MLA
+    does not trip over the Transformer Engine stand-in, and Megatron's local DotProductAttention takes the
+    k_channels / v_channels the local MLA spec passes (the plugin's constructor; CP > 1: test_model_features)."""
     import mindspeed_cp.megatron_adaptor  # noqa: F401
     from megatron.core.extensions import transformer_engine as te_ext
     from megatron.core.transformer import multi_latent_attention as mla
 
     assert getattr(mla, "HAVE_TE", False) == getattr(te_ext, "HAVE_TE", False)
     (r,) = run_on_ranks(1, _mla_gpt, rope_type)
-    if "blocked" in r:
-        pytest.xfail(f"MLA's core attention: {r['blocked']}")
     assert r["grads_finite"] and 4.0 < r["loss"] < 6.0, r

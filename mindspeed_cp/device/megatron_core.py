@@ -4,10 +4,10 @@ Everything else megatron-core does on "the device" (masks, RoPE tables, scratch 
 outputs, ``broadcast_data``, DDP buffers, optimizers, schedules) goes through :mod:`.emulation`. These
 remain because their CUDA use is not a device *argument*: the tracker reads and writes the CUDA generator
 objects themselves, weight placement is a choice between two initialisation paths, and the MoE all-to-all
-dispatcher asks ``tensor.is_cuda`` before bringing its split sizes to the host. Two more are megatron-core
-0.13 - 0.16 defects without Transformer Engine (which a CPU never has): the router's gating linear reads an
-unbound ``te_general_gemm``, MLA takes Megatron's MagicMock stand-in for TE as TE. Each of those applies only
-where the defect is there. The flex MoE dispatcher (DeepEP / HybridEP CUDA kernels) is refused by name.
+dispatcher asks ``tensor.is_cuda`` before bringing its split sizes to the host. One more is a megatron-core
+0.13 - 0.16 defect without Transformer Engine (which a CPU never has): the router's gating linear reads an
+unbound ``te_general_gemm``; it applies only where the defect is there. (MLA taking Megatron's MagicMock
+stand-in for TE as TE is a defect with or without an accelerator: ``megatron_adaptor``'s list.) The flex MoE dispatcher (DeepEP / HybridEP CUDA kernels) is refused by name.
 
 Decisions
 - Weights: on the CPU "initialise on the device" *is* CPU initialisation, so ``use_cpu_initialization``
@@ -35,7 +35,7 @@ import importlib
 
 import torch
 
-from ..patching import Hook, Patch, replace, wrap
+from ..patching import Patch, replace, wrap
 from .emulation import cpu_only as _cpu_only
 
 
@@ -135,35 +135,6 @@ def _refuse_flex(original, self, *args, **kwargs):
         "'allgather'")
 
 
-# ----------------------------------------------------------------------------- MLA without TE
-_MLA = "megatron.core.transformer.multi_latent_attention"
-
-
-@functools.lru_cache(maxsize=None)  # asked first before the patch corrects the flag
-def _mla_sees_te_stub() -> bool:
-    """megatron-core 0.14-0.16 without Transformer Engine: ``extensions.transformer_engine`` stands a MagicMock
-    in for ``transformer_engine``, so MLA's ``from ...transformer_engine import TELinear`` succeeds, MLA sets its
-    own ``HAVE_TE = True`` and ``isinstance(self.linear_proj, TELinear)`` raises TypeError (TELinear is a mock,
-    not a class). 0.17+ takes HAVE_TE from extensions.transformer_engine."""
-    try:
-        mla = importlib.import_module(_MLA)
-        te_ext = importlib.import_module("megatron.core.extensions.transformer_engine")
-    except ImportError:
-        return False
-    return getattr(mla, "HAVE_TE", False) is True and getattr(te_ext, "HAVE_TE", True) is False
-
-
-def _mla_te_flag_false():
-    """Set MLA's module flag (a value, not a function: a Hook, so no other module's HAVE_TE is touched)."""
-    mla = importlib.import_module(_MLA)
-    mla.HAVE_TE = False
-
-    def undo() -> None:
-        mla.HAVE_TE = True
-
-    return undo
-
-
 # ----------------------------------------------------------------------------- the list
 def _cpu_patch(target: str, make, why: str) -> Patch:
     return Patch(target=target, make=make, why=why, when=_cpu_only, when_doc="no accelerator")
@@ -202,12 +173,4 @@ PATCHES = [
           when=lambda: _cpu_only() and _router_gemm_unbound(),
           when_doc="no accelerator, no Transformer Engine (te_general_gemm unbound)", create=True,
           versions="0.13 - 0.16 (0.12's router uses F.linear; 0.17+ binds None itself)"),
-    # MLA
-    Hook(f"{_MLA}.HAVE_TE (set to False)", _mla_te_flag_false,
-         "MLASelfAttention checks isinstance(linear_proj, TELinear) when its HAVE_TE is True; without Transformer "
-         "Engine that flag is True anyway (TELinear imports from megatron's MagicMock stand-in for TE) and the "
-         "check raises TypeError: every MLA model fails at construction. The flag says what is installed",
-         when=lambda: _cpu_only() and _mla_sees_te_stub(),
-         when_doc="no accelerator, no Transformer Engine (MLA's HAVE_TE wrongly True)",
-         versions="0.14 - 0.16 (0.12 - 0.13 have no such check; 0.17+ imports HAVE_TE from the TE extension)"),
 ]
