@@ -20,6 +20,9 @@ import torch
 from tests import features
 from tests.dist import run_on_ranks
 
+LOSS_TOL = 2e-6  # GPT loss ~5 against the reference run, absolute
+GRAD_TOL = 1e-5  # gradients, relative to the largest reference gradient
+
 SEED = 1234
 SEQ = 32
 HEADS = 4
@@ -147,7 +150,7 @@ def _same(a, b, exact=False):
         return a["loss"] == b["loss"] and all(torch.equal(a["grads"][n], b["grads"][n]) for n in a["grads"])
     scale = max(g.abs().max().item() for g in b["grads"].values())
     worst = max((a["grads"][n] - b["grads"][n]).abs().max().item() for n in a["grads"]) / scale
-    return abs(a["loss"] - b["loss"]) <= 2e-6 and worst <= 1e-5
+    return abs(a["loss"] - b["loss"]) <= LOSS_TOL and worst <= GRAD_TOL
 
 
 def test_kernel_dropout_is_the_same_whatever_the_layout():

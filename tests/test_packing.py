@@ -18,6 +18,8 @@ from tests import features
 from tests.dist import run_on_ranks
 
 TOL = 1e-5
+GPT_LOSS_TOL = 1e-5  # per-token losses ~5 against CP=1, absolute
+GPT_GRAD_TOL = 1e-5  # CP-summed gradients, relative to the largest reference gradient
 LENGTHS = [
     [[1, 17, 3, 29]],                    # S=50: unaligned, a length-1 document
     [[50]],                              # one single document (any length for Ring/Hybrid)
@@ -341,7 +343,7 @@ def test_gpt_with_packed_documents_matches_cp1(world, case):
     dense document mask, with position resets and no mask in the CP batch."""
     for rank, r in enumerate(run_on_ranks(world, _gpt_documents, case)):
         assert r["every_token_once"], (rank, r)
-        assert r["loss_err"] <= 2e-6 * 5 and r["grad_err"] <= 1e-5, (rank, r)
+        assert r["loss_err"] <= GPT_LOSS_TOL and r["grad_err"] <= GPT_GRAD_TOL, (rank, r)
         if case.get("general"):
             assert r["refused"] and "masks every key" in r["refused"] and "--seq-length" in r["refused"], r
 
@@ -471,7 +473,7 @@ def test_gpt_thd_batches_match_cp1(world, case):
     THD RoPE, its local attention with the document mask); misuse is refused on every rank."""
     for rank, r in enumerate(run_on_ranks(world, _gpt_thd, case)):
         assert r["every_token_once"], (rank, r)
-        assert r["loss_err"] <= 1e-5 and r["grad_err"] <= 1e-5, (rank, r)
+        assert r["loss_err"] <= GPT_LOSS_TOL and r["grad_err"] <= GPT_GRAD_TOL, (rank, r)
         e = r["errors"]
         assert "did not come from megatron.core.utils.get_thd_batch_on_this_cp_rank" in e["not_from_split"], e
         assert "the model got no packed_seq_params" in e["no_params"], e
