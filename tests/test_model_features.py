@@ -308,3 +308,25 @@ def _ring_with_sinks(algo):
 def test_sinks_refused_on_the_ring(algo):
     """Ring kernels have no softmax offset yet: refused by name at model build, on every rank."""
     expect_error_on_every_rank(4, _ring_with_sinks, algo, match=f"{algo} cannot compute softmax_type='learnable'")
+
+
+def _init_with_the_same_seed(cp):
+    import mindspeed_cp.megatron_adaptor as adaptor
+    from megatron.core import parallel_state as ps
+
+    from tests.gpt_helpers import build_gpt, init_parallel
+
+    init_parallel(cp=1)
+    ref = build_gpt(seq=32, heads=8, kv_heads=2, softmax_type="learnable", seed=7).state_dict()
+    ps.destroy_model_parallel()
+    adaptor.configure(context_parallel_size=cp)
+    init_parallel(cp=cp)
+    got = build_gpt(seq=32, heads=8, kv_heads=2, softmax_type="learnable", seed=7).state_dict()
+    tensors = [k for k, v in ref.items() if isinstance(v, torch.Tensor)]
+    return sorted(k for k in tensors if got[k].shape != ref[k].shape or not torch.equal(got[k], ref[k]))
+
+
+def test_learnable_offsets_initialise_as_at_cp1():
+    """Built from the same seed, a Ulysses model equals the CP=1 one - its offsets included (made whole and drawn
+    at the same point of the random stream, so the layers after it draw the same numbers too)."""
+    assert run_on_ranks(4, _init_with_the_same_seed, 4) == [[]] * 4

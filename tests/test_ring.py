@@ -20,7 +20,9 @@ from tests.attention_ref import reference_attention
 from tests.dist import expect_error_on_every_rank, run_on_ranks
 
 TOL = {"float32": 1e-5, "bfloat16": 5e-2}
-SAME_TOL = 1e-6  # two float32 runs of one problem (other options / causal given as a mask), absolute
+# two float32 runs of one problem (other options: merge orders differ; causal given as a mask), relative to the
+# largest output: measured at most 2e-7 (an absolute 1e-6 sat within 2x of it)
+SAME_TOL = 5e-6
 
 
 # ------------------------------------------------------------------------------------------- worker side
@@ -225,7 +227,8 @@ def test_options_agree_with_each_other(ring_run):
     for runs in by_data.values():
         for other in runs[1:]:
             for r in range(P):
-                assert (other[r]["out"] - runs[0][r]["out"]).abs().max() <= SAME_TOL
+                scale = runs[0][r]["out"].abs().max()
+                assert (other[r]["out"] - runs[0][r]["out"]).abs().max() <= SAME_TOL * scale
 
 
 def test_causal_as_general_mask_equals_causal(ring_run):
@@ -236,7 +239,7 @@ def test_causal_as_general_mask_equals_causal(ring_run):
     assert causal and len(general) == 2
     for g in general:
         for r in range(P):
-            assert (g[r]["out"] - causal[0][r]["out"]).abs().max() <= SAME_TOL
+            assert (g[r]["out"] - causal[0][r]["out"]).abs().max() <= SAME_TOL * causal[0][r]["out"].abs().max()
 
 
 def test_bytes_equal_textbook_volume(ring_run):

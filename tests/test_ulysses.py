@@ -26,8 +26,13 @@ from mindspeed_cp.ulysses import (DefaultGatherSizeCalculator, DistributedAttent
 from tests.attention_ref import NaiveLocalAttention, SDPALocalAttention, reference_attention
 from tests.dist import expect_error_on_every_rank, run_on_ranks
 
-TOL = {("float32", "naive"): 1e-5, ("float32", "sdpa"): 1e-5,
-       ("bfloat16", "naive"): 2e-2, ("bfloat16", "sdpa"): 5e-2}
+# float32: relative to the largest float64 reference value (measured at most 5.8e-7). bfloat16: the same local
+# attention at CP=1 (the whole sequence and every head, in bfloat16) sets the bar - its own error reaches 2.9e-2
+# (dk, SDPA), which a fixed bound of 5e-2 left within 1.7x, and bfloat16 kernels round differently from one CPU to
+# another. CP must stay within twice CP=1's error plus four bfloat16 roundings (2^-6): with fewer KV heads than
+# ranks the replicas' gradients are summed in bfloat16 (measured excess over 2 x CP=1 at most 3.2e-3).
+TOL = {"float32": 1e-5}
+BF16_TIMES_CP1, BF16_PLUS_TOL = 2.0, 2.0 ** -6
 WORLD = 4  # one pool of 4 gloo ranks for the whole file (starting a pool costs seconds)
 B, D = 2, 4  # batch, head size
 
@@ -96,8 +101,15 @@ def _run_case(c: dict, group) -> dict:
 
     out4 = out.unflatten(-1, (heads, D)) if c["flat"] else out
     refs = [ref] + [t.grad for t in ref_in]
-    return {name: err(ours, r)
-            for name, ours, r in zip(("out", "dq", "dk", "dv"), [out4] + [t.grad for t in local], refs)}
+    errors = {name: err(ours, r)
+              for name, ours, r in zip(("out", "dq", "dk", "dv"), [out4] + [t.grad for t in local], refs)}
+    if dtype == torch.bfloat16:  # the same local attention at CP=1: the whole sequence, every head
+        whole = [to_layout(t).clone().requires_grad_() for t in (q, k, v)]
+        one = attn_cls(causal=c["causal"], layout=c["layout"])(*whole, mask)
+        one.backward(to_layout(grad_out))
+        errors.update({f"{name}@cp1": err(to_layout(to_layout(ours)[rows]), r)
+                       for name, ours, r in zip(("out", "dq", "dk", "dv"), [one] + [t.grad for t in whole], refs)})
+    return errors
 
 
 def _cases_body(cases, group_ranks=None):
@@ -146,10 +158,11 @@ def _check(cases, results, worst):
     assert results
     for c, per_rank in zip(cases, zip(*results)):
         for errors in per_rank:
-            for name, e in errors.items():
-                kind = (c["dtype"], c["local"])
+            for name in ("out", "dq", "dk", "dv"):
+                e, kind = errors[name], (c["dtype"], c["local"])
                 worst[kind] = max(worst.get(kind, 0.0), e)
-                assert e <= TOL[kind], f"{name} error {e:.2e} > {TOL[kind]} in {c}"
+                bound = TOL.get(c["dtype"]) or BF16_TIMES_CP1 * errors[f"{name}@cp1"] + BF16_PLUS_TOL
+                assert e <= bound, f"{name} error {e:.2e} > {bound:.2e} in {c}"
 
 
 GROUPS = {2: [[0, 2], [1, 3]], 3: [[0, 1, 2]], 4: None}  # P=2 interleaved: group ranks are not global ranks
