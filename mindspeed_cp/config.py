@@ -30,6 +30,12 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _positive_int(flag: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CPConfigError(f"{flag} {value!r} must be a positive integer"
+                            + ("" if isinstance(value, int) else f" (got {type(value).__name__})"))
+
+
 @dataclass(frozen=True)
 class CPConfig:
     """The context-parallel options (MindSpeed's flag names and defaults).
@@ -126,6 +132,13 @@ class CPConfig:
         """Ring and Hybrid shard the sequence in 2*ring zigzag chunks (causal load balance)."""
         return self.ring_size > 1
 
+    def padded_seq_len(self, seq_len: int) -> int:
+        """The length a batch is padded to at its end before the split: the next multiple of 2 x CP for Ring and
+        Hybrid (their zigzag needs 2*CP equal chunks), the length itself otherwise. Exact for causal attention (no
+        real token sees a later pad) and for general masks (their pad columns are masked)."""
+        m = 2 * self.cp
+        return -(-seq_len // m) * m if self.cp > 1 and self.uses_zigzag else seq_len
+
     # ------------------------------------------------------------------ validation
     def validate(
         self,
@@ -142,12 +155,18 @@ class CPConfig:
 
         Arguments left as None are not checked (e.g. the CLI knows no head count). Returns ``self``.
 
-        Types are strict everywhere: the on/off options take ``bool`` only, sizes positive ``int`` only.
+        Types are strict everywhere: the on/off options take ``bool`` only, sizes, head counts, lengths and layer
+        counts positive ``int`` only (a string such as ``"8"`` is refused with the flag's name).
         With ``context_parallel_size=1`` no CP algorithm runs (Megatron keeps its own attention), so the rules
-        relative to CP (hybrid degrees, window vs ring size, ring-only options under Ulysses) are not applied:
-        a launch script keeps its CP flags for its CP=1 baseline run.
+        relative to CP (hybrid degrees, window vs ring size, ring-only options under Ulysses, a KV-cache policy,
+        the Ulysses all-gather) are not applied - the options are type-checked only: a launch script keeps its CP
+        flags for its CP=1 baseline run.
         """
         self._validate_options()
+        for flag, value in (("--num-attention-heads", num_attention_heads), ("--num-query-groups", num_query_groups),
+                            ("--seq-length", seq_length), ("--num-layers", num_layers), ("world size", world_size)):
+            if value is not None:
+                _positive_int(flag, value)
         self._validate_layout(world_size, tensor_model_parallel_size, pipeline_model_parallel_size)
         self._validate_heads(tensor_model_parallel_size, num_attention_heads, num_query_groups)
         self._validate_kv_cache(tensor_model_parallel_size, num_attention_heads, num_query_groups, num_layers)
@@ -218,7 +237,8 @@ class CPConfig:
                     f"use --cp-window-size 1 for a single ring ({algo})")
 
     def _validate_kv_cache(self, tp, heads, kv_heads, num_layers) -> None:
-        """MindSpeed's rules for the KV-cache flags (its ``validate_args``), and ours for the all-gather."""
+        """MindSpeed's rules for the KV-cache flags (its ``validate_args``), and ours for the all-gather. One
+        difference: MindSpeed refuses a policy at CP=1; here, as every CP option, it is type-checked only there."""
         policy, n, gather = (self.context_parallel_kv_cache_policy, self.context_parallel_cache_interval,
                              self.use_ulysses_allgather_kv)
         if policy is not None and policy not in KV_CACHE_POLICIES:
@@ -226,18 +246,14 @@ class CPConfig:
                                 f"{', '.join(KV_CACHE_POLICIES)} (or unset)")
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise CPConfigError(f"--context-parallel-cache-interval {n!r} must be an integer >= 0")
-        if policy is not None and self.cp == 1:
-            raise CPConfigError(f"--context-parallel-kv-cache-policy {policy} needs --context-parallel-size > 1")
         if n and policy is None:
             raise CPConfigError(f"--context-parallel-cache-interval {n} only applies with "
                                 f"--context-parallel-kv-cache-policy full|half")
         if n and num_layers is not None and n >= num_layers:
             raise CPConfigError(f"--context-parallel-cache-interval {n} must be smaller than --num-layers "
                                 f"{num_layers}")
-        if not gather:
+        if not gather or self.cp == 1:  # CP=1 runs no CP algorithm: type checks only (validate's docstring)
             return
-        if self.cp == 1:
-            raise CPConfigError("--use-ulysses-allgather-kv needs --context-parallel-size > 1")
         if self.context_parallel_algo != ULYSSES:
             raise CPConfigError(f"--use-ulysses-allgather-kv needs --context-parallel-algo ulysses_cp_algo "
                                 f"(got {self.context_parallel_algo})")
@@ -256,12 +272,9 @@ class CPConfig:
 
     def _validate_layout(self, world_size, tp, pp) -> None:
         for name, v in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise CPConfigError(f"{name} {v!r} must be a positive integer")
+            _positive_int(name, v)
         if world_size is None:
             return
-        if not isinstance(world_size, int) or world_size < 1:
-            raise CPConfigError(f"world size {world_size!r} must be a positive integer")
         mp = tp * pp * self.cp
         if world_size % mp:
             raise CPConfigError(

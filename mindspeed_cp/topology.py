@@ -61,21 +61,33 @@ def orthogonal_groups(sizes: Sequence[int], mask: Sequence[bool]) -> Groups:
     return [[base + off for off in inner] for base in _offsets(sizes, [i for i, m in enumerate(mask) if not m])]
 
 
-def orthogonal_group_of(sizes: Sequence[int], mask: Sequence[bool], rank: int) -> List[int]:
-    """The group of :func:`orthogonal_groups` that holds ``rank``, without building the others."""
-    base, stride = 0, 1
+def orthogonal_group_of(sizes: Sequence[int], mask: Sequence[bool], rank: int) -> Sequence[int]:
+    """The group of :func:`orthogonal_groups` that holds ``rank``, without building the others (a ``range`` when
+    one dimension is masked: the group is then an arithmetic progression)."""
+    base, stride, strides = 0, 1, []
     for size, masked in zip(sizes, mask):
         if not masked:
             base += (rank // stride) % size * stride
+        strides.append(stride)
         stride *= size
-    return [base + off for off in _offsets(sizes, [i for i, m in enumerate(mask) if m])]
+    dims = [i for i, m in enumerate(mask) if m]
+    if len(dims) == 1:
+        return range(base, base + sizes[dims[0]] * strides[dims[0]], strides[dims[0]])
+    return [base + off for off in _offsets(sizes, dims)]
 
 
-def _split(groups: Groups, size: int) -> Groups:
+def _split(groups: Groups, size: int, rank: Optional[int] = None) -> Groups:
+    """Pieces of ``size`` consecutive members; with ``rank``: only the piece holding it (``groups``: its group)."""
+    if rank is not None:
+        first = groups[0].index(rank) // size * size
+        return [groups[0][first:first + size]]
     return [g[i:i + size] for g in groups for i in range(0, len(g), size)]
 
 
-def _strided(groups: Groups, stride: int) -> Groups:
+def _strided(groups: Groups, stride: int, rank: Optional[int] = None) -> Groups:
+    """Every ``stride``-th member from each offset; with ``rank``: only the one holding it."""
+    if rank is not None:
+        return [groups[0][groups[0].index(rank) % stride::stride]]
     return [g[a::stride] for g in groups for a in range(stride)]
 
 
@@ -104,7 +116,7 @@ def rank_groups(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1, cp_algo:
     config = _checked(world_size, tp, pp, cp, cp_algo, ulysses_degree, window)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise LayoutError(f"rank {rank!r} is not one of 0..{world_size - 1}")
-    return groups_for(config, world_size, tp, pp, rank)
+    return {kind: list(g) for kind, g in groups_for(config, world_size, tp, pp, rank).items()}
 
 
 def _checked(world_size, tp, pp, cp, cp_algo, ulysses_degree, window) -> CPConfig:
@@ -127,14 +139,17 @@ def layout_for(config: CPConfig, world_size: int, tp: int = 1, pp: int = 1) -> D
     return layout
 
 
-def groups_for(config: CPConfig, world_size: int, tp: int = 1, pp: int = 1, rank: int = 0) -> Dict[str, List[int]]:
-    """``groups_of_rank(layout_for(...), rank)`` in time linear in the group sizes, not the world: the same
-    rules applied to the one CP group holding ``rank`` (the planner asks this for every candidate)."""
+def groups_for(config: CPConfig, world_size: int, tp: int = 1, pp: int = 1, rank: int = 0,
+               kinds: Optional[Sequence[str]] = None) -> Dict[str, Sequence[int]]:
+    """``groups_of_rank(layout_for(...), rank)`` (only ``kinds``, default all) without building the layout: the
+    same rules applied to the one CP group holding ``rank``. Groups that are arithmetic progressions come as
+    ``range`` objects, so the planner's question for every candidate costs next to nothing at any world size."""
     sizes = _sizes(config, world_size, tp, pp)
-    out = {kind: orthogonal_group_of(sizes, mask, rank) for kind, mask in _MASKS.items()}
-    for kind, groups in _cp_subgroups(config, [out["cp"]]).items():
-        out[kind] = next(g for g in groups if rank in g)
-    return out
+    wanted = set(kinds or (*_MASKS, *CP_KINDS))
+    out = {kind: orthogonal_group_of(sizes, mask, rank) for kind, mask in _MASKS.items()
+           if kind in wanted or kind == "cp"}
+    out.update({kind: groups[0] for kind, groups in _cp_subgroups(config, [out["cp"]], rank).items()})
+    return {kind: g for kind, g in out.items() if kind in wanted}
 
 
 # tp-cp-ep-dp-pp (EP = 1): the dimensions each base kind spans
@@ -146,25 +161,27 @@ def _sizes(config: CPConfig, world_size: int, tp: int, pp: int) -> List[int]:
     return [tp, config.cp, 1, world_size // (tp * pp * config.cp), pp]  # tp-cp-ep-dp-pp
 
 
-def _cp_subgroups(config: CPConfig, cp_groups: Groups) -> Dict[str, Groups]:
-    """The Ulysses / ring / Double Ring kinds carved out of ``cp_groups`` (none at CP = 1)."""
+def _cp_subgroups(config: CPConfig, cp_groups: Groups, rank: Optional[int] = None) -> Dict[str, Groups]:
+    """The Ulysses / ring / Double Ring kinds carved out of ``cp_groups`` (none at CP = 1); with ``rank``, of the
+    one CP group holding it, only the groups holding it."""
     if config.cp == 1:
         return {}
     algo = config.context_parallel_algo
+    own = [list(g) if isinstance(g, list) else g for g in cp_groups]  # the same members, not the same list
     if algo == ULYSSES:
-        return {"ulysses": [list(g) for g in cp_groups]}
+        return {"ulysses": own}
     out: Dict[str, Groups] = {}
     if algo == HYBRID:
-        out["ulysses"] = _split(cp_groups, config.ulysses_size)
-        rings = _strided(cp_groups, config.ulysses_size)
+        out["ulysses"] = _split(cp_groups, config.ulysses_size, rank)
+        rings = _strided(cp_groups, config.ulysses_size, rank)
     else:
         assert algo == RING
-        rings = [list(g) for g in cp_groups]
+        rings = own
     out["ring"] = rings
     k = config.cp_window_size
     if k > 1:
-        out["ring_intra_window"] = _split(rings, k)
-        out["ring_inter_window"] = _strided(rings, k)
+        out["ring_intra_window"] = _split(rings, k, rank)
+        out["ring_inter_window"] = _strided(rings, k, rank)
     return out
 
 
