@@ -352,7 +352,7 @@ def flags(entry: dict) -> str:
     return " ".join(out + [flag for flag, _ in _settings(entry) + _assumed(entry)])
 
 
-def preset(entry: dict, world: int, gpus_per_node: int, model: Model, S: int) -> str:
+def preset(entry: dict, world: int, gpus_per_node: int, model: Model, S: int, path: str = "THIS_FILE") -> str:
     """A preset for ``scripts/pretrain_gpt_cp.sh`` with everything the plan assumed: the layout, the CP options,
     the sequence and model shape, batch sizes (the global batch: one micro-batch per data-parallel rank),
     sequence parallelism, the distributed optimizer and recomputation."""
@@ -360,7 +360,7 @@ def preset(entry: dict, world: int, gpus_per_node: int, model: Model, S: int) ->
     model_lines = [f"{key}={getattr(model, field)}" for field, key in MODEL_KEYS.items()
                    if getattr(model, field) is not None]
     lines = [f"# written by mindspeed-cp plan: {model.name or 'model'} at {S} tokens on {world} devices "
-             f"({per_node} per node); run: bash scripts/pretrain_gpt_cp.sh {model.name or 'MODEL'} THIS_FILE",
+             f"({per_node} per node); run: bash scripts/pretrain_gpt_cp.sh {model.name or 'MODEL'} {path}",
              f"# {flags(entry)}",
              f"NNODES={nodes}", f"GPUS_PER_NODE={per_node}", f"TP={entry['tp']}", f"PP={entry['pp']}",
              f"CP={entry['config'].cp}", *[line for _, line in _settings(entry)],
@@ -476,8 +476,9 @@ def run(args: argparse.Namespace) -> str:
     if not result["ranked"]:
         raise UsageError("no feasible configuration: " + why_none(result["rejected"]))
     if args.write_preset:
-        write_text(args.write_preset, preset(result["ranked"][0], args.world_size, dev.gpus_per_node, model,
-                                             args.seq_length), "--write-preset")
+        text_ = preset(result["ranked"][0], args.world_size, dev.gpus_per_node, model, args.seq_length,
+                       args.write_preset)
+        write_text(args.write_preset, text_, "--write-preset")
     if args.format == "json":
         return as_json(result)
     return text(result, model, dev, args.seq_length, args.world_size, args.top, args.show_rejected)
