@@ -6,7 +6,7 @@
         --num-attention-heads 64 --seq-length 32768 --sequence-parallel
     python -m mindspeed_cp.check ...            # the same, without the mindspeed-cp command
 
-Takes Megatron-LM's flag names (the CP flags are registered by :func:`mindspeed_cp.megatron_lm.add_arguments`,
+Takes Megatron-LM's flag names (the CP flags are registered by :func:`mindspeed_cp.config.add_arguments`,
 the same function that adds them to Megatron-LM's parser) and runs the same checks as Megatron-LM's
 patched ``validate_args`` (:func:`mindspeed_cp.megatron_lm.check_args`). Prints a one-paragraph summary;
 an impossible configuration, like a bad argument (sizes, heads, lengths: positive integers), exits with
@@ -20,8 +20,7 @@ import sys
 from typing import List, Optional
 
 from .cliargs import OneLineParser, UsageError, integer
-from .config import ALGORITHMS, CPConfigError
-from .megatron_lm import add_arguments, check_args
+from .config import ALGORITHMS, CPConfigError, add_arguments
 
 PROG = "mindspeed-cp check"
 
@@ -60,6 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def summary(args: argparse.Namespace) -> dict:
     """The checked configuration and what each rank gets; raises CPConfigError."""
+    from .megatron_lm import check_args  # imports torch: only once the arguments parsed
+
     ns = argparse.Namespace(**vars(args))
     ns.group_query_attention = args.num_query_groups is not None
     config = check_args(ns)
