@@ -141,6 +141,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as e:
         print(f"{PROG} {args.command}: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:  # e.g. `patches` (megatron-core) or `check` (torch) in an environment without them
+        print(f"{PROG} {args.command}: cannot import {e.name or e} - install mindspeed-cp's requirements into this "
+              f"environment (torch>=2.1, megatron-core>=0.12: pip install -e <mindspeed-cp checkout>)", file=sys.stderr)
+        return 2
     output = getattr(args, "output", None)
     if output:
         try:

@@ -211,3 +211,21 @@ def test_configure_keeps_every_documented_call():
     finally:
         adaptor.configure(context_parallel_size=1)
     assert os.path.isdir(ROOT)
+
+
+def test_missing_requirements_are_one_line(tmp_path):
+    """An interpreter without torch / megatron-core (the base Python under this venv): the commands that need them
+    say so in one line (exit 2); groups and plan need neither."""
+    base = getattr(sys, "_base_executable", sys.executable)
+    probe = subprocess.run([base, "-c", "import torch"], capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip(f"{base} has torch")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    for argv in (["check", "--world-size", "8", "--cp", "2"], ["patches"]):
+        res = subprocess.run([base, "-m", "mindspeed_cp", *argv], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=60)
+        line = _one_line(res.returncode, res.stdout, res.stderr)
+        assert "cannot import torch" in line and "megatron-core>=0.12" in line, line
+    res = subprocess.run([base, "-m", "mindspeed_cp", "groups", "--world-size", "8", "--cp", "2", "--format", "json"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and json.loads(res.stdout)["cp"][0] == [0, 1], res.stderr
