@@ -5,9 +5,10 @@
     python -m benchmarks.cli_scale --src /tmp/old --name cli_scale_before   # another checkout's mindspeed_cp
 
 Each command runs as a user runs it: a fresh ``python -m mindspeed_cp`` process (interpreter start-up and imports
-included), its output written to a file. Reported: wall-clock seconds and the child's peak resident memory. A
-command that runs past ``--timeout`` is stopped and reported as "> timeout"; the larger sizes of that command are
-then skipped (they would take longer still). Not a test: timings depend on the machine and its load.
+included), its output written to a file. Reported: the child's CPU seconds (user + system: what other load on the
+machine changes least), wall-clock seconds and peak resident memory. A command that runs past ``--timeout`` (wall)
+is stopped and reported as "> timeout"; the larger sizes of that command are then skipped (they would take longer
+still). Not a test: timings depend on the machine and its load.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = [4096, 16384, 65536, 1048576]
 LAYOUT = ["--tp", "8", "--cp", "16", "--cp-algo", "hybrid_cp_algo", "--ulysses-degree-in-cp", "4",
           "--cp-window-size", "2"]
@@ -32,12 +34,12 @@ COMMANDS: Dict[str, List[str]] = {  # name -> arguments after `python -m mindspe
 }
 
 
-def run_one(argv: List[str], timeout: float, env: dict) -> dict:
-    """Wall seconds and peak RSS (MiB) of one command, its stdout into a scratch file."""
+def run_one(argv: List[str], timeout: float, env: dict, cwd: str) -> dict:
+    """Wall and CPU seconds and peak RSS (MiB) of one command, its stdout into a scratch file."""
     with tempfile.TemporaryFile() as sink:
         t0 = time.perf_counter()
         child = subprocess.Popen([sys.executable, "-m", "mindspeed_cp", *argv], stdout=sink,
-                                 stderr=subprocess.PIPE, env=env)
+                                 stderr=subprocess.PIPE, env=env, cwd=cwd)
         while True:
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
             if pid:
@@ -54,11 +56,12 @@ def run_one(argv: List[str], timeout: float, env: dict) -> dict:
         size = sink.tell()
     if child.returncode:
         raise RuntimeError(f"{' '.join(argv)}: exit {child.returncode}: {err.strip()[-300:]}")
-    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024, "output_bytes": size}
+    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "output_bytes": size}
 
 
 def measure(sizes: List[int], timeout: float, src: Optional[str]) -> List[dict]:
-    env = dict(os.environ)
+    env, cwd = dict(os.environ), src or ROOT  # `python -m` imports from its working folder first
     if src:
         env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     rows = []
@@ -67,7 +70,7 @@ def measure(sizes: List[int], timeout: float, src: Optional[str]) -> List[dict]:
         for world in sizes:
             argv = [str(world) if a == "W" else a for a in template]
             result = {"seconds": None, "timeout": timeout, "skipped": True} if stopped else \
-                run_one(argv, timeout, env)
+                run_one(argv, timeout, env, cwd)
             stopped = stopped or result["seconds"] is None
             rows.append(dict(command=name, world_size=world, argv=argv, **result))
             print(f"  {name:<38} {world:>9,} ranks: {_cell(rows[-1])}", flush=True)
@@ -76,15 +79,16 @@ def measure(sizes: List[int], timeout: float, src: Optional[str]) -> List[dict]:
 
 def _cell(row: dict) -> str:
     if row["seconds"] is None:
-        return f"> {row['timeout']:.0f} s" + (" (not run)" if row.get("skipped") else "")
-    return f"{row['seconds']:.1f} s, {row['peak_rss_mib']:.0f} MiB"
+        return f"> {row['timeout']:.0f} s wall" + (" (not run)" if row.get("skipped") else "")
+    return f"{row['cpu_seconds']:.1f} s ({row['seconds']:.1f} s wall), {row['peak_rss_mib']:.0f} MiB"
 
 
 def markdown(rows: List[dict], title: str) -> str:
     sizes = sorted({r["world_size"] for r in rows})
     lines = [f"# {title}", "", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
              f"load average at the end {os.getloadavg()[0]:.1f}. A fresh `python -m mindspeed_cp` process per cell "
-             "(start-up included); seconds, peak resident memory.", "",
+             "(start-up included): CPU seconds of the process (what load on the machine changes least), wall seconds, peak "
+             "resident memory.", "",
              "| command | " + " | ".join(f"{w:,} ranks" for w in sizes) + " |",
              "|---|" + "---|" * len(sizes)]
     for name in COMMANDS:
