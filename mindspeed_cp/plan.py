@@ -14,7 +14,7 @@ tokens per second per device (:mod:`mindspeed_cp.costmodel`: one transformer lay
 rank, times TP x CP devices per sequence; ``--rank-by attention``: the core attention alone). Groups and link
 classes come from :func:`mindspeed_cp.topology.groups_for` - the rules the runtime builds its groups with
 (:func:`~mindspeed_cp.topology.rank_layout`), for rank 0 only, so each candidate costs its group sizes, not the
-world (16,384 ranks in seconds). Every argument is checked up front (a bad one: exit 2, one line naming it).
+world (a million ranks in ~2.5 s; benchmarks/cli_scale.py). Every argument is checked up front (a bad one: exit 2, one line naming it).
 
 Decisions
 - The model is a ranking tool, not a stopwatch: its constants (``mindspeed_cp/devices/*.json``, each citing its
