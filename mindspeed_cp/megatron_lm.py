@@ -25,7 +25,6 @@ Megatron-LM's own context-parallel rules and what happens to them (0.16.1, ``meg
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 from typing import Any, List, Optional
 
