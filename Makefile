@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-compat test-megatron-lm megatron-lm-deps demo demo-megatron-lm bench bench-peers gpu-check groups-example clean
+.PHONY: setup test test-compat test-megatron-lm megatron-lm-deps demo demo-megatron-lm bench bench-cli bench-peers gpu-check groups-example clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,10 @@ demo: setup
 
 bench: setup
 	$(VPY) -m benchmarks.run
+
+# mindspeed-cp groups / plan at 4,096 - 1,048,576 ranks (a few minutes): benchmarks/results/cli_scale.{json,md}
+bench-cli: setup
+	$(VPY) -m benchmarks.cli_scale
 
 # Peers side by side (DeepSpeed and yunchang Ulysses, PyTorch and yunchang rings, USP; issue 16): own venv in .peers/ (built once, ~1 GB),
 # results in benchmarks/results/peers.md / .json. QUICK=1 for tiny sizes.

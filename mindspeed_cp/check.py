@@ -6,10 +6,11 @@
         --num-attention-heads 64 --seq-length 32768 --sequence-parallel
     python -m mindspeed_cp.check ...            # the same, without the mindspeed-cp command
 
-Takes Megatron-LM's flag names (the CP flags are registered by :func:`mindspeed_cp.megatron_lm.add_arguments`,
+Takes Megatron-LM's flag names (the CP flags are registered by :func:`mindspeed_cp.config.add_arguments`,
 the same function that adds them to Megatron-LM's parser) and runs the same checks as Megatron-LM's
 patched ``validate_args`` (:func:`mindspeed_cp.megatron_lm.check_args`). Prints a one-paragraph summary;
-an impossible configuration exits with status 2 and one line naming the flags.
+an impossible configuration, like a bad argument (sizes, heads, lengths: positive integers), exits with
+status 2 and one line naming the flags.
 """
 from __future__ import annotations
 
@@ -18,28 +19,29 @@ import json
 import sys
 from typing import List, Optional
 
-from .config import ALGORITHMS, CPConfigError
-from .megatron_lm import add_arguments, check_args
+from .cliargs import OneLineParser, UsageError, integer
+from .config import ALGORITHMS, CPConfigError, add_arguments
 
 PROG = "mindspeed-cp check"
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--world-size", type=int, required=True, metavar="W", help="number of ranks (nodes x devices)")
-    p.add_argument("--tp", "--tensor-model-parallel-size", dest="tensor_model_parallel_size", type=int, default=1,
-                   metavar="T", help="tensor-parallel size (default 1)")
-    p.add_argument("--pp", "--pipeline-model-parallel-size", dest="pipeline_model_parallel_size", type=int,
+    p.add_argument("--world-size", type=integer(1), required=True, metavar="W",
+                   help="number of ranks (nodes x devices)")
+    p.add_argument("--tp", "--tensor-model-parallel-size", dest="tensor_model_parallel_size", type=integer(1),
+                   default=1, metavar="T", help="tensor-parallel size (default 1)")
+    p.add_argument("--pp", "--pipeline-model-parallel-size", dest="pipeline_model_parallel_size", type=integer(1),
                    default=1, metavar="P", help="pipeline-parallel size (default 1)")
-    p.add_argument("--cp", "--context-parallel-size", dest="context_parallel_size", type=int, default=1,
+    p.add_argument("--cp", "--context-parallel-size", dest="context_parallel_size", type=integer(1), default=1,
                    metavar="C", help="context-parallel size (default 1)")
     add_arguments(p)  # --context-parallel-algo, --ulysses-degree-in-cp, --cp-window-size, ...
     p.add_argument("--cp-algo", dest="context_parallel_algo", default=argparse.SUPPRESS,
                    choices=ALGORITHMS, help="short for --context-parallel-algo")
-    p.add_argument("--num-attention-heads", type=int, default=None, metavar="H")
-    p.add_argument("--num-query-groups", type=int, default=None, metavar="G",
+    p.add_argument("--num-attention-heads", type=integer(1), default=None, metavar="H")
+    p.add_argument("--num-query-groups", type=integer(1), default=None, metavar="G",
                    help="KV heads (grouped-query attention); default: --num-attention-heads")
-    p.add_argument("--seq-length", type=int, default=None, metavar="S")
-    p.add_argument("--num-layers", type=int, default=None, metavar="L",
+    p.add_argument("--seq-length", type=integer(1), default=None, metavar="S")
+    p.add_argument("--num-layers", type=integer(1), default=None, metavar="L",
                    help="transformer layers (checks --context-parallel-cache-interval, lists the cached layers)")
     p.add_argument("--sequence-parallel", action="store_true", help="Megatron's --sequence-parallel (with TP)")
     p.add_argument("--format", choices=("text", "json"), default="text")
@@ -57,6 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def summary(args: argparse.Namespace) -> dict:
     """The checked configuration and what each rank gets; raises CPConfigError."""
+    from .megatron_lm import check_args  # imports torch: only once the arguments parsed
+
     ns = argparse.Namespace(**vars(args))
     ns.group_query_attention = args.num_query_groups is not None
     config = check_args(ns)
@@ -103,9 +107,7 @@ def _text(s: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> str:
-    """cli.py's command function: the summary text (or JSON); a bad configuration raises cli.UsageError."""
-    from .cli import UsageError  # lazy: cli imports this module
-
+    """cli.py's command function: the summary text (or JSON); a bad configuration raises UsageError."""
     try:
         s = summary(args)
     except CPConfigError as e:
@@ -114,15 +116,13 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     _add_arguments(parser)
-    args = parser.parse_args(argv)
     try:
-        s = summary(args)
-    except CPConfigError as e:
+        sys.stdout.write(run(parser.parse_args(argv)))
+    except UsageError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    sys.stdout.write(json.dumps(s) + "\n" if args.format == "json" else _text(s))
     return 0
 
 

@@ -10,33 +10,26 @@ Subcommands (one function each, looked up in :data:`COMMANDS`)::
     mindspeed-cp demo [--ranks 4 --steps 5 --seq 512 ...]
 
 ``groups`` draws the layout of :func:`mindspeed_cp.topology.rank_layout` (the function the runtime creates
-its process groups from). An impossible layout exits with status 2 and one line on stderr naming the
-flags; so do argument errors. Megatron's long flag names are accepted next to the short ones
+its process groups from). Every argument is checked where it is parsed (:mod:`mindspeed_cp.cliargs`: the
+error names the argument and its valid range); an impossible layout, like any bad input, exits with status 2
+and one line on stderr naming the flags. Megatron's long flag names are accepted next to the short ones
 (``--tp`` = ``--tensor-model-parallel-size`` ...) so the flags named in an error always exist here.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from typing import Callable, Dict, List, Optional
 
 from . import check, plan
+from .cliargs import OneLineParser, UsageError, integer, output_file, write_text
 from .config import ALGORITHMS, ULYSSES
 from .topology import rank_layout
 
 PROG = "mindspeed-cp"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (status 2), like a layout error."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
-
-
-class UsageError(Exception):
-    """Bad input found after parsing: one line, exit status 2."""
+MAX_WORLD = 2 ** 22  # groups: 4,194,304 ranks (the JSON is ~0.3 GB there; ~2 s per million ranks)
 
 
 # ----------------------------------------------------------------------------- groups
@@ -45,30 +38,48 @@ def _add_groups(sub) -> None:
         "groups", help="draw the TP/CP/DP/PP and context-parallel sub-groups of a layout",
         description="Print the process groups Megatron + mindspeed-cp create for a layout (order "
                     "tp-cp-ep-dp-pp, TP fastest), as a text picture, JSON or a self-contained HTML page.")
-    p.add_argument("--world-size", type=int, required=True, metavar="W", help="number of ranks")
-    p.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1, metavar="T",
+    p.add_argument("--world-size", type=integer(1, MAX_WORLD), required=True, metavar="W",
+                   help=f"number of ranks (1 to {MAX_WORLD:,})")
+    p.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=integer(1), default=1, metavar="T",
                    help="tensor-parallel size (default 1)")
-    p.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1, metavar="P",
+    p.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=integer(1), default=1, metavar="P",
                    help="pipeline-parallel size (default 1)")
-    p.add_argument("--cp", "--context-parallel-size", dest="cp", type=int, default=1, metavar="C",
+    p.add_argument("--cp", "--context-parallel-size", dest="cp", type=integer(1), default=1, metavar="C",
                    help="context-parallel size (default 1); DP = W / (T x P x C)")
-    p.add_argument("--cp-algo", "--context-parallel-algo", dest="cp_algo", default=ULYSSES, metavar="A",
-                   help=f"one of {', '.join(ALGORITHMS)} (default {ULYSSES})")
-    p.add_argument("--ulysses-degree-in-cp", type=int, default=None, metavar="U",
+    p.add_argument("--cp-algo", "--context-parallel-algo", dest="cp_algo", default=ULYSSES, choices=ALGORITHMS,
+                   metavar="A", help=f"one of {', '.join(ALGORITHMS)} (default {ULYSSES})")
+    p.add_argument("--ulysses-degree-in-cp", type=integer(1), default=None, metavar="U",
                    help="hybrid_cp_algo: ranks per Ulysses group; the ring gets C / U")
-    p.add_argument("--cp-window-size", type=int, default=1, metavar="K",
+    p.add_argument("--cp-window-size", type=integer(1), default=1, metavar="K",
                    help="ring/hybrid: K > 1 draws Double Ring windows of K ring ranks (default 1)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--nodes", type=int, default=None, metavar="N",
+    where.add_argument("--nodes", type=integer(1), default=None, metavar="N",
                        help="number of nodes (must divide W)")
-    where.add_argument("--devices-per-node", type=int, default=None, metavar="D",
+    where.add_argument("--devices-per-node", type=integer(1), default=None, metavar="D",
                        help="devices per node (default 8, or W when W < 8)")
     p.add_argument("--format", choices=("text", "json", "html"), default="text",
                    help="text picture (default), JSON {kind: [[rank, ...], ...]}, or one HTML page")
-    p.add_argument("--output", "-o", default=None, metavar="FILE", help="write to FILE instead of stdout")
+    add_output(p)
+
+
+def add_output(p) -> None:
+    p.add_argument("--output", "-o", type=output_file, default=None, metavar="FILE",
+                   help="write to FILE instead of stdout")
 
 
 def cmd_groups(args: argparse.Namespace) -> str:
+    # millions of small rank lists and no reference cycles: the cyclic collector would only walk them again and
+    # again (at 1,048,576 ranks it doubled the JSON's time)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _groups(args)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _groups(args: argparse.Namespace) -> str:
     from .visualize import Picture, devices_for, render_html, render_text
 
     try:
@@ -92,7 +103,7 @@ def _add_patches(sub) -> None:
                        description="Import mindspeed_cp.megatron_adaptor (which patches Megatron) and list "
                                    "every patch: target, status, when it acts and why.")
     p.add_argument("--format", choices=("text", "json"), default="text")
-    p.add_argument("--output", "-o", default=None, metavar="FILE", help="write to FILE instead of stdout")
+    add_output(p)
 
 
 def cmd_patches(args: argparse.Namespace) -> str:
@@ -124,7 +135,7 @@ _ADDERS = (_add_groups, _add_patches, check.add_parser, plan.add_parser, _add_de
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Context parallelism for Megatron: tools.")
+    parser = OneLineParser(prog=PROG, description="Context parallelism for Megatron: tools.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _ADDERS:
         add(sub)
@@ -143,14 +154,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as e:
         print(f"{PROG} {args.command}: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:  # e.g. `patches` (megatron-core) or `check` (torch) in an environment without them
+        print(f"{PROG} {args.command}: cannot import {e.name or e} - install mindspeed-cp's requirements into this "
+              f"environment (torch>=2.1, megatron-core>=0.12: pip install -e <mindspeed-cp checkout>)", file=sys.stderr)
+        return 2
     output = getattr(args, "output", None)
     if output:
         try:
-            with open(output, "w", encoding="utf-8") as f:
-                f.write(text)
-        except OSError as e:
-            print(f"{PROG} {args.command}: cannot write --output {output}: {e.strerror}", file=sys.stderr)
-            return 1
+            write_text(output, text, "--output")
+        except UsageError as e:
+            print(f"{PROG} {args.command}: {e}", file=sys.stderr)
+            return 2
         print(f"{PROG} {args.command}: wrote {output}", file=sys.stderr)
         return 0
     try:

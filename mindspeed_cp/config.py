@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+import argparse
 from typing import Any, Optional
 
 ULYSSES = "ulysses_cp_algo"
@@ -28,6 +29,12 @@ class CPConfigError(ValueError):
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _positive_int(flag: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CPConfigError(f"{flag} {value!r} must be a positive integer"
+                            + ("" if isinstance(value, int) else f" (got {type(value).__name__})"))
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,13 @@ class CPConfig:
         """Ring and Hybrid shard the sequence in 2*ring zigzag chunks (causal load balance)."""
         return self.ring_size > 1
 
+    def padded_seq_len(self, seq_len: int) -> int:
+        """The length a batch is padded to at its end before the split: the next multiple of 2 x CP for Ring and
+        Hybrid (their zigzag needs 2*CP equal chunks), the length itself otherwise. Exact for causal attention (no
+        real token sees a later pad) and for general masks (their pad columns are masked)."""
+        m = 2 * self.cp
+        return -(-seq_len // m) * m if self.cp > 1 and self.uses_zigzag else seq_len
+
     # ------------------------------------------------------------------ validation
     def validate(
         self,
@@ -142,12 +156,18 @@ class CPConfig:
 
         Arguments left as None are not checked (e.g. the CLI knows no head count). Returns ``self``.
 
-        Types are strict everywhere: the on/off options take ``bool`` only, sizes positive ``int`` only.
+        Types are strict everywhere: the on/off options take ``bool`` only, sizes, head counts, lengths and layer
+        counts positive ``int`` only (a string such as ``"8"`` is refused with the flag's name).
         With ``context_parallel_size=1`` no CP algorithm runs (Megatron keeps its own attention), so the rules
-        relative to CP (hybrid degrees, window vs ring size, ring-only options under Ulysses) are not applied:
-        a launch script keeps its CP flags for its CP=1 baseline run.
+        relative to CP (hybrid degrees, window vs ring size, ring-only options under Ulysses, a KV-cache policy,
+        the Ulysses all-gather) are not applied - the options are type-checked only: a launch script keeps its CP
+        flags for its CP=1 baseline run.
         """
         self._validate_options()
+        for flag, value in (("--num-attention-heads", num_attention_heads), ("--num-query-groups", num_query_groups),
+                            ("--seq-length", seq_length), ("--num-layers", num_layers), ("world size", world_size)):
+            if value is not None:
+                _positive_int(flag, value)
         self._validate_layout(world_size, tensor_model_parallel_size, pipeline_model_parallel_size)
         self._validate_heads(tensor_model_parallel_size, num_attention_heads, num_query_groups)
         self._validate_kv_cache(tensor_model_parallel_size, num_attention_heads, num_query_groups, num_layers)
@@ -218,7 +238,8 @@ class CPConfig:
                     f"use --cp-window-size 1 for a single ring ({algo})")
 
     def _validate_kv_cache(self, tp, heads, kv_heads, num_layers) -> None:
-        """MindSpeed's rules for the KV-cache flags (its ``validate_args``), and ours for the all-gather."""
+        """MindSpeed's rules for the KV-cache flags (its ``validate_args``), and ours for the all-gather. One
+        difference: MindSpeed refuses a policy at CP=1; here, as every CP option, it is type-checked only there."""
         policy, n, gather = (self.context_parallel_kv_cache_policy, self.context_parallel_cache_interval,
                              self.use_ulysses_allgather_kv)
         if policy is not None and policy not in KV_CACHE_POLICIES:
@@ -226,18 +247,14 @@ class CPConfig:
                                 f"{', '.join(KV_CACHE_POLICIES)} (or unset)")
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise CPConfigError(f"--context-parallel-cache-interval {n!r} must be an integer >= 0")
-        if policy is not None and self.cp == 1:
-            raise CPConfigError(f"--context-parallel-kv-cache-policy {policy} needs --context-parallel-size > 1")
         if n and policy is None:
             raise CPConfigError(f"--context-parallel-cache-interval {n} only applies with "
                                 f"--context-parallel-kv-cache-policy full|half")
         if n and num_layers is not None and n >= num_layers:
             raise CPConfigError(f"--context-parallel-cache-interval {n} must be smaller than --num-layers "
                                 f"{num_layers}")
-        if not gather:
+        if not gather or self.cp == 1:  # CP=1 runs no CP algorithm: type checks only (validate's docstring)
             return
-        if self.cp == 1:
-            raise CPConfigError("--use-ulysses-allgather-kv needs --context-parallel-size > 1")
         if self.context_parallel_algo != ULYSSES:
             raise CPConfigError(f"--use-ulysses-allgather-kv needs --context-parallel-algo ulysses_cp_algo "
                                 f"(got {self.context_parallel_algo})")
@@ -256,12 +273,9 @@ class CPConfig:
 
     def _validate_layout(self, world_size, tp, pp) -> None:
         for name, v in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise CPConfigError(f"{name} {v!r} must be a positive integer")
+            _positive_int(name, v)
         if world_size is None:
             return
-        if not isinstance(world_size, int) or world_size < 1:
-            raise CPConfigError(f"world size {world_size!r} must be a positive integer")
         mp = tp * pp * self.cp
         if world_size % mp:
             raise CPConfigError(
@@ -331,3 +345,44 @@ class CPConfig:
                             else ""))
         parts.append(f"mask={self.attention_mask_type}")
         return " ".join(parts)
+
+
+# ------------------------------------------------------------------ the flags (Megatron-LM's parser, mindspeed-cp check)
+# (option, argparse keywords): MindSpeed's names, types, choices and defaults.
+ARGUMENTS = (
+    ("--context-parallel-size", dict(type=int, default=1,
+                                     help="ranks sharing one sequence (Megatron's own flag; added only if absent)")),
+    ("--context-parallel-algo", dict(type=str, default=ULYSSES, choices=ALGORITHMS,
+                                     help="context-parallel algorithm: ulysses_cp_algo (default, all-to-all), "
+                                          "megatron_cp_algo (ring attention), hybrid_cp_algo (Ulysses x ring)")),
+    ("--ulysses-degree-in-cp", dict(type=int, default=None,
+                                    help="hybrid_cp_algo: ranks per Ulysses group; the ring gets CP / this")),
+    ("--cp-window-size", dict(type=int, default=1,
+                              help="ring level: > 1 selects Double Ring with inner windows of this many ranks")),
+    ("--use-cp-send-recv-overlap", dict(action="store_true",
+                                        help="ring level: send and receive on two communicators (the exchanges "
+                                             "overlap the blocks either way)")),
+    ("--megatron-cp-in-bnsd", dict(action="store_true", help="ring level: compute attention blocks in [b, n, s, d]")),
+    ("--attention-mask-type", dict(type=str, default="causal", choices=MASK_TYPES,
+                                   help="causal (default), or general: the explicit mask from the batch")),
+    ("--context-parallel-kv-cache-policy", dict(type=str, default=None, choices=KV_CACHE_POLICIES,
+                                                help="keep K/V for backward instead of communicating them again: "
+                                                     "full (K and V) or half (K); default: none")),
+    ("--context-parallel-cache-interval", dict(type=int, default=0,
+                                               help="the KV-cache policy applies to layers with layer_number %% "
+                                                    "(N+1) == 1 only (0: every layer)")),
+    ("--use-ulysses-allgather-kv", dict(action="store_true",
+                                        help="ulysses_cp_algo with GQA: K/V by all-gather, Q by all-to-all")),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Register the context-parallel flags the parser lacks (Megatron-LM already has
+    ``--context-parallel-size``); usable as Megatron's ``extra_args_provider``. Returns the parser."""
+    present = set(getattr(parser, "_option_string_actions", {}))
+    missing = [(flag, kw) for flag, kw in ARGUMENTS if flag not in present]
+    if missing:
+        group = parser.add_argument_group("mindspeed-cp", "context parallelism (MindSpeed's flags)")
+        for flag, kw in missing:
+            group.add_argument(flag, **kw)
+    return parser

@@ -150,6 +150,15 @@ def ring_step_pairs(S: int, P: int, step: int) -> int:
     return 2 * c * c + (c if step == 0 else 0)
 
 
+def ring_steps(R: int, K: int) -> List[tuple]:
+    """One ring pass over R >= 2 ranks (Double Ring: windows of K; K = R for a single ring) as (step, how many
+    steps are like it, hop after it): step 0 (own K/V, an inner hop), the middle steps (``2 c^2`` pairs each; the
+    hop after step s leaves its window - ``outer`` - when s + 1 is a multiple of K), the last step (no hop)."""
+    outer = (R - 1) // K if R > K else 0
+    steps = [(0, 1, "inner"), (1, outer, "outer"), (1, R - 2 - outer, "inner"), (R - 1, 1, None)]
+    return [s for s in steps if s[1] > 0]
+
+
 FWD_FLOPS_PER_PAIR = 4  # x d: QK^T and PV, 2 d each
 BWD_FLOPS_PER_PAIR = 10  # x d: QK^T again, dV, dP, dQ, dK
 
@@ -371,7 +380,7 @@ def attention_time(dev: Device, model: Model, S: int, b: int, a: Attention, e: i
     # ---- ring level over R ranks (Double Ring: windows of K)
     K = a.window if a.window > 1 else R
     block = (S / R) * b * hku * (d + dv) * e  # one K+V block
-    ring_group = list(a.ring_group) or list(range(R))
+    ring_group = a.ring_group or range(R)  # a sequence (a range from topology.groups_for)
     inner_cls = "intra" if all(ring_hops(ring_group[x * K:(x + 1) * K], G) == "intra" for x in range(R // K)) \
         else "inter"
     outer_cls = ring_hops(ring_group[::K], G) if R > K else inner_cls
@@ -384,22 +393,21 @@ def attention_time(dev: Device, model: Model, S: int, b: int, a: Attention, e: i
     if forward_only:
         del phases["backward"]
     for blocks, flops, exchanges in phases.values():
-        for step in range(R):
+        for step, count, hop in ring_steps(R, K):  # the steps of one pass, alike ones once: O(1) in R
             comp = dev.compute_s(flops * ring_step_pairs(S, R, step) * hu * b, 2 * c if step == 0 else c)
-            out["compute"] += comp
-            if step == R - 1:
+            out["compute"] += count * comp
+            if hop is None:
                 continue  # P-1 hops per pass: the last block needs no successor
-            outer = R > K and (step + 1) % K == 0  # the hop that leaves a Double Ring window
-            cls = outer_cls if outer else inner_cls
+            cls = outer_cls if hop == "outer" else inner_cls
             bw, lat = dev.link(cls)
             transfer = blocks * block / bw + exchanges * lat
-            hide = comp * (K if outer else 1)  # Double Ring: a whole inner ring of compute hides the outer hop
+            hide = comp * (K if hop == "outer" else 1)  # Double Ring: a whole inner ring of compute hides the outer hop
             if dev.cores:
                 hide = 0.0  # CPU ranks: gloo's copies run on the same cores as the compute - nothing is hidden
-            out["ring_exposed"] += max(0.0, transfer - hide)
-            out["ring_transfer"] += transfer
-            out["latency"] += exchanges * lat
-            out[f"{cls}_bytes"] += blocks * block
+            out["ring_exposed"] += count * max(0.0, transfer - hide)
+            out["ring_transfer"] += count * transfer
+            out["latency"] += count * exchanges * lat
+            out[f"{cls}_bytes"] += count * blocks * block
     out["total"] = out["compute"] + out["a2a"] + out["ring_exposed"]
     return out
 

@@ -19,6 +19,8 @@ import time
 from datetime import timedelta
 from typing import Dict, List
 
+from .cliargs import OneLineParser, UsageError, integer, real
+
 RUNS = [  # (label, configure() flags); CP comes from --ranks
     ("CP=1 (reference)", None),
     ("ulysses", dict(context_parallel_algo="ulysses_cp_algo")),
@@ -28,21 +30,51 @@ RUNS = [  # (label, configure() flags); CP comes from --ranks
 ]
 
 
+LABELS = [label for label, _ in RUNS]
+
+
+def _label(text: str) -> str:
+    """argparse ``type`` of ``--only``: a run label (the CP=1 reference always runs)."""
+    if text not in LABELS[1:]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a run label (one of {', '.join(map(repr, LABELS[1:]))}; "
+                                         f"{LABELS[0]} always runs)")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mindspeed-cp demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ranks", type=int, default=4, help="gloo ranks (= CP size of the CP runs)")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=256)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |loss - loss at CP=1|")
-    p.add_argument("--only", nargs="*", help="labels of the runs to do (default: all)")
+    p = OneLineParser(prog="mindspeed-cp demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ranks", type=integer(2, 64), default=4, help="gloo ranks (= CP size of the CP runs), 2 to 64")
+    p.add_argument("--steps", type=integer(1), default=5)
+    p.add_argument("--seq", type=integer(1), default=512)
+    p.add_argument("--batch", type=integer(1), default=2)
+    p.add_argument("--layers", type=integer(1), default=2)
+    p.add_argument("--hidden", type=integer(1), default=128)
+    p.add_argument("--heads", type=integer(1), default=8)
+    p.add_argument("--kv-heads", type=integer(1), default=4)
+    p.add_argument("--vocab", type=integer(2), default=256)
+    p.add_argument("--lr", type=real(0.0, open_low=True), default=3e-3)
+    p.add_argument("--tolerance", type=real(0.0), default=1e-4, help="largest allowed |loss - loss at CP=1|")
+    p.add_argument("--only", nargs="+", type=_label, metavar="LABEL",
+                   help=f"labels of the CP runs to do (default: all): {', '.join(map(repr, LABELS[1:]))}")
     return p
+
+
+_NAMES = {"--context-parallel-size": "--ranks", "--num-attention-heads": "--heads", "--num-query-groups": "--kv-heads",
+          "--seq-length": "--seq"}  # Megatron's flag -> the demo's
+
+
+def _demo_names(message: str) -> str:
+    for flag, ours in _NAMES.items():
+        message = message.replace(flag, ours)
+    return message
+
+
+def _check_model(args) -> None:
+    """What Megatron's GPT needs of the model flags (--heads / --kv-heads / --hidden), as one line."""
+    if args.hidden % args.heads:
+        raise UsageError(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
+    if args.heads % args.kv_heads:
+        raise UsageError(f"--kv-heads {args.kv_heads} does not divide --heads {args.heads}")
 
 
 def mock_batch(batch: int, seq: int, vocab: int, seed: int = 1234):
@@ -233,16 +265,19 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from .config import CPConfig, CPConfigError
 
-    for label, flags in RUNS[1:]:
-        if args.only and label not in args.only:
-            continue
-        try:
-            CPConfig(context_parallel_size=args.ranks, **flags).validate(
-                num_attention_heads=args.heads, num_query_groups=args.kv_heads, seq_length=args.seq,
-                world_size=args.ranks)
-        except CPConfigError as e:
-            print(f"mindspeed-cp demo: {label}: {e}", file=sys.stderr)
-            return 2
+    try:
+        _check_model(args)
+        for label, flags in RUNS[1:]:
+            if not args.only or label in args.only:
+                CPConfig(context_parallel_size=args.ranks, **flags).validate(
+                    num_attention_heads=args.heads, num_query_groups=args.kv_heads, seq_length=args.seq,
+                    world_size=args.ranks)
+    except CPConfigError as e:
+        print(f"mindspeed-cp demo: {label}: {_demo_names(str(e))}", file=sys.stderr)
+        return 2
+    except UsageError as e:
+        print(f"mindspeed-cp demo: {e}", file=sys.stderr)
+        return 2
     import tempfile
 
     import torch.multiprocessing as mp
@@ -250,7 +285,7 @@ def main(argv=None) -> int:
     with tempfile.NamedTemporaryFile("r", suffix=".status") as status:
         os.environ["MSCP_DEMO_STATUS"] = status.name
         print(f"mindspeed-cp demo: {args.ranks} gloo ranks, {args.steps} steps per run "
-              f"({len(RUNS) if not args.only else len(args.only) + 1} runs)", flush=True)
+              f"({len(RUNS) if not args.only else len(set(args.only)) + 1} runs)", flush=True)
         mp.start_processes(_rank_main, args=(args.ranks, _free_port(), args), nprocs=args.ranks,
                            start_method="spawn")
         return 0 if status.read() == "ok" else 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Mapping
 from typing import Any, Optional
 
 from . import attention, batch, device, megatron_lm
@@ -69,7 +70,29 @@ def _initialize_model_parallel(original, *args, **kwargs):
                            cp_group=ps.get_context_parallel_group(),
                            gloo_group=(lambda ranks: dist.new_group(ranks, timeout=timeout, backend="gloo"))
                            if dist.get_backend() != "gloo" else None)
+        if _te_available():
+            announce_te(config, dist.get_rank())
     return result
+
+
+_TE_ANNOUNCED: list = []
+
+
+def te_takeover(config: CPConfig) -> str:
+    """What runs in Transformer Engine's attention under this configuration (said once at start-up)."""
+    return (f"mindspeed-cp: Transformer Engine is importable - its attention (TEDotProductAttention, the TE layer "
+            f"spec) runs mindspeed-cp's {config.describe()} on the plugin's sharding, not TE's own context "
+            f"parallelism; Megatron-LM's --cp-comm-type other than p2p and --hierarchical-context-parallel-sizes "
+            f"are refused (choose --context-parallel-algo)")
+
+
+def announce_te(config: CPConfig, rank: int) -> bool:
+    """Print :func:`te_takeover` once per process, on global rank 0; True when it printed."""
+    if rank != 0 or _TE_ANNOUNCED:
+        return False
+    _TE_ANNOUNCED.append(config.describe())
+    print(te_takeover(config), flush=True)
+    return True
 
 
 def _destroy_model_parallel(original, *args, **kwargs):
@@ -231,13 +254,30 @@ def undo() -> None:
     PATCHES.undo_all()
 
 
+def _check_namespace(namespace: Any) -> None:
+    """configure()'s first argument: None or an object whose attributes are Megatron's args."""
+    if namespace is None:
+        return
+    if isinstance(namespace, Mapping):
+        raise CPConfigError(f"configure() takes Megatron's parsed args (an object with attributes such as "
+                            f"context_parallel_size) or keywords, not a {type(namespace).__name__}: write "
+                            f"configure(**options)")
+    if isinstance(namespace, (str, bytes, int, float, list, tuple, set)) or not hasattr(namespace, "__dict__") \
+            and not any(hasattr(namespace, name) for name in CPConfig.fields()):
+        raise CPConfigError(f"configure() takes Megatron's parsed args (an object with attributes such as "
+                            f"context_parallel_size) or keywords, got {type(namespace).__name__} {namespace!r:.60}")
+
+
 def configure(namespace: Optional[Any] = None, *, distributed_timeout_minutes: Optional[float] = None,
               documents: Optional[str] = None, eod_token: Optional[int] = None, **flags: Any) -> CPConfig:
     """Make these CP options active, validated. Call before ``initialize_model_parallel``.
 
-    ``namespace`` is Megatron's parsed ``args`` (or any object with the option attributes); keyword
-    ``flags`` override it. Model facts found on the namespace (``tensor_model_parallel_size``,
-    ``num_attention_heads``, ``num_query_groups``, ``seq_length``, ``world_size``) are validated too.
+    ``namespace`` is Megatron's parsed ``args`` (or any object with the option attributes: an
+    ``argparse.Namespace``, a ``SimpleNamespace``, a dataclass); keyword ``flags`` override it. A mapping is
+    refused (its keys are not attributes, so every option would silently keep its default): pass
+    ``configure(**options)``. Model facts found on the namespace (``tensor_model_parallel_size``,
+    ``num_attention_heads``, ``num_query_groups``, ``seq_length``, ``world_size``) are validated too: positive
+    integers, the error naming the flag.
     ``distributed_timeout_minutes``: how long a collective of the CP groups waits for a stalled peer before
     it raises (default: what ``initialize_model_parallel`` is given, Megatron's 30); passed on to
     ``initialize_model_parallel`` when its caller does not name it.
@@ -246,6 +286,7 @@ def configure(namespace: Optional[Any] = None, *, distributed_timeout_minutes: O
     ``--reset-position-ids``) or after every ``"eod"`` token (``eod_token``). Megatron-LM sets it from
     ``--reset-attention-mask`` with ``--attention-mask-type causal``.
     """
+    _check_namespace(namespace)
     minutes = distributed_timeout_minutes
     if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
                                 or not minutes > 0):

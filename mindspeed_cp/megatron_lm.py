@@ -25,55 +25,16 @@ Megatron-LM's own context-parallel rules and what happens to them (0.16.1, ``meg
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 from typing import Any, List, Optional
 
 from . import batch
-from .config import ALGORITHMS, KV_CACHE_POLICIES, MASK_TYPES, ULYSSES, CPConfig, CPConfigError
+from .config import ARGUMENTS, CPConfig, CPConfigError, add_arguments  # noqa: F401 - re-exported
 from .patching import Patch, replace, wrap
 
 # ----------------------------------------------------------------------------- the flags
-# (option, argparse keywords): MindSpeed's names, types, choices and defaults.
-ARGUMENTS = (
-    ("--context-parallel-size", dict(type=int, default=1,
-                                     help="ranks sharing one sequence (Megatron's own flag; added only if absent)")),
-    ("--context-parallel-algo", dict(type=str, default=ULYSSES, choices=ALGORITHMS,
-                                     help="context-parallel algorithm: ulysses_cp_algo (default, all-to-all), "
-                                          "megatron_cp_algo (ring attention), hybrid_cp_algo (Ulysses x ring)")),
-    ("--ulysses-degree-in-cp", dict(type=int, default=None,
-                                    help="hybrid_cp_algo: ranks per Ulysses group; the ring gets CP / this")),
-    ("--cp-window-size", dict(type=int, default=1,
-                              help="ring level: > 1 selects Double Ring with inner windows of this many ranks")),
-    ("--use-cp-send-recv-overlap", dict(action="store_true",
-                                        help="ring level: send and receive on two communicators (the exchanges "
-                                             "overlap the blocks either way)")),
-    ("--megatron-cp-in-bnsd", dict(action="store_true", help="ring level: compute attention blocks in [b, n, s, d]")),
-    ("--attention-mask-type", dict(type=str, default="causal", choices=MASK_TYPES,
-                                   help="causal (default), or general: the explicit mask from the batch")),
-    ("--context-parallel-kv-cache-policy", dict(type=str, default=None, choices=KV_CACHE_POLICIES,
-                                                help="keep K/V for backward instead of communicating them again: "
-                                                     "full (K and V) or half (K); default: none")),
-    ("--context-parallel-cache-interval", dict(type=int, default=0,
-                                               help="the KV-cache policy applies to layers with layer_number %% "
-                                                    "(N+1) == 1 only (0: every layer)")),
-    ("--use-ulysses-allgather-kv", dict(action="store_true",
-                                        help="ulysses_cp_algo with GQA: K/V by all-gather, Q by all-to-all")),
-)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Register the context-parallel flags the parser lacks (Megatron-LM already has
-    ``--context-parallel-size``); usable as Megatron's ``extra_args_provider``. Returns the parser."""
-    present = set(getattr(parser, "_option_string_actions", {}))
-    missing = [(flag, kw) for flag, kw in ARGUMENTS if flag not in present]
-    if missing:
-        group = parser.add_argument_group("mindspeed-cp", "context parallelism (MindSpeed's flags)")
-        for flag, kw in missing:
-            group.add_argument(flag, **kw)
-    return parser
-
-
+# MindSpeed's flag table and add_arguments live in mindspeed_cp.config (torch-free: `mindspeed-cp check` parses
+# without importing torch); re-exported here, where Megatron-LM's parser gets them.
 # ----------------------------------------------------------------------------- validation
 def _te_attention_supported() -> bool:
     """True when the plugin patches Transformer Engine's attention (then the TE spec runs our algorithms)."""

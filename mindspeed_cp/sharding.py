@@ -57,16 +57,19 @@ def token_indices(config: CPConfig, cp_rank: int, seq_len: int) -> torch.Tensor:
 
 
 def padded_seq_len(config: CPConfig, seq_len: int) -> int:
-    """The length a batch is padded to at its end before the split: the next multiple of 2 x CP for Ring and
-    Hybrid (their zigzag needs 2*CP equal chunks), the length itself otherwise. Exact for causal attention (no
-    real token sees a later pad) and for general masks (their pad columns are masked)."""
-    m = 2 * config.cp
-    return -(-seq_len // m) * m if config.cp > 1 and config.uses_zigzag else seq_len
+    """:meth:`CPConfig.padded_seq_len`: Ring and Hybrid pad a batch at its end to the next multiple of 2 x CP."""
+    return config.padded_seq_len(seq_len)
 
 
 def local_lengths(config: CPConfig, seq_len: int) -> list:
-    """Tokens held by each CP rank (uneven only for unaligned Ulysses)."""
-    return [int(token_indices(config, r, seq_len).numel()) for r in range(config.cp)]
+    """Tokens held by each CP rank (uneven only for unaligned Ulysses): the sizes of :func:`token_indices`,
+    in time O(CP) (``mindspeed-cp check`` at thousands of ranks)."""
+    if config.cp == 1 or config.uses_zigzag:  # zigzag: every rank holds 2 equal chunks
+        return [int(token_indices(config, 0, seq_len).numel())] * config.cp
+    from .comm import split_sizes  # the sizes of torch.tensor_split, token_indices' Ulysses split
+
+    config._validate_seq(seq_len)
+    return split_sizes(seq_len, config.cp)
 
 
 def _sequence_lengths(batch: Dict[str, Any]) -> Dict[str, int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
+from functools import cached_property
 from math import gcd
 from typing import Dict, List, Optional
 
@@ -132,7 +133,7 @@ class Picture:
                 raise ValueError(f"layout kind {kind!r} does not cover ranks 0..{world - 1} exactly once")
 
     # ---------------------------------------------------------------- sizes read off the layout
-    @property
+    @cached_property
     def world_size(self) -> int:
         return sum(len(g) for g in self.layout["tp"])
 
@@ -305,6 +306,7 @@ def render_html(picture: Picture) -> str:
         info = kind_info(kind)
         colours = group_colours(len(groups))
         index = picture.group_index(kind)
+        members = [_members(ranks) for ranks in groups]  # once per group, not per cell: linear in the world
         ek = e(kind)
         out.append(f'<section class="kind" id="kind-{ek}" data-kind="{ek}" data-groups="{len(groups)}">')
         out.append(f"<h2><code>{ek}</code> {e(info.title)}</h2>")
@@ -326,7 +328,7 @@ def render_html(picture: Picture) -> str:
                 out.append(
                     f'<td class="cell" data-kind="{ek}" data-rank="{r}" data-group="{g}" '
                     f'style="background-color: {colours[g]}" title="rank {r}: {ek} group {g} = '
-                    f'{" ".join(map(str, groups[g]))}"><b>{r}</b><span>g{g}</span></td>')
+                    f'{members[g]}"><b>{r}</b><span>g{g}</span></td>')
             out.append("</tr>")
         out.append(f'</tbody></table><ul class="legend" data-kind="{ek}">')
         for g, ranks in enumerate(groups):
@@ -336,6 +338,14 @@ def render_html(picture: Picture) -> str:
         out.append("</ul></section>")
     out.append(f"</main><script>{_JS}</script></body></html>")
     return "\n".join(out) + "\n"
+
+
+def _members(ranks: List[int], most: int = 16) -> str:
+    """A group's ranks for a cell's tooltip: all of them up to ``most``, else the first and last few (the
+    legend lists every rank once)."""
+    if len(ranks) <= most:
+        return " ".join(map(str, ranks))
+    return f"{' '.join(map(str, ranks[:4]))} ... {' '.join(map(str, ranks[-2:]))} ({len(ranks)} ranks)"
 
 
 def default_devices_per_node(world_size: int) -> int:

@@ -3,8 +3,9 @@
 # examples/gpt3/train_gpt3_175b_distributed.sh. The pretrain_gpt_*_32k_*.sh scripts call this one.
 #
 #   bash scripts/pretrain_gpt_cp.sh MODEL PRESET [extra Megatron-LM arguments...]
-#     MODEL   configs/models/MODEL.conf  (layers, hidden, heads, sequence length, ...)
-#     PRESET  configs/cp/PRESET.conf     (nodes, TP / PP / CP, algorithm, batch sizes, ...)
+#     MODEL   configs/models/MODEL.conf  (layers, hidden, heads, sequence length, ...) or a path to a .conf file
+#     PRESET  configs/cp/PRESET.conf     (nodes, TP / PP / CP, algorithm, batch sizes, ...) or a path to a .conf
+#             file, e.g. one written by `mindspeed-cp plan --write-preset FILE` (its keys win over MODEL's)
 #
 # Environment (defaults in brackets):
 #   MEGATRON_LM_PATH   Megatron-LM checkout holding pretrain_gpt.py (required unless DRY_RUN=1)
@@ -12,7 +13,9 @@
 #   VOCAB_FILE, MERGE_FILE  GPT-2 BPE files, needed with DATA_PATH
 #   CHECKPOINT_PATH    --save / --load directory [unset: no checkpoints]
 #   NNODES [preset]  GPUS_PER_NODE [8]  NODE_RANK [0]  MASTER_ADDR [localhost]  MASTER_PORT [6000]
-#   TRAIN_ITERS [20000]  PYTHON [python3]  TORCHRUN [torchrun]  DISTRIBUTED_BACKEND [nccl; gloo on a CPU]
+#   TRAIN_ITERS [20000]  TORCHRUN [torchrun]  DISTRIBUTED_BACKEND [nccl; gloo on a CPU]
+#   PYTHON [python3]   the interpreter that has mindspeed_cp installed (e.g. .venv/bin/python after make setup);
+#                      checked first: without it the script says so in one line and exits 2
 #   MODEL=NAME         configs/models/NAME.conf replaces the script's model size, keeping its sequence length
 #                      (MODEL=tiny: a 2-layer GPT to debug the launch on a laptop or in CI; deepseek-tiny: MLA +
 #                      MoE + MTP; gpt-oss-tiny: GQA + learnable sinks + MoE). A model conf may set NUM_QUERY_GROUPS
@@ -33,8 +36,10 @@ ROOT="$(dirname "$HERE")"
 die() { echo "$(basename "$0"): $*" >&2; exit 2; }
 
 [[ $# -ge 2 ]] || die "usage: $0 MODEL PRESET [extra Megatron-LM arguments...]"
-MODEL_CONF="$ROOT/configs/models/$1.conf"
-PRESET_CONF="$ROOT/configs/cp/$2.conf"
+# NAME -> configs/DIR/NAME.conf; a path (holding a / or ending in .conf) is taken as it is
+conf_path() { if [[ $2 == */* || $2 == *.conf ]]; then echo "$2"; else echo "$ROOT/configs/$1/$2.conf"; fi; }
+MODEL_CONF=$(conf_path models "$1")
+PRESET_CONF=$(conf_path cp "$2")
 shift 2
 
 # KEY=VALUE lines (comments and blank lines skipped); the environment wins over the file.
@@ -47,16 +52,21 @@ load_conf() {
     [[ -n ${!key+set} ]] || printf -v "$key" '%s' "$value"
   done < "$1"
 }
-# MODEL=NAME first: its keys win over the script's model, which still gives what NAME leaves out (the sequence)
-[[ -n ${MODEL:-} ]] && load_conf "$ROOT/configs/models/$MODEL.conf"
-load_conf "$MODEL_CONF"
+# MODEL=NAME first: its keys win over the script's model, which still gives what NAME leaves out (the sequence);
+# then the preset (a planned one may pin the sequence length and model shape it was planned for), then the model
+[[ -n ${MODEL:-} ]] && load_conf "$(conf_path models "$MODEL")"
 load_conf "$PRESET_CONF"
+load_conf "$MODEL_CONF"
 
 PYTHON=${PYTHON:-python3}
+# one line, not a traceback, when the interpreter lacks the plugin (or its torch)
+WHY=$("$PYTHON" -c 'import mindspeed_cp.check' 2>&1) || die "cannot import mindspeed_cp with PYTHON=$PYTHON \
+(${WHY##*$'\n'}): run make setup, then PYTHON=$ROOT/.venv/bin/python (or source $ROOT/.venv/bin/activate), \
+or pip install -e $ROOT into that interpreter's environment"
 DEVICE=${DEVICE:-auto}
 case $DEVICE in
   auto) DEVICE=$("$PYTHON" -c 'from mindspeed_cp.device import has_accelerator; print("gpu" if has_accelerator() else "cpu")') \
-          || die "cannot import mindspeed_cp with PYTHON=$PYTHON" ;;
+          || die "cannot import mindspeed_cp.device with PYTHON=$PYTHON" ;;
   gpu|cpu) ;;
   *) die "DEVICE must be auto, gpu or cpu (got '$DEVICE')" ;;
 esac

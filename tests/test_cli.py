@@ -145,9 +145,9 @@ def _one_error_line(res):
     (flags(16, 1, 1, 8, "hybrid_cp_algo", 2, 4), ["--cp-window-size 4", "smaller than"]),
     (flags(16, 1, 1, 4, "ulysses_cp_algo", None, 2), ["--cp-window-size 2", "ulysses_cp_algo"]),
     (flags(8, 1, 1, 4, "zigzag_algo"), ["--context-parallel-algo", "zigzag_algo"]),
-    (flags(8, 0, 1, 1), ["--tensor-model-parallel-size 0"]),
+    (flags(8, 0, 1, 1), ["argument --tp/--tensor-model-parallel-size", "must be an integer >= 1, got '0'"]),
     (flags(16, 2, 1, 2) + ["--nodes", 3], ["--nodes 3", "world size 16"]),
-    (flags(16, 2, 1, 2) + ["--devices-per-node", 0], ["--devices-per-node 0"]),
+    (flags(16, 2, 1, 2) + ["--devices-per-node", 0], ["argument --devices-per-node", ">= 1, got '0'"]),
 ])
 def test_impossible_layout_exits_2_with_one_line(args, names):
     line = _one_error_line(run_cli(*args))

@@ -43,15 +43,15 @@ BAD = [
     # KV cache (MindSpeed's rules, its validate_args; the all-gather's head rule is ours)
     (dict(context_parallel_size=4, context_parallel_kv_cache_policy="quarter"), {},
      r"--context-parallel-kv-cache-policy 'quarter' is not one of full, half"),
-    (dict(context_parallel_kv_cache_policy="full"), {},
-     r"--context-parallel-kv-cache-policy full needs --context-parallel-size > 1"),
+    (dict(context_parallel_kv_cache_policy="quarter"), {},  # at CP=1 too: type checks stay
+     r"--context-parallel-kv-cache-policy 'quarter' is not one of full, half"),
     (dict(context_parallel_size=4, context_parallel_cache_interval=2), {},
      r"--context-parallel-cache-interval 2 only applies with --context-parallel-kv-cache-policy"),
     (dict(context_parallel_size=4, context_parallel_kv_cache_policy="half", context_parallel_cache_interval=-1), {},
      r"--context-parallel-cache-interval -1 must be an integer >= 0"),
     (dict(context_parallel_size=4, context_parallel_kv_cache_policy="half", context_parallel_cache_interval=4),
      dict(num_layers=4), r"--context-parallel-cache-interval 4 must be smaller than --num-layers 4"),
-    (dict(use_ulysses_allgather_kv=True), {}, r"--use-ulysses-allgather-kv needs --context-parallel-size > 1"),
+    (dict(use_ulysses_allgather_kv=1), {}, r"--use-ulysses-allgather-kv must be True or False"),
     (dict(context_parallel_size=4, context_parallel_algo=R, use_ulysses_allgather_kv=True), {},
      r"--use-ulysses-allgather-kv needs --context-parallel-algo ulysses_cp_algo \(got megatron_cp_algo\)"),
     (dict(context_parallel_size=4, use_ulysses_allgather_kv=True), dict(num_attention_heads=8),
@@ -86,6 +86,15 @@ BAD = [
      r"--ulysses-degree-in-cp 4 Ulysses ranks .*\(hybrid_cp_algo\)"),
     (dict(context_parallel_size=4), dict(seq_length=3),
      r"--seq-length 3 is shorter than --context-parallel-size 4"),
+    # model facts are positive integers, named (configure() reads them off Megatron's args)
+    (dict(), dict(num_attention_heads=0), r"^--num-attention-heads 0 must be a positive integer$"),
+    (dict(context_parallel_size=2), dict(num_attention_heads="8"),
+     r"^--num-attention-heads '8' must be a positive integer \(got str\)$"),
+    (dict(), dict(num_attention_heads=8, num_query_groups=0), r"^--num-query-groups 0 must be a positive integer"),
+    (dict(), dict(seq_length=3.5), r"^--seq-length 3.5 must be a positive integer \(got float\)$"),
+    (dict(), dict(seq_length=-32768), r"^--seq-length -32768 must be a positive integer$"),
+    (dict(), dict(num_layers=True), r"^--num-layers True must be a positive integer"),
+    (dict(), dict(world_size=0), r"^world size 0 must be a positive integer$"),
     # layout
     (dict(context_parallel_size=4), dict(world_size=12, tensor_model_parallel_size=2),
      r"world size 12 is not divisible by --tensor-model-parallel-size 2 x --pipeline-model-parallel-size 1 x "
@@ -119,6 +128,9 @@ GOOD = [
     (dict(context_parallel_size=8, context_parallel_algo=H, ulysses_degree_in_cp=2, cp_window_size=2),
      dict(num_attention_heads=6, seq_length=32, world_size=16)),
     (dict(context_parallel_size=4, context_parallel_algo=R), dict(num_attention_heads=3, seq_length=8)),
+    # CP=1 runs no CP algorithm: every CP option is type-checked only (a script's CP=1 baseline keeps its flags)
+    (dict(context_parallel_kv_cache_policy="full", context_parallel_cache_interval=1), dict(num_layers=4)),
+    (dict(use_ulysses_allgather_kv=True, context_parallel_algo=R), dict(num_attention_heads=8)),
 ]
 
 

@@ -21,4 +21,4 @@ def test_demo_small_matches_cp1():
 def test_demo_refuses_an_impossible_layout():
     r = _demo("--ranks", "3", timeout=120)
     assert r.returncode == 2
-    assert "--context-parallel-size 3" in r.stderr and "\n" == r.stderr[-1] and r.stderr.count("\n") == 1
+    assert "--heads 8 is not divisible by --tensor-model-parallel-size 1 x --ranks 3" in r.stderr and "\n" == r.stderr[-1] and r.stderr.count("\n") == 1

@@ -1,4 +1,5 @@
 """The patch registry: keyed by dotted path, applied once, undoable, listable; import sites rebound."""
+import re
 import subprocess
 import sys
 import types
@@ -129,3 +130,42 @@ def test_megatron_adaptor_applies_once_and_undoes():
                    "megatron.core.transformer.dot_product_attention.DotProductAttention.forward",
                    "megatron.core.utils.get_batch_on_this_cp_rank"):
         assert target in s["targets"]
+
+
+def test_transformer_engine_takeover_is_announced_once_on_rank_0(capsys):
+    """With Transformer Engine importable the plugin runs its algorithm inside TE's attention instead of TE's own
+    CP: initialize_model_parallel says so once per process, on global rank 0 (announce_te; TE itself needs CUDA,
+    so the gate - megatron.core's HAVE_TE - is not exercised here)."""
+    import mindspeed_cp.megatron_adaptor as adaptor
+    from mindspeed_cp.config import CPConfig
+
+    config = CPConfig(context_parallel_size=8, context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2)
+    adaptor._TE_ANNOUNCED.clear()
+    try:
+        assert not adaptor.announce_te(config, rank=3)
+        assert adaptor.announce_te(config, rank=0)
+        assert not adaptor.announce_te(config, rank=0)
+    finally:
+        adaptor._TE_ANNOUNCED.clear()
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out == adaptor.te_takeover(config) + "\n"
+    for words in ("TEDotProductAttention", "CP=8 hybrid_cp_algo ulysses=2 ring=4", "not TE's own context parallelism",
+                  "--cp-comm-type other than p2p", "refused"):
+        assert words in out, words
+
+
+@pytest.mark.parametrize("comm,ok", [(None, True), (["p2p"], True), (["a2a"], False), (["a2a+p2p"], False)])
+def test_megatron_cp_comm_type_other_than_p2p_is_refused(comm, ok):
+    """Megatron-LM's --cp-comm-type selects TE's own CP: anything but its default p2p is refused with CP > 1."""
+    import argparse
+
+    from mindspeed_cp.config import CPConfigError
+    from mindspeed_cp.megatron_lm import check_args
+
+    args = argparse.Namespace(context_parallel_size=2, context_parallel_algo="megatron_cp_algo", world_size=2,
+                              transformer_impl="local", cp_comm_type=comm)
+    if ok:
+        assert check_args(args).cp == 2
+    else:
+        with pytest.raises(CPConfigError, match=re.escape(f"--cp-comm-type {comm[0]} selects Transformer Engine's")):
+            check_args(args)

@@ -209,6 +209,11 @@ def test_the_shipped_presets_are_within_five_percent_of_the_plan(model, preset, 
 
 
 # ----------------------------------------------------------------------------- the command
+def _best_row_flags(text):
+    row = next(line for line in text.splitlines() if re.match(r"\s+1\s+\d", line))
+    return row.split("  ")[-1].strip()
+
+
 def test_plan_command_text_json_and_preset(tmp_path, capsys):
     out = tmp_path / "mine.conf"
     assert cli_main(["plan", "--model", "gpt3-30b", "--seq-length", "32768", "--world-size", "32",
@@ -218,12 +223,73 @@ def test_plan_command_text_json_and_preset(tmp_path, capsys):
     assert "feasible configurations" in text and "--context-parallel-size" in text
     conf = read_conf(out)
     assert {"NNODES", "TP", "CP", "CP_ALGO"} <= set(conf) and conf["NNODES"] == "4" and conf["CP"] == "8"
-    flags = text.splitlines()[4].split("  ")[-1].strip()  # the best row's flags = the preset's settings
+    flags = _best_row_flags(text)  # the best row's flags = the preset's settings
     assert f"--context-parallel-algo {conf['CP_ALGO']}" in flags and f"--tensor-model-parallel-size {conf['TP']}" in flags
     assert cli_main(["plan", "--model", "gpt3-1.3b", "--seq-length", "32768", "--world-size", "8",
                      "--device", "a100", "--format", "json", "--top", "2"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert len(data["ranked"]) == 2 and data["ranked"][0]["flags"].startswith("--tensor-model-parallel-size")
+    assert data["ranked"][0]["flags"].startswith("--tensor-model-parallel-size")
+    assert cli_main(["plan", "--model", "gpt3-1.3b", "--seq-length", "32768", "--world-size", "8",
+                     "--device", "a100", "--top", "2"]) == 0
+    feasible = int(re.search(r"(\d+) feasible configurations", capsys.readouterr().out).group(1))
+    assert len(data["ranked"]) == feasible > 2  # --top cuts the table, never the JSON
+
+
+def test_rows_come_in_the_documented_order():
+    """docs/planner.md: tiers by speed (the fastest remaining and all within 1 % of it), each simplest first (the
+    enumeration order); so the predicted time never drops by more than 1 % from one row to the next."""
+    from mindspeed_cp.plan import candidates
+
+    dev = device("h100")
+    ranked = plan(GPT_1_3B, dev, 32768, 16)["ranked"]
+    enumeration = [(t, c) for t, c in candidates(GPT_1_3B, 32768, 16, dev.gpus_per_node)]
+    position = [enumeration.index((e["tp"], e["config"])) for e in ranked]
+    times = [e["rank_time"] for e in ranked]
+    i, tiers = 0, 0
+    while i < len(ranked):
+        head = min(times[i:])
+        j = i
+        while j < len(ranked) and times[j] <= 1.01 * head:
+            j += 1
+        assert all(t > 1.01 * head for t in times[j:]), i  # the tier holds every row within 1 % of the fastest left
+        assert position[i:j] == sorted(position[i:j]), i  # simplest first inside it
+        i, tiers = j, tiers + 1
+    assert tiers > 5 and len(ranked) > 50
+
+
+def test_flags_and_preset_carry_every_assumption_of_the_memory_check(tmp_path, capsys):
+    """What the memory check assumed is in every row's flags and in the preset (30B at 32k: without the distributed
+    optimizer and recomputation the plan's pick would not fit)."""
+    argv = ["plan", "--model", "gpt3-30b", "--seq-length", "32768", "--world-size", "32", "--format", "json"]
+    assert cli_main(argv + ["--recompute", "full", "--micro-batch-size", "2"]) == 0
+    rows = json.loads(capsys.readouterr().out)["ranked"]
+    for r in rows:
+        for flag in ("--micro-batch-size 2", "--use-distributed-optimizer", "--recompute-granularity full"):
+            assert flag in r["flags"], (flag, r["flags"])
+        assert ("--sequence-parallel" in r["flags"]) == (r["tp"] > 1)
+    assert cli_main(["plan", "--model", "gpt3-1.3b", "--seq-length", "32768", "--world-size", "8", "--format",
+                     "json", "--no-distributed-optimizer"]) == 0
+    rows = json.loads(capsys.readouterr().out)["ranked"]
+    assert rows and not any("--use-distributed-optimizer" in r["flags"] or "--recompute" in r["flags"] for r in rows)
+    best = plan(GPT_30B, device("h100"), 32768, 32, recompute="full")["ranked"][0]
+    bare = plan(GPT_30B, device("h100"), 32768, 32, tp=best["tp"], cp=best["cp"], distributed_optimizer=False)
+    assert all(r["config"] != best["config"] for r in bare["ranked"])  # the pick needs what its flags say
+
+
+def test_ring_steps_cover_every_step_of_a_pass():
+    """The cost model folds a ring pass's alike steps (O(1) in the ring size): the same steps, pairs and hops
+    as walking every step (the hop after step s leaves a Double Ring window when s + 1 is a multiple of K)."""
+    from collections import Counter
+
+    for R in range(2, 40):
+        for K in [R] + [k for k in range(2, R) if R % k == 0]:
+            S = 2 * R * 3
+            walked = Counter((cm.ring_step_pairs(S, R, s), None if s == R - 1 else
+                              "outer" if R > K and (s + 1) % K == 0 else "inner") for s in range(R))
+            folded = Counter()
+            for step, count, hop in cm.ring_steps(R, K):
+                folded[(cm.ring_step_pairs(S, R, step), hop)] += count
+            assert folded == walked, (R, K)
 
 
 @pytest.mark.parametrize("argv,match", [

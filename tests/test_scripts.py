@@ -30,13 +30,13 @@ EXPECTED = {
 }
 
 
-def run_script(name, **env):
-    full = dict(os.environ, PYTHON=sys.executable, **env)
-    for key in ("MEGATRON_LM_PATH", "CP", "TP", "NNODES", "GPUS_PER_NODE"):
+def run_script(name, ARGS=(), cwd=None, **env):
+    full = dict(os.environ, **{"PYTHON": sys.executable, **env})
+    for key in ("MEGATRON_LM_PATH", "CP", "TP", "NNODES", "GPUS_PER_NODE", "PYTHONPATH"):
         if key not in env:
             full.pop(key, None)
-    return subprocess.run(["bash", os.path.join(SCRIPTS_DIR, name)], capture_output=True, text=True, env=full,
-                          timeout=600)
+    return subprocess.run(["bash", os.path.join(SCRIPTS_DIR, name), *ARGS], capture_output=True, text=True,
+                          env=full, timeout=600, cwd=cwd)
 
 
 def test_every_example_is_expected():
@@ -150,3 +150,44 @@ def test_tiny_script_trains_on_gloo_ranks():
     out = res.stdout + res.stderr
     assert "no accelerator: gloo ranks, fp32" in out
     assert re.search(r"iteration\s+2/\s+2 \|", out), out[-3000:]
+
+
+def test_a_planned_preset_runs(tmp_path):
+    """`mindspeed-cp plan --write-preset` writes everything the script needs: the GPU command carries every flag
+    of the plan's best row (layout, CP options, micro-batch, sequence parallelism, distributed optimizer,
+    recomputation) and the planned sequence length."""
+    import json
+
+    conf = tmp_path / "planned.conf"
+    plan = subprocess.run([sys.executable, "-m", "mindspeed_cp", "plan", "--model", "gpt3-30b", "--seq-length",
+                           "65536", "--world-size", "64", "--recompute", "full", "--format", "json",
+                           "--write-preset", str(conf)], capture_output=True, text=True, timeout=300)
+    assert plan.returncode == 0, plan.stderr
+    best = json.loads(plan.stdout)["ranked"][0]
+    res = run_script("pretrain_gpt_cp.sh", DRY_RUN="1", DEVICE="gpu", ARGS=["gpt3-30b", str(conf)])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    text = " ".join(shlex.split(res.stdout.split("command:\n", 1)[1].strip().splitlines()[0]))
+    for flag in re.split(r" (?=--)", best["flags"]):
+        assert f"{flag} " in f"{text} ", flag
+    assert "--seq-length 65536" in text and "--micro-batch-size 1 --global-batch-size" in text
+    nodes = int(re.search(r"--nnodes (\d+)", text).group(1))
+    assert nodes * int(re.search(r"--nproc-per-node (\d+)", text).group(1)) == 64
+
+
+def test_without_the_plugin_one_line_names_python(tmp_path):
+    """No mindspeed_cp in the interpreter (a fresh shell without the venv): one line naming PYTHON and the venv,
+    exit 2, no Python traceback."""
+    base = getattr(sys, "_base_executable", None) or "python3"
+    for python in (base, str(tmp_path / "no-such-python")):
+        res = run_script("pretrain_gpt_1.3b_32k_ring.sh", DRY_RUN="1", PYTHON=python, cwd=str(tmp_path))
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert "Traceback" not in res.stderr and res.stderr.count("\n") == 1, res.stderr
+        assert f"cannot import mindspeed_cp with PYTHON={python}" in res.stderr and ".venv" in res.stderr
+
+
+def test_cp1_baseline_keeps_the_presets_cp_options():
+    """CP=1 runs no CP algorithm, so every CP option of a preset is accepted there (type-checked only): the ring
+    preset's KV-cache policy and overlap stay on the command line of its CP=1 baseline."""
+    res = run_script("pretrain_gpt_1.3b_32k_ring.sh", DRY_RUN="1", CP="1", DEVICE="gpu")
+    assert res.returncode == 0, res.stderr
+    assert "--context-parallel-size 1 " in res.stdout and "--context-parallel-kv-cache-policy full" in res.stdout

@@ -71,3 +71,16 @@ def test_split_batch_errors(batch, match):
     cfg = CPConfig(context_parallel_size=2, context_parallel_algo="megatron_cp_algo")
     with pytest.raises(CPConfigError, match=match):
         split_batch(batch, cfg, 0)
+
+
+def test_local_lengths_are_the_sizes_of_token_indices():
+    """local_lengths (O(CP), used by check at thousands of ranks) = what token_indices gives every rank."""
+    configs = [CPConfig(context_parallel_size=cp, context_parallel_algo=algo, ulysses_degree_in_cp=u)
+               for cp, algo, u in ((1, "ulysses_cp_algo", None), (3, "ulysses_cp_algo", None),
+                                   (5, "ulysses_cp_algo", None), (4, "megatron_cp_algo", None),
+                                   (6, "hybrid_cp_algo", 2), (8, "hybrid_cp_algo", 4))]
+    for cfg in configs:
+        for seq in (2 * cfg.cp * 3, 2 * cfg.cp * 5) if cfg.uses_zigzag else (cfg.cp, 13, 64, 97):
+            assert local_lengths(cfg, seq) == [token_indices(cfg, r, seq).numel() for r in range(cfg.cp)], (cfg, seq)
+    with pytest.raises(CPConfigError, match="shorter than --context-parallel-size"):
+        local_lengths(configs[2], 4)

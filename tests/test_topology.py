@@ -156,3 +156,32 @@ def test_initialize_with_a_different_cp_size_is_refused_on_every_rank():
 
     expect_error_on_every_rank(4, _mismatched_cp,
                                match=r"context_parallel_size=2\) contradicts configure\(context_parallel_size=4\)")
+
+
+def _small_layouts():
+    """Every valid (world, tp, pp, cp, algo, U, window) with world <= 48 and the degrees below."""
+    for world, tp, pp, cp in itertools.product((1, 2, 6, 8, 12, 16, 24, 48), (1, 2, 3), (1, 2), (1, 2, 4, 6, 8)):
+        if world % (tp * pp * cp):
+            continue
+        yield world, tp, pp, cp, "ulysses_cp_algo", None, 1
+        for u, k in itertools.product((None, 2, 3), (1, 2, 3)):
+            algo = "megatron_cp_algo" if u is None else "hybrid_cp_algo"
+            ring = cp // (u or 1)
+            if cp > 1 and (u is None or (cp % u == 0 and 1 < u < cp)) and (k == 1 or (ring % k == 0 and k < ring)):
+                yield world, tp, pp, cp, algo, u, k
+
+
+def test_rank_groups_equal_rank_layout_for_every_rank_of_many_layouts():
+    """The planner's per-rank answer (rank_groups: the one CP group of a rank) is the runtime's layout."""
+    from mindspeed_cp.topology import rank_groups
+
+    shapes = list(_small_layouts())
+    assert len(shapes) > 150 and {s[4] for s in shapes} == {"ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo"}
+    for shape in shapes:
+        layout = rank_layout(*shape)
+        for rank in range(shape[0]):
+            assert rank_groups(*shape, rank=rank) == groups_of_rank(layout, rank), (shape, rank)
+    with pytest.raises(LayoutError, match=r"rank 8 is not one of 0..7"):
+        rank_groups(8, cp=2, rank=8)
+    with pytest.raises(LayoutError, match="world size 12 is not divisible"):
+        rank_groups(12, tp=2, cp=4)
