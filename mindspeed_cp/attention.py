@@ -97,9 +97,14 @@ def _megatron_only(module, cfg: CPConfig) -> Optional[str]:
 
     why = _unsupported(module, cfg)
     if cfg.context_parallel_algo != ULYSSES:
-        if why is not None:
-            raise CPConfigError(f"--context-parallel-algo {cfg.context_parallel_algo} cannot compute {why}: use "
-                                f"ulysses_cp_algo, which runs Megatron's own attention for it")
+        softmax = getattr(module, "scale_mask_softmax", None)
+        problem = cfg.feature_problem(getattr(module.config, "softmax_type", "vanilla"),
+                                      getattr(softmax, "window_size", None))
+        if problem is None and why is not None:  # attn_mask_type: no fallback either
+            problem = (f"--context-parallel-algo {cfg.context_parallel_algo} cannot compute {why}: use "
+                       f"ulysses_cp_algo, which runs Megatron's own attention for it")
+        if problem is not None:
+            raise CPConfigError(problem)
         return None
     if why is None and not isinstance(module, DotProductAttention):
         why = f"{type(module).__name__} is not Megatron's local DotProductAttention (its own kernels run)"

@@ -326,6 +326,20 @@ class CPConfig:
                 f"--seq-length {seq} is shorter than --context-parallel-size {cp}: every rank must hold "
                 f"at least one token (ulysses_cp_algo)")
 
+    # ------------------------------------------------------------------ model features
+    def feature_problem(self, softmax_type: Optional[str] = "vanilla", window_size: Any = None) -> Optional[str]:
+        """Why this configuration cannot compute a model's attention feature exactly, or None: the one rule the
+        model build, Megatron-LM's ``validate_args`` and ``mindspeed-cp plan`` refuse by. Ulysses runs Megatron's
+        own attention for sliding windows and sinks; the ring level has no such term yet."""
+        if self.cp == 1 or self.ring_size == 1:
+            return None
+        what = (f"sliding-window attention (window_size={window_size})" if window_size is not None else
+                f"softmax_type={softmax_type!r}" if softmax_type not in (None, "vanilla") else None)
+        if what is None:
+            return None
+        return (f"--context-parallel-algo {self.context_parallel_algo} cannot compute {what}: use ulysses_cp_algo, "
+                f"which runs Megatron's own attention for it")
+
     # ------------------------------------------------------------------ misc
     def replace(self, **changes: Any) -> "CPConfig":
         return dataclasses.replace(self, **changes)

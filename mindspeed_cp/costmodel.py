@@ -192,6 +192,8 @@ class Model:
     name: str = ""
     kv_channels: Optional[int] = None  # the query / key head size; None = hidden / heads (MLA: qk + rope dims)
     v_head_dim: Optional[int] = None  # the value head size; None = the query / key one (MLA: its own)
+    softmax_type: str = "vanilla"  # --softmax-type (sinks): not every algorithm computes it (CPConfig.feature_problem)
+    window_size: Optional[str] = None  # --window-size (sliding windows): likewise
 
     @property
     def kv_heads(self) -> int:

@@ -46,6 +46,9 @@ def _te_attention_supported() -> bool:
 def _megatron_conflicts(args: Any, config: CPConfig) -> None:
     """Megatron-LM options that would silently run something else than the configured algorithm."""
     algo, cp = config.context_parallel_algo, config.cp
+    feature = config.feature_problem(getattr(args, "softmax_type", "vanilla"), getattr(args, "window_size", None))
+    if feature is not None:
+        raise CPConfigError(feature.replace("softmax_type=", "--softmax-type ").replace("window_size=", "--window-size "))
     impl = getattr(args, "transformer_impl", "local")
     if impl != "local" and getattr(args, "spec", None) is None and not _te_attention_supported():
         raise CPConfigError(

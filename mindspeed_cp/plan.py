@@ -35,7 +35,7 @@ import json
 import math
 import os
 from collections import Counter
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from .cliargs import UsageError, integer, output_file, real, write_text
 from .config import CPConfig, CPConfigError, HYBRID, RING, ULYSSES
@@ -144,18 +144,20 @@ def model_from(args: argparse.Namespace) -> Model:
         raise ValueError(f"--num-query-groups {kv} does not divide --num-attention-heads {heads}")
     values["vocab_size"] = values["vocab_size"] or 50304
     name = os.path.basename(args.model)[:-5] if args.model and args.model.endswith(".conf") else (args.model or "")
-    return Model(swiglu=args.swiglu, name=name, **values, **_head_sizes(conf.get("MODEL_ARGS", "")))
+    return Model(swiglu=args.swiglu, name=name, **values, **_model_args(conf.get("MODEL_ARGS", "")))
 
 
-def _head_sizes(model_args: str) -> Dict[str, int]:
-    """MLA's head sizes from a model conf's Megatron-LM flags (``--multi-latent-attention --qk-head-dim 24
-    --qk-pos-emb-head-dim 8 --v-head-dim 16``): the query/key head is qk + rope, the value head its own."""
+def _model_args(model_args: str) -> Dict[str, Any]:
+    """What the plan needs of a model conf's own Megatron-LM flags: MLA's head sizes (``--multi-latent-attention
+    --qk-head-dim 24 --qk-pos-emb-head-dim 8 --v-head-dim 16``: the query/key head is qk + rope, the value head its
+    own) and the attention features not every algorithm computes (``--softmax-type``, ``--window-size``)."""
     flags = model_args.split()
-    if "--multi-latent-attention" not in flags:
-        return {}
-    value = lambda flag, default: int(flags[flags.index(flag) + 1]) if flag in flags else default  # noqa: E731
-    qk = value("--qk-head-dim", 128) + value("--qk-pos-emb-head-dim", 64)  # Megatron-LM's defaults
-    return {"kv_channels": qk, "v_head_dim": value("--v-head-dim", 128)}
+    value = lambda flag, default: flags[flags.index(flag) + 1] if flag in flags else default  # noqa: E731
+    out: Dict[str, Any] = {"softmax_type": value("--softmax-type", "vanilla"), "window_size": value("--window-size", None)}
+    if "--multi-latent-attention" in flags:
+        qk = int(value("--qk-head-dim", 128)) + int(value("--qk-pos-emb-head-dim", 64))  # Megatron-LM's defaults
+        out.update(kv_channels=qk, v_head_dim=int(value("--v-head-dim", 128)))
+    return out
 
 
 def _model_value(args: argparse.Namespace, key: str, conf: Dict[str, str]) -> Optional[int]:
@@ -290,6 +292,9 @@ def _evaluate(entry: dict, model: Model, dev: Device, S: int, world: int, rank_b
                         pipeline_model_parallel_size=pp)
     except CPConfigError as e:
         return str(e)
+    feature = config.feature_problem(model.softmax_type, model.window_size)
+    if feature is not None:  # what the model build would refuse
+        return feature
     padded, b = config.padded_seq_len(S), a["micro_batch_size"]  # Ring/Hybrid compute, send and keep the padding
     entry["memory"] = mem = memory(model, dev, padded, b, t, pp, world, config, a["recompute"],
                                    a["distributed_optimizer"])

@@ -330,3 +330,26 @@ def test_learnable_offsets_initialise_as_at_cp1():
     """Built from the same seed, a Ulysses model equals the CP=1 one - its offsets included (made whole and drawn
     at the same point of the random stream, so the layers after it draw the same numbers too)."""
     assert run_on_ranks(4, _init_with_the_same_seed, 4) == [[]] * 4
+
+
+@pytest.mark.parametrize("algo,extra,refused", [
+    ("megatron_cp_algo", dict(softmax_type="learnable"), "--softmax-type 'learnable'"),
+    ("hybrid_cp_algo", dict(window_size=(128, 0)), "--window-size (128, 0)"),
+    ("ulysses_cp_algo", dict(softmax_type="learnable", window_size=(128, 0)), None),
+])
+def test_megatron_lm_arguments_refuse_what_the_ring_cannot_compute(algo, extra, refused):
+    """Megatron-LM's validate_args (mindspeed_cp.megatron_lm.check_args) refuses sinks and windows on the ring level
+    before anything starts, with the sentence the model build would raise."""
+    import argparse
+
+    from mindspeed_cp.config import CPConfigError
+    from mindspeed_cp.megatron_lm import check_args
+
+    args = argparse.Namespace(context_parallel_size=4, context_parallel_algo=algo, world_size=4,
+                              ulysses_degree_in_cp=2 if algo == H else None, num_attention_heads=8, seq_length=64,
+                              transformer_impl="local", **extra)
+    if refused is None:
+        check_args(args)
+        return
+    with pytest.raises(CPConfigError, match=f"{algo} cannot compute .*{__import__('re').escape(refused)}"):
+        check_args(args)

@@ -303,3 +303,24 @@ def test_plan_command_errors_are_one_line_and_status_2(argv, match, capsys):
     assert cli_main(["plan", "--seq-length", "32768", "--world-size", "8"] + argv) == 2
     err = capsys.readouterr().err
     assert match in err and err.count("\n") == 1
+
+
+def test_plan_keeps_to_what_the_model_build_accepts():
+    """A model conf with sinks (gpt-oss-tiny: --softmax-type learnable) gets no Ring / Hybrid row: the model build
+    would refuse them, with the same sentence the plan gives as the reason (CPConfig.feature_problem); MLA's head
+    sizes come from the conf's flags (deepseek-tiny: qk 24 + 8, v 16)."""
+    import argparse
+
+    from mindspeed_cp.plan import device, model_from, plan
+
+    args = argparse.Namespace(model="gpt-oss-tiny", swiglu=False, num_layers=None, hidden_size=None,
+                              num_attention_heads=None, num_query_groups=None, ffn_hidden_size=None, vocab_size=None)
+    model = model_from(args)
+    assert model.softmax_type == "learnable"
+    res = plan(model, device("h100"), 8192, 8)
+    algos = {e["config"].context_parallel_algo for e in res["ranked"] if e["config"].cp > 1}
+    assert algos == {"ulysses_cp_algo"}, algos
+    why = {e["why"] for e in res["rejected"] if e["config"].ring_size > 1}
+    assert any("cannot compute softmax_type='learnable'" in w for w in why), why
+    deepseek = model_from(argparse.Namespace(**dict(vars(args), model="deepseek-tiny")))
+    assert (deepseek.head_dim, deepseek.v_dim) == (32, 16)
