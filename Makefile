@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-compat test-megatron-lm megatron-lm-deps demo demo-megatron-lm bench bench-cli bench-peers gpu-check groups-example clean
+.PHONY: setup test lint format test-compat test-megatron-lm megatron-lm-deps demo demo-megatron-lm bench bench-cli bench-peers gpu-check groups-example clean
 
 setup: $(STAMP)
 
@@ -13,12 +13,21 @@ $(STAMP): setup.py constraints.txt
 	@command -v $(PY) >/dev/null 2>&1 || { echo "make setup: $(PY) not found (set PY=...)"; exit 2; }
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(VPY) -m pip install -q --disable-pip-version-check -c constraints.txt megatron-core pytest numpy matplotlib
+	$(VPY) -m pip install -q --disable-pip-version-check -c constraints.txt megatron-core pytest numpy matplotlib ruff
 	$(VPY) -m pip install -q --disable-pip-version-check -c constraints.txt --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: setup
+test: lint
 	$(VPY) -m pytest -q tests $(PYTEST_ARGS)
+
+# ruff (ruff.toml): the formatter decides line shape, the linter keeps the tree clean; `make format` applies both
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 # The Megatron-touching tests on megatron-core 0.12.3 ... 0.15.3 (Python 3.11 overlays) and 0.17.1 ... 0.19.2
 # (a Python 3.12 venv, cached in .compat/; 0.19.2 runs Megatron's training loop from its wheel).
@@ -39,10 +48,10 @@ test-megatron-lm: megatron-lm-deps
 
 # real pretrain_gpt.py with CP=1 and each algorithm at CP 4 on gloo ranks: the loss table (~2 min)
 demo-megatron-lm: megatron-lm-deps
-	MEGATRON_LM_PATH=$(MEGATRON_LM_PATH) $(VPY) -m mindspeed_cp.demo_megatron_lm
+	MEGATRON_LM_PATH=$(MEGATRON_LM_PATH) $(VPY) -m mindspeed_cp.tools.demo_megatron_lm
 
 demo: setup
-	$(VPY) -m mindspeed_cp.demo
+	$(VPY) -m mindspeed_cp.tools.demo
 
 bench: setup
 	$(VPY) -m benchmarks.run

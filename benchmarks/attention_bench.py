@@ -1,17 +1,17 @@
 """What one attention call costs on each CP rank: bytes sent, work, memory saved for backward, time.
 
-Run inside gloo ranks started by :mod:`benchmarks.launch` (world size = CP size)::
+Run inside gloo ranks started by :mod:`mindspeed_cp.ranks` (world size = CP size)::
 
     per_rank = launch(4, measure_cases, cases, reps)     # each rank returns one dict per case
 
 Groups are built the way the runtime builds them: :class:`mindspeed_cp.config.CPConfig` ->
 ``STATE.build_groups`` (:func:`mindspeed_cp.topology.layout_for`) -> the same lookups the Megatron glue
-does (``mindspeed_cp.attention._double_ring_window``). Megatron itself is not imported here (it only adds
+does (``STATE.double_ring_window()``). Megatron itself is not imported here (it only adds
 start-up time); :func:`measure_single` runs Megatron's own attention at CP=1 for the speed reference.
 
 Per case and rank, one counted pass (forward + backward) gives
 
-* ``comm``: bytes this rank sent, by kind, from :func:`mindspeed_cp.comm_stats.count_bytes` (the plugin's
+* ``comm``: bytes this rank sent, by kind, from :func:`mindspeed_cp.stats.count_bytes` (the plugin's
   communication layer); "metadata" is the small input-agreement all-gather, kept apart.
 * ``work``: attention score elements of the blocks this rank computed, forward + backward, masked ones
   inside computed blocks included (:func:`mindspeed_cp.ring.count_blocks`: ring blocks, and the blocks of
@@ -22,6 +22,7 @@ Per case and rank, one counted pass (forward + backward) gives
 
 then ``reps`` timed passes (wall clock and process CPU time).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,12 @@ import torch
 
 Tensor = torch.Tensor
 
-ALGO_FLAGS = {"ulysses": "ulysses_cp_algo", "ring": "megatron_cp_algo", "double_ring": "megatron_cp_algo",
-              "hybrid": "hybrid_cp_algo"}
+ALGO_FLAGS = {
+    "ulysses": "ulysses_cp_algo",
+    "ring": "megatron_cp_algo",
+    "double_ring": "megatron_cp_algo",
+    "hybrid": "hybrid_cp_algo",
+}
 
 
 # ----------------------------------------------------------------------------- local attention (kernel layer)
@@ -55,14 +60,14 @@ class KernelAttention:
 # ----------------------------------------------------------------------------- saved-for-backward bytes
 class SavedBytes:
     """Distinct storages saved for backward while active (a storage counted once however many views):
-    :func:`mindspeed_cp.saved_stats.count_saved`, which also sees through the Ulysses KV cache's own hooks."""
+    :func:`mindspeed_cp.stats.count_saved`, which also sees through the Ulysses KV cache's own hooks."""
 
     def __init__(self) -> None:
         self.total = 0
 
     @contextlib.contextmanager
     def hooks(self) -> Iterator["SavedBytes"]:
-        from mindspeed_cp.saved_stats import count_saved
+        from mindspeed_cp.stats import count_saved
 
         with count_saved() as stats:
             yield self
@@ -73,9 +78,12 @@ class SavedBytes:
 def _config(case: dict):
     from mindspeed_cp.config import CPConfig
 
-    return CPConfig(context_parallel_size=case["cp"], context_parallel_algo=ALGO_FLAGS[case["algo"]],
-                    ulysses_degree_in_cp=case.get("ulysses") if case["algo"] == "hybrid" else None,
-                    cp_window_size=case.get("window", 1) if case["algo"] == "double_ring" else 1)
+    return CPConfig(
+        context_parallel_size=case["cp"],
+        context_parallel_algo=ALGO_FLAGS[case["algo"]],
+        ulysses_degree_in_cp=case.get("ulysses") if case["algo"] == "hybrid" else None,
+        cp_window_size=case.get("window", 1) if case["algo"] == "double_ring" else 1,
+    )
 
 
 def build_runner(case: dict, kernel: str = "torch"):
@@ -83,31 +91,34 @@ def build_runner(case: dict, kernel: str = "torch"):
     ``run(q, k, v) -> out`` on this rank's ``[s/CP, b, h|hk, d]`` shard."""
     import torch.distributed as dist
 
-    from mindspeed_cp.attention import _double_ring_window
     from mindspeed_cp.hybrid import hybrid_attention
+    from mindspeed_cp.megatron.state import STATE
     from mindspeed_cp.ring import ring_attention
-    from mindspeed_cp.state import STATE
     from mindspeed_cp.ulysses import UlyssesContextAttention
 
     cfg = _config(case)
     STATE.reset()
     STATE.set_config(cfg)
-    STATE.build_groups(dist.get_world_size(), dist.get_rank(), 1, 1, new_group=dist.new_group,
-                       cp_group=dist.group.WORLD)
+    STATE.build_groups(
+        dist.get_world_size(), dist.get_rank(), 1, 1, new_group=dist.new_group, cp_group=dist.group.WORLD
+    )
     uly = STATE.group("ulysses") if cfg.ulysses_size > 1 else None
     ring = STATE.group("ring") if cfg.ring_size > 1 else None
-    window = _double_ring_window(cfg) if cfg.ring_size > 1 else None
+    window = STATE.double_ring_window() if cfg.ring_size > 1 else None
     STATE.reset()  # the groups live on in this closure; nothing global is left behind
     algo, policy = case["algo"], case.get("kv_cache_policy")
     if algo == "ulysses":
-        ulysses = UlyssesContextAttention(KernelAttention(kernel), uly, kv_cache_policy=policy,
-                                          allgather_kv=case.get("allgather_kv", False))
+        ulysses = UlyssesContextAttention(
+            KernelAttention(kernel), uly, kv_cache_policy=policy, allgather_kv=case.get("allgather_kv", False)
+        )
         return cfg, lambda q, k, v: ulysses(q, k, v)
     if algo in ("ring", "double_ring"):
-        return cfg, lambda q, k, v: ring_attention(q, k, v, ring, causal=True, window=window, kernel=kernel,
-                                                   kv_cache_policy=policy)
-    return cfg, lambda q, k, v: hybrid_attention(q, k, v, uly, ring, causal=True, window=window, kernel=kernel,
-                                                 kv_cache_policy=policy)
+        return cfg, lambda q, k, v: ring_attention(
+            q, k, v, ring, causal=True, window=window, kernel=kernel, kv_cache_policy=policy
+        )
+    return cfg, lambda q, k, v: hybrid_attention(
+        q, k, v, uly, ring, causal=True, window=window, kernel=kernel, kv_cache_policy=policy
+    )
 
 
 def _inputs(case: dict, s_local: int, seed: int):
@@ -115,8 +126,9 @@ def _inputs(case: dict, s_local: int, seed: int):
     dtype = getattr(torch, case.get("dtype", "float32"))
     b, h, hk, d = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
     dv = case.get("v_head_dim", d)  # MLA: the value head size its own
-    q, k, v = (torch.randn(s_local, b, n, e, generator=g).to(dtype).requires_grad_() for n, e in ((h, d), (hk, d),
-                                                                                                   (hk, dv)))
+    q, k, v = (
+        torch.randn(s_local, b, n, e, generator=g).to(dtype).requires_grad_() for n, e in ((h, d), (hk, d), (hk, dv))
+    )
     dout = torch.randn(s_local, b, h, dv, generator=g).to(dtype)
     return q, k, v, dout
 
@@ -131,9 +143,9 @@ def measure_cases(cases: List[dict], reps: int = 3, kernel: str = "torch") -> Li
     """On this rank: the counted pass and ``reps`` timed passes of every case (see the module doc)."""
     import torch.distributed as dist
 
-    from mindspeed_cp.comm_stats import count_bytes
+    from mindspeed_cp.layout.sharding import token_indices
     from mindspeed_cp.ring import count_blocks
-    from mindspeed_cp.sharding import token_indices
+    from mindspeed_cp.stats import count_bytes
 
     out = []
     for i, case in enumerate(cases):
@@ -159,17 +171,19 @@ def measure_cases(cases: List[dict], reps: int = 3, kernel: str = "torch") -> Li
             _one_pass(run, q, k, v, dout)
             wall.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
-        out.append({
-            "comm_by_kind": by_kind,
-            "comm_messages": dict(comm.messages),
-            "work_scores": int(work),
-            "work_unmasked": int(work - sum(blocks.masked[p] for p in phases)),
-            "blocks_computed": int(sum(blocks.blocks[p] for p in phases)),
-            "empty_blocks": int(empty),
-            "saved_bytes": saved.total,
-            "time_s": statistics.median(wall),
-            "cpu_time_s": statistics.median(cpu),
-        })
+        out.append(
+            {
+                "comm_by_kind": by_kind,
+                "comm_messages": dict(comm.messages),
+                "work_scores": int(work),
+                "work_unmasked": int(work - sum(blocks.masked[p] for p in phases)),
+                "blocks_computed": int(sum(blocks.blocks[p] for p in phases)),
+                "empty_blocks": int(empty),
+                "saved_bytes": saved.total,
+                "time_s": statistics.median(wall),
+                "cpu_time_s": statistics.median(cpu),
+            }
+        )
         dist.barrier()
     return out
 
@@ -178,25 +192,36 @@ def measure_cases(cases: List[dict], reps: int = 3, kernel: str = "torch") -> Li
 def _megatron_attention(h: int, hk: int, d: int, dv: int):
     """Megatron's own core attention (local spec ``DotProductAttention``) at CP=1, causal (MLA's head sizes as
     its local spec passes them)."""
-    import mindspeed_cp.megatron_adaptor  # noqa: F401  - CPU support for megatron-core; CP=1 leaves it alone
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    import mindspeed_cp.megatron_adaptor  # noqa: F401  - CPU support for megatron-core; CP=1 leaves it alone
+
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
         tensor_parallel.model_parallel_cuda_manual_seed(1234)  # its RNG tracker (attention dropout region)
-    config = TransformerConfig(num_layers=1, hidden_size=h * d, num_attention_heads=h, num_query_groups=hk,
-                               kv_channels=d, attention_dropout=0.0, hidden_dropout=0.0, context_parallel_size=1)
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=h * d,
+        num_attention_heads=h,
+        num_query_groups=hk,
+        kv_channels=d,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        context_parallel_size=1,
+    )
     sizes = {} if dv == d else dict(k_channels=d, v_channels=dv)
-    module = DotProductAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal,
-                                 attention_type="self", **sizes)
+    module = DotProductAttention(
+        config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self", **sizes
+    )
     return lambda q, k, v: module(q, k, v, None)  # [S, b, h, d] -> [S, b, h*d]
 
 
-def measure_single(jobs: List[dict], reps: int = 3, kernel: str = "torch",
-                   megatron_max_seq: Optional[int] = None) -> List[dict]:
+def measure_single(
+    jobs: List[dict], reps: int = 3, kernel: str = "torch", megatron_max_seq: Optional[int] = None
+) -> List[dict]:
     """One rank (world 1): the CP=1 figures of every job (a shape: ``seq, batch, heads, kv_heads, head_dim,
     dtype``): the kernel on the full sequence (its saved bytes are the memory reference; its time) and
     Megatron's own attention (its time is the speed reference; its saved bytes too). Megatron's attention

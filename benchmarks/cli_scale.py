@@ -10,6 +10,7 @@ machine changes least), wall-clock seconds and peak resident memory. A command t
 is stopped and reported as "> timeout"; the larger sizes of that command are then skipped (they would take longer
 still). Not a test: timings depend on the machine and its load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,13 +25,32 @@ from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = [4096, 16384, 65536, 1048576]
-LAYOUT = ["--tp", "8", "--cp", "16", "--cp-algo", "hybrid_cp_algo", "--ulysses-degree-in-cp", "4",
-          "--cp-window-size", "2"]
+LAYOUT = [
+    "--tp",
+    "8",
+    "--cp",
+    "16",
+    "--cp-algo",
+    "hybrid_cp_algo",
+    "--ulysses-degree-in-cp",
+    "4",
+    "--cp-window-size",
+    "2",
+]
 COMMANDS: Dict[str, List[str]] = {  # name -> arguments after `python -m mindspeed_cp`, W = the world size
     "groups --format json": ["groups", "--world-size", "W", *LAYOUT, "--format", "json"],
     "groups --format text": ["groups", "--world-size", "W", *LAYOUT, "--format", "text"],
-    "plan (gpt3-30b, 128k tokens, h100)": ["plan", "--model", "gpt3-30b", "--seq-length", "131072",
-                                           "--world-size", "W", "--device", "h100"],
+    "plan (gpt3-30b, 128k tokens, h100)": [
+        "plan",
+        "--model",
+        "gpt3-30b",
+        "--seq-length",
+        "131072",
+        "--world-size",
+        "W",
+        "--device",
+        "h100",
+    ],
 }
 
 
@@ -38,8 +58,9 @@ def run_one(argv: List[str], timeout: float, env: dict, cwd: str) -> dict:
     """Wall and CPU seconds and peak RSS (MiB) of one command, its stdout into a scratch file."""
     with tempfile.TemporaryFile() as sink:
         t0 = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-m", "mindspeed_cp", *argv], stdout=sink,
-                                 stderr=subprocess.PIPE, env=env, cwd=cwd)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "mindspeed_cp", *argv], stdout=sink, stderr=subprocess.PIPE, env=env, cwd=cwd
+        )
         while True:
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
             if pid:
@@ -56,8 +77,12 @@ def run_one(argv: List[str], timeout: float, env: dict, cwd: str) -> dict:
         size = sink.tell()
     if child.returncode:
         raise RuntimeError(f"{' '.join(argv)}: exit {child.returncode}: {err.strip()[-300:]}")
-    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024,
-            "output_bytes": size}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "output_bytes": size,
+    }
 
 
 def measure(sizes: List[int], timeout: float, src: Optional[str]) -> List[dict]:
@@ -69,8 +94,9 @@ def measure(sizes: List[int], timeout: float, src: Optional[str]) -> List[dict]:
         stopped = False
         for world in sizes:
             argv = [str(world) if a == "W" else a for a in template]
-            result = {"seconds": None, "timeout": timeout, "skipped": True} if stopped else \
-                run_one(argv, timeout, env, cwd)
+            result = (
+                {"seconds": None, "timeout": timeout, "skipped": True} if stopped else run_one(argv, timeout, env, cwd)
+            )
             stopped = stopped or result["seconds"] is None
             rows.append(dict(command=name, world_size=world, argv=argv, **result))
             print(f"  {name:<38} {world:>9,} ranks: {_cell(rows[-1])}", flush=True)
@@ -85,12 +111,17 @@ def _cell(row: dict) -> str:
 
 def markdown(rows: List[dict], title: str) -> str:
     sizes = sorted({r["world_size"] for r in rows})
-    lines = [f"# {title}", "", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-             f"load average at the end {os.getloadavg()[0]:.1f}. A fresh `python -m mindspeed_cp` process per cell "
-             "(start-up included): CPU seconds of the process (what load on the machine changes least), wall seconds, peak "
-             "resident memory.", "",
-             "| command | " + " | ".join(f"{w:,} ranks" for w in sizes) + " |",
-             "|---|" + "---|" * len(sizes)]
+    lines = [
+        f"# {title}",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"load average at the end {os.getloadavg()[0]:.1f}. A fresh `python -m mindspeed_cp` process per cell "
+        "(start-up included): CPU seconds of the process (what load on the machine changes least), wall seconds, peak "
+        "resident memory.",
+        "",
+        "| command | " + " | ".join(f"{w:,} ranks" for w in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
     for name in COMMANDS:
         cells = [_cell(next(r for r in rows if r["command"] == name and r["world_size"] == w)) for w in sizes]
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
@@ -105,15 +136,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--name", default="cli_scale", help="output file stem (default cli_scale)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args(argv)
-    print(f"benchmarks.cli_scale: {', '.join(COMMANDS)} at {', '.join(f'{w:,}' for w in args.sizes)} ranks",
-          flush=True)
+    print(f"benchmarks.cli_scale: {', '.join(COMMANDS)} at {', '.join(f'{w:,}' for w in args.sizes)} ranks", flush=True)
     rows = measure(args.sizes, args.timeout, args.src)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, args.name)
     with open(stem + ".json", "w") as f:
         json.dump(rows, f, indent=1)
     title = "mindspeed-cp groups / plan at cluster scale (benchmarks/cli_scale.py)" + (
-        f" - {args.src}" if args.src else "")
+        f" - {args.src}" if args.src else ""
+    )
     with open(stem + ".md", "w") as f:
         f.write(markdown(rows, title))
     print(f"wrote {stem}.json, {stem}.md", flush=True)

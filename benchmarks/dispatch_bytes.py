@@ -4,7 +4,7 @@
         out = some_cp_attention(q, k, v); out.backward(g)
     meter.total, meter.by_op
 
-``mindspeed_cp.comm_stats`` counts where the plugin calls ``torch.distributed``; a peer (PyTorch's ring,
+``mindspeed_cp.stats`` counts where the plugin calls ``torch.distributed``; a peer (PyTorch's ring,
 DeepSpeed, yunchang) calls it elsewhere, or through the functional collectives. Every one of those calls ends
 in a c10d operator that the dispatcher routes through a ``TorchDispatchMode``, so this mode sees them all,
 whoever calls: ``c10d.send`` (point to point), ``c10d.alltoall_base_`` / ``_c10d_functional.all_to_all_single``,
@@ -17,6 +17,7 @@ the all-gathers, reduce-scatters and all-reduces. Per operator, the bytes *this 
 Receives count nothing (the sender counts them). c10d operators it does not know are listed in ``unknown``
 (name and call count), never dropped silently.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -94,8 +95,14 @@ class CountBytes(TorchDispatchMode):
         elif name == "_c10d_functional.all_reduce":
             pg = _group(args[2])
             self.by_op["all_reduce"] += 2 * _nbytes(args[0]) * (pg.size() - 1) // pg.size()
-        elif name in ("c10d.recv_", "c10d.recv_any_source_", "c10d.barrier", "c10d.monitored_barrier_",
-                      "_c10d_functional.wait_tensor", "_c10d_functional._wrap_tensor_autograd"):
+        elif name in (
+            "c10d.recv_",
+            "c10d.recv_any_source_",
+            "c10d.barrier",
+            "c10d.monitored_barrier_",
+            "_c10d_functional.wait_tensor",
+            "_c10d_functional._wrap_tensor_autograd",
+        ):
             return
         else:
             self.unknown[name] += 1

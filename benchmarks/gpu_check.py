@@ -18,6 +18,7 @@ one Markdown page with four tables:
    forward + backward time and peak memory; Megatron's runs out of memory first.
 4. **Peak memory** of the kernels per case (``torch.cuda.max_memory_allocated``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,8 +96,9 @@ def kernel_table(device, quick: bool) -> List[dict]:
                     torch.cuda.reset_peak_memory_stats(device)
                 try:
                     out, lse = kernel.forward(q, k, v, scale=scale, causal=causal, mask=mask, dropout=drop)
-                    grads = kernel.backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask,
-                                            dropout=drop)
+                    grads = kernel.backward(
+                        dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask, dropout=drop
+                    )
                 except Exception as e:  # noqa: BLE001 - reported in the table
                     rows.append(dict(kernel=name, dtype=str(dtype)[6:], case=case, error=f"{type(e).__name__}: {e}"))
                     continue
@@ -105,12 +107,24 @@ def kernel_table(device, quick: bool) -> List[dict]:
                 errs = {}
                 for label, got, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), want):
                     errs[label] = float((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-                used = sorted({f"{ph}:{route}" + (f" ({why})" if why else "")
-                               for (kn, ph, route, why), c in ROUTES.items() if c > before.get((kn, ph, route, why), 0)})
-                rows.append(dict(kernel=name, dtype=str(dtype)[6:], case=case, **errs,
-                                 finite=bool(torch.isfinite(out).all()), routes=", ".join(used) or "-",
-                                 peak_mib=(torch.cuda.max_memory_allocated(device) / 2**20
-                                           if device.type == "cuda" else None)))
+                used = sorted(
+                    {
+                        f"{ph}:{route}" + (f" ({why})" if why else "")
+                        for (kn, ph, route, why), c in ROUTES.items()
+                        if c > before.get((kn, ph, route, why), 0)
+                    }
+                )
+                rows.append(
+                    dict(
+                        kernel=name,
+                        dtype=str(dtype)[6:],
+                        case=case,
+                        **errs,
+                        finite=bool(torch.isfinite(out).all()),
+                        routes=", ".join(used) or "-",
+                        peak_mib=(torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None),
+                    )
+                )
     return rows
 
 
@@ -134,8 +148,9 @@ def megatron_local_attention(q, k, v, scale: float):
     k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
     qb = q.reshape(s, b * n, d).transpose(0, 1)  # [b*n, s, d]
     kb = k.reshape(s, b * n, d).transpose(0, 1)
-    scores = torch.baddbmm(torch.empty(b * n, s, s, dtype=q.dtype, device=q.device), qb, kb.transpose(1, 2),
-                           beta=0.0, alpha=scale)
+    scores = torch.baddbmm(
+        torch.empty(b * n, s, s, dtype=q.dtype, device=q.device), qb, kb.transpose(1, 2), beta=0.0, alpha=scale
+    )
     causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
     probs = torch.softmax(scores.masked_fill(causal, -10000.0).float(), -1).to(q.dtype)
     vb = v.reshape(s, b * n, d).transpose(0, 1)
@@ -152,24 +167,30 @@ def ulysses_table(device, quick: bool) -> List[dict]:
     for s in seqs:
         n, nk = heads // P, max(kv, P) // P
         gen = torch.Generator(device=device).manual_seed(2)
-        q, k, v = (torch.randn(s, b, h, d, generator=gen, device=device).to(dtype).requires_grad_(True)
-                   for h in (n, nk, nk))
+        q, k, v = (
+            torch.randn(s, b, h, d, generator=gen, device=device).to(dtype).requires_grad_(True) for h in (n, nk, nk)
+        )
         dout = torch.randn(s, b, n, d, generator=gen, device=device).to(dtype)
         row = dict(seq=s, heads_per_rank=n, kv_heads_per_rank=nk, head_dim=d, dtype=str(dtype)[6:])
-        for label, fn in (("plugin", lambda: local_attention(q, k, v, causal=True)),
-                          ("megatron", lambda: megatron_local_attention(q, k, v, d ** -0.5))):
+        for label, fn in (
+            ("plugin", lambda: local_attention(q, k, v, causal=True)),
+            ("megatron", lambda: megatron_local_attention(q, k, v, d**-0.5)),
+        ):
+
             def step():
                 for t in (q, k, v):
                     t.grad = None
                 out = fn()
                 out.backward(dout.reshape(out.shape))
+
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             try:
                 row[f"{label}_ms"] = _timed(step, device, reps) * 1e3
-                row[f"{label}_peak_mib"] = (torch.cuda.max_memory_allocated(device) / 2**20
-                                            if device.type == "cuda" else None)
+                row[f"{label}_peak_mib"] = (
+                    torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+                )
             except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
                 if "memory" not in str(e).lower():
                     raise
@@ -201,8 +222,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", default=None, help="Markdown page (default benchmarks/results/gpu.md on a GPU)")
     args = ap.parse_args(argv)
     if args.device is None and not torch.cuda.is_available():
-        print("gpu-check: no GPU on this machine (torch.cuda.is_available() is False): nothing to check. "
-              "`python -m benchmarks.gpu_check --device cpu --quick` runs the same tables on the CPU.")
+        print(
+            "gpu-check: no GPU on this machine (torch.cuda.is_available() is False): nothing to check. "
+            "`python -m benchmarks.gpu_check --device cpu --quick` runs the same tables on the CPU."
+        )
         return 0
     device = torch.device(args.device or "cuda")
     quick = args.quick or device.type == "cpu"
@@ -210,22 +233,65 @@ def main(argv: Optional[List[str]] = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     parts = [f"# gpu-check: {name}, torch {torch.__version__}\n"]
     kernels = kernel_table(device, quick)
-    parts.append(markdown("1. Kernels vs float64 (forward + backward, max error / max |reference|)", kernels,
-                          ["kernel", "dtype", "case", "out", "dq", "dk", "dv", "finite", "routes", "peak_mib", "error"]))
+    parts.append(
+        markdown(
+            "1. Kernels vs float64 (forward + backward, max error / max |reference|)",
+            kernels,
+            ["kernel", "dtype", "case", "out", "dq", "dk", "dv", "finite", "routes", "peak_mib", "error"],
+        )
+    )
     print(parts[-1], flush=True)
     if device.type == "cuda":
         from benchmarks.gpu_decomposition import measure
 
-        ring = measure([32768] if quick else [32768, 65536, 131072], [4, 8], 1, 32, 8, 128, torch.bfloat16, device,
-                       2 if quick else 3, cp1=False, log=lambda m: None)
-        parts.append(markdown("2. Ring on one GPU: decomposition efficiency (bf16, causal, 32 heads / 8 KV heads of 128)",
-                              ring, ["seq", "cp", "kernel", "time_s_full", "time_s_ring_rank", "ring_efficiency",
-                                     "ring_efficiency_with_merge", "time_s_ulysses_local", "ulysses_efficiency"]))
+        ring = measure(
+            [32768] if quick else [32768, 65536, 131072],
+            [4, 8],
+            1,
+            32,
+            8,
+            128,
+            torch.bfloat16,
+            device,
+            2 if quick else 3,
+            cp1=False,
+            log=lambda m: None,
+        )
+        parts.append(
+            markdown(
+                "2. Ring on one GPU: decomposition efficiency (bf16, causal, 32 heads / 8 KV heads of 128)",
+                ring,
+                [
+                    "seq",
+                    "cp",
+                    "kernel",
+                    "time_s_full",
+                    "time_s_ring_rank",
+                    "ring_efficiency",
+                    "ring_efficiency_with_merge",
+                    "time_s_ulysses_local",
+                    "ulysses_efficiency",
+                ],
+            )
+        )
         print(parts[-1], flush=True)
     uly = ulysses_table(device, quick)
-    parts.append(markdown("3. Ulysses' local attention (S tokens, h/P heads) vs Megatron's local attention math",
-                          uly, ["seq", "heads_per_rank", "kv_heads_per_rank", "dtype", "plugin_ms", "plugin_peak_mib",
-                                "megatron_ms", "megatron_peak_mib"]))
+    parts.append(
+        markdown(
+            "3. Ulysses' local attention (S tokens, h/P heads) vs Megatron's local attention math",
+            uly,
+            [
+                "seq",
+                "heads_per_rank",
+                "kv_heads_per_rank",
+                "dtype",
+                "plugin_ms",
+                "plugin_peak_mib",
+                "megatron_ms",
+                "megatron_peak_mib",
+            ],
+        )
+    )
     print(parts[-1], flush=True)
     parts.append(f"\n{time.time() - start:.0f} s in all.\n")
     out = args.out or (os.path.join(HERE, "results", "gpu.md") if device.type == "cuda" else None)
@@ -233,8 +299,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(out, "w", encoding="utf-8") as f:
             f.write("\n".join(parts))
         print(f"gpu-check: wrote {out}")
-    worst = max((max(r.get(c, 0.0) or 0.0 for c in ("out", "dq", "dk", "dv")) for r in kernels
-                 if r["dtype"] == "float32" and "error" not in r), default=0.0)
+    worst = max(
+        (
+            max(r.get(c, 0.0) or 0.0 for c in ("out", "dq", "dk", "dv"))
+            for r in kernels
+            if r["dtype"] == "float32" and "error" not in r
+        ),
+        default=0.0,
+    )
     return 0 if worst < 1e-4 and not any("error" in r for r in kernels) else 1
 
 

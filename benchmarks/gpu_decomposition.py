@@ -22,6 +22,7 @@ sequence length S and CP size P (forward + backward, causal):
 Efficiencies near 1 mean the split costs no kernel efficiency (short blocks run at lower utilisation); the
 anchors: ring-flash-attn reaches ~90% of ideal with zigzag, DeepSpeed-Ulysses 54% of A100 peak, USP 47% MFU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,9 @@ def _rand(shape, dtype, device, gen) -> Tensor:
     return torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
 
 
-def block_time(kernel, b: int, h: int, hk: int, sq: int, sk: int, d: int, causal: bool, dtype, device,
-               reps: int, gen) -> float:
+def block_time(
+    kernel, b: int, h: int, hk: int, sq: int, sk: int, d: int, causal: bool, dtype, device, reps: int, gen
+) -> float:
     """Forward + backward of one ``[b, h, sq, d] x [b, hk, sk, d]`` block through the kernel layer."""
     q, dout = (_rand((b, h, sq, d), dtype, device, gen) for _ in range(2))
     k, v = (_rand((b, hk, sk, d), dtype, device, gen) for _ in range(2))
@@ -108,17 +110,27 @@ def _init_one_rank(device: torch.device) -> None:
 
 def megatron_attention(h: int, hk: int, d: int, dtype, device):
     """(name, fn) of Megatron's own core attention at CP=1: TE's when installed, else the local spec's."""
-    import mindspeed_cp.megatron_adaptor  # noqa: F401  - the plugin (CP=1 leaves Megatron's attention alone)
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    import mindspeed_cp.megatron_adaptor  # noqa: F401  - the plugin (CP=1 leaves Megatron's attention alone)
+
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    config = TransformerConfig(num_layers=1, hidden_size=h * d, num_attention_heads=h, num_query_groups=hk,
-                               kv_channels=d, attention_dropout=0.0, hidden_dropout=0.0, context_parallel_size=1,
-                               bf16=dtype == torch.bfloat16, params_dtype=dtype)
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=h * d,
+        num_attention_heads=h,
+        num_query_groups=hk,
+        kv_channels=d,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        context_parallel_size=1,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+    )
     te = None
     if device.type == "cuda":
         try:
@@ -126,13 +138,17 @@ def megatron_attention(h: int, hk: int, d: int, dtype, device):
         except Exception:  # noqa: BLE001 - an unusable Transformer Engine install: the local spec
             te = None
     if te is not None and te.HAVE_TE:  # megatron-core substitutes a mock when TE is missing
-        module, name = te.TEDotProductAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal,
-                                                attention_type="self"), "TEDotProductAttention"
+        module, name = (
+            te.TEDotProductAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self"),
+            "TEDotProductAttention",
+        )
     else:
         from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-        module, name = DotProductAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal,
-                                           attention_type="self"), "DotProductAttention (local spec)"
+        module, name = (
+            DotProductAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self"),
+            "DotProductAttention (local spec)",
+        )
     module = module.to(device)
     return name, lambda q, k, v: module(q, k, v, None)
 
@@ -143,11 +159,13 @@ def _fwd_bwd(fn, q, k, v, dout) -> Callable[[], None]:
             t.grad = None
         out = fn(q, k, v)
         out.backward(dout.reshape(out.shape))
+
     return run
 
 
-def cp1_figures(S: int, b: int, h: int, hk: int, d: int, dtype, device, reps: int, kernel_name: Optional[str],
-                gen) -> dict:
+def cp1_figures(
+    S: int, b: int, h: int, hk: int, d: int, dtype, device, reps: int, kernel_name: Optional[str], gen
+) -> dict:
     """Times at CP=1 on the whole sequence: ring_attention on one rank, Megatron's attention."""
     from mindspeed_cp.ring import ring_attention
 
@@ -156,8 +174,13 @@ def cp1_figures(S: int, b: int, h: int, hk: int, d: int, dtype, device, reps: in
     k, v = (_rand((S, b, hk, d), dtype, device, gen) for _ in range(2))
     for t in (q, k, v):
         t.requires_grad_()
-    row = {"time_s_ring_cp1": timed(_fwd_bwd(lambda a, c, e: ring_attention(a, c, e, causal=True, kernel=kernel_name),
-                                             q, k, v, dout), device, reps)}
+    row = {
+        "time_s_ring_cp1": timed(
+            _fwd_bwd(lambda a, c, e: ring_attention(a, c, e, causal=True, kernel=kernel_name), q, k, v, dout),
+            device,
+            reps,
+        )
+    }
     name, fn = megatron_attention(h, hk, d, dtype, device)
     row["megatron_attention"] = name
     try:
@@ -173,8 +196,20 @@ def cp1_figures(S: int, b: int, h: int, hk: int, d: int, dtype, device, reps: in
 
 
 # ----------------------------------------------------------------------------- main
-def measure(seqs: List[int], cps: List[int], b: int, h: int, hk: int, d: int, dtype, device, reps: int,
-            kernel_name: Optional[str] = None, cp1: bool = True, log=print) -> List[dict]:
+def measure(
+    seqs: List[int],
+    cps: List[int],
+    b: int,
+    h: int,
+    hk: int,
+    d: int,
+    dtype,
+    device,
+    reps: int,
+    kernel_name: Optional[str] = None,
+    cp1: bool = True,
+    log=print,
+) -> List[dict]:
     from mindspeed_cp.kernels import get_kernel
 
     kernel = get_kernel(kernel_name, device)
@@ -182,15 +217,28 @@ def measure(seqs: List[int], cps: List[int], b: int, h: int, hk: int, d: int, dt
     rows = []
     for S in seqs:
         t_full = block_time(kernel, b, h, hk, S, S, d, True, dtype, device, reps, gen)
-        base = {"seq": S, "batch": b, "heads": h, "kv_heads": hk, "head_dim": d, "dtype": str(dtype).split(".")[-1],
-                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",
-                "kernel": kernel.name, "time_s_full": t_full}
+        base = {
+            "seq": S,
+            "batch": b,
+            "heads": h,
+            "kv_heads": hk,
+            "head_dim": d,
+            "dtype": str(dtype).split(".")[-1],
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",
+            "kernel": kernel.name,
+            "time_s_full": t_full,
+        }
         if cp1:
             base.update(cp1_figures(S, b, h, hk, d, dtype, device, reps, kernel_name, gen))
-        log(f"S={S}: full {t_full * 1e3:.1f} ms ({kernel.name})"
-            + (f", ring at CP=1 {base['time_s_ring_cp1'] * 1e3:.1f} ms, {base['megatron_attention']} "
-               + ("OOM" if base.get("time_s_megatron_cp1") is None else f"{base['time_s_megatron_cp1'] * 1e3:.1f} ms")
-               if cp1 else ""))
+        log(
+            f"S={S}: full {t_full * 1e3:.1f} ms ({kernel.name})"
+            + (
+                f", ring at CP=1 {base['time_s_ring_cp1'] * 1e3:.1f} ms, {base['megatron_attention']} "
+                + ("OOM" if base.get("time_s_megatron_cp1") is None else f"{base['time_s_megatron_cp1'] * 1e3:.1f} ms")
+                if cp1
+                else ""
+            )
+        )
         for P in cps:
             if S % (2 * P) or h % P:
                 continue
@@ -205,16 +253,23 @@ def measure(seqs: List[int], cps: List[int], b: int, h: int, hk: int, d: int, dt
             hk_u = max(hk, P) // P
             t_uly = block_time(kernel, b, h // P, hk_u, S, S, d, True, dtype, device, reps, gen)
             ideal = t_full / P
-            row = dict(base, cp=P, time_s_ring_rank=max(ranks),
-                       time_s_ring_rank_with_merge=max(t + m for t, m in zip(ranks, merges)),
-                       time_s_ulysses_local=t_uly, ring_efficiency=ideal / max(ranks),
-                       ring_efficiency_with_merge=ideal / max(t + m for t, m in zip(ranks, merges)),
-                       ulysses_efficiency=ideal / t_uly, ring_block_times_s={"diag": t_diag, "early": t_early,
-                                                                             "late": t_late})
+            row = dict(
+                base,
+                cp=P,
+                time_s_ring_rank=max(ranks),
+                time_s_ring_rank_with_merge=max(t + m for t, m in zip(ranks, merges)),
+                time_s_ulysses_local=t_uly,
+                ring_efficiency=ideal / max(ranks),
+                ring_efficiency_with_merge=ideal / max(t + m for t, m in zip(ranks, merges)),
+                ulysses_efficiency=ideal / t_uly,
+                ring_block_times_s={"diag": t_diag, "early": t_early, "late": t_late},
+            )
             rows.append(row)
-            log(f"  P={P}: ring rank {max(ranks) * 1e3:.1f} ms (eff {row['ring_efficiency']:.2f}, with merges "
+            log(
+                f"  P={P}: ring rank {max(ranks) * 1e3:.1f} ms (eff {row['ring_efficiency']:.2f}, with merges "
                 f"{row['ring_efficiency_with_merge']:.2f}); ulysses local {t_uly * 1e3:.1f} ms "
-                f"(eff {row['ulysses_efficiency']:.2f})")
+                f"(eff {row['ulysses_efficiency']:.2f})"
+            )
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -244,10 +299,22 @@ def main(argv=None) -> int:
         return 2
     else:
         device = torch.device("cuda", torch.cuda.current_device())
-    rows = measure(args.seqs, args.cps, args.batch, args.heads, args.kv_heads, args.head_dim, dtype, device,
-                   args.reps, args.kernel, cp1=not args.no_cp1)
-    out = args.out or (None if args.dry_run else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                             "gpu.json"))
+    rows = measure(
+        args.seqs,
+        args.cps,
+        args.batch,
+        args.heads,
+        args.kv_heads,
+        args.head_dim,
+        dtype,
+        device,
+        args.reps,
+        args.kernel,
+        cp1=not args.no_cp1,
+    )
+    out = args.out or (
+        None if args.dry_run else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu.json")
+    )
     if out:
         with open(out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -8,6 +8,7 @@ each variant in fresh processes: ``causal`` (no documents) and ``documents`` (lo
 before the call (``VmHWM`` - ``VmRSS``), and the wall time. Goal: documents <= 1.1 x causal - the block masks
 are built one row tile (TILE x s_local) at a time, never S x S.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,8 @@ import random
 import sys
 import time
 
-from .launch import launch
+from mindspeed_cp.ranks import launch
+
 from .scale import _status_kib as _kib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,10 +29,10 @@ def _measure(variant: str, seq: int, heads: int, head_dim: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    from mindspeed_cp.packing import Documents
+    from mindspeed_cp.layout.packing import Documents
     from mindspeed_cp.ring import ring_attention
 
-    from .packing import sample_lengths
+    from .bench_packing import sample_lengths
 
     P, r = dist.get_world_size(), dist.get_rank()
     docs = Documents.from_lengths(sample_lengths(seq, random.Random(0)), cp=P) if variant == "documents" else None
@@ -46,9 +48,16 @@ def _measure(variant: str, seq: int, heads: int, head_dim: int) -> dict:
     peak = torch.tensor([(_kib("VmHWM") - before) * 1024.0, wall], dtype=torch.float64)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     inputs = 4 * s * heads * head_dim * 4  # q, k, v, dout
-    return {"variant": variant, "seq": seq, "cp": P, "s_local": s, "peak_bytes": peak[0].item(),
-            "wall_s": peak[1].item(), "inputs_bytes": inputs,
-            "padding": docs.padding_overhead() if docs is not None else 0.0}
+    return {
+        "variant": variant,
+        "seq": seq,
+        "cp": P,
+        "s_local": s,
+        "peak_bytes": peak[0].item(),
+        "wall_s": peak[1].item(),
+        "inputs_bytes": inputs,
+        "padding": docs.padding_overhead() if docs is not None else 0.0,
+    }
 
 
 def run(seq: int = 32768, cp: int = 4, heads: int = 4, head_dim: int = 64, log=print) -> list:
@@ -61,8 +70,10 @@ def run(seq: int = 32768, cp: int = 4, heads: int = 4, head_dim: int = 64, log=p
     ratio = rows[1]["peak_bytes"] / rows[0]["peak_bytes"]
     for row in rows:
         row["ratio_to_causal"] = row["peak_bytes"] / rows[0]["peak_bytes"]
-        log(f"  ring S={seq} CP={cp} {row['variant']}: peak +{row['peak_bytes'] / 2**20:.0f} MiB per rank, "
-            f"{row['wall_s']:.1f} s")
+        log(
+            f"  ring S={seq} CP={cp} {row['variant']}: peak +{row['peak_bytes'] / 2**20:.0f} MiB per rank, "
+            f"{row['wall_s']:.1f} s"
+        )
     log(f"  documents / causal peak memory: {ratio:.2f}")
     return rows
 

@@ -28,6 +28,7 @@ What each adapter changes in the peer, exactly:
   own module source with those three calls made ``.to(torch.float32, copy=True)`` - nothing else.
 * ``torch-ring``: PyTorch's private ring (:func:`benchmarks.ring_overhead.torch_ring`); nothing changed.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,9 +41,18 @@ import torch.distributed as dist
 
 aten = torch.ops.aten
 
-ALGO = {"ours-ulysses": "ulysses", "deepspeed-ulysses": "ulysses", "yunchang-ulysses": "ulysses",
-        "ours-ring": "ring", "torch-ring": "ring", "yunchang-ring": "ring", "yunchang-ring-fixed": "ring",
-        "ours-hybrid": "hybrid", "usp": "hybrid", "usp-fixed": "hybrid"}
+ALGO = {
+    "ours-ulysses": "ulysses",
+    "deepspeed-ulysses": "ulysses",
+    "yunchang-ulysses": "ulysses",
+    "ours-ring": "ring",
+    "torch-ring": "ring",
+    "yunchang-ring": "ring",
+    "yunchang-ring-fixed": "ring",
+    "ours-hybrid": "hybrid",
+    "usp": "hybrid",
+    "usp-fixed": "hybrid",
+}
 FIXED = {"yunchang-ring-fixed": "yunchang-ring", "usp-fixed": "usp"}  # a peer's fixed copy -> the peer as shipped
 ULYSSES_DEGREE = 2  # Hybrid problems: U = 2 Ulysses x R = P/2 ring
 
@@ -50,7 +60,7 @@ ULYSSES_DEGREE = 2  # Hybrid problems: U = 2 Ulysses x R = P/2 ring
 def layout(algo: str, S: int, P: int, r: int) -> torch.Tensor:
     """Global positions of rank ``r``'s tokens: contiguous (Ulysses), zigzag (Ring), zigzag over the R ring
     ranks then contiguous over the U Ulysses ranks (Hybrid: ring position r // U, Ulysses position r % U, as
-    :func:`mindspeed_cp.sharding.token_indices` and yunchang's ``zigzag_extract_local`` both do)."""
+    :func:`mindspeed_cp.layout.sharding.token_indices` and yunchang's ``zigzag_extract_local`` both do)."""
     from mindspeed_cp.ring import zigzag_index
 
     if algo == "ulysses":
@@ -92,8 +102,12 @@ def _leaves(*ts):
 def _sdpa_sbhd(q, k, v):
     """Causal SDPA on ``[s, b, h, d]`` (torch's CPU flash kernel), GQA by ``enable_gqa``."""
     o = torch.nn.functional.scaled_dot_product_attention(
-        q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), is_causal=True,
-        enable_gqa=q.shape[2] != k.shape[2])
+        q.permute(1, 2, 0, 3),
+        k.permute(1, 2, 0, 3),
+        v.permute(1, 2, 0, 3),
+        is_causal=True,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
     return o.permute(2, 0, 1, 3)
 
 
@@ -102,21 +116,50 @@ def _bshd(*ts):
     return [t.transpose(0, 1).contiguous() for t in ts]
 
 
-def _fa_forward(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=None,
-                alibi_slopes=None, return_softmax=False):
+def _fa_forward(
+    q,
+    k,
+    v,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=None,
+    alibi_slopes=None,
+    return_softmax=False,
+):
     """flash-attn's ``_flash_attn_forward`` contract on torch's CPU flash op: ``[b, s, h, d]`` in and out,
     LSE ``[b, h, s]`` float32."""
     out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, causal, scale=softmax_scale)[:2]
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, causal, scale=softmax_scale
+    )[:2]
     return out.transpose(1, 2), lse
 
 
-def _fa_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal, window_size,
-                 softcap, alibi_slopes, deterministic, rng_state):
+def _fa_backward(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    softmax_lse,
+    dq,
+    dk,
+    dv,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size,
+    softcap,
+    alibi_slopes,
+    deterministic,
+    rng_state,
+):
     """flash-attn's ``_flash_attn_backward`` contract: gradients written into the given ``[b, s, h, d]`` buffers."""
     t = lambda x: x.transpose(1, 2)  # noqa: E731
     grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        t(dout), t(q), t(k), t(v), t(out), softmax_lse, dropout_p, causal, scale=softmax_scale)
+        t(dout), t(q), t(k), t(v), t(out), softmax_lse, dropout_p, causal, scale=softmax_scale
+    )
     for buf, g in zip((dq, dk, dv), grads):
         buf.copy_(t(g))
 
@@ -154,8 +197,11 @@ def _ours_ulysses(groups, q, k, v, dout):
     from mindspeed_cp.ulysses import UlyssesContextAttention
 
     leaves = _leaves(q, k, v)
-    o = UlyssesContextAttention(lambda a, b, c: local_attention(a, b, c, causal=True), groups.world,
-                                gather_size_calculator=_Size(groups.seq_len))(*leaves)
+    o = UlyssesContextAttention(
+        lambda a, b, c: local_attention(a, b, c, causal=True),
+        groups.world,
+        gather_size_calculator=_Size(groups.seq_len),
+    )(*leaves)
     o.backward(dout)
     return o.detach(), [t.grad for t in leaves]
 
@@ -174,8 +220,9 @@ def _deepspeed_ulysses(groups, q, k, v, dout):
     from deepspeed.sequence.layer import DistributedAttention
 
     leaves = _leaves(q, k, v)
-    o = DistributedAttention(lambda a, b, c, *args, **kw: _sdpa_sbhd(a, b, c), groups.world, scatter_idx=2,
-                             gather_idx=0)(*leaves, batch_dim_idx=1)
+    o = DistributedAttention(
+        lambda a, b, c, *args, **kw: _sdpa_sbhd(a, b, c), groups.world, scatter_idx=2, gather_idx=0
+    )(*leaves, batch_dim_idx=1)
     o.backward(dout)
     return o.detach(), [t.grad for t in leaves]
 
@@ -198,6 +245,7 @@ def _yunchang_ring(fixed: bool):
         o = fn(*leaves, causal=True, group=groups.world, attn_type=yc.kernels.AttnType.FA)
         o.backward(dout.transpose(0, 1))
         return o.detach().transpose(0, 1), [t.grad.transpose(0, 1) for t in leaves]
+
     return run
 
 
@@ -223,6 +271,7 @@ def _usp(fixed: bool):
         o = attn(*leaves, causal=True)
         o.backward(dout.transpose(0, 1))
         return o.detach().transpose(0, 1), [t.grad.transpose(0, 1) for t in leaves]
+
     return run
 
 
@@ -239,10 +288,16 @@ def _ours_ring(groups, q, k, v, dout):
 
 
 SYSTEMS: Dict[str, Callable] = {
-    "ours-ulysses": _ours_ulysses, "deepspeed-ulysses": _deepspeed_ulysses, "yunchang-ulysses": _yunchang_ulysses,
-    "ours-ring": _ours_ring, "torch-ring": _torch_ring, "yunchang-ring": _yunchang_ring(False),
+    "ours-ulysses": _ours_ulysses,
+    "deepspeed-ulysses": _deepspeed_ulysses,
+    "yunchang-ulysses": _yunchang_ulysses,
+    "ours-ring": _ours_ring,
+    "torch-ring": _torch_ring,
+    "yunchang-ring": _yunchang_ring(False),
     "yunchang-ring-fixed": _yunchang_ring(True),
-    "ours-hybrid": _ours_hybrid, "usp": _usp(False), "usp-fixed": _usp(True),
+    "ours-hybrid": _ours_hybrid,
+    "usp": _usp(False),
+    "usp-fixed": _usp(True),
 }
 assert set(SYSTEMS) == set(ALGO)
 

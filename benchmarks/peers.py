@@ -24,6 +24,7 @@ Per problem (P ranks, S tokens, heads / KV heads, dtype, causal):
 
 Results are written after every problem, so a stopped run keeps what it measured.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,8 @@ import sys
 import time
 from typing import List
 
-from .launch import launch
+from mindspeed_cp.ranks import launch
+
 from .peer_systems import ALGO, FIXED, ULYSSES_DEGREE, Groups, layout, system
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,11 +49,17 @@ TORCH, PEERS = "torch==2.13.0", ["deepspeed==0.19.8"]
 NO_DEPS = ["yunchang==0.6.4"]  # its only dependency besides torch is flash-attn (CUDA); the adapter replaces it
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}  # max |error| / max |float64| beyond which a result is wrong
 
-FULL = [dict(P=P, S=S, heads=8, kv_heads=kv) for P in (2, 4) for S in (2048, 8192) for kv in (8, 2)] + \
-       [dict(P=4, S=4094, heads=8, kv_heads=8, unaligned=True)] + \
-       [dict(P=P, S=2048, heads=8, kv_heads=8, dtype="bfloat16") for P in (2, 4)]
-QUICK = [dict(P=2, S=256, heads=4, kv_heads=4), dict(P=4, S=256, heads=4, kv_heads=2),
-         dict(P=4, S=254, heads=4, kv_heads=4, unaligned=True), dict(P=4, S=256, heads=4, kv_heads=4, dtype="bfloat16")]
+FULL = (
+    [dict(P=P, S=S, heads=8, kv_heads=kv) for P in (2, 4) for S in (2048, 8192) for kv in (8, 2)]
+    + [dict(P=4, S=4094, heads=8, kv_heads=8, unaligned=True)]
+    + [dict(P=P, S=2048, heads=8, kv_heads=8, dtype="bfloat16") for P in (2, 4)]
+)
+QUICK = [
+    dict(P=2, S=256, heads=4, kv_heads=4),
+    dict(P=4, S=256, heads=4, kv_heads=2),
+    dict(P=4, S=254, heads=4, kv_heads=4, unaligned=True),
+    dict(P=4, S=256, heads=4, kv_heads=4, dtype="bfloat16"),
+]
 
 
 # ----------------------------------------------------------------------------- the venv
@@ -64,8 +72,9 @@ def ensure_venv() -> str:
     if os.path.exists(stamp) and open(stamp).read() == want:
         return python
     if not os.path.exists(python):
-        subprocess.run([sys.executable if sys.version_info[:2] == (3, 11) else "python3.11", "-m", "venv", VENV],
-                       check=True)
+        subprocess.run(
+            [sys.executable if sys.version_info[:2] == (3, 11) else "python3.11", "-m", "venv", VENV], check=True
+        )
     pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     subprocess.run(pip + [TORCH], check=True)
     constraints = os.path.join(VENV, "constraints.txt")
@@ -112,9 +121,10 @@ def reference(pb: dict) -> list:
     outs = []
     for i in range(h):
         j = i // (h // hk)  # the KV head query head i uses
-        o = reference_attention(leaves[0][:, :, i:i + 1], leaves[1][:, :, j:j + 1], leaves[2][:, :, j:j + 1],
-                                causal=True)
-        (o * full[3][:, :, i:i + 1]).sum().backward()
+        o = reference_attention(
+            leaves[0][:, :, i : i + 1], leaves[1][:, :, j : j + 1], leaves[2][:, :, j : j + 1], causal=True
+        )
+        (o * full[3][:, :, i : i + 1]).sum().backward()
         outs.append(o.detach())
     want = [torch.cat(outs, 2)] + [t.grad for t in leaves]
     os.makedirs(REF, exist_ok=True)
@@ -156,6 +166,7 @@ def _setup(pb: dict, groups):
     def shard(name):
         idx = layout(ALGO[name], pb["S"], dist.get_world_size(), dist.get_rank())
         return idx, [t[idx].to(dtype).contiguous() for t in full]
+
     return shard
 
 
@@ -167,8 +178,9 @@ def _probe(pb: dict, names: List[str]) -> bool:
     relaunches with the systems after it."""
     import torch.distributed as dist
 
+    from mindspeed_cp.ranks import progress
+
     from .dispatch_bytes import CountBytes
-    from .launch import progress
 
     groups = Groups(pb["S"])
     shard = _setup(pb, groups)
@@ -179,8 +191,13 @@ def _probe(pb: dict, names: List[str]) -> bool:
             with CountBytes() as meter:
                 out, grads = system(name, groups)(*args)
             errs = [float((a.double() - b[idx]).abs().max() / b.abs().max()) for a, b in zip([out] + grads, want)]
-            rec = {"error": max(errs), "errors": errs, "sent": meter.total, "sent_by_op": dict(meter.by_op),
-                   "unknown": dict(meter.unknown)}
+            rec = {
+                "error": max(errs),
+                "errors": errs,
+                "sent": meter.total,
+                "sent_by_op": dict(meter.by_op),
+                "unknown": dict(meter.unknown),
+            }
         except Exception as e:  # noqa: BLE001 - a peer's refusal is a row of the table
             rec = {"failed": f"rank {dist.get_rank()}: {type(e).__name__}: {str(e).splitlines()[0][:240]}"}
         recs = [None] * dist.get_world_size()
@@ -217,8 +234,12 @@ def _merge(recs: List[dict], dtype: str) -> dict:
     failed = [r["failed"] for r in recs if "failed" in r]
     if failed:
         return {"failed": "; ".join(list(dict.fromkeys(failed))[:2])}
-    rec = {"error": max(r["error"] for r in recs), "sent": max(r["sent"] for r in recs),
-           "sent_by_op": recs[0]["sent_by_op"], "unknown_ops": recs[0]["unknown"]}
+    rec = {
+        "error": max(r["error"] for r in recs),
+        "sent": max(r["sent"] for r in recs),
+        "sent_by_op": recs[0]["sent_by_op"],
+        "unknown_ops": recs[0]["unknown"],
+    }
     if rec["error"] > TOLERANCE[dtype]:
         rec["failed"] = f"wrong result: error {rec['error']:.2e} against float64 (tolerance {TOLERANCE[dtype]:.0e})"
     return rec
@@ -233,8 +254,17 @@ def _probe_all(pb: dict, names: List[str]) -> dict:
             done[name] = _merge(recs, pb.get("dtype", "float32"))
         todo = [n for n in todo if n not in done]
         if not res.ok and todo:  # the first unfinished system took the launch down
-            done[todo[0]] = {"failed": "; ".join(list(dict.fromkeys(
-                e.splitlines()[0][:240] for e in res.errors if "did not finish" not in e or len(res.errors) == 1))[:2])}
+            done[todo[0]] = {
+                "failed": "; ".join(
+                    list(
+                        dict.fromkeys(
+                            e.splitlines()[0][:240]
+                            for e in res.errors
+                            if "did not finish" not in e or len(res.errors) == 1
+                        )
+                    )[:2]
+                )
+            }
             todo = todo[1:]
     return done
 
@@ -247,7 +277,8 @@ def _ratios(rows: List[dict]) -> None:
             continue
         for kind in ("wall", "cpu"):
             rec[f"ours_over_{kind}"] = statistics.median(
-                a / b for a, b in zip(ours[f"{kind}_rounds"], rec[f"{kind}_rounds"]))
+                a / b for a, b in zip(ours[f"{kind}_rounds"], rec[f"{kind}_rounds"])
+            )
         rec["sent_over_ours"] = rec["sent"] / ours["sent"] if ours["sent"] else None
 
 
@@ -283,10 +314,14 @@ def _inside(problems, rounds, out_dir) -> int:
                 rec["cpu_s"] = statistics.median(rec["cpu_rounds"])
         _ratios(rows)
         records += rows
-        print(f"  P={pb['P']} S={pb['S']} heads {pb['heads']}/{pb['kv_heads']} {pb.get('dtype', 'float32')} "
-              f"({time.monotonic() - t0:.0f} s): " + ", ".join(
-                  f"{r['system']} {'failed' if 'failed' in r else format(r.get('ours_over_cpu', 0), '.3f')}"
-                  for r in rows), flush=True)
+        print(
+            f"  P={pb['P']} S={pb['S']} heads {pb['heads']}/{pb['kv_heads']} {pb.get('dtype', 'float32')} "
+            f"({time.monotonic() - t0:.0f} s): "
+            + ", ".join(
+                f"{r['system']} {'failed' if 'failed' in r else format(r.get('ours_over_cpu', 0), '.3f')}" for r in rows
+            ),
+            flush=True,
+        )
         _write(records, out_dir, rounds)  # after every problem: a stopped run keeps what it measured
     print(markdown(records, rounds))
     return 0
@@ -301,8 +336,10 @@ def _write(records: List[dict], out_dir: str, rounds: int) -> None:
 
 
 def _problem(r: dict) -> str:
-    return (f"{r['P']} | {r['S']}{' (unaligned)' if r.get('unaligned') else ''} | {r['heads']}/{r['kv_heads']} | "
-            f"{r.get('dtype', 'float32')}")
+    return (
+        f"{r['P']} | {r['S']}{' (unaligned)' if r.get('unaligned') else ''} | {r['heads']}/{r['kv_heads']} | "
+        f"{r.get('dtype', 'float32')}"
+    )
 
 
 def summary(records: List[dict]) -> List[dict]:
@@ -318,39 +355,71 @@ def summary(records: List[dict]) -> List[dict]:
             continue
         failed = [f"{r['system']}: {r['failed']}" for r in rows if "failed" in r]
         if not peers:  # every peer refused, crashed or was wrong
-            out.append({"problem": key[0], "algo": key[1], "peer": None, "ours_error": ours["error"],
-                        "ours_sent": ours["sent"], "failed": failed})
+            out.append(
+                {
+                    "problem": key[0],
+                    "algo": key[1],
+                    "peer": None,
+                    "ours_error": ours["error"],
+                    "ours_sent": ours["sent"],
+                    "failed": failed,
+                }
+            )
             continue
         best = max(peers, key=lambda r: r["ours_over_cpu"])
-        out.append({"problem": key[0], "algo": key[1], "peer": best["system"], "ours_over_cpu": best["ours_over_cpu"],
-                    "ours_over_wall": best["ours_over_wall"], "ours_error": ours["error"], "peer_error": best["error"],
-                    "ours_sent": ours["sent"], "fewest_peer_sent": min(r["sent"] for r in peers), "failed": failed})
+        out.append(
+            {
+                "problem": key[0],
+                "algo": key[1],
+                "peer": best["system"],
+                "ours_over_cpu": best["ours_over_cpu"],
+                "ours_over_wall": best["ours_over_wall"],
+                "ours_error": ours["error"],
+                "peer_error": best["error"],
+                "ours_sent": ours["sent"],
+                "fewest_peer_sent": min(r["sent"] for r in peers),
+                "failed": failed,
+            }
+        )
     return out
 
 
 def markdown(records: List[dict], rounds: int) -> str:
-    lines = ["# Peers side by side (CPU, gloo, one thread per rank, causal)", "",
-             "Written by `make bench-peers` (benchmarks/peers.py; adapters and what they change: "
-             "benchmarks/peer_systems.py). error = max |out, dq, dk, dv - float64| / max |float64| (the reference "
-             "computed from the same rounded inputs); sent = bytes the busiest rank sends, forward + backward "
-             "(c10d-level meter, the same for every system); time = forward + backward, median over "
-             f"{rounds} interleaved rounds ({3 * rounds} for S <= 4096), each in a new order: CPU = summed "
-             "over ranks, wall = the slowest rank; "
-             "ours / peer = the median over rounds of the ratio within the round (< 1: ours is faster). "
-             "`-fixed`: a peer's copy with the bug we found fixed (timed only in rows so labelled).", "",
-             "## Ours against the fastest exact peer", "",
-             "| P | S | heads q/kv | dtype | algorithm | fastest exact peer | ours / peer, CPU | ours / peer, wall "
-             "| sent ours / fewest peer | failed or wrong |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Peers side by side (CPU, gloo, one thread per rank, causal)",
+        "",
+        "Written by `make bench-peers` (benchmarks/peers.py; adapters and what they change: "
+        "benchmarks/peer_systems.py). error = max |out, dq, dk, dv - float64| / max |float64| (the reference "
+        "computed from the same rounded inputs); sent = bytes the busiest rank sends, forward + backward "
+        "(c10d-level meter, the same for every system); time = forward + backward, median over "
+        f"{rounds} interleaved rounds ({3 * rounds} for S <= 4096), each in a new order: CPU = summed "
+        "over ranks, wall = the slowest rank; "
+        "ours / peer = the median over rounds of the ratio within the round (< 1: ours is faster). "
+        "`-fixed`: a peer's copy with the bug we found fixed (timed only in rows so labelled).",
+        "",
+        "## Ours against the fastest exact peer",
+        "",
+        "| P | S | heads q/kv | dtype | algorithm | fastest exact peer | ours / peer, CPU | ours / peer, wall "
+        "| sent ours / fewest peer | failed or wrong |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in summary(records):
         failed = "; ".join(f[:160] for f in s["failed"]) or "-"
         if s["peer"] is None:
             lines.append(f"| {s['problem']} | {s['algo']} | **no exact peer** | | | | {failed} |")
             continue
-        lines.append(f"| {s['problem']} | {s['algo']} | {s['peer']} | {s['ours_over_cpu']:.3f} | "
-                     f"{s['ours_over_wall']:.3f} | {s['ours_sent'] / s['fewest_peer_sent']:.3f} | {failed} |")
-    lines += ["", "## Every system", "",
-              "| P | S | heads q/kv | dtype | system | error | sent MiB | sent / ours | CPU ms | wall ms "
-              "| ours / this, CPU | ours / this, wall |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {s['problem']} | {s['algo']} | {s['peer']} | {s['ours_over_cpu']:.3f} | "
+            f"{s['ours_over_wall']:.3f} | {s['ours_sent'] / s['fewest_peer_sent']:.3f} | {failed} |"
+        )
+    lines += [
+        "",
+        "## Every system",
+        "",
+        "| P | S | heads q/kv | dtype | system | error | sent MiB | sent / ours | CPU ms | wall ms "
+        "| ours / this, CPU | ours / this, wall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         head = f"| {_problem(r)} | {r['system']} "
         if "failed" in r:
@@ -360,9 +429,11 @@ def markdown(records: List[dict], rounds: int) -> str:
         if "cpu_s" not in r:
             lines.append(head + f"| {r['error']:.1e} | {r['sent'] / 2**20:.2f} | | | | | |")
             continue
-        lines.append(head + f"| {r['error']:.1e} | {r['sent'] / 2**20:.2f} | {r.get('sent_over_ours') or 0:.3f} "
-                            f"| {1e3 * r['cpu_s']:.0f} | {1e3 * r['wall_s']:.0f} | {r.get('ours_over_cpu', 0):.3f} "
-                            f"| {r.get('ours_over_wall', 0):.3f} |")
+        lines.append(
+            head + f"| {r['error']:.1e} | {r['sent'] / 2**20:.2f} | {r.get('sent_over_ours') or 0:.3f} "
+            f"| {1e3 * r['cpu_s']:.0f} | {1e3 * r['wall_s']:.0f} | {r.get('ours_over_cpu', 0):.3f} "
+            f"| {r.get('ours_over_wall', 0):.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -399,8 +470,10 @@ def plot(records: List[dict], path: str) -> str:
     rows = [s for s in summary(records) if s["peer"]]
     colors = {"ulysses": "tab:blue", "ring": "tab:orange", "hybrid": "tab:green"}
     fig, ax = plt.subplots(figsize=(11, 4.2))
-    labels = [f"{s['problem'].replace(' | ', ' ').replace('float32', 'fp32').replace('bfloat16', 'bf16')}"
-              f"\n{s['algo']}" for s in rows]
+    labels = [
+        f"{s['problem'].replace(' | ', ' ').replace('float32', 'fp32').replace('bfloat16', 'bf16')}\n{s['algo']}"
+        for s in rows
+    ]
     ax.bar(range(len(rows)), [s["ours_over_cpu"] for s in rows], color=[colors[s["algo"]] for s in rows])
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)

@@ -1,4 +1,5 @@
 """The markdown table and the plots of a benchmark run (``benchmarks/results/``)."""
+
 from __future__ import annotations
 
 import os
@@ -36,11 +37,20 @@ def _mark(ok: bool) -> str:
     return "" if ok else " ✗"
 
 
-def markdown(records: List[dict], scale: Optional[List[dict]], machine: str, runtime_s: float,
-             notes: List[str], packed: Optional[List[dict]] = None, kv_cache: Optional[List[dict]] = None) -> str:
+def markdown(
+    records: List[dict],
+    scale: Optional[List[dict]],
+    machine: str,
+    runtime_s: float,
+    notes: List[str],
+    packed: Optional[List[dict]] = None,
+    kv_cache: Optional[List[dict]] = None,
+) -> str:
     lines = [
-        "# CPU benchmark (gloo ranks, one thread each)", "",
-        f"Machine: {machine}. Whole run: {runtime_s:.0f} s. CPU times are relative only.", "",
+        "# CPU benchmark (gloo ranks, one thread each)",
+        "",
+        f"Machine: {machine}. Whole run: {runtime_s:.0f} s. CPU times are relative only.",
+        "",
         "Ratios: **comm** = bytes a rank sends (forward + backward, algorithm traffic) / textbook volume "
         f"(goal <= {GOALS['comm']}); **balance** = max / mean attention work per rank (goal <= {GOALS['balance']}); "
         "**masked** = fully masked blocks computed (goal 0); **memory** = bytes saved for backward per rank / "
@@ -48,7 +58,8 @@ def markdown(records: List[dict], scale: Optional[List[dict]], machine: str, run
         "CP=1 on the full sequence / this rank's forward + backward time (slowest rank); **par. eff.** = (the "
         "plugin's kernel at CP=1 / this time) / min(CP, cores): all ranks share this machine's cores; **CPU eff.** "
         "= the CP=1 kernel's time / the CPU seconds of all ranks together (1 = splitting cost nothing). "
-        "✗ = goal not met (see the notes).", "",
+        "✗ = goal not met (see the notes).",
+        "",
         "| algorithm | CP | heads (q/kv) | S | comm | balance | masked | memory | time ms | CP=1 Megatron ms "
         "| CP=1 kernel ms | speed-up | par. eff. | CPU eff. |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -58,32 +69,47 @@ def markdown(records: List[dict], scale: Optional[List[dict]], machine: str, run
         comm = r["comm_bytes"] / r["comm_bytes_textbook"]
         speed = "-" if not r["time_s_single"] else f"{r['time_s_single'] / r['time_s']:.2f}"
         lines.append(
-            f"| {label(r)}{_mla(r)} | {r['cp']} | {r['heads']}/{r['kv_heads']} | {r['seq']} | {comm:.3f}{_mark(g['comm'])} "
+            f"| {label(r)}{_mla(r)} | {r['cp']} | {r['heads']}/{r['kv_heads']} | {r['seq']} "
+            f"| {comm:.3f}{_mark(g['comm'])} "
             f"| {r['work_imbalance']:.3f}{_mark(g['balance'])} | {r['masked_blocks_computed']}{_mark(g['masked'])} "
             f"| {r['memory_ratio']:.3f}{_mark(g['memory'])} | {_ms(r['time_s'])} | {_ms(r['time_s_single'])} "
             f"| {_ms(r['time_s_single_kernel'])} | {speed} | {r['parallel_efficiency']:.2f} "
-            f"| {r['cpu_efficiency']:.2f} |")
+            f"| {r['cpu_efficiency']:.2f} |"
+        )
     if scale:
-        lines += ["", "## Scale: longest sequence a tiny GPT trains at, CP=4", "",
-                  f"Tiny megatron-core GPT ({scale[0]['num_layers']} layers, hidden {scale[0]['hidden']}, "
-                  f"{scale[0]['heads']} heads, batch {scale[0]['batch']}, local layer spec), one training step per "
-                  f"length, doubling; memory budget {_gib(scale[0]['mem_budget_bytes_per_rank'])} GiB per rank "
-                  f"(x4 ranks), time cap {scale[0]['time_cap_cpu_s']:.0f} CPU-seconds of the busiest rank per algorithm.", "",
-                  "| algorithm | longest S trained | stopped by | step s (wall / CPU) at longest "
-                  "| peak RSS GiB/rank | memory-bound S (estimate) |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Scale: longest sequence a tiny GPT trains at, CP=4",
+            "",
+            f"Tiny megatron-core GPT ({scale[0]['num_layers']} layers, hidden {scale[0]['hidden']}, "
+            f"{scale[0]['heads']} heads, batch {scale[0]['batch']}, local layer spec), one training step per "
+            f"length, doubling; memory budget {_gib(scale[0]['mem_budget_bytes_per_rank'])} GiB per rank "
+            f"(x4 ranks), time cap {scale[0]['time_cap_cpu_s']:.0f} CPU-seconds of the busiest rank per algorithm.",
+            "",
+            "| algorithm | longest S trained | stopped by | step s (wall / CPU) at longest "
+            "| peak RSS GiB/rank | memory-bound S (estimate) |",
+            "|---|---|---|---|---|---|",
+        ]
         for s in scale:
             est = s.get("memory_bound_seq_estimate")
             step = "-" if s["step_s_at_max"] is None else f"{s['step_s_at_max']:.1f} / {s['step_cpu_s_at_max']:.1f}"
-            lines.append(f"| {ALGO_NAME[s['algo']]}{' K=2' if s['algo'] == 'double_ring' else ''}"
-                         f"{' U=2 x R=2' if s['algo'] == 'hybrid' else ''} | {s['max_seq']} | {s['stopped_by']} "
-                         f"| {step} | {_gib(s['peak_rss_bytes_at_max'])} | {'-' if not est else f'~{est}'} |")
+            lines.append(
+                f"| {ALGO_NAME[s['algo']]}{' K=2' if s['algo'] == 'double_ring' else ''}"
+                f"{' U=2 x R=2' if s['algo'] == 'hybrid' else ''} | {s['max_seq']} | {s['stopped_by']} "
+                f"| {step} | {_gib(s['peak_rss_bytes_at_max'])} | {'-' if not est else f'~{est}'} |"
+            )
     if packed:
-        lines += ["", "## Packed documents (per-document zigzag, arithmetic: benchmarks/packing.py)", "",
-                  "Lognormal document lengths (mean ~2k). Work = unmasked (query, key) pairs per rank; computed = "
-                  "score elements the ring hands its kernels (row tiles, key columns the tiles' documents reach).", "",
-                  "| S | CP | documents/sample | work imbalance (worst) | global zigzag | contiguous | padding mean / "
-                  "worst | computed / useful | computed / whole blocks | computed imbalance | tiles skipped |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Packed documents (per-document zigzag, arithmetic: benchmarks/bench_packing.py)",
+            "",
+            "Lognormal document lengths (mean ~2k). Work = unmasked (query, key) pairs per rank; computed = "
+            "score elements the ring hands its kernels (row tiles, key columns the tiles' documents reach).",
+            "",
+            "| S | CP | documents/sample | work imbalance (worst) | global zigzag | contiguous | padding mean / "
+            "worst | computed / useful | computed / whole blocks | computed imbalance | tiles skipped |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for p in packed:
             s = p["summary"]
             lines.append(
@@ -91,9 +117,10 @@ def markdown(records: List[dict], scale: Optional[List[dict]], machine: str, run
                 f"| {s['global_zigzag']['worst']:.2f} | {s['contiguous']['worst']:.2f} "
                 f"| {100 * s['padding']['mean']:.2f} % / {100 * s['padding']['worst']:.2f} % "
                 f"| {s['computed_over_useful']['mean']:.2f} | {100 * s['computed_over_full_blocks']['mean']:.1f} % "
-                f"| {s['computed_imbalance']['worst']:.3f} | {s['skipped_tiles']['mean']:.0f} |")
+                f"| {s['computed_imbalance']['worst']:.3f} | {s['skipped_tiles']['mean']:.0f} |"
+            )
     if kv_cache:
-        from .kv_cache import markdown as kv_markdown
+        from .bench_kv_cache import markdown as kv_markdown
 
         lines += kv_markdown(kv_cache)
     if notes:
@@ -106,22 +133,33 @@ def plots(records: List[dict], scale: Optional[List[dict]], out_dir: str) -> Lis
     try:
         import matplotlib
     except ImportError as e:
-        raise RuntimeError("benchmarks: the plots need matplotlib (pip install matplotlib; `make setup` installs "
-                           "it)") from e
+        raise RuntimeError(
+            "benchmarks: the plots need matplotlib (pip install matplotlib; `make setup` installs it)"
+        ) from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    main = [r for r in records if r["textbook_assumption_holds"] and r["kv_heads"] == r["heads"]
-            and r.get("v_head_dim", r["head_dim"]) == r["head_dim"]] or records
+    main = [
+        r
+        for r in records
+        if r["textbook_assumption_holds"]
+        and r["kv_heads"] == r["heads"]
+        and r.get("v_head_dim", r["head_dim"]) == r["head_dim"]
+    ] or records
     written = []
-    ratios = [("comm_ratio", "comm bytes / textbook", GOALS["comm"]),
-              ("work_imbalance", "work max / mean", GOALS["balance"]),
-              ("memory_ratio", "saved bytes / (single / CP)", GOALS["memory"])]
-    speed = [("speedup", "speed-up vs CP=1 Megatron attention", None),
-             ("parallel_efficiency", "speed-up vs CP=1 kernel / min(CP, cores)", None),
-             ("cpu_efficiency", "CP=1 kernel time / CPU time of all ranks", None)]
-    labels = sorted({label(r) for r in main}, key=lambda n: (ALGO_ORDER.index(
-        next(r["algo"] for r in main if label(r) == n)), n))
+    ratios = [
+        ("comm_ratio", "comm bytes / textbook", GOALS["comm"]),
+        ("work_imbalance", "work max / mean", GOALS["balance"]),
+        ("memory_ratio", "saved bytes / (single / CP)", GOALS["memory"]),
+    ]
+    speed = [
+        ("speedup", "speed-up vs CP=1 Megatron attention", None),
+        ("parallel_efficiency", "speed-up vs CP=1 kernel / min(CP, cores)", None),
+        ("cpu_efficiency", "CP=1 kernel time / CPU time of all ranks", None),
+    ]
+    labels = sorted(
+        {label(r) for r in main}, key=lambda n: (ALGO_ORDER.index(next(r["algo"] for r in main if label(r) == n)), n)
+    )
     markers = "osD^v<>px*"
     styles = ["-", "--", "-.", ":"]
 
@@ -132,8 +170,15 @@ def plots(records: List[dict], scale: Optional[List[dict]], out_dir: str) -> Lis
                 pts = sorted((r[xkey], r[key]) for r in rows if label(r) == name and r.get(key) is not None)
                 if pts:
                     # equal values overlap: shrinking markers and varied dashes keep every series visible
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)],
-                            markersize=max(10 - i, 5), ls=styles[i % len(styles)], label=name, alpha=0.8)
+                    ax.plot(
+                        [p[0] for p in pts],
+                        [p[1] for p in pts],
+                        marker=markers[i % len(markers)],
+                        markersize=max(10 - i, 5),
+                        ls=styles[i % len(styles)],
+                        label=name,
+                        alpha=0.8,
+                    )
             if goal is not None:
                 ax.axhline(goal, color="red", ls="--", lw=1, label="goal")
                 ax.axhline(1.0, color="grey", ls=":", lw=1)
@@ -159,8 +204,13 @@ def plots(records: List[dict], scale: Optional[List[dict]], out_dir: str) -> Lis
     by_cp, by_seq = [r for r in main if r["seq"] == s_max], [r for r in main if r["cp"] == cp_mid]
     draw("cp", by_cp, f"Ratios against CP size (S = {s_max})", "ratios_vs_cp.png", ratios)
     draw("seq", by_seq, f"Ratios against sequence length (CP = {cp_mid})", "ratios_vs_seq.png", ratios)
-    draw("cp", by_cp, f"CPU speed against CP size (S = {s_max}; {main[0].get('cores')} cores shared by all ranks)",
-         "speed_vs_cp.png", speed)
+    draw(
+        "cp",
+        by_cp,
+        f"CPU speed against CP size (S = {s_max}; {main[0].get('cores')} cores shared by all ranks)",
+        "speed_vs_cp.png",
+        speed,
+    )
     draw("seq", by_seq, f"CPU speed against sequence length (CP = {cp_mid})", "speed_vs_seq.png", speed)
     if scale:
         fig, ax = plt.subplots(figsize=(6, 3.4))
@@ -168,8 +218,13 @@ def plots(records: List[dict], scale: Optional[List[dict]], out_dir: str) -> Lis
         vals = [max(s["max_seq"], 1) for s in scale]
         bars = ax.bar(names, vals, color=["#d62728" if s["stopped_by"] == "memory" else "#1f77b4" for s in scale])
         for b, s in zip(bars, scale):
-            ax.annotate(f"{s['max_seq']}\n({s['stopped_by']})", (b.get_x() + b.get_width() / 2, b.get_height()),
-                        ha="center", va="bottom", fontsize=8)
+            ax.annotate(
+                f"{s['max_seq']}\n({s['stopped_by']})",
+                (b.get_x() + b.get_width() / 2, b.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
         ax.set_yscale("log", base=2)
         ax.set_ylabel("longest S trained (CP=4)")
         ax.set_ylim(min(vals) / 2, max(vals) * 4)

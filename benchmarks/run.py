@@ -8,6 +8,7 @@ Each CP size runs in its own set of fresh gloo ranks (world = CP, one thread per
 machine's cores); the CP=1 references run alone in one rank. See docs/performance.md for what each
 number means.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,26 +19,59 @@ import sys
 import time
 from typing import Dict, List
 
+from mindspeed_cp.ranks import launch
+
 from . import report
 from .attention_bench import measure_cases, measure_single
-from .launch import launch
 from .textbook import textbook_bytes
 
 ALGO_KINDS = ("all_to_all", "ring_kv", "ring_dkv")  # the algorithms' traffic; "metadata" is reported apart
-FIELDS = ("algo", "cp", "seq", "batch", "heads", "kv_heads", "head_dim", "v_head_dim", "dtype_bytes", "comm_bytes",
-          "comm_bytes_textbook", "work_imbalance", "masked_blocks_computed", "saved_bytes", "saved_bytes_single",
-          "time_s", "time_s_single")
+FIELDS = (
+    "algo",
+    "cp",
+    "seq",
+    "batch",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "v_head_dim",
+    "dtype_bytes",
+    "comm_bytes",
+    "comm_bytes_textbook",
+    "work_imbalance",
+    "masked_blocks_computed",
+    "saved_bytes",
+    "saved_bytes_single",
+    "time_s",
+    "time_s_single",
+)
 
-FULL = dict(cps=[2, 4, 8], seqs=[1024, 2048, 4096], shape=dict(batch=1, heads=8, kv_heads=8, head_dim=64),
-            gqa=dict(seq=2048, kv_heads=2, cps=[4, 8]), mla=dict(seq=2048, head_dim=96, v_head_dim=64, cps=[4]),
-            reps=3, megatron_max_seq=4096,
-            scale=dict(start=4096, cap_s=60.0, mem_gib=4.0), kv_cache=dict(seq=4096, cp=4, reps=5))
-QUICK = dict(cps=[2, 4], seqs=[64, 128], shape=dict(batch=2, heads=4, kv_heads=4, head_dim=16),
-             gqa=dict(seq=128, kv_heads=1, cps=[4]), mla=dict(seq=128, head_dim=24, v_head_dim=16, cps=[4]), reps=1,
-             megatron_max_seq=None,
-             scale=dict(start=64, cap_s=30.0, mem_gib=2.0, max_seq=128), ulysses_paths_seqs=[256],
-             agreement_seqs=[128], agreement_calls=20, packing=[dict(seq=4096, cp=4, samples=3)],
-             kv_cache=dict(seq=128, cp=4, reps=1, heads=4, head_dim=16))
+FULL = dict(
+    cps=[2, 4, 8],
+    seqs=[1024, 2048, 4096],
+    shape=dict(batch=1, heads=8, kv_heads=8, head_dim=64),
+    gqa=dict(seq=2048, kv_heads=2, cps=[4, 8]),
+    mla=dict(seq=2048, head_dim=96, v_head_dim=64, cps=[4]),
+    reps=3,
+    megatron_max_seq=4096,
+    scale=dict(start=4096, cap_s=60.0, mem_gib=4.0),
+    kv_cache=dict(seq=4096, cp=4, reps=5),
+)
+QUICK = dict(
+    cps=[2, 4],
+    seqs=[64, 128],
+    shape=dict(batch=2, heads=4, kv_heads=4, head_dim=16),
+    gqa=dict(seq=128, kv_heads=1, cps=[4]),
+    mla=dict(seq=128, head_dim=24, v_head_dim=16, cps=[4]),
+    reps=1,
+    megatron_max_seq=None,
+    scale=dict(start=64, cap_s=30.0, mem_gib=2.0, max_seq=128),
+    ulysses_paths_seqs=[256],
+    agreement_seqs=[128],
+    agreement_calls=20,
+    packing=[dict(seq=4096, cp=4, samples=3)],
+    kv_cache=dict(seq=128, cp=4, reps=1, heads=4, head_dim=16),
+)
 
 
 def variants(cp: int) -> List[dict]:
@@ -59,8 +93,10 @@ def plan(cfg: dict) -> Dict[int, List[dict]]:
             cases += [dict(shape, cp=cp, seq=cfg["gqa"]["seq"], kv_heads=cfg["gqa"]["kv_heads"], **v) for v in main]
         mla = cfg["mla"]
         if cp in mla["cps"]:  # MLA: the value head size its own (DeepSeek: 192 / 128)
-            cases += [dict(shape, cp=cp, seq=mla["seq"], head_dim=mla["head_dim"], v_head_dim=mla["v_head_dim"], **v)
-                      for v in main]
+            cases += [
+                dict(shape, cp=cp, seq=mla["seq"], head_dim=mla["head_dim"], v_head_dim=mla["v_head_dim"], **v)
+                for v in main
+            ]
         per_cp[cp] = cases
     return per_cp
 
@@ -73,7 +109,7 @@ def machine() -> str:
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), model)
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
     try:
@@ -82,8 +118,7 @@ def machine() -> str:
         mem = float("nan")
     import torch
 
-    return (f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, torch {torch.__version__}, gloo, "
-            f"1 thread per rank")
+    return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, torch {torch.__version__}, gloo, 1 thread per rank"
 
 
 def textbook_holds(c: dict) -> bool:
@@ -102,11 +137,28 @@ def build_record(c: dict, per_rank: List[dict], single: dict, mach: str) -> dict
     e = 4 if c["dtype"] == "float32" else 2
     U = c.get("ulysses", 1) if c["algo"] == "hybrid" else (c["cp"] if c["algo"] == "ulysses" else 1)
     rec = {
-        "algo": c["algo"], "cp": c["cp"], "seq": c["seq"], "batch": c["batch"], "heads": c["heads"],
-        "kv_heads": c["kv_heads"], "head_dim": c["head_dim"], "v_head_dim": c.get("v_head_dim", c["head_dim"]),
-        "dtype_bytes": e, "comm_bytes": max(alg),
-        "comm_bytes_textbook": textbook_bytes(c["algo"], c["seq"], c["cp"], c["batch"], c["heads"], c["kv_heads"],
-                                              c["head_dim"], e, ulysses=c.get("ulysses", 1), dv=c.get("v_head_dim")),
+        "algo": c["algo"],
+        "cp": c["cp"],
+        "seq": c["seq"],
+        "batch": c["batch"],
+        "heads": c["heads"],
+        "kv_heads": c["kv_heads"],
+        "head_dim": c["head_dim"],
+        "v_head_dim": c.get("v_head_dim", c["head_dim"]),
+        "dtype_bytes": e,
+        "comm_bytes": max(alg),
+        "comm_bytes_textbook": textbook_bytes(
+            c["algo"],
+            c["seq"],
+            c["cp"],
+            c["batch"],
+            c["heads"],
+            c["kv_heads"],
+            c["head_dim"],
+            e,
+            ulysses=c.get("ulysses", 1),
+            dv=c.get("v_head_dim"),
+        ),
         "work_imbalance": max(work) / (sum(work) / len(work)),
         "masked_blocks_computed": sum(r["empty_blocks"] for r in per_rank),
         "saved_bytes": max(r["saved_bytes"] for r in per_rank),
@@ -115,9 +167,20 @@ def build_record(c: dict, per_rank: List[dict], single: dict, mach: str) -> dict
         "time_s_single": single["time_s_megatron"],
         # extras
         "comm_bytes_textbook_replicated_kv": textbook_bytes(
-            c["algo"], c["seq"], c["cp"], c["batch"], c["heads"], max(c["kv_heads"], U), c["head_dim"], e,
-            ulysses=c.get("ulysses", 1), dv=c.get("v_head_dim")),
-        "ulysses_degree": U, "ring_degree": c["cp"] // U, "window": c.get("window", 1),
+            c["algo"],
+            c["seq"],
+            c["cp"],
+            c["batch"],
+            c["heads"],
+            max(c["kv_heads"], U),
+            c["head_dim"],
+            e,
+            ulysses=c.get("ulysses", 1),
+            dv=c.get("v_head_dim"),
+        ),
+        "ulysses_degree": U,
+        "ring_degree": c["cp"] // U,
+        "window": c.get("window", 1),
         "comm_bytes_metadata": max(r["comm_by_kind"].get("metadata", 0) for r in per_rank),
         "comm_bytes_by_kind": per_rank[0]["comm_by_kind"],
         "comm_bytes_per_rank": alg,
@@ -143,10 +206,12 @@ def build_record(c: dict, per_rank: List[dict], single: dict, mach: str) -> dict
     # the CPU analogue of the GPU decomposition efficiency: the CP=1 kernel's time / the CPU seconds all ranks
     # spend together (blocks, merges, copies, communication); insensitive to other load on the machine
     rec["cpu_efficiency"] = rec["time_s_single_kernel"] / sum(rec["cpu_time_s_per_rank"])
-    rec["goals"] = {"comm": rec["comm_ratio"] <= report.GOALS["comm"],
-                    "balance": rec["work_imbalance"] <= report.GOALS["balance"],
-                    "masked": rec["masked_blocks_computed"] == 0,
-                    "memory": rec["memory_ratio"] <= report.GOALS["memory"]}
+    rec["goals"] = {
+        "comm": rec["comm_ratio"] <= report.GOALS["comm"],
+        "balance": rec["work_imbalance"] <= report.GOALS["balance"],
+        "masked": rec["masked_blocks_computed"] == 0,
+        "memory": rec["memory_ratio"] <= report.GOALS["memory"],
+    }
     return rec
 
 
@@ -159,11 +224,14 @@ def notes_for(records: List[dict]) -> List[str]:
         why = ""
         if r["algo"] in ("ulysses", "hybrid") and not r["textbook_assumption_holds"]:
             n = r["ulysses_degree"]
-            why = (f": {r['kv_heads']} KV heads < {n} Ulysses ranks, so each KV head is replicated {n // r['kv_heads']}x "
-                   f"before the all-to-all (every rank needs the KV head its queries use); the textbook formula "
-                   f"assumes kv_heads >= {n}. Ring traffic is unaffected (KV travels with its own heads).")
-        notes.append(f"{report.label(r)} CP={r['cp']} S={r['seq']} heads {r['heads']}/{r['kv_heads']}: {what} "
-                     f"not met{why}")
+            why = (
+                f": {r['kv_heads']} KV heads < {n} Ulysses ranks, so each KV head is replicated {n // r['kv_heads']}x "
+                f"before the all-to-all (every rank needs the KV head its queries use); the textbook formula "
+                f"assumes kv_heads >= {n}. Ring traffic is unaffected (KV travels with its own heads)."
+            )
+        notes.append(
+            f"{report.label(r)} CP={r['cp']} S={r['seq']} heads {r['heads']}/{r['kv_heads']}: {what} not met{why}"
+        )
     return notes
 
 
@@ -171,8 +239,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run)")
     ap.add_argument("--no-scale", action="store_true", help="skip the tiny-GPT scale search")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-                    help="output directory (default benchmarks/results)")
+    ap.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+        help="output directory (default benchmarks/results)",
+    )
     ap.add_argument("--name", default="cpu", help="file stem of the JSON / markdown (default cpu)")
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else FULL
@@ -186,11 +257,19 @@ def main(argv=None) -> int:
     jobs = {}
     for cases in per_cp.values():
         for c in cases:
-            jobs.setdefault(_shape_key(c), dict(seq=c["seq"], batch=c["batch"], heads=c["heads"], kv_heads=c["kv_heads"],
-                                                 head_dim=c["head_dim"], dtype=c["dtype"],
-                                                 v_head_dim=c.get("v_head_dim", c["head_dim"])))
-    res = launch(1, measure_single, list(jobs.values()), cfg["reps"], "torch", cfg["megatron_max_seq"],
-                 timeout=900)
+            jobs.setdefault(
+                _shape_key(c),
+                dict(
+                    seq=c["seq"],
+                    batch=c["batch"],
+                    heads=c["heads"],
+                    kv_heads=c["kv_heads"],
+                    head_dim=c["head_dim"],
+                    dtype=c["dtype"],
+                    v_head_dim=c.get("v_head_dim", c["head_dim"]),
+                ),
+            )
+    res = launch(1, measure_single, list(jobs.values()), cfg["reps"], "torch", cfg["megatron_max_seq"], timeout=900)
     if not res.ok:
         print("\n".join(res.errors), file=sys.stderr)
         return 1
@@ -213,8 +292,14 @@ def main(argv=None) -> int:
 
         sc = cfg["scale"]
         t0 = time.monotonic()
-        scale = run_scale(cp=4, start=sc["start"], cap_s=sc["cap_s"], mem_budget_bytes=int(sc["mem_gib"] * 2**30),
-                          max_seq=sc.get("max_seq", 1 << 20), log=lambda m: print(m, flush=True))
+        scale = run_scale(
+            cp=4,
+            start=sc["start"],
+            cap_s=sc["cap_s"],
+            mem_budget_bytes=int(sc["mem_gib"] * 2**30),
+            max_seq=sc.get("max_seq", 1 << 20),
+            log=lambda m: print(m, flush=True),
+        )
         for s in scale:
             s["machine"] = mach
         print(f"  scale search ({time.monotonic() - t0:.0f} s)", flush=True)
@@ -222,42 +307,56 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     from .ulysses_paths import run as ulysses_paths
 
-    paths = ulysses_paths(cfg.get("ulysses_paths_seqs", [2048, 4096, 8192]), cp=4, reps=cfg["reps"],
-                          log=lambda m: print(m, flush=True))
-    with open(os.path.join(args.out, "ulysses_paths.json" if args.name == "cpu" else f"{args.name}_ulysses_paths.json"),
-              "w") as f:
+    paths = ulysses_paths(
+        cfg.get("ulysses_paths_seqs", [2048, 4096, 8192]), cp=4, reps=cfg["reps"], log=lambda m: print(m, flush=True)
+    )
+    with open(
+        os.path.join(args.out, "ulysses_paths.json" if args.name == "cpu" else f"{args.name}_ulysses_paths.json"), "w"
+    ) as f:
         json.dump(paths, f, indent=1)
     print(f"  Ulysses: kernels vs Megatron's attention ({time.monotonic() - t0:.0f} s)", flush=True)
 
     t0 = time.monotonic()
-    from .agreement import run as agreement
+    from .bench_agreement import run as agreement
 
-    agreed = agreement(cp=4, seqs=cfg.get("agreement_seqs", [512, 4096]), calls=cfg.get("agreement_calls", 200),
-                       log=lambda m: print(m, flush=True))
-    with open(os.path.join(args.out, "agreement.json" if args.name == "cpu" else f"{args.name}_agreement.json"),
-              "w") as f:
+    agreed = agreement(
+        cp=4,
+        seqs=cfg.get("agreement_seqs", [512, 4096]),
+        calls=cfg.get("agreement_calls", 200),
+        log=lambda m: print(m, flush=True),
+    )
+    with open(
+        os.path.join(args.out, "agreement.json" if args.name == "cpu" else f"{args.name}_agreement.json"), "w"
+    ) as f:
         json.dump(agreed, f, indent=1)
     print(f"  input agreement: cost per call and share of a GPT step ({time.monotonic() - t0:.0f} s)", flush=True)
 
-    from .packing import measure as packing
+    from .bench_packing import measure as packing
 
     packed = [packing(**p) for p in cfg.get("packing", [dict(seq=32768, cp=8), dict(seq=32768, cp=4)])]
     with open(os.path.join(args.out, "packing.json" if args.name == "cpu" else f"{args.name}_packing.json"), "w") as f:
         json.dump(packed, f, indent=1)
     for p in packed:
-        print(f"  packed documents S={p['seq']} CP={p['cp']}: work imbalance "
-              f"{p['summary']['per_document_zigzag']['worst']:.3f}, padding {100 * p['summary']['padding']['mean']:.2f} %",
-              flush=True)
+        print(
+            f"  packed documents S={p['seq']} CP={p['cp']}: work imbalance "
+            f"{p['summary']['per_document_zigzag']['worst']:.3f}, "
+            f"padding {100 * p['summary']['padding']['mean']:.2f} %",
+            flush=True,
+        )
 
-    from .kv_cache import run as kv_cache
+    from .bench_kv_cache import run as kv_cache
 
     kv = kv_cache(**cfg["kv_cache"], log=lambda m: print(m, flush=True))
-    with open(os.path.join(args.out, "kv_cache.json" if args.name == "cpu" else f"{args.name}_kv_cache.json"), "w") as f:
+    with open(
+        os.path.join(args.out, "kv_cache.json" if args.name == "cpu" else f"{args.name}_kv_cache.json"), "w"
+    ) as f:
         json.dump(kv, f, indent=1)
 
     runtime = time.monotonic() - t_start
-    notes = notes_for(records) + [f"Load average at the start of the run: {load0:.1f} "
-                                  f"(at the end: {os.getloadavg()[0]:.1f}) on {os.cpu_count()} cores."]
+    notes = notes_for(records) + [
+        f"Load average at the start of the run: {load0:.1f} "
+        f"(at the end: {os.getloadavg()[0]:.1f}) on {os.cpu_count()} cores."
+    ]
     stem = os.path.join(args.out, args.name)
     with open(stem + ".json", "w") as f:
         json.dump(records, f, indent=1)
@@ -270,11 +369,17 @@ def main(argv=None) -> int:
     from .planner_check import run as planner_check  # the cost model against what was just measured
 
     checked = planner_check(stem + ".json", args.out)
-    print(f"  planner cost model: rank correlation {checked['rank_correlation']:.3f}, median |error| "
-          f"{100 * checked['median_abs_error']:.1f} % over {len(checked['rows'])} configurations", flush=True)
+    print(
+        f"  planner cost model: rank correlation {checked['rank_correlation']:.3f}, median |error| "
+        f"{100 * checked['median_abs_error']:.1f} % over {len(checked['rows'])} configurations",
+        flush=True,
+    )
     met = sum(all(r["goals"].values()) for r in records)
-    print(f"benchmarks: {len(records)} records, all goals met by {met}; {runtime:.0f} s; wrote {stem}.json, "
-          f"{stem}.md, {', '.join(os.path.basename(p) for p in pngs)}", flush=True)
+    print(
+        f"benchmarks: {len(records)} records, all goals met by {met}; {runtime:.0f} s; wrote {stem}.json, "
+        f"{stem}.md, {', '.join(os.path.basename(p) for p in pngs)}",
+        flush=True,
+    )
     return 0
 
 

@@ -21,6 +21,7 @@ Every algorithm runs in fresh ranks (a 64k step leaves the allocator in a state 
 the next algorithm's steps); a failed rank leaves its peers waiting in a collective: the launcher kills the
 ranks, and the search goes on with the algorithms not yet done.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -32,12 +33,14 @@ from typing import Dict, List
 
 import torch
 
-from .launch import launch, progress
+from mindspeed_cp.ranks import launch, progress
 
-ALGOS = {"ulysses": dict(context_parallel_algo="ulysses_cp_algo"),
-         "ring": dict(context_parallel_algo="megatron_cp_algo"),
-         "double_ring": dict(context_parallel_algo="megatron_cp_algo", cp_window_size=2),
-         "hybrid": dict(context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2)}
+ALGOS = {
+    "ulysses": dict(context_parallel_algo="ulysses_cp_algo"),
+    "ring": dict(context_parallel_algo="megatron_cp_algo"),
+    "double_ring": dict(context_parallel_algo="megatron_cp_algo", cp_window_size=2),
+    "hybrid": dict(context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2),
+}
 
 MODEL = dict(num_layers=2, hidden=64, heads=4, vocab=128, batch=1)
 
@@ -81,7 +84,6 @@ def _limit_memory(budget: int) -> None:
 
 def _train_step(algo: str, cp: int, seq: int, mem_budget_bytes: int) -> Dict[str, float]:
     """Build the tiny GPT for ``algo`` at length ``seq`` and run one training step; agreed numbers."""
-    import mindspeed_cp.megatron_adaptor as adaptor  # first: the patches
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
@@ -89,6 +91,8 @@ def _train_step(algo: str, cp: int, seq: int, mem_budget_bytes: int) -> Dict[str
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
     from megatron.core.utils import get_batch_on_this_cp_rank
+
+    import mindspeed_cp.megatron_adaptor as adaptor  # first: the patches
 
     m = MODEL
     t0, c0 = time.perf_counter(), time.process_time()
@@ -100,18 +104,33 @@ def _train_step(algo: str, cp: int, seq: int, mem_budget_bytes: int) -> Dict[str
     model = opt = None
     try:
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
-        config = TransformerConfig(num_layers=m["num_layers"], hidden_size=m["hidden"],
-                                   num_attention_heads=m["heads"], ffn_hidden_size=4 * m["hidden"],
-                                   hidden_dropout=0.0, attention_dropout=0.0, context_parallel_size=cp)
-        model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=m["vocab"],
-                         max_sequence_length=seq, position_embedding_type="rope")
+        config = TransformerConfig(
+            num_layers=m["num_layers"],
+            hidden_size=m["hidden"],
+            num_attention_heads=m["heads"],
+            ffn_hidden_size=4 * m["hidden"],
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            context_parallel_size=cp,
+        )
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=get_gpt_layer_local_spec(),
+            vocab_size=m["vocab"],
+            max_sequence_length=seq,
+            position_embedding_type="rope",
+        )
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(seq)
         stream = torch.randint(0, m["vocab"], (m["batch"], seq + 1), generator=g)
-        batch = get_batch_on_this_cp_rank({
-            "tokens": stream[:, :-1].contiguous(), "labels": stream[:, 1:].contiguous(),
-            "loss_mask": torch.ones(m["batch"], seq),
-            "position_ids": torch.arange(seq).expand(m["batch"], seq).contiguous()})
+        batch = get_batch_on_this_cp_rank(
+            {
+                "tokens": stream[:, :-1].contiguous(),
+                "labels": stream[:, 1:].contiguous(),
+                "loss_mask": torch.ones(m["batch"], seq),
+                "position_ids": torch.arange(seq).expand(m["batch"], seq).contiguous(),
+            }
+        )
         per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         loss = (per_token * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
         loss.backward()
@@ -120,14 +139,25 @@ def _train_step(algo: str, cp: int, seq: int, mem_budget_bytes: int) -> Dict[str
             if p.grad is not None:
                 dist.all_reduce(p.grad, group=group)
         opt.step()
-        stats = torch.tensor([time.perf_counter() - t0, _status_kib("VmHWM") * 1024.0,
-                              float(not math.isfinite(loss.item())), time.process_time() - c0], dtype=torch.float64)
+        stats = torch.tensor(
+            [
+                time.perf_counter() - t0,
+                _status_kib("VmHWM") * 1024.0,
+                float(not math.isfinite(loss.item())),
+                time.process_time() - c0,
+            ],
+            dtype=torch.float64,
+        )
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
         loss_sum = loss.detach().double().reshape(1)
         dist.all_reduce(loss_sum, group=group)
-        return {"step_s": stats[0].item(), "step_cpu_s": stats[3].item(), "peak_rss_bytes": stats[1].item(),
-                "nonfinite": bool(stats[2].item()),
-                "loss": loss_sum.item() / dist.get_world_size(group)}
+        return {
+            "step_s": stats[0].item(),
+            "step_cpu_s": stats[3].item(),
+            "peak_rss_bytes": stats[1].item(),
+            "nonfinite": bool(stats[2].item()),
+            "loss": loss_sum.item() / dist.get_world_size(group),
+        }
     finally:
         del model, opt
         ps.destroy_model_parallel()
@@ -165,9 +195,9 @@ def memory_bound_seq(points: List[tuple], budget: float) -> int:
 def search(algos: List[str], cp: int, start: int, max_seq: int, cap_s: float, mem_budget_bytes: int) -> dict:
     """Rank body: the doubling search of every algorithm in ``algos``, in order; reports each attempt."""
     import torch.distributed as dist
+    from megatron.core.models.gpt.gpt_model import GPTModel  # noqa: F401
 
     import mindspeed_cp.megatron_adaptor  # noqa: F401  - import first: the baseline includes Megatron
-    from megatron.core.models.gpt.gpt_model import GPTModel  # noqa: F401
 
     base = torch.tensor([_status_kib("VmRSS") * 1024.0], dtype=torch.float64)
     dist.all_reduce(base, op=dist.ReduceOp.MAX)
@@ -197,15 +227,23 @@ def search(algos: List[str], cp: int, start: int, max_seq: int, cap_s: float, me
     return {}
 
 
-def run_scale(algos=tuple(ALGOS), cp: int = 4, start: int = 4096, max_seq: int = 1 << 20, cap_s: float = 60.0,
-              mem_budget_bytes: int = 4 << 30, log=print) -> List[dict]:
+def run_scale(
+    algos=tuple(ALGOS),
+    cp: int = 4,
+    start: int = 4096,
+    max_seq: int = 1 << 20,
+    cap_s: float = 60.0,
+    mem_budget_bytes: int = 4 << 30,
+    log=print,
+) -> List[dict]:
     """The search for every algorithm (relaunching after a failure); one summary per algorithm."""
     todo, summary, base_rss = list(algos), {}, 0.0
     attempts: Dict[str, List[dict]] = {a: [] for a in algos}
     while todo:
         # each algorithm in fresh ranks: the allocator state a long step of one leaves would slow the next
-        res = launch(cp, search, todo[:1], cp, start, max_seq, cap_s, mem_budget_bytes,
-                     timeout=max(1800.0, 10 * cap_s))  # wall time: generous on a busy machine
+        res = launch(
+            cp, search, todo[:1], cp, start, max_seq, cap_s, mem_budget_bytes, timeout=max(1800.0, 10 * cap_s)
+        )  # wall time: generous on a busy machine
         current = None
         for item in res.progress:
             algo = item["algo"]
@@ -236,15 +274,24 @@ def run_scale(algos=tuple(ALGOS), cp: int = 4, start: int = 4096, max_seq: int =
     for algo in algos:
         ok = [a for a in attempts[algo] if "failed" not in a]
         best = ok[-1] if ok else None
-        row = {"algo": algo, "cp": cp, **MODEL, "max_seq": best["seq"] if best else 0,
-               "stopped_by": summary[algo], "step_s_at_max": best["step_s"] if best else None,
-               "step_cpu_s_at_max": best["step_cpu_s"] if best else None,
-               "peak_rss_bytes_at_max": best["peak_rss_bytes"] if best else None,
-               "mem_budget_bytes_per_rank": mem_budget_bytes, "time_cap_cpu_s": cap_s, "attempts": attempts[algo]}
+        row = {
+            "algo": algo,
+            "cp": cp,
+            **MODEL,
+            "max_seq": best["seq"] if best else 0,
+            "stopped_by": summary[algo],
+            "step_s_at_max": best["step_s"] if best else None,
+            "step_cpu_s_at_max": best["step_cpu_s"] if best else None,
+            "peak_rss_bytes_at_max": best["peak_rss_bytes"] if best else None,
+            "mem_budget_bytes_per_rank": mem_budget_bytes,
+            "time_cap_cpu_s": cap_s,
+            "attempts": attempts[algo],
+        }
         if summary[algo] == "time cap" and len(ok) >= 2:
             # where the budget would run out: fit of the peak resident memory above the post-import baseline
             row["memory_bound_seq_estimate"] = memory_bound_seq(
-                [(a["seq"], a["peak_rss_bytes"] - base_rss) for a in ok], mem_budget_bytes)
+                [(a["seq"], a["peak_rss_bytes"] - base_rss) for a in ok], mem_budget_bytes
+            )
         row["baseline_rss_bytes"] = base_rss
         out.append(row)
     return out

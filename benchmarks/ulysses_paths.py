@@ -9,6 +9,7 @@ with the kernels switched off for the module (``megatron_only`` set: the all-to-
 local attention, which materialises the ``b h/CP S x S`` scores and probabilities - what Ulysses ran before).
 Reported per S: the slowest rank's median wall and CPU time, bytes autograd saved on a rank, and the ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ import sys
 import time
 from typing import List
 
+from mindspeed_cp.ranks import launch
+
 from .attention_bench import SavedBytes
-from .launch import launch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -35,14 +37,21 @@ def _measure(seqs: List[int], cp: int, heads: int, kv_heads: int, head_dim: int,
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     import mindspeed_cp.megatron_adaptor as adaptor
-    from mindspeed_cp.state import STATE
+    from mindspeed_cp.megatron.state import STATE
 
     adaptor.configure(context_parallel_size=cp, context_parallel_algo="ulysses_cp_algo")
     ps.initialize_model_parallel(context_parallel_size=cp)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    config = TransformerConfig(num_layers=1, hidden_size=heads * head_dim, num_attention_heads=heads,
-                               num_query_groups=kv_heads, kv_channels=head_dim, attention_dropout=0.0,
-                               hidden_dropout=0.0, context_parallel_size=cp)
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_query_groups=kv_heads,
+        kv_channels=head_dim,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        context_parallel_size=cp,
+    )
     module = DotProductAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
     rows = []
     for S in seqs:
@@ -68,11 +77,17 @@ def _measure(seqs: List[int], cp: int, heads: int, kv_heads: int, head_dim: int,
                 module(q, k, v, None).backward(dout)
                 wall.append(time.perf_counter() - t0)
                 cpu.append(time.process_time() - c0)
-            slowest = torch.tensor([statistics.median(wall), statistics.median(cpu), float(saved.total)],
-                                   dtype=torch.float64)
+            slowest = torch.tensor(
+                [statistics.median(wall), statistics.median(cpu), float(saved.total)], dtype=torch.float64
+            )
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            row.update({f"{path}_time_s": slowest[0].item(), f"{path}_cpu_s": slowest[1].item(),
-                        f"{path}_saved_bytes": int(slowest[2].item())})
+            row.update(
+                {
+                    f"{path}_time_s": slowest[0].item(),
+                    f"{path}_cpu_s": slowest[1].item(),
+                    f"{path}_saved_bytes": int(slowest[2].item()),
+                }
+            )
         row["time_ratio"] = row["kernels_time_s"] / row["megatron_time_s"]
         row["cpu_ratio"] = row["kernels_cpu_s"] / row["megatron_cpu_s"]
         row["saved_ratio"] = row["kernels_saved_bytes"] / row["megatron_saved_bytes"]
@@ -80,16 +95,19 @@ def _measure(seqs: List[int], cp: int, heads: int, kv_heads: int, head_dim: int,
     return rows
 
 
-def run(seqs: List[int], cp: int = 4, heads: int = 8, kv_heads: int = 4, head_dim: int = 64, reps: int = 3,
-        log=print) -> List[dict]:
+def run(
+    seqs: List[int], cp: int = 4, heads: int = 8, kv_heads: int = 4, head_dim: int = 64, reps: int = 3, log=print
+) -> List[dict]:
     res = launch(cp, _measure, seqs, cp, heads, kv_heads, head_dim, reps, timeout=3600)
     if not res.ok:
         raise RuntimeError("ulysses_paths failed:\n" + "\n".join(res.errors))
     rows = res.results[0]
     for r in rows:
-        log(f"  ulysses S={r['seq']}: kernels {r['kernels_time_s'] * 1e3:.0f} ms vs Megatron's attention "
+        log(
+            f"  ulysses S={r['seq']}: kernels {r['kernels_time_s'] * 1e3:.0f} ms vs Megatron's attention "
             f"{r['megatron_time_s'] * 1e3:.0f} ms (wall {r['time_ratio']:.2f}, CPU {r['cpu_ratio']:.2f}); saved "
-            f"{r['kernels_saved_bytes'] / 2**20:.1f} vs {r['megatron_saved_bytes'] / 2**20:.1f} MiB")
+            f"{r['kernels_saved_bytes'] / 2**20:.1f} vs {r['megatron_saved_bytes'] / 2**20:.1f} MiB"
+        )
     return rows
 
 

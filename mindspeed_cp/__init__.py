@@ -4,6 +4,7 @@
 API. The algorithm classes import torch on first access, so the pure parts (config, topology, the
 ``mindspeed-cp groups`` command) start fast.
 """
+
 import importlib
 
 from .config import ALGORITHMS, HYBRID, RING, ULYSSES, CPConfig, CPConfigError
@@ -12,13 +13,17 @@ from .topology import LayoutError, rank_layout
 __version__ = "0.1.0"
 
 _LAZY = {
-    "UlyssesContextAttention": "ulysses", "DistributedAttention": "ulysses", "GatherSizeCalculator": "ulysses",
-    "DefaultGatherSizeCalculator": "ulysses", "DynamicGatherSizeCalculator": "ulysses",
-    "ring_attention": "ring", "DoubleRingWindow": "ring", "hybrid_attention": "hybrid",
+    "UlyssesContextAttention": "ulysses",
+    "DistributedAttention": "ulysses",
+    "GatherSizeCalculator": "ulysses",
+    "DefaultGatherSizeCalculator": "ulysses",
+    "DynamicGatherSizeCalculator": "ulysses",
+    "ring_attention": "ring",
+    "DoubleRingWindow": "ring",
+    "hybrid_attention": "hybrid",
 }
 
-__all__ = ["ALGORITHMS", "HYBRID", "RING", "ULYSSES", "CPConfig", "CPConfigError", "LayoutError", "rank_layout",
-           *_LAZY]
+__all__ = ["ALGORITHMS", "HYBRID", "RING", "ULYSSES", "CPConfig", "CPConfigError", "LayoutError", "rank_layout", *_LAZY]
 
 
 def __getattr__(name):

@@ -1,6 +1,7 @@
 """``python -m mindspeed_cp`` = the ``mindspeed-cp`` command."""
+
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 sys.exit(main())

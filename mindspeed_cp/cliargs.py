@@ -5,6 +5,7 @@ An argument is checked where it is parsed, so a bad value never reaches a comput
 
     mindspeed-cp plan: argument --seq-length: must be an integer >= 1, got '0' (see mindspeed-cp plan --help)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,12 @@ def real(low: float = 0.0, high: Optional[float] = None, open_low: bool = False)
             value = float(text)
         except (TypeError, ValueError):
             value = math.nan
-        if not math.isfinite(value) or value < low or (open_low and value == low) or (
-                high is not None and value > high):
+        if (
+            not math.isfinite(value)
+            or value < low
+            or (open_low and value == low)
+            or (high is not None and value > high)
+        ):
             raise argparse.ArgumentTypeError(f"must be a number {_bounds(low, high, open_low)}, got {text!r}")
         return value
 

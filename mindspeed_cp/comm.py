@@ -14,14 +14,36 @@ be equal on every rank; callers check that before the first collective (see :mod
 
 Communication goes through ``torch.distributed.all_to_all_single`` with split sizes (NCCL, HCCL and gloo
 all implement it); every exchange reports the bytes it sends to *other* ranks to
-:func:`mindspeed_cp.comm_stats.record` under the kind ``"all_to_all"`` (or the ``kind`` given).
+:func:`mindspeed_cp.stats.record_bytes` under the kind ``"all_to_all"`` (or the ``kind`` given).
 
 :func:`all_gather` (``--use-ulysses-allgather-kv``) gathers a sequence-sharded tensor on every rank, uneven
 shards padded to the longest; its backward is the reduce-scatter of the gradient (kinds ``"all_gather"``,
 ``"reduce_scatter"``)::
 
     # k: [s_r, b, hk, d] -> [S, b, hk, d]        backward: dk [S, b, hk, d] summed over ranks -> [s_r, b, hk, d]
+
+Ring send/recv (:class:`RingExchanger`): every rank sends a tensor to the next position of a ring process group
+and receives one of the same shape from the previous position::
+
+    ex = RingExchanger(group, overlap_group=None)
+    pending = ex.start(kv, "ring_kv")   # posts isend(kv -> next) and irecv(prev -> new buffer)
+    ...                                 # compute while the messages travel
+    kv = pending.wait()                 # the tensor from the previous position
+
+Without ``overlap_group`` both directions are one batched ``batch_isend_irecv`` on ``group`` (deadlock free on
+NCCL). With it (``--use-cp-send-recv-overlap``) a message on the link ``p -> p+1`` travels on communicator
+``(group, overlap_group)[p % 2]``, so on an even ring every rank sends on one communicator and receives on the
+other and the two do not serialise (on an odd ring position 0 uses one for both, and then batches them).
+Messages of different kinds between the same pair may be in flight together; each kind has its own tag (gloo
+matches on it) and every rank posts them in the same order (NCCL matches in order).
+
+The multi-token-prediction shift (:func:`shift_left`) moves only the values that cross a shard boundary, as
+:func:`mindspeed_cp.layout.shift.plan_shift` planned them.
+
+Every message is reported to :func:`mindspeed_cp.stats.record_bytes` with its kind (``all_to_all``,
+``all_gather``, ``reduce_scatter``, ``ring_kv``: key/value blocks, ``ring_dkv``: dK/dV accumulators, ``shift``).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,7 +52,10 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from . import comm_stats
+from .layout.shift import ShiftPlan
+from .stats import record_bytes
+
+Tensor = torch.Tensor
 
 
 class PeerFailure(RuntimeError):
@@ -49,13 +74,8 @@ def peer_failure(error: BaseException, group, what: str) -> PeerFailure:
         f"mindspeed-cp: {what} over global ranks {ranks} failed on rank {dist.get_rank()}: a peer did not take "
         f"part in time or has left ({first}). Another rank most likely raised or stopped first - its own "
         f"error says why. The wait is bounded by --distributed-timeout-minutes (megatron-core: "
-        f"configure(distributed_timeout_minutes=...)).")
-
-
-def split_sizes(total: int, parts: int) -> List[int]:
-    """Sizes of ``torch.tensor_split(range(total), parts)``: the first ``total % parts`` get one more."""
-    base, extra = divmod(total, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
+        f"configure(distributed_timeout_minutes=...))."
+    )
 
 
 def _resized(shape: Sequence[int], dim_a: int, size_a: int, dim_b: int, size_b: int) -> List[int]:
@@ -70,8 +90,15 @@ def _outermost(shape: Sequence[int], dim: int) -> bool:
     return math.prod(shape[:dim]) == 1
 
 
-def _exchange(x: torch.Tensor, group, scatter_dim: int, gather_dim: int,
-              scatter_sizes: List[int], gather_sizes: List[int], kind: str = "all_to_all") -> torch.Tensor:
+def _exchange(
+    x: torch.Tensor,
+    group,
+    scatter_dim: int,
+    gather_dim: int,
+    scatter_sizes: List[int],
+    gather_sizes: List[int],
+    kind: str = "all_to_all",
+) -> torch.Tensor:
     """The all-to-all itself (no autograd). At most one copy each way: none into the send buffer when the
     pieces already are consecutive runs (scatter along the outermost dim, e.g. the output's sequence), none out
     of the receive buffer when the received runs are (gather along it, e.g. q/k/v's sequence)."""
@@ -94,10 +121,9 @@ def _exchange(x: torch.Tensor, group, scatter_dim: int, gather_dim: int,
     recv_shapes = [_resized(x.shape, scatter_dim, scatter_sizes[me], gather_dim, n) for n in gather_sizes]
     recv_counts = [math.prod(s) for s in recv_shapes]
     recv = x.new_empty(sum(recv_counts))
-    comm_stats.record(kind, (send.numel() - send_counts[me]) * send.element_size())
+    record_bytes(kind, (send.numel() - send_counts[me]) * send.element_size())
     try:
-        dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts,
-                               group=group)
+        dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts, group=group)
     except RuntimeError as e:
         raise peer_failure(e, group, "the Ulysses all-to-all") from e
     if _outermost(x.shape, gather_dim):  # runs received in rank order along the outermost dim: the result itself
@@ -121,9 +147,15 @@ class _AllToAll(torch.autograd.Function):
         return grad_x, None, None, None, None, None, None
 
 
-def all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int,
-               scatter_sizes: Optional[Sequence[int]] = None,
-               gather_sizes: Optional[Sequence[int]] = None, kind: str = "all_to_all") -> torch.Tensor:
+def all_to_all(
+    x: torch.Tensor,
+    group,
+    scatter_dim: int,
+    gather_dim: int,
+    scatter_sizes: Optional[Sequence[int]] = None,
+    gather_sizes: Optional[Sequence[int]] = None,
+    kind: str = "all_to_all",
+) -> torch.Tensor:
     """Differentiable all-to-all: ``x`` cut along ``scatter_dim``, pieces gathered along ``gather_dim``.
 
     ``scatter_sizes``: how much of ``scatter_dim`` goes to each rank (default: equal parts; must then divide).
@@ -139,18 +171,21 @@ def all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int,
         raise ValueError(f"all_to_all: scatter_dim and gather_dim are both {scatter_dim}")
     if scatter_sizes is None:
         if x.shape[scatter_dim] % world:
-            raise ValueError(f"all_to_all: dim {scatter_dim} of shape {tuple(x.shape)} is not divisible by "
-                             f"the {world} ranks of the group")
+            raise ValueError(
+                f"all_to_all: dim {scatter_dim} of shape {tuple(x.shape)} is not divisible by "
+                f"the {world} ranks of the group"
+            )
         scatter_sizes = [x.shape[scatter_dim] // world] * world
     if gather_sizes is None:
         gather_sizes = [x.shape[gather_dim]] * world
     scatter_sizes, gather_sizes = [int(n) for n in scatter_sizes], [int(n) for n in gather_sizes]
     if len(scatter_sizes) != world or len(gather_sizes) != world:
-        raise ValueError(f"all_to_all: need {world} scatter and gather sizes, got {scatter_sizes} and "
-                         f"{gather_sizes}")
+        raise ValueError(f"all_to_all: need {world} scatter and gather sizes, got {scatter_sizes} and {gather_sizes}")
     if sum(scatter_sizes) != x.shape[scatter_dim] or gather_sizes[me] != x.shape[gather_dim]:
-        raise ValueError(f"all_to_all: shape {tuple(x.shape)} does not match scatter sizes {scatter_sizes} "
-                         f"(dim {scatter_dim}) / gather sizes {gather_sizes} (dim {gather_dim}, rank {me})")
+        raise ValueError(
+            f"all_to_all: shape {tuple(x.shape)} does not match scatter sizes {scatter_sizes} "
+            f"(dim {scatter_dim}) / gather sizes {gather_sizes} (dim {gather_dim}, rank {me})"
+        )
     if world == 1:
         return x
     return _AllToAll.apply(x, group, scatter_dim, gather_dim, tuple(scatter_sizes), tuple(gather_sizes), kind)
@@ -175,13 +210,13 @@ def _gather(x: torch.Tensor, group, dim: int, sizes: List[int], kind: str) -> to
     most, world = max(sizes), len(sizes)
     send = _padded(x, dim, most)
     recv = send.new_empty((world * most,) + tuple(send.shape[1:]))
-    comm_stats.record(kind, (world - 1) * send.numel() * send.element_size())
+    record_bytes(kind, (world - 1) * send.numel() * send.element_size())
     try:
         _ALL_GATHER(recv, send, group=group)
     except RuntimeError as e:
         raise peer_failure(e, group, "the Ulysses K/V all-gather") from e
     # equal shards: the receive buffer is the result (a view); uneven: drop each shard's padding
-    whole = recv if len(set(sizes)) == 1 else torch.cat([recv[i * most:i * most + n] for i, n in enumerate(sizes)])
+    whole = recv if len(set(sizes)) == 1 else torch.cat([recv[i * most : i * most + n] for i, n in enumerate(sizes)])
     return whole.movedim(0, dim)
 
 
@@ -192,7 +227,7 @@ def _reduce_scatter(grad: torch.Tensor, group, dim: int, sizes: List[int]) -> to
     else:  # each rank's piece padded to the longest: [P*most, ...]
         send = torch.cat([_padded(p, dim, most) for p in torch.split(grad, sizes, dim=dim)])
     recv = send.new_empty((most,) + tuple(send.shape[1:]))
-    comm_stats.record("reduce_scatter", (world - 1) * recv.numel() * recv.element_size())
+    record_bytes("reduce_scatter", (world - 1) * recv.numel() * recv.element_size())
     try:
         _REDUCE_SCATTER(recv, send, group=group)
     except RuntimeError as e:
@@ -223,3 +258,89 @@ def all_gather(x: torch.Tensor, group, dim: int, sizes: Sequence[int], kind: str
     if world == 1:
         return x
     return _AllGather.apply(x, group, dim, tuple(sizes), kind)
+
+
+# ------------------------------------------------------------------------------------------ ring send/recv
+TAGS = {"ring_kv": 11, "ring_dkv": 12}
+
+
+class PendingExchange:
+    """An exchange in flight; :meth:`wait` returns the received tensor (idempotent)."""
+
+    def __init__(self, works: List, received: torch.Tensor, sent: torch.Tensor, group=None) -> None:
+        self._works = works
+        self._received = received
+        self._sent = sent  # keep the send buffer alive until the message has left
+        self._group = group
+
+    def wait(self) -> torch.Tensor:
+        try:
+            for w in self._works:
+                w.wait()
+        except RuntimeError as e:
+            raise peer_failure(e, self._group, "a ring send/recv") from e
+        self._works, self._sent = [], None
+        return self._received
+
+
+class RingExchanger:
+    """Next/previous neighbours in ``group`` (positions are group ranks, in group order)."""
+
+    def __init__(self, group, overlap_group=None) -> None:
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.pos = dist.get_rank(group)
+        if self.pos < 0:
+            raise ValueError("this rank is not a member of the ring process group it was given")
+        self.next = dist.get_global_rank(group, (self.pos + 1) % self.size)
+        self.prev = dist.get_global_rank(group, (self.pos - 1) % self.size)
+        comms = (group, group if overlap_group is None else overlap_group)
+        self._send_group = comms[self.pos % 2]
+        self._recv_group = comms[((self.pos - 1) % self.size) % 2]
+        self.overlap = overlap_group is not None
+
+    def start(self, tensor: torch.Tensor, kind: str) -> PendingExchange:
+        """Send ``tensor`` to the next position, receive a tensor like it from the previous one."""
+        tensor = tensor.contiguous()
+        received = torch.empty_like(tensor)
+        tag = TAGS[kind]
+        record_bytes(kind, tensor.numel() * tensor.element_size())
+        if self._send_group is self._recv_group:
+            ops = [
+                dist.P2POp(dist.isend, tensor, self.next, self._send_group, tag),
+                dist.P2POp(dist.irecv, received, self.prev, self._send_group, tag),
+            ]
+            works = dist.batch_isend_irecv(ops)
+        else:
+            works = [
+                dist.isend(tensor, self.next, group=self._send_group, tag=tag),
+                dist.irecv(received, self.prev, group=self._recv_group, tag=tag),
+            ]
+        return PendingExchange([w for w in works if w is not None], received, tensor, self.group)
+
+
+# ------------------------------------------------------------------------------------------ the MTP shift
+def shift_left(x: Tensor, dim: int, plan: ShiftPlan, group) -> Tensor:
+    """``x`` (this rank's tokens along ``dim``) shifted one position left by global position: a new tensor, 0
+    where the plan has no successor. A collective over ``group``: every rank of it calls it. Not differentiable
+    (Megatron shifts ids, labels and masks)."""
+    local_out, local_in, send, recv_out = plan.on(x.device)
+    xs = x.detach().movedim(dim, -1)  # [..., s_local]
+    out = torch.zeros_like(xs)
+    out[..., local_out] = xs[..., local_in]
+    if dist.get_world_size(group) > 1:
+        payload = xs[..., send].movedim(-1, 0).contiguous()  # [n_send, ...]: one value per boundary per sample
+        got = payload.new_empty((recv_out.numel(),) + tuple(payload.shape[1:]))
+        record_bytes("shift", payload.numel() * payload.element_size())
+        try:
+            dist.all_to_all_single(
+                got,
+                payload,
+                output_split_sizes=list(plan.recv_counts),
+                input_split_sizes=list(plan.send_counts),
+                group=group,
+            )
+        except RuntimeError as e:
+            raise peer_failure(e, group, "the multi-token-prediction shift") from e
+        out[..., recv_out] = got.movedim(0, -1)
+    return out.movedim(-1, dim)

@@ -8,11 +8,12 @@ Every error names the flags and the values involved, e.g.::
     --num-attention-heads 6 is not divisible by --tensor-model-parallel-size 2 x
     --context-parallel-size 4 (ulysses_cp_algo)
 """
+
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass
-import argparse
 from typing import Any, Optional
 
 ULYSSES = "ulysses_cp_algo"
@@ -33,8 +34,10 @@ def _flag(name: str) -> str:
 
 def _positive_int(flag: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise CPConfigError(f"{flag} {value!r} must be a positive integer"
-                            + ("" if isinstance(value, int) else f" (got {type(value).__name__})"))
+        raise CPConfigError(
+            f"{flag} {value!r} must be a positive integer"
+            + ("" if isinstance(value, int) else f" (got {type(value).__name__})")
+        )
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,8 @@ class CPConfig:
         unknown = sorted(set(flags) - set(cls.fields()))
         if unknown:
             raise CPConfigError(
-                f"unknown context-parallel option(s) {', '.join(unknown)}; "
-                f"known: {', '.join(cls.fields())}")
+                f"unknown context-parallel option(s) {', '.join(unknown)}; known: {', '.join(cls.fields())}"
+            )
         values = {}
         for f in dataclasses.fields(cls):
             if f.name in flags:
@@ -164,8 +167,13 @@ class CPConfig:
         flags for its CP=1 baseline run.
         """
         self._validate_options()
-        for flag, value in (("--num-attention-heads", num_attention_heads), ("--num-query-groups", num_query_groups),
-                            ("--seq-length", seq_length), ("--num-layers", num_layers), ("world size", world_size)):
+        for flag, value in (
+            ("--num-attention-heads", num_attention_heads),
+            ("--num-query-groups", num_query_groups),
+            ("--seq-length", seq_length),
+            ("--num-layers", num_layers),
+            ("world size", world_size),
+        ):
             if value is not None:
                 _positive_int(flag, value)
         self._validate_layout(world_size, tensor_model_parallel_size, pipeline_model_parallel_size)
@@ -180,16 +188,18 @@ class CPConfig:
         for name in ("use_cp_send_recv_overlap", "megatron_cp_in_bnsd", "use_ulysses_allgather_kv"):
             value = getattr(self, name)
             if not isinstance(value, bool):
-                raise CPConfigError(f"{_flag(name)} must be True or False, got {value!r} "
-                                    f"({type(value).__name__}; a string such as 'false' would switch it on)")
+                raise CPConfigError(
+                    f"{_flag(name)} must be True or False, got {value!r} "
+                    f"({type(value).__name__}; a string such as 'false' would switch it on)"
+                )
         if not isinstance(algo, str) or algo not in ALGORITHMS:
-            raise CPConfigError(
-                f"--context-parallel-algo {algo!r} is not one of {', '.join(ALGORITHMS)}")
+            raise CPConfigError(f"--context-parallel-algo {algo!r} is not one of {', '.join(ALGORITHMS)}")
         if not isinstance(cp, int) or isinstance(cp, bool) or cp < 1:
             raise CPConfigError(f"--context-parallel-size {cp!r} must be a positive integer")
         if not isinstance(self.attention_mask_type, str) or self.attention_mask_type not in MASK_TYPES:
             raise CPConfigError(
-                f"--attention-mask-type {self.attention_mask_type!r} is not one of {', '.join(MASK_TYPES)}")
+                f"--attention-mask-type {self.attention_mask_type!r} is not one of {', '.join(MASK_TYPES)}"
+            )
         k = self.cp_window_size
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise CPConfigError(f"--cp-window-size {k!r} must be an integer >= 1")
@@ -201,75 +211,98 @@ class CPConfig:
             if u is None:
                 raise CPConfigError(
                     f"--context-parallel-algo hybrid_cp_algo needs --ulysses-degree-in-cp "
-                    f"(a divisor of --context-parallel-size {cp})")
+                    f"(a divisor of --context-parallel-size {cp})"
+                )
             if cp % u:
                 raise CPConfigError(
-                    f"--ulysses-degree-in-cp {u} does not divide --context-parallel-size {cp} (hybrid_cp_algo)")
+                    f"--ulysses-degree-in-cp {u} does not divide --context-parallel-size {cp} (hybrid_cp_algo)"
+                )
             if u == cp:
                 raise CPConfigError(
                     f"--ulysses-degree-in-cp {u} equals --context-parallel-size {cp}: the ring level would be "
-                    f"empty; use --context-parallel-algo ulysses_cp_algo")
+                    f"empty; use --context-parallel-algo ulysses_cp_algo"
+                )
             if u == 1:
                 raise CPConfigError(
                     f"--ulysses-degree-in-cp 1 leaves no Ulysses level in --context-parallel-size {cp}; "
-                    f"use --context-parallel-algo megatron_cp_algo")
+                    f"use --context-parallel-algo megatron_cp_algo"
+                )
         elif u is not None and u != 1 and cp > 1:
             raise CPConfigError(
-                f"--ulysses-degree-in-cp {u} only applies to --context-parallel-algo hybrid_cp_algo "
-                f"(got {algo})")
+                f"--ulysses-degree-in-cp {u} only applies to --context-parallel-algo hybrid_cp_algo (got {algo})"
+            )
 
-        ring_only = [name for name, on in (("use_cp_send_recv_overlap", self.use_cp_send_recv_overlap),
-                                            ("megatron_cp_in_bnsd", self.megatron_cp_in_bnsd)) if on]
+        ring_only = [
+            name
+            for name, on in (
+                ("use_cp_send_recv_overlap", self.use_cp_send_recv_overlap),
+                ("megatron_cp_in_bnsd", self.megatron_cp_in_bnsd),
+            )
+            if on
+        ]
         if cp > 1 and algo == ULYSSES and (ring_only or k > 1):
             names = [_flag(n) for n in ring_only] + ([f"--cp-window-size {k}"] if k > 1 else [])
             raise CPConfigError(
                 f"{', '.join(names)} only apply to the ring level (megatron_cp_algo or hybrid_cp_algo); "
-                f"--context-parallel-algo ulysses_cp_algo would ignore them")
+                f"--context-parallel-algo ulysses_cp_algo would ignore them"
+            )
         if k > 1 and cp > 1:  # CP=1 runs no CP algorithm: its options are type-checked only (see the docstring)
             ring = self.ring_size
-            where = "--context-parallel-size" if algo != HYBRID else \
-                "the ring size --context-parallel-size / --ulysses-degree-in-cp"
+            where = (
+                "--context-parallel-size"
+                if algo != HYBRID
+                else "the ring size --context-parallel-size / --ulysses-degree-in-cp"
+            )
             if ring % k:
-                raise CPConfigError(
-                    f"--cp-window-size {k} does not divide {where} ({ring}) ({algo})")
+                raise CPConfigError(f"--cp-window-size {k} does not divide {where} ({ring}) ({algo})")
             if k >= ring:
                 raise CPConfigError(
                     f"--cp-window-size {k} must be smaller than {where} ({ring}) for Double Ring; "
-                    f"use --cp-window-size 1 for a single ring ({algo})")
+                    f"use --cp-window-size 1 for a single ring ({algo})"
+                )
 
     def _validate_kv_cache(self, tp, heads, kv_heads, num_layers) -> None:
         """MindSpeed's rules for the KV-cache flags (its ``validate_args``), and ours for the all-gather. One
         difference: MindSpeed refuses a policy at CP=1; here, as every CP option, it is type-checked only there."""
-        policy, n, gather = (self.context_parallel_kv_cache_policy, self.context_parallel_cache_interval,
-                             self.use_ulysses_allgather_kv)
+        policy, n, gather = (
+            self.context_parallel_kv_cache_policy,
+            self.context_parallel_cache_interval,
+            self.use_ulysses_allgather_kv,
+        )
         if policy is not None and policy not in KV_CACHE_POLICIES:
-            raise CPConfigError(f"--context-parallel-kv-cache-policy {policy!r} is not one of "
-                                f"{', '.join(KV_CACHE_POLICIES)} (or unset)")
+            raise CPConfigError(
+                f"--context-parallel-kv-cache-policy {policy!r} is not one of {', '.join(KV_CACHE_POLICIES)} (or unset)"
+            )
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise CPConfigError(f"--context-parallel-cache-interval {n!r} must be an integer >= 0")
         if n and policy is None:
-            raise CPConfigError(f"--context-parallel-cache-interval {n} only applies with "
-                                f"--context-parallel-kv-cache-policy full|half")
+            raise CPConfigError(
+                f"--context-parallel-cache-interval {n} only applies with --context-parallel-kv-cache-policy full|half"
+            )
         if n and num_layers is not None and n >= num_layers:
-            raise CPConfigError(f"--context-parallel-cache-interval {n} must be smaller than --num-layers "
-                                f"{num_layers}")
+            raise CPConfigError(f"--context-parallel-cache-interval {n} must be smaller than --num-layers {num_layers}")
         if not gather or self.cp == 1:  # CP=1 runs no CP algorithm: type checks only (validate's docstring)
             return
         if self.context_parallel_algo != ULYSSES:
-            raise CPConfigError(f"--use-ulysses-allgather-kv needs --context-parallel-algo ulysses_cp_algo "
-                                f"(got {self.context_parallel_algo})")
+            raise CPConfigError(
+                f"--use-ulysses-allgather-kv needs --context-parallel-algo ulysses_cp_algo "
+                f"(got {self.context_parallel_algo})"
+            )
         if heads is None:
             return
         kv = heads if kv_heads is None else kv_heads
         kv_local = kv // tp
         if kv == heads:
-            raise CPConfigError(f"--use-ulysses-allgather-kv needs grouped-query attention (--group-query-attention "
-                                f"--num-query-groups < --num-attention-heads {heads})")
+            raise CPConfigError(
+                f"--use-ulysses-allgather-kv needs grouped-query attention (--group-query-attention "
+                f"--num-query-groups < --num-attention-heads {heads})"
+            )
         if kv_local > self.cp or self.cp % kv_local:
             raise CPConfigError(
                 f"--use-ulysses-allgather-kv gathers all {kv_local} KV heads per tensor-parallel rank "
                 f"(--num-query-groups {kv} / --tensor-model-parallel-size {tp}) on every rank: it needs at most "
-                f"--context-parallel-size {self.cp} of them, dividing it (more are cheaper through the all-to-all)")
+                f"--context-parallel-size {self.cp} of them, dividing it (more are cheaper through the all-to-all)"
+            )
 
     def _validate_layout(self, world_size, tp, pp) -> None:
         for name, v in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp)):
@@ -280,22 +313,20 @@ class CPConfig:
         if world_size % mp:
             raise CPConfigError(
                 f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-                f"--pipeline-model-parallel-size {pp} x --context-parallel-size {self.cp} (= {mp})")
+                f"--pipeline-model-parallel-size {pp} x --context-parallel-size {self.cp} (= {mp})"
+            )
 
     def _validate_heads(self, tp, heads, kv_heads) -> None:
         if heads is None:
             return
         algo, cp = self.context_parallel_algo, self.cp
         if heads % tp:
-            raise CPConfigError(
-                f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size {tp}")
+            raise CPConfigError(f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size {tp}")
         kv = heads if kv_heads is None else kv_heads
         if kv < 1 or heads % kv:
-            raise CPConfigError(
-                f"--num-query-groups {kv} does not divide --num-attention-heads {heads}")
+            raise CPConfigError(f"--num-query-groups {kv} does not divide --num-attention-heads {heads}")
         if kv % tp:
-            raise CPConfigError(
-                f"--num-query-groups {kv} is not divisible by --tensor-model-parallel-size {tp}")
+            raise CPConfigError(f"--num-query-groups {kv} is not divisible by --tensor-model-parallel-size {tp}")
         u = self.ulysses_size
         if u == 1:
             return
@@ -303,10 +334,12 @@ class CPConfig:
             if algo == ULYSSES:
                 raise CPConfigError(
                     f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size {tp} x "
-                    f"--context-parallel-size {cp} (ulysses_cp_algo)")
+                    f"--context-parallel-size {cp} (ulysses_cp_algo)"
+                )
             raise CPConfigError(
                 f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size {tp} x "
-                f"--ulysses-degree-in-cp {u} (hybrid_cp_algo)")
+                f"--ulysses-degree-in-cp {u} (hybrid_cp_algo)"
+            )
         # GQA: each Ulysses rank needs whole KV heads. With fewer local KV heads than Ulysses ranks they
         # are replicated (u % kv_local == 0); with more they are scattered (kv_local % u == 0).
         kv_local = kv // tp
@@ -315,16 +348,18 @@ class CPConfig:
             raise CPConfigError(
                 f"--num-query-groups {kv} / --tensor-model-parallel-size {tp} = {kv_local} KV heads per "
                 f"tensor-parallel rank cannot be shared evenly by {deg} {u} Ulysses ranks "
-                f"(one must divide the other) ({algo})")
+                f"(one must divide the other) ({algo})"
+            )
 
     def _validate_seq(self, seq: int) -> None:
         cp = self.cp
         if cp == 1 or self.uses_zigzag:  # Ring/Hybrid: any length, batches are padded at their end
-            return                        # (sharding.padded_seq_len)
+            return  # (sharding.padded_seq_len)
         if seq < cp:
             raise CPConfigError(
                 f"--seq-length {seq} is shorter than --context-parallel-size {cp}: every rank must hold "
-                f"at least one token (ulysses_cp_algo)")
+                f"at least one token (ulysses_cp_algo)"
+            )
 
     # ------------------------------------------------------------------ model features
     def feature_problem(self, softmax_type: Optional[str] = "vanilla", window_size: Any = None) -> Optional[str]:
@@ -333,12 +368,19 @@ class CPConfig:
         own attention for sliding windows and sinks; the ring level has no such term yet."""
         if self.cp == 1 or self.ring_size == 1:
             return None
-        what = (f"sliding-window attention (window_size={window_size})" if window_size is not None else
-                f"softmax_type={softmax_type!r}" if softmax_type not in (None, "vanilla") else None)
+        what = (
+            f"sliding-window attention (window_size={window_size})"
+            if window_size is not None
+            else f"softmax_type={softmax_type!r}"
+            if softmax_type not in (None, "vanilla")
+            else None
+        )
         if what is None:
             return None
-        return (f"--context-parallel-algo {self.context_parallel_algo} cannot compute {what}: use ulysses_cp_algo, "
-                f"which runs Megatron's own attention for it")
+        return (
+            f"--context-parallel-algo {self.context_parallel_algo} cannot compute {what}: use ulysses_cp_algo, "
+            f"which runs Megatron's own attention for it"
+        )
 
     # ------------------------------------------------------------------ misc
     def replace(self, **changes: Any) -> "CPConfig":
@@ -354,39 +396,77 @@ class CPConfig:
             if getattr(self, name):
                 parts.append(name)
         if self.context_parallel_kv_cache_policy:
-            parts.append(f"kv_cache={self.context_parallel_kv_cache_policy}"
-                         + (f"/{self.context_parallel_cache_interval + 1}" if self.context_parallel_cache_interval
-                            else ""))
+            parts.append(
+                f"kv_cache={self.context_parallel_kv_cache_policy}"
+                + (f"/{self.context_parallel_cache_interval + 1}" if self.context_parallel_cache_interval else "")
+            )
         parts.append(f"mask={self.attention_mask_type}")
         return " ".join(parts)
 
 
-# ------------------------------------------------------------------ the flags (Megatron-LM's parser, mindspeed-cp check)
+# ------------------------------------------------------- the flags (Megatron-LM's parser, mindspeed-cp check)
 # (option, argparse keywords): MindSpeed's names, types, choices and defaults.
 ARGUMENTS = (
-    ("--context-parallel-size", dict(type=int, default=1,
-                                     help="ranks sharing one sequence (Megatron's own flag; added only if absent)")),
-    ("--context-parallel-algo", dict(type=str, default=ULYSSES, choices=ALGORITHMS,
-                                     help="context-parallel algorithm: ulysses_cp_algo (default, all-to-all), "
-                                          "megatron_cp_algo (ring attention), hybrid_cp_algo (Ulysses x ring)")),
-    ("--ulysses-degree-in-cp", dict(type=int, default=None,
-                                    help="hybrid_cp_algo: ranks per Ulysses group; the ring gets CP / this")),
-    ("--cp-window-size", dict(type=int, default=1,
-                              help="ring level: > 1 selects Double Ring with inner windows of this many ranks")),
-    ("--use-cp-send-recv-overlap", dict(action="store_true",
-                                        help="ring level: send and receive on two communicators (the exchanges "
-                                             "overlap the blocks either way)")),
+    (
+        "--context-parallel-size",
+        dict(type=int, default=1, help="ranks sharing one sequence (Megatron's own flag; added only if absent)"),
+    ),
+    (
+        "--context-parallel-algo",
+        dict(
+            type=str,
+            default=ULYSSES,
+            choices=ALGORITHMS,
+            help="context-parallel algorithm: ulysses_cp_algo (default, all-to-all), "
+            "megatron_cp_algo (ring attention), hybrid_cp_algo (Ulysses x ring)",
+        ),
+    ),
+    (
+        "--ulysses-degree-in-cp",
+        dict(type=int, default=None, help="hybrid_cp_algo: ranks per Ulysses group; the ring gets CP / this"),
+    ),
+    (
+        "--cp-window-size",
+        dict(type=int, default=1, help="ring level: > 1 selects Double Ring with inner windows of this many ranks"),
+    ),
+    (
+        "--use-cp-send-recv-overlap",
+        dict(
+            action="store_true",
+            help="ring level: send and receive on two communicators (the exchanges overlap the blocks either way)",
+        ),
+    ),
     ("--megatron-cp-in-bnsd", dict(action="store_true", help="ring level: compute attention blocks in [b, n, s, d]")),
-    ("--attention-mask-type", dict(type=str, default="causal", choices=MASK_TYPES,
-                                   help="causal (default), or general: the explicit mask from the batch")),
-    ("--context-parallel-kv-cache-policy", dict(type=str, default=None, choices=KV_CACHE_POLICIES,
-                                                help="keep K/V for backward instead of communicating them again: "
-                                                     "full (K and V) or half (K); default: none")),
-    ("--context-parallel-cache-interval", dict(type=int, default=0,
-                                               help="the KV-cache policy applies to layers with layer_number %% "
-                                                    "(N+1) == 1 only (0: every layer)")),
-    ("--use-ulysses-allgather-kv", dict(action="store_true",
-                                        help="ulysses_cp_algo with GQA: K/V by all-gather, Q by all-to-all")),
+    (
+        "--attention-mask-type",
+        dict(
+            type=str,
+            default="causal",
+            choices=MASK_TYPES,
+            help="causal (default), or general: the explicit mask from the batch",
+        ),
+    ),
+    (
+        "--context-parallel-kv-cache-policy",
+        dict(
+            type=str,
+            default=None,
+            choices=KV_CACHE_POLICIES,
+            help="keep K/V for backward instead of communicating them again: full (K and V) or half (K); default: none",
+        ),
+    ),
+    (
+        "--context-parallel-cache-interval",
+        dict(
+            type=int,
+            default=0,
+            help="the KV-cache policy applies to layers with layer_number %% (N+1) == 1 only (0: every layer)",
+        ),
+    ),
+    (
+        "--use-ulysses-allgather-kv",
+        dict(action="store_true", help="ulysses_cp_algo with GQA: K/V by all-gather, Q by all-to-all"),
+    ),
 )
 
 

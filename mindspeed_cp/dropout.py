@@ -24,6 +24,7 @@ Decisions
 - Cost: the mask of a block is materialised (one int64 hash per score while it is built), so kernels
   compute dropout blocks with the math kernel, and callers tile large blocks (``mindspeed_cp.local``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ class AttentionDropout:
 
     def for_rank(self, rank: int, local_heads: int) -> "AttentionDropout":
         """After a Ulysses all-to-all: rank ``rank`` computes heads ``rank*local .. (rank+1)*local - 1``."""
-        return self.for_heads(self.heads[rank * local_heads:(rank + 1) * local_heads])
+        return self.for_heads(self.heads[rank * local_heads : (rank + 1) * local_heads])
 
 
 @dataclass(frozen=True)

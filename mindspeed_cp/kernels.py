@@ -37,6 +37,7 @@ Backends (``get_kernel(name)``; ``None``/"auto" picks by device):
 :func:`merge` combines two partial results in float32 log-sum-exp arithmetic whatever the input dtype
 (bf16 merges overflow in peers: ring-flash-attention #42); -inf (empty) parts are handled without NaN.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -50,8 +51,18 @@ import torch
 Tensor = torch.Tensor
 
 __all__ = [
-    "MathKernel", "TorchFusedKernel", "FlashAttnKernel", "NpuKernel", "get_kernel", "available_kernels",
-    "merge", "acc_dtype", "dead_rows", "same_head_size", "KERNELS", "ROUTES",
+    "MathKernel",
+    "TorchFusedKernel",
+    "FlashAttnKernel",
+    "NpuKernel",
+    "get_kernel",
+    "available_kernels",
+    "merge",
+    "acc_dtype",
+    "dead_rows",
+    "same_head_size",
+    "KERNELS",
+    "ROUTES",
 ]
 
 # (kernel, "forward" | "backward", route taken, why not a faster one) -> calls, for every fused-kernel call
@@ -90,11 +101,14 @@ def _safe_lse(lse: Tensor) -> Tensor:
 
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention kernels take [b, n, s, d] tensors, got q {list(q.shape)}, "
-                         f"k {list(k.shape)}, v {list(v.shape)}")
+        raise ValueError(
+            f"attention kernels take [b, n, s, d] tensors, got q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}"
+        )
     if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"attention kernel shapes do not fit: q {list(q.shape)} [b, n, sq, d], "
-                         f"k {list(k.shape)} [b, nk, sk, d] and v {list(v.shape)} [b, nk, sk, dv]")
+        raise ValueError(
+            f"attention kernel shapes do not fit: q {list(q.shape)} [b, n, sq, d], "
+            f"k {list(k.shape)} [b, nk, sk, d] and v {list(v.shape)} [b, nk, sk, dv]"
+        )
     if k.shape[1] < 1 or q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} are not a multiple of key/value heads {k.shape[1]}")
 
@@ -154,14 +168,14 @@ def _bad(x: Tensor) -> Tensor:
     return torch.isnan((x * 0).sum(-1))
 
 
-def _poison(out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, causal: bool,
-            mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def _poison(
+    out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
     """NaN (out and lse) on every row whose query, or any key/value it sees, is not finite - what dense
     attention gives. torch's CPU flash op drops a NaN key that is a row's only visible one (out 0, lse 0), and
     the merge would then hide it in a finite result. Elementwise and O(s d) per block, no host sync."""
     bad_kv = _bad(k) | _bad(v)  # [b, nk, sk]
-    bad_kv = _expand_kv(bad_kv[..., None], q.shape[1] // k.shape[1])[..., 0] if k.shape[1] != q.shape[1] \
-        else bad_kv
+    bad_kv = _expand_kv(bad_kv[..., None], q.shape[1] // k.shape[1])[..., 0] if k.shape[1] != q.shape[1] else bad_kv
     sq, sk = q.shape[2], k.shape[2]
     if mask is None and causal and sq == sk:
         rows = bad_kv.cummax(-1).values  # row i sees keys 0..i
@@ -205,8 +219,9 @@ class MathKernel:
         b, nk, g, sq, sk = p.shape
         keep = dropout.keep(b, p.device)
         if tuple(keep.shape) != (b, nk * g, sq, sk):
-            raise ValueError(f"dropout block of shape {list(keep.shape)} for scores [b, n, sq, sk] = "
-                             f"{[b, nk * g, sq, sk]}")
+            raise ValueError(
+                f"dropout block of shape {list(keep.shape)} for scores [b, n, sq, sk] = {[b, nk * g, sq, sk]}"
+            )
         return keep.reshape(b, nk, g, sq, sk).to(p.dtype) * dropout.scale
 
     def forward(self, q, k, v, *, scale: float, causal: bool, mask: Optional[Tensor] = None, dropout=None):
@@ -222,8 +237,9 @@ class MathKernel:
         out = torch.matmul(p, v.to(dt)[:, :, None])  # [b, nk, g, sq, dv]
         return out.reshape(b, n, sq, v.shape[-1]), lse.reshape(b, n, sq)
 
-    def backward(self, dout, q, k, v, out, lse, *, scale: float, causal: bool, mask: Optional[Tensor] = None,
-                 dropout=None):
+    def backward(
+        self, dout, q, k, v, out, lse, *, scale: float, causal: bool, mask: Optional[Tensor] = None, dropout=None
+    ):
         _check(q, k, v)
         dt = acc_dtype(q.dtype)
         b, n, sq, d = q.shape
@@ -288,11 +304,25 @@ class TorchFusedKernel:
             return ("math", f"cpu failed: {self.broken['cpu']}") if "cpu" in self.broken else ("cpu", "")
         if dev != "cuda":
             return "math", f"device {dev}"
-        eff_ok = (self._eff is not None and self._eff_bwd is not None and "efficient" not in self.broken
-                  and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and (not causal or sq == sk))
+        eff_ok = (
+            self._eff is not None
+            and self._eff_bwd is not None
+            and "efficient" not in self.broken
+            and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and (not causal or sq == sk)
+        )
         if phase == "forward" and self._flash is not None and "flash" not in self.broken:
-            why = ("mask" if mask is not None else "dtype" if q.dtype not in (torch.float16, torch.bfloat16)
-                   else "head dim" if d % 8 or d > 256 else "pre-sm80" if _sm(q.device) < 80 else "")
+            why = (
+                "mask"
+                if mask is not None
+                else "dtype"
+                if q.dtype not in (torch.float16, torch.bfloat16)
+                else "head dim"
+                if d % 8 or d > 256
+                else "pre-sm80"
+                if _sm(q.device) < 80
+                else ""
+            )
             if not why:
                 return "flash", ""
             if eff_ok:
@@ -333,7 +363,7 @@ class TorchFusedKernel:
             return self.fallback.forward(q, k, v, scale=scale, causal=causal, mask=mask, dropout=dropout)
         out, lse = res
         lse = lse[..., :sq]  # some kernels pad the LSE rows
-        out, lse = _fix_dead(out[..., :v.shape[-1]], lse.to(acc_dtype(q.dtype)), dead_rows(mask, causal, sq, sk))
+        out, lse = _fix_dead(out[..., : v.shape[-1]], lse.to(acc_dtype(q.dtype)), dead_rows(mask, causal, sq, sk))
         return _poison(out, lse, q, k, v, causal, mask)
 
     def _fused_forward(self, route: str, q, k, v, scale: float, causal: bool, mask) -> Optional[Tuple[Tensor, Tensor]]:
@@ -349,25 +379,34 @@ class TorchFusedKernel:
             v = _finite(v)
         q, k, v = same_head_size(q, k, v)
         if route == "cpu":
-            return self._try("cpu", lambda: self._cpu(q, k, v, 0.0, causal, attn_mask=self._bias(mask, q.dtype, sq, sk),
-                                                      scale=scale)[:2])
+            return self._try(
+                "cpu",
+                lambda: self._cpu(q, k, v, 0.0, causal, attn_mask=self._bias(mask, q.dtype, sq, sk), scale=scale)[:2],
+            )
         g = q.shape[1] // k.shape[1]  # no native GQA on CUDA: KV expanded per block
         kx, vx = _expand_kv(k, g), _expand_kv(v, g)
-        res = self._try("flash", lambda: self._flash(q, kx, vx, 0.0, causal, False, scale=scale)[:2]) \
-            if route == "flash" else None
+        res = (
+            self._try("flash", lambda: self._flash(q, kx, vx, 0.0, causal, False, scale=scale)[:2])
+            if route == "flash"
+            else None
+        )
         if res is None:
-            res = self._try("efficient", lambda: self._eff(q, kx, vx, self._cuda_bias(mask, q, sq, sk), True, 0.0,
-                                                           causal, scale=scale)[:2])
+            res = self._try(
+                "efficient",
+                lambda: self._eff(q, kx, vx, self._cuda_bias(mask, q, sq, sk), True, 0.0, causal, scale=scale)[:2],
+            )
         return res
 
-    def backward(self, dout, q, k, v, out, lse, *, scale: float, causal: bool, mask: Optional[Tensor] = None,
-                 dropout=None):
+    def backward(
+        self, dout, q, k, v, out, lse, *, scale: float, causal: bool, mask: Optional[Tensor] = None, dropout=None
+    ):
         _check(q, k, v)
         route = self._route("backward", q, causal, q.shape[2], k.shape[2], mask, dropout, v.shape[-1])
         res = None if route == "math" else self._fused_backward(route, dout, q, k, v, out, lse, scale, causal, mask)
         if res is None:
-            return self.fallback.backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask,
-                                          dropout=dropout)
+            return self.fallback.backward(
+                dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask, dropout=dropout
+            )
         return _trim(res, q.shape[-1], v.shape[-1])
 
     def _fused_backward(self, route: str, dout, q, k, v, out, lse, scale: float, causal: bool, mask):
@@ -378,17 +417,36 @@ class TorchFusedKernel:
         if route == "cpu":
             lse_ = lse.to(acc_dtype(q.dtype))
             lse_ = (lse_ if mask is None else _safe_lse(lse_)).contiguous()  # only a mask empties a row (-inf)
-            return self._try("cpu", lambda: self._cpu_bwd(dout_, q, k, v, out_, lse_, 0.0, causal,
-                                                          attn_mask=self._bias(mask, q.dtype, sq, sk), scale=scale))
+            return self._try(
+                "cpu",
+                lambda: self._cpu_bwd(
+                    dout_, q, k, v, out_, lse_, 0.0, causal, attn_mask=self._bias(mask, q.dtype, sq, sk), scale=scale
+                ),
+            )
         nk, g = k.shape[1], q.shape[1] // k.shape[1]
         lse_ = _safe_lse(lse.float())
         pad = -(-sq // 32) * 32 - sq  # the efficient kernel's LSE has rows padded to 32
         if pad:
             lse_ = torch.nn.functional.pad(lse_, (0, pad), value=math.inf)
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
-        grads = self._try("efficient", lambda: self._eff_bwd(
-            dout_, q, _expand_kv(k, g), _expand_kv(v, g), self._cuda_bias(mask, q, sq, sk), out_,
-            lse_.contiguous(), seed, seed, 0.0, [True, True, True, False], causal, scale=scale))
+        grads = self._try(
+            "efficient",
+            lambda: self._eff_bwd(
+                dout_,
+                q,
+                _expand_kv(k, g),
+                _expand_kv(v, g),
+                self._cuda_bias(mask, q, sq, sk),
+                out_,
+                lse_.contiguous(),
+                seed,
+                seed,
+                0.0,
+                [True, True, True, False],
+                causal,
+                scale=scale,
+            ),
+        )
         return None if grads is None else (grads[0], _fold_kv_grad(grads[1], nk), _fold_kv_grad(grads[2], nk))
 
 
@@ -418,40 +476,82 @@ class FlashAttnKernel:
         try:
             self._bwd_params = set(inspect.signature(self._iface._flash_attn_backward).parameters)
         except (TypeError, ValueError):  # a wrapped custom op without a signature: the 2.7 names
-            self._bwd_params = {"dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv", "dropout_p",
-                                "softmax_scale", "causal", "window_size_left", "window_size_right", "softcap",
-                                "alibi_slopes", "deterministic", "rng_state"}
+            self._bwd_params = {
+                "dout",
+                "q",
+                "k",
+                "v",
+                "out",
+                "softmax_lse",
+                "dq",
+                "dk",
+                "dv",
+                "dropout_p",
+                "softmax_scale",
+                "causal",
+                "window_size_left",
+                "window_size_right",
+                "softcap",
+                "alibi_slopes",
+                "deterministic",
+                "rng_state",
+            }
 
     @staticmethod
     def _ok(q: Tensor, v: Tensor, causal: bool, mask, dropout) -> bool:
         """flash-attn's fast path: fp16/bf16 CUDA, no mask, square causal blocks, one head size (its 2.x kernels;
         MLA's separate value head size goes to torch's kernels)."""
-        return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and mask is None
-                and (not causal or q.shape[2] == v.shape[2]) and (dropout is None or dropout.p == 0)
-                and q.shape[-1] == v.shape[-1])
+        return (
+            q.device.type == "cuda"
+            and q.dtype in (torch.float16, torch.bfloat16)
+            and mask is None
+            and (not causal or q.shape[2] == v.shape[2])
+            and (dropout is None or dropout.p == 0)
+            and q.shape[-1] == v.shape[-1]
+        )
 
     def forward(self, q, k, v, *, scale: float, causal: bool, mask: Optional[Tensor] = None, dropout=None):
         _check(q, k, v)
         if not self._ok(q, v, causal, mask, dropout):
             return self.fallback.forward(q, k, v, scale=scale, causal=causal, mask=mask, dropout=dropout)
         t = lambda x: x.transpose(1, 2)  # noqa: E731  [b, n, s, d] <-> [b, s, n, d]
-        out, lse, _ = self._iface.flash_attn_func(t(q), t(k), t(v), 0.0, softmax_scale=scale, causal=causal,
-                                                  return_attn_probs=True)
-        return t(out), lse[..., :q.shape[2]].float()  # old versions pad the LSE to 128 rows
+        out, lse, _ = self._iface.flash_attn_func(
+            t(q), t(k), t(v), 0.0, softmax_scale=scale, causal=causal, return_attn_probs=True
+        )
+        return t(out), lse[..., : q.shape[2]].float()  # old versions pad the LSE to 128 rows
 
-    def backward(self, dout, q, k, v, out, lse, *, scale: float, causal: bool, mask: Optional[Tensor] = None,
-                 dropout=None):
+    def backward(
+        self, dout, q, k, v, out, lse, *, scale: float, causal: bool, mask: Optional[Tensor] = None, dropout=None
+    ):
         _check(q, k, v)
         if not self._ok(q, v, causal, mask, dropout):
-            return self.fallback.backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask,
-                                          dropout=dropout)
+            return self.fallback.backward(
+                dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask, dropout=dropout
+            )
         t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731
         qs, ks, vs = t(q), t(k), t(v)
         dq, dk, dv = torch.empty_like(qs), torch.empty_like(ks), torch.empty_like(vs)
-        args = dict(dout=t(dout.to(q.dtype)), q=qs, k=ks, v=vs, out=t(out.to(q.dtype)),
-                    softmax_lse=_safe_lse(lse.float()).contiguous(), dq=dq, dk=dk, dv=dv, dropout_p=0.0,
-                    softmax_scale=scale, causal=causal, window_size=(-1, -1), window_size_left=-1,
-                    window_size_right=-1, softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=None)
+        args = dict(
+            dout=t(dout.to(q.dtype)),
+            q=qs,
+            k=ks,
+            v=vs,
+            out=t(out.to(q.dtype)),
+            softmax_lse=_safe_lse(lse.float()).contiguous(),
+            dq=dq,
+            dk=dk,
+            dv=dv,
+            dropout_p=0.0,
+            softmax_scale=scale,
+            causal=causal,
+            window_size=(-1, -1),
+            window_size_left=-1,
+            window_size_right=-1,
+            softcap=0.0,
+            alibi_slopes=None,
+            deterministic=False,
+            rng_state=None,
+        )
         # the private signature moved between releases (window_size -> window_size_left/right, softcap)
         self._iface._flash_attn_backward(**{k_: v_ for k_, v_ in args.items() if k_ in self._bwd_params})
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
@@ -485,28 +585,53 @@ class NpuKernel:
             return self.fallback.forward(q, k, v, scale=scale, causal=causal, mask=mask, dropout=dropout)
         m = self._mask(mask, causal, q.shape[2], k.shape[2], q.device)
         qp, kp, vp = same_head_size(q, k, v)
-        res = self._npu.npu_fusion_attention(qp, kp, vp, q.shape[1], "BNSD", atten_mask=m, scale=scale,
-                                             keep_prob=1.0, pre_tockens=self._FULL, next_tockens=self._FULL,
-                                             sparse_mode=0)
-        out, smax, ssum = res[0][..., :v.shape[-1]], res[1], res[2]
+        res = self._npu.npu_fusion_attention(
+            qp,
+            kp,
+            vp,
+            q.shape[1],
+            "BNSD",
+            atten_mask=m,
+            scale=scale,
+            keep_prob=1.0,
+            pre_tockens=self._FULL,
+            next_tockens=self._FULL,
+            sparse_mode=0,
+        )
+        out, smax, ssum = res[0][..., : v.shape[-1]], res[1], res[2]
         lse = (smax[..., 0] + torch.log(ssum[..., 0])).float()
         return _fix_dead(out, lse, dead_rows(mask, causal, q.shape[2], k.shape[2]))
 
-    def backward(self, dout, q, k, v, out, lse, *, scale: float, causal: bool, mask: Optional[Tensor] = None,
-                 dropout=None):
+    def backward(
+        self, dout, q, k, v, out, lse, *, scale: float, causal: bool, mask: Optional[Tensor] = None, dropout=None
+    ):
         _check(q, k, v)
         if q.device.type != "npu" or (dropout is not None and dropout.p > 0):
-            return self.fallback.backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask,
-                                          dropout=dropout)
+            return self.fallback.backward(
+                dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask, dropout=dropout
+            )
         m = self._mask(mask, causal, q.shape[2], k.shape[2], q.device)
         smax = _safe_lse(lse.float())[..., None].expand(*lse.shape, 8).contiguous()
         ssum = torch.ones_like(smax)
         qp, kp, vp = same_head_size(q, k, v)
         width = vp.shape[-1]
         res = self._npu.npu_fusion_attention_grad(
-            qp, kp, vp, _widen(dout.to(q.dtype), width), q.shape[1], "BNSD", atten_mask=m, softmax_max=smax,
-            softmax_sum=ssum, attention_in=_widen(out.to(q.dtype), width), scale_value=scale, keep_prob=1.0,
-            pre_tockens=self._FULL, next_tockens=self._FULL, sparse_mode=0)
+            qp,
+            kp,
+            vp,
+            _widen(dout.to(q.dtype), width),
+            q.shape[1],
+            "BNSD",
+            atten_mask=m,
+            softmax_max=smax,
+            softmax_sum=ssum,
+            attention_in=_widen(out.to(q.dtype), width),
+            scale_value=scale,
+            keep_prob=1.0,
+            pre_tockens=self._FULL,
+            next_tockens=self._FULL,
+            sparse_mode=0,
+        )
         return _trim(res[:3], q.shape[-1], v.shape[-1])
 
 
@@ -556,8 +681,7 @@ def get_kernel(spec=None, device=None):
 
 
 # ----------------------------------------------------------------------------------------------- merge
-def merge(out: Optional[Tensor], lse: Optional[Tensor], block_out: Tensor, block_lse: Tensor
-          ) -> Tuple[Tensor, Tensor]:
+def merge(out: Optional[Tensor], lse: Optional[Tensor], block_out: Tensor, block_lse: Tensor) -> Tuple[Tensor, Tensor]:
     """Combine two softmax-normalised partial results over disjoint key sets.
 
     ``out`` ``[..., s, d]`` and ``lse`` ``[..., s]`` (None: nothing yet). Arithmetic in float32 (float64

@@ -2,7 +2,7 @@
 instead of communicating them again. The memory <-> communication knob of long-context training.
 
 Per rank and attention layer (P ranks of a level, ``B = 2 s b hk d e`` one K+V block of a ring rank; the
-formulas in ``docs/performance.md``, measured by ``benchmarks/kv_cache.py``):
+formulas in ``docs/performance.md``, measured by ``benchmarks/bench_kv_cache.py``):
 
 ============  =======================================================  ==========================================
 policy        ring level (``ring_attention``)                          Ulysses level (``UlyssesContextAttention``)
@@ -36,6 +36,7 @@ Decisions
   With as many KV heads as ranks or more the two are the same size (the all-to-all moves, it does not
   grow): ``full`` then only costs communication - see the table in ``docs/performance.md``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,23 +44,11 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
-from . import saved_stats
-from .config import KV_CACHE_POLICIES
+from .stats import note_saved
 
 Tensor = torch.Tensor
 
-__all__ = ["KV_CACHE_POLICIES", "RecomputedKV", "check_policy", "policy_code"]
-
-
-def check_policy(policy: Optional[str], where: str) -> Optional[str]:
-    if policy is not None and policy not in KV_CACHE_POLICIES:
-        raise ValueError(f"{where}: kv_cache_policy must be None, 'full' or 'half', got {policy!r}")
-    return policy
-
-
-def policy_code(policy: Optional[str]) -> int:
-    """The policy as an integer for the input agreement (ranks must agree: else one waits for a message)."""
-    return -1 if policy is None else KV_CACHE_POLICIES.index(policy)
+__all__ = ["RecomputedKV"]
 
 
 class _Kept:
@@ -76,14 +65,17 @@ class _Kept:
     def view(self, size, stride, offset) -> Tensor:
         if self.rebuilt is None:
             if self.pre._version != self.pre_version:
-                raise RuntimeError("mindspeed-cp KV cache: the key/value given to the Ulysses attention were modified "
-                                   "in place after its forward; backward cannot rebuild its all-to-all from them")
+                raise RuntimeError(
+                    "mindspeed-cp KV cache: the key/value given to the Ulysses attention were modified "
+                    "in place after its forward; backward cannot rebuild its all-to-all from them"
+                )
             with torch.no_grad():
                 self.rebuilt = self.rebuild(self.pre)
             got = (tuple(self.rebuilt.shape), self.rebuilt.stride(), self.rebuilt.dtype)
             if got != self.layout:
-                raise RuntimeError(f"mindspeed-cp KV cache: the rebuilt K/V is laid out as {got}, the forward's as "
-                                   f"{self.layout}")
+                raise RuntimeError(
+                    f"mindspeed-cp KV cache: the rebuilt K/V is laid out as {got}, the forward's as {self.layout}"
+                )
         out = self.rebuilt.as_strided(size, stride, offset)
         self.views -= 1
         if self.views <= 0:
@@ -94,10 +86,10 @@ class _Kept:
 class RecomputedKV:
     """Saved-tensor hooks for one Ulysses call (see the module docstring)::
 
-        kept = RecomputedKV()
-        k = kept.add(all_to_all(key), key, lambda t: all_to_all(t))   # registers the output, returns it
-        with kept.hooks():
-            out = local_attention(q, k, v)
+    kept = RecomputedKV()
+    k = kept.add(all_to_all(key), key, lambda t: all_to_all(t))   # registers the output, returns it
+    with kept.hooks():
+        out = local_attention(q, k, v)
     """
 
     def __init__(self) -> None:
@@ -110,7 +102,7 @@ class RecomputedKV:
     def _pack(self, t: Tensor):
         kept = self._by_storage.get(t.untyped_storage().data_ptr()) if t.layout == torch.strided else None
         if kept is None:
-            saved_stats.note(t)
+            note_saved(t)
             return t
         kept.views += 1
         return kept, tuple(t.shape), t.stride(), t.storage_offset()
@@ -131,12 +123,14 @@ class RecomputedKV:
             yield self
         for kept in self._by_storage.values():
             if kept.post is not None and kept.post._version != kept.post_version:
-                raise RuntimeError("mindspeed-cp KV cache: the local attention modified the all-to-all's K/V in "
-                                   "place, so backward cannot rebuild what it saved; run without "
-                                   "--context-parallel-kv-cache-policy for this attention")
+                raise RuntimeError(
+                    "mindspeed-cp KV cache: the local attention modified the all-to-all's K/V in "
+                    "place, so backward cannot rebuild what it saved; run without "
+                    "--context-parallel-kv-cache-policy for this attention"
+                )
             kept.post = None  # forget the forward's tensor: its storage is freed once the caller drops it
             if kept.views:
-                saved_stats.note(kept.pre)
+                note_saved(kept.pre)
             else:  # the local attention saved no view of it (e.g. it saved a copy): nothing to rebuild, keep nothing
                 kept.pre = None
         self._by_storage = {}  # notes already packed keep their _Kept; no new packing after the forward

@@ -18,6 +18,7 @@ What it does, in this order:
 
 Exit status 2 with one line on stderr when the script cannot be found.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,10 +27,12 @@ import runpy
 import sys
 from typing import List, Optional
 
-USAGE = ("usage: python -m mindspeed_cp.launch SCRIPT [SCRIPT ARGS...]\n"
-         "       torchrun [torchrun options] -m mindspeed_cp.launch SCRIPT [SCRIPT ARGS...]\n"
-         "Runs SCRIPT (e.g. pretrain_gpt.py; relative paths are also looked up in $MEGATRON_LM_PATH) as __main__\n"
-         "after `import mindspeed_cp.megatron_adaptor`, so Megatron-LM's parser has the context-parallel flags.\n")
+USAGE = (
+    "usage: python -m mindspeed_cp.launch SCRIPT [SCRIPT ARGS...]\n"
+    "       torchrun [torchrun options] -m mindspeed_cp.launch SCRIPT [SCRIPT ARGS...]\n"
+    "Runs SCRIPT (e.g. pretrain_gpt.py; relative paths are also looked up in $MEGATRON_LM_PATH) as __main__\n"
+    "after `import mindspeed_cp.megatron_adaptor`, so Megatron-LM's parser has the context-parallel flags.\n"
+)
 
 ENV = "MEGATRON_LM_PATH"
 
@@ -47,8 +50,11 @@ def resolve_script(script: str, megatron_lm_path: Optional[str] = None) -> str:
     for path in candidates:
         if os.path.isfile(path):
             return os.path.abspath(path)
-    where = f" or in ${ENV}={root}" if root and not os.path.isabs(script) else \
-        (f" (set ${ENV} to a Megatron-LM checkout to look there)" if not os.path.isabs(script) else "")
+    where = (
+        f" or in ${ENV}={root}"
+        if root and not os.path.isabs(script)
+        else (f" (set ${ENV} to a Megatron-LM checkout to look there)" if not os.path.isabs(script) else "")
+    )
     raise LaunchError(f"script {script!r} not found in {os.getcwd()}{where}")
 
 
@@ -91,8 +97,10 @@ def check_versions(root: str) -> Optional[str]:
     except ImportError:
         return None
     if not have.startswith(want):
-        return (f"mindspeed_cp.launch: warning: megatron-core {have} (installed, {os.path.dirname(spec.origin)}) "
-                f"but the Megatron-LM checkout {root} is {want}: megatron.training may not match")
+        return (
+            f"mindspeed_cp.launch: warning: megatron-core {have} (installed, {os.path.dirname(spec.origin)}) "
+            f"but the Megatron-LM checkout {root} is {want}: megatron.training may not match"
+        )
     return None
 
 

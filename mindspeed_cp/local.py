@@ -19,6 +19,7 @@ Decisions
   synchronisation decides it: the uniform rows are selected with ``torch.where``. With dropout, the uniform
   average of such a row is not dropped (a row that sees nothing carries no signal either way).
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,8 @@ from typing import Any, Iterator, Optional, Tuple
 
 import torch
 
-from .block_stats import record, record_skip
 from .kernels import acc_dtype, dead_rows, get_kernel, merge_
+from .stats import record_block, record_skip
 
 Tensor = torch.Tensor
 
@@ -47,7 +48,7 @@ class _Plan:
     dropout: Any  # mindspeed_cp.dropout.AttentionDropout or None
     tile: Optional[int]  # None: one kernel call
     dead: str
-    documents: Any = None  # mindspeed_cp.packing.Documents: document-causal masks per block
+    documents: Any = None  # mindspeed_cp.layout.packing.Documents: document-causal masks per block
     positions: Optional[Tensor] = None  # [b, s] padded positions of the sequence's tokens (with documents)
     keyed: Optional[Tensor] = None  # [s] or [b, s]: the positions attention dropout is keyed by
 
@@ -115,7 +116,7 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tens
     b, n, s, d = q.shape[:3] + v.shape[3:]
     if plan.tile is None:
         args = plan.block_args(slice(None), slice(None), s, q.device)
-        record("forward", b * n, s, s, plan.causal, args["mask"])
+        record_block("forward", b * n, s, s, plan.causal, args["mask"])
         out, lse = plan.kernel.forward(q, k, v, causal=plan.causal, **args)
         out, lse = out.to(acc_dtype(q.dtype)), lse.to(acc_dtype(q.dtype))
     else:
@@ -123,7 +124,7 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tens
         lse = torch.full((b, n, s), -math.inf, dtype=acc_dtype(q.dtype), device=q.device)
         for rows, cols, causal in plan.blocks(s, "forward"):
             args = plan.block_args(rows, cols, s, q.device)
-            record("forward", b * n, rows.stop - rows.start, cols.stop - cols.start, causal, args["mask"])
+            record_block("forward", b * n, rows.stop - rows.start, cols.stop - cols.start, causal, args["mask"])
             bo, bl = plan.kernel.forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], causal=causal, **args)
             merge_(out[:, :, rows], lse[:, :, rows], bo, bl)
     if plan.dead == "uniform":
@@ -136,7 +137,7 @@ def _backward(plan: _Plan, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Ten
     dt = lse.dtype
     if plan.tile is None:
         args = plan.block_args(slice(None), slice(None), s, q.device)
-        record("backward", b * n, s, s, plan.causal, args["mask"])
+        record_block("backward", b * n, s, s, plan.causal, args["mask"])
         dq, dk, dv = (g.to(dt) for g in plan.kernel.backward(dout, q, k, v, out, lse, causal=plan.causal, **args))
     else:
         dq = torch.zeros(q.shape, dtype=dt, device=q.device)
@@ -144,9 +145,17 @@ def _backward(plan: _Plan, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Ten
         dv = torch.zeros(v.shape, dtype=dt, device=q.device)
         for rows, cols, causal in plan.blocks(s, "backward"):
             args = plan.block_args(rows, cols, s, q.device)
-            record("backward", b * n, rows.stop - rows.start, cols.stop - cols.start, causal, args["mask"])
-            gq, gk, gv = plan.kernel.backward(dout[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols],
-                                              out[:, :, rows], lse[:, :, rows], causal=causal, **args)
+            record_block("backward", b * n, rows.stop - rows.start, cols.stop - cols.start, causal, args["mask"])
+            gq, gk, gv = plan.kernel.backward(
+                dout[:, :, rows],
+                q[:, :, rows],
+                k[:, :, cols],
+                v[:, :, cols],
+                out[:, :, rows],
+                lse[:, :, rows],
+                causal=causal,
+                **args,
+            )
             dq[:, :, rows] += gq
             dk[:, :, cols] += gk
             dv[:, :, cols] += gv
@@ -170,13 +179,28 @@ class LocalAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _backward(ctx.plan, _bnsd(dout), _bnsd(q), _bnsd(k), _bnsd(v), _bnsd(out), lse)
-        return (_sbhd(dq).to(q.dtype).contiguous(), _sbhd(dk).to(k.dtype).contiguous(),
-                _sbhd(dv).to(v.dtype).contiguous(), None)
+        return (
+            _sbhd(dq).to(q.dtype).contiguous(),
+            _sbhd(dk).to(k.dtype).contiguous(),
+            _sbhd(dv).to(v.dtype).contiguous(),
+            None,
+        )
 
 
-def local_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, attention_mask: Optional[Tensor] = None,
-                    softmax_scale: Optional[float] = None, dropout=None, kernel=None, tile: Optional[int] = None,
-                    dead_rows: str = "zero", documents=None) -> Tensor:
+def local_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    attention_mask: Optional[Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    dropout=None,
+    kernel=None,
+    tile: Optional[int] = None,
+    dead_rows: str = "zero",
+    documents=None,
+) -> Tensor:
     """Attention of ``q`` ``[s, b, n, d]`` over ``k`` ``[s, b, nk, d]`` / ``v`` ``[s, b, nk, dv]`` (``n % nk == 0``;
     MLA: ``dv`` its own) -> ``[s, b, n, dv]``.
 
@@ -185,13 +209,21 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, att
     0..s-1). ``kernel``: a name of :data:`mindspeed_cp.kernels.KERNELS`, a kernel object, or None (by device).
     ``tile``: block size when blocks are needed (default 2048). ``dead_rows``: ``"zero"`` or ``"uniform"``
     (Megatron's local attention), see the module docstring. ``documents``: a
-    :class:`mindspeed_cp.packing.Documents` whose whole (padded) sequence this is, in its rank order (what the
+    :class:`mindspeed_cp.layout.packing.Documents` whose whole (padded) sequence this is, in its rank order (what the
     Ulysses all-to-all assembles): document-causal attention, each tile's mask built from document ids.
     """
-    if (q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]
-            or q.shape[3] != k.shape[3]):
-        raise ValueError(f"local_attention takes q [s, b, n, d], k [s, b, nk, d] and v [s, b, nk, dv] of the same s, "
-                         f"got q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
+    if (
+        q.dim() != 4
+        or k.dim() != 4
+        or v.dim() != 4
+        or k.shape[:3] != v.shape[:3]
+        or q.shape[0] != k.shape[0]
+        or q.shape[3] != k.shape[3]
+    ):
+        raise ValueError(
+            f"local_attention takes q [s, b, n, d], k [s, b, nk, d] and v [s, b, nk, dv] of the same s, "
+            f"got q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}"
+        )
     if dead_rows not in DEAD_ROWS:
         raise ValueError(f"dead_rows must be one of {DEAD_ROWS}, got {dead_rows!r}")
     s = q.shape[0]
@@ -199,8 +231,9 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, att
     if mask is not None:
         mask = mask[None, None] if mask.dim() == 2 else mask
         if mask.dtype != torch.bool or mask.dim() != 4 or tuple(mask.shape[-2:]) != (s, s):
-            raise ValueError(f"attention_mask must be bool [b|1, n|1, {s}, {s}] (True = masked), got "
-                             f"{mask.dtype} {list(mask.shape)}")
+            raise ValueError(
+                f"attention_mask must be bool [b|1, n|1, {s}, {s}] (True = masked), got {mask.dtype} {list(mask.shape)}"
+            )
     if dropout is not None and dropout.p == 0:
         dropout = None
     positions = None
@@ -208,15 +241,25 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, att
         if not causal or mask is not None:
             raise ValueError("documents= gives document-causal attention: causal=True and no attention_mask")
         if documents.ring != 1:
-            raise ValueError(f"local_attention takes the Ulysses layout of documents (ring 1), got ring {documents.ring}")
+            raise ValueError(
+                f"local_attention takes the Ulysses layout of documents (ring 1), got ring {documents.ring}"
+            )
         if documents.padded_len != s:
             raise ValueError(f"documents describe a sequence of {documents.padded_len} tokens, q has {s}")
         positions = documents.order.to(q.device)  # rank order = padded order for Ulysses (ring = 1)
     kern = get_kernel(kernel, q.device)
     blocked = mask is not None or dropout is not None or documents is not None or getattr(kern, "name", None) == "math"
-    plan = _Plan(causal=causal, mask=mask, scale=softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5,
-                 kernel=kern, dropout=dropout, tile=(tile or DEFAULT_TILE) if blocked else None, dead=dead_rows,
-                 documents=documents, positions=positions)
+    plan = _Plan(
+        causal=causal,
+        mask=mask,
+        scale=softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5,
+        kernel=kern,
+        dropout=dropout,
+        tile=(tile or DEFAULT_TILE) if blocked else None,
+        dead=dead_rows,
+        documents=documents,
+        positions=positions,
+    )
     if dropout is not None:  # keyed by position in the unpadded sample (documents: pads numbered after it)
         plan.keyed = torch.arange(s, device=q.device) if documents is None else documents.original(positions)
     return LocalAttentionFunction.apply(q, k, v, plan)

@@ -18,10 +18,10 @@ log-sum-exp form (:func:`mindspeed_cp.kernels.merge`).
 * Backward recomputes every block with the global output/LSE; dQ stays local; each KV block's dK/dV
   accumulator follows the block and ends at its owner. The owner keeps its own block's share locally and
   the accumulator starts at the next rank, so it needs P-1 hops: per rank, forward + backward,
-  ``3 (P-1) 2 s b hk d e`` bytes (KV forward, KV and dKV backward; DESIGN.md section 3).
+  ``3 (P-1) 2 s b hk d e`` bytes (KV forward, KV and dKV backward; docs/design.md, "Conventions").
 * Every exchange is posted before the block it overlaps is computed (the next KV block, the previous dK/dV
   share) and waited for after it. ``overlap_group`` (``--use-cp-send-recv-overlap``) puts send and receive on
-  separate communicators (:mod:`mindspeed_cp.ring_comm`); without it both go batched on the ring group.
+  separate communicators (:class:`mindspeed_cp.comm.RingExchanger`); without it both go batched on the ring group.
 * ``bnsd=True`` (``--megatron-cp-in-bnsd``): q/k/v are converted once to ``[b, n, s, d]``, KV travels in
   that layout and the output is converted back once; otherwise blocks are handed to the kernel as
   ``[b, n, s, d]`` views of the ``[s, b, n, d]`` tensors.
@@ -36,67 +36,39 @@ log-sum-exp form (:func:`mindspeed_cp.kernels.merge`).
   ``= P-1``. dK/dV: summed over the window's inner ring (K-1 hops), then along the outer ring (W-1 hops).
 
 Every input check runs before any point-to-point message and is agreed through one small all-gather
-(:mod:`mindspeed_cp.agree`: shapes, dtypes, devices, grad mode, softmax scale, options and groups of every
-rank), so a mismatch raises the same error on every rank, naming global ranks, instead of hanging.
+(:func:`mindspeed_cp.agreement.agree_ring`: shapes, dtypes, devices, grad mode, softmax scale, options and groups
+of every rank), so a mismatch raises the same error on every rank, naming global ranks, instead of hanging.
 """
+
 from __future__ import annotations
 
 import math
-import zlib
-from dataclasses import dataclass
-from typing import Any, List, NamedTuple, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from .agree import Table, agree, bits_float, device_code, device_name, float_bits, global_ranks
-from .block_stats import BlockStats, count_blocks
-from .block_stats import record as _record
-from .block_stats import record_skip as _record_skip
-from .costmodel import ring_kv_cache
+from .agreement import RingAttentionError, agree_ring
+from .comm import RingExchanger
 from .kernels import acc_dtype, get_kernel, merge_
-from .kv_cache import KV_CACHE_POLICIES, check_policy, policy_code
-from .local import DEAD_ROWS, add_uniform_grad, uniform_rows
-from .ring_comm import RingExchanger
+from .layout.sharding import zigzag_index
+from .local import add_uniform_grad, uniform_rows
+from .options import CallInputs, DoubleRingWindow, RingOptions
+from .stats import BlockStats, count_blocks, record_block, record_skip
 
 Tensor = torch.Tensor
 
-__all__ = ["ring_attention", "RingAttentionFunction", "DoubleRingWindow", "RingAttentionError",
-           "BlockStats", "count_blocks", "zigzag_index", "ring_comm_volume"]
-
-
-class RingAttentionError(ValueError):
-    """Ring attention inputs or options that cannot run (raised on every rank of the ring)."""
-
-
-@dataclass(frozen=True)
-class DoubleRingWindow:
-    """Double Ring groups of this rank: for the ring list ``Rg`` and window ``size`` K,
-    ``intra_group`` = ``Rg[x*K:(x+1)*K]`` (this rank's window), ``inter_group`` = ``Rg[a::K]`` (the same
-    position in every window); the ``*_overlap_group`` twins (same ranks) enable send/recv overlap."""
-
-    size: int
-    intra_group: Any = None
-    inter_group: Any = None
-    intra_overlap_group: Any = None
-    inter_overlap_group: Any = None
-
-
-def ring_comm_volume(s_local: int, b: int, kv_heads: int, d: int, elem_bytes: int, ring_size: int,
-                     kv_cache_policy: Optional[str] = None) -> dict:
-    """Textbook bytes one rank sends, forward + backward (equal for the plain and the Double Ring): K/V
-    blocks once in forward and again in backward (all of it, V only with ``"half"``, none with ``"full"``),
-    dK/dV once in backward (:func:`mindspeed_cp.costmodel.ring_kv_cache`)."""
-    v = ring_kv_cache(s_local * ring_size, ring_size, b, kv_heads, d, elem_bytes, kv_cache_policy)
-    return {"ring_kv": v["kv"], "ring_dkv": v["dkv"], "total": v["kv"] + v["dkv"]}
-
-
-def zigzag_index(seq_len: int, ring_size: int, pos: int, device=None) -> Tensor:
-    """Global token positions held by ring position ``pos``: chunks ``pos`` and ``2P-1-pos`` of ``2P``."""
-    c = seq_len // (2 * ring_size)
-    first = torch.arange(pos * c, (pos + 1) * c, device=device)
-    second = torch.arange((2 * ring_size - 1 - pos) * c, (2 * ring_size - pos) * c, device=device)
-    return torch.cat([first, second])
+__all__ = [
+    "ring_attention",
+    "ring_attention_with",
+    "RingAttentionFunction",
+    "DoubleRingWindow",
+    "RingOptions",
+    "RingAttentionError",
+    "BlockStats",
+    "count_blocks",
+    "zigzag_index",
+]
 
 
 def _bnsd(x: Tensor) -> Tensor:
@@ -109,201 +81,12 @@ def _sbhd(x: Tensor) -> Tensor:
 
 def _zigzag_cols(x: Tensor, j: int, c: int, ring_size: int) -> Tensor:
     # [..., S] -> [..., 2c]: the columns of the tokens ring position j holds
-    return torch.cat([x[..., j * c:(j + 1) * c], x[..., (2 * ring_size - 1 - j) * c:(2 * ring_size - j) * c]], -1)
+    return torch.cat([x[..., j * c : (j + 1) * c], x[..., (2 * ring_size - 1 - j) * c : (2 * ring_size - j) * c]], -1)
 
 
-# ------------------------------------------------------------------------------------------ validation
-TILE = 256  # rows per tile of a masked block (general mask, documents): mask + bias <= 256 x s_local; tests set it small
-
-_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.bool)
-_FLOATS = _DTYPES[:4]  # codes 0..3
-_WINDOW_PROBLEMS = {
-    1: "--cp-window-size {K} must be >= 1, divide the ring size {P} and be smaller than it",
-    2: "this rank is not a member of the Double Ring window groups (intra_group/inter_group) it was given",
-    3: "Double Ring groups have the wrong sizes: intra-window {ki} ranks (expected {K}), inter-window "
-       "{wi} ranks (expected {W})",
-    4: "Double Ring groups do not match the ring order: intra = Rg[x*K:(x+1)*K], inter = Rg[a::K] expected",
-    5: "send/recv overlap with Double Ring needs both window.intra_overlap_group and "
-       "window.inter_overlap_group (got overlap_group={og}, intra twin={it}, inter twin={et})",
-    6: "overlap_group must be a second communicator over the ring group's ranks {want} in the same order, "
-       "got {got}",
-}
-
-
-_TCOLS = 8  # per tensor: dim, 4 sizes, dtype, needs grad, device type
-
-
-class TensorMeta(NamedTuple):
-    """What the agreement needs of a tensor, for tensors that do not exist yet (Hybrid's ring level)."""
-
-    shape: tuple
-    dtype: torch.dtype
-    requires_grad: bool
-    device: torch.device
-
-
-def _tensor_sig(t) -> List[int]:
-    if t is None:
-        return [-1] * _TCOLS
-    dims = list(t.shape[:4]) + [-1] * (4 - min(len(t.shape), 4))
-    code = _DTYPES.index(t.dtype) if t.dtype in _DTYPES else len(_DTYPES)
-    return [len(t.shape)] + dims + [code, int(t.requires_grad and torch.is_grad_enabled()), device_code(t)]
-
-
-def _window_code(window: Optional[DoubleRingWindow], ring_group, P: int, r: int, overlap_group) -> Tuple[int, dict]:
-    """Local consistency of the Double Ring groups (0 = fine), and the numbers its message names."""
-    if window is None or window.size == 1:
-        if overlap_group is None or P == 1:
-            return 0, {}
-        try:
-            mine = global_ranks(overlap_group)
-        except (RuntimeError, ValueError, AttributeError):
-            mine = []
-        want = global_ranks(ring_group)
-        return (0, {}) if mine == want else (6, {"want": want, "got": mine or "a group without this rank"})
-    K = window.size
-    info = {"K": K, "P": P, "W": P // K if isinstance(K, int) and K > 0 else 0, "ki": -1, "wi": -1,
-            "og": overlap_group is not None,
-            "it": window.intra_overlap_group is not None, "et": window.inter_overlap_group is not None}
-    if not isinstance(K, int) or K < 1 or P % K or K >= P:
-        return 1, info
-    W = P // K
-    if window.intra_group is None or window.inter_group is None:
-        return 2, info
-    a, x = dist.get_rank(window.intra_group), dist.get_rank(window.inter_group)
-    if a < 0 or x < 0:
-        return 2, info
-    info.update(ki=dist.get_world_size(window.intra_group), wi=dist.get_world_size(window.inter_group))
-    if info["ki"] != K or info["wi"] != W:
-        return 3, info
-    ring_rank = lambda p: dist.get_global_rank(ring_group, p)  # noqa: E731
-    if x * K + a != r or any(
-            dist.get_global_rank(window.intra_group, i) != ring_rank(x * K + i) for i in range(K)) or any(
-            dist.get_global_rank(window.inter_group, y) != ring_rank(y * K + a) for y in range(W)):
-        return 4, info
-    twins = (window.intra_overlap_group is not None, window.inter_overlap_group is not None)
-    if twins[0] != twins[1] or (overlap_group is not None and not all(twins)):
-        return 5, info
-    return 0, info
-
-
-_OPTS = 4 * _TCOLS  # where the options start in a row
-
-
-def _docs_sig(documents) -> List[int]:
-    """(tokens per ring rank, crc32 of the document lengths and layout): every rank must hold the same documents."""
-    if documents is None:
-        return [-1, -1]
-    key = repr((documents.cp, documents.ring, documents.lengths)).encode()
-    return [documents.padded_len // documents.ring, zlib.crc32(key)]
-
-
-def _row(q, k, v, mask, causal, bnsd, overlap, K, window_code, dropout, dead, scale: float,
-         documents=None, kv_cache_policy=None) -> List[int]:
-    """One rank's metadata row: q/k/v/mask signatures, then the options every rank must share."""
-    p = -1 if dropout is None else dropout.threshold  # the quantised probability: ranks must agree on it
-    return (_tensor_sig(q) + _tensor_sig(k) + _tensor_sig(v) + _tensor_sig(mask)
-            + [int(causal), int(bnsd), int(overlap), K if isinstance(K, int) else -1, int(window_code), p,
-               DEAD_ROWS.index(dead) if dead in DEAD_ROWS else -1, float_bits(scale)] + _docs_sig(documents)
-            + [policy_code(kv_cache_policy)])
-
-
-def _describe(sig: List[int]) -> str:
-    def t(name, part):
-        if part[0] < 0:
-            return f"{name} none"
-        dtype = str(_DTYPES[part[5]]).replace("torch.", "") if part[5] < len(_DTYPES) else "other"
-        grad = " requires_grad" if part[6] else ""
-        return f"{name} {[x for x in part[1:5] if x >= 0]}{'...' if part[0] > 4 else ''} {dtype} " \
-               f"{device_name(part[7])}{grad}"
-    parts = [t(n, sig[i * _TCOLS:(i + 1) * _TCOLS]) for i, n in enumerate(("q", "k", "v", "attention_mask"))]
-    causal, bnsd, overlap, K, _, p, dead, scale, docs, docs_crc, policy = sig[_OPTS:]
-    drop = "none" if p < 0 else f"{p / (1 << 24):.4g}"
-    dead = DEAD_ROWS[dead] if 0 <= dead < len(DEAD_ROWS) else "?"
-    return (", ".join(parts) + f", causal={bool(causal)}, bnsd={bool(bnsd)}, overlap={bool(overlap)}, window={K}, "
-            f"dropout={drop}, dead_rows={dead}, softmax_scale={bits_float(scale):.6g}, "
-            f"kv_cache_policy={None if policy < 0 else repr(KV_CACHE_POLICIES[policy])}"
-            + ("" if docs < 0 else f", documents {docs_crc:08x} ({docs} tokens per ring rank)"))
-
-
-def _problem(sig: List[int], P: int, window_info: dict) -> Optional[str]:
-    """What is wrong with one rank's inputs (a pure function of its row), or None."""
-    q, k, v, m = (sig[i * _TCOLS:(i + 1) * _TCOLS] for i in range(4))
-    causal, _, _, _, wcode, p, dead, scale, docs, _, _ = sig[_OPTS:]
-    if dead < 0:
-        return f"dead_rows must be one of {', '.join(DEAD_ROWS)}"
-    if q[0] != 4 or k[0] != 4 or v[0] != 4:
-        return "q, k, v must be 4-D [s_local, b, heads, head_dim] (sbhd)"
-    if not (q[5] == k[5] == v[5] and q[5] < len(_FLOATS)):
-        return "q, k, v must share one floating dtype (float16, bfloat16, float32 or float64)"
-    if not q[7] == k[7] == v[7] or (m[0] >= 0 and m[7] != q[7]):
-        return "q, k, v and attention_mask must be on one device"
-    s, b, n, d = q[1:5]
-    if k[1:4] != v[1:4] or k[1] != s or k[2] != b or k[4] != d or v[4] < 1:
-        return ("k must be [s_local, b, kv_heads, head_dim] with q's s_local, b and head_dim, and v "
-                "[s_local, b, kv_heads, v_head_dim] (v_head_dim may differ: MLA)")
-    if min(s, b, n, d) < 1:
-        return (f"q is [{s}, {b}, {n}, {d}]: every ring rank needs a non-empty shard (s_local >= 2 for the "
-                f"zigzag layout, batch, heads and head_dim >= 1)")
-    if not math.isfinite(bits_float(scale)) or bits_float(scale) <= 0:
-        return f"softmax_scale must be a positive finite number, got {bits_float(scale)}"
-    if k[3] < 1 or n % k[3]:
-        return f"query heads {n} are not a multiple of key/value heads {k[3]} (GQA needs heads % kv_heads == 0)"
-    if docs >= 0:
-        if not causal or m[0] >= 0:
-            return "documents= gives document-causal attention: pass causal=True and no attention_mask"
-        if s != docs:
-            return (f"the documents lay out {docs} tokens per ring rank (Documents.shard), but q holds {s} "
-                    f"(every document padded to a multiple of 2 x ring size {P})")
-        return _WINDOW_PROBLEMS[wcode].format(**window_info) if wcode else None
-    if (causal or m[0] >= 0) and s % 2:
-        return (f"s_local {s} is odd: the zigzag layout gives each ring rank two equal chunks "
-                f"(--seq-length must be divisible by 2 x ring size {P})")
-    if m[0] >= 0:
-        if causal:
-            return ("attention_mask was given with causal=True: pass causal=False for a general mask "
-                    "(--attention-mask-type general), or no mask for causal")
-        if m[5] != _DTYPES.index(torch.bool):
-            return "attention_mask must be bool (True = masked)"
-        S = s * P
-        if m[0] != 4 or m[1] not in (1, b) or m[2] not in (1, n) or m[3] not in (s, S) or m[4] != S:
-            return (f"attention_mask must be [b|1, heads|1, s_local|S, S] = [{b}|1, {n}|1, {s}|{S}, {S}] "
-                    f"(columns in global token order)")
-    if wcode:
-        return _WINDOW_PROBLEMS[wcode].format(**window_info)
-    return None
-
-
-def _check(table: Table) -> Optional[str]:
-    if any(row != table.rows[0] for row in table.rows):
-        return (f"ring attention inputs differ across the {len(table.rows)} ranks (every rank must pass the same "
-                f"shapes, dtypes, devices, grad mode and options; q/k/v are [s_local, b, heads, head_dim]): "
-                + table.listing(_describe))
-    return None
-
-
-def _options(window, overlap_group) -> Tuple[int, bool]:
-    double = window is not None and window.size != 1
-    return (window.size if double else 1), (window.intra_overlap_group is not None if double
-                                            else overlap_group is not None)
-
-
-def _validate(q, k, v, mask, causal, bnsd, overlap_group, window, ring_group, P: int, r: int, dropout,
-              dead, scale: float, agree_group=None, documents=None, kv_cache_policy=None) -> None:
-    """Agree on every rank's inputs (one all-gather), then raise the same error everywhere if any is off."""
-    wcode, winfo = _window_code(window, ring_group, P, r, overlap_group)
-    K, overlap = _options(window, overlap_group)
-    mine = _row(q, k, v, mask, causal, bnsd, overlap, K, wcode, dropout, dead, scale, documents, kv_cache_policy)
-    problem = _problem(mine, P, winfo)
-    if problem:
-        problem = f"{problem} (got {_describe(mine)})"
-    group = ring_group if agree_group is None else agree_group
-    if P == 1 and agree_group is None:
-        if problem:
-            raise RingAttentionError(f"ring attention: {problem}")
-        return
-    agree(group, mine, problem, check=_check, error=RingAttentionError, like=q,
-          prefix="ring attention inputs rejected on ")
+TILE = (
+    256  # rows per tile of a masked block (general mask, documents): mask + bias <= 256 x s_local; tests set it small
+)
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -329,8 +112,8 @@ class _MaskBlocks:
 
 
 class _DocBlocks:
-    """Document-causal masks per KV block owner, built from :class:`mindspeed_cp.packing.Documents` one block at a
-    time (``[b, 1, s_local, s_local]``); the per-document zigzag leaves no block fully masked and no row dead."""
+    """Document-causal masks per KV block owner, built from :class:`mindspeed_cp.layout.packing.Documents` one block
+    at a time (``[b, 1, s_local, s_local]``); the per-document zigzag leaves no block fully masked and no row dead."""
 
     def __init__(self, documents, P: int, r: int) -> None:
         self.documents, self.P, self.r = documents, P, r
@@ -351,25 +134,34 @@ class _DocBlocks:
 class _Plan:
     """Everything fixed for one call: ring geometry, exchangers, kernel, mask blocks."""
 
-    def __init__(self, *, P, r, window, ring_group, overlap_group, causal, bnsd, scale, kernel, masks,
-                 dropout=None, dead="zero", seq_len=0, device=None, kv_cache_policy=None, pair=None):
-        self.kv_cache = kv_cache_policy  # None | "full" | "half": what forward keeps of the received blocks
-        self.pair: KVPair = pair  # how K and V travel
-        self.P, self.r, self.causal, self.bnsd, self.scale, self.kernel, self.masks = \
-            P, r, causal, bnsd, scale, kernel, masks
-        self.dropout, self.seq_len = dropout, seq_len
+    def __init__(
+        self, ring_group, inputs: CallInputs, options: RingOptions, q: Tensor, k: Tensor, v: Tensor, scale: float
+    ) -> None:
+        P, r, s_local = dist.get_world_size(ring_group), dist.get_rank(ring_group), q.shape[0]
+        masks = None if inputs.attention_mask is None else _MaskBlocks(inputs.attention_mask, P, r, s_local)
+        causal = inputs.causal and inputs.attention_mask is None
+        if inputs.documents is not None:
+            masks, causal = _DocBlocks(inputs.documents, P, r), False
+        self.kv_cache = options.kv_cache_policy  # None | "full" | "half": what forward keeps of the received blocks
+        self.pair = KVPair(k.shape, v.shape, options.bnsd)  # how K and V travel
+        self.P, self.r, self.causal, self.bnsd, self.scale, self.masks = P, r, causal, options.bnsd, scale, masks
+        self.kernel = get_kernel(options.kernel, q.device)
+        self.dropout, self.seq_len = inputs.dropout, s_local * P
         # fully masked rows (general masks only) averaging V over all keys: Megatron's local attention
-        self.dead = masks.dead if dead == "uniform" and masks is not None else None
+        self.dead = masks.dead if options.dead_rows == "uniform" and masks is not None else None
         # global positions of every ring position's tokens (dropout masks are keyed by them): [s_local], or
         # [b, s_local] with documents (their positions in the unpadded sample)
         self.positions = None
-        if dropout is not None:
-            self.positions = ([masks.documents.original(p) for p in masks.positions] if isinstance(masks, _DocBlocks)
-                              else [zigzag_index(seq_len, P, j, device) for j in range(P)])
-        if window is None or window.size == 1:
-            # plain ring = one inner ring over the whole group, no outer level
+        if self.dropout is not None:
+            self.positions = (
+                [masks.documents.original(p) for p in masks.positions]
+                if isinstance(masks, _DocBlocks)
+                else [zigzag_index(self.seq_len, P, j, q.device) for j in range(P)]
+            )
+        window = options.window
+        if not options.double:  # plain ring = one inner ring over the whole group, no outer level
             self.K, self.W = P, 1
-            self.inner = RingExchanger(ring_group, overlap_group) if P > 1 else None
+            self.inner = RingExchanger(ring_group, options.overlap_group) if P > 1 else None
             self.outer = None
         else:
             self.K, self.W = window.size, P // window.size
@@ -417,7 +209,7 @@ class _Plan:
             if isinstance(masks, _DocBlocks):
                 span = masks.span(j, i // TILE)
                 if span is None:
-                    _record_skip(phase, tile=True)
+                    record_skip(phase, tile=True)
                     continue
                 keys = slice(*span)
                 yield tile, keys, False, masks.block(j, tile, keys), first
@@ -450,10 +242,10 @@ class KVPair:
         return buf
 
     def k_part(self, buf: Tensor) -> Tensor:
-        return buf[:self.nk]
+        return buf[: self.nk]
 
     def v_part(self, buf: Tensor) -> Tensor:
-        return buf[self.nk:]
+        return buf[self.nk :]
 
     def k_view(self, part: Tensor) -> Tensor:
         """A K part (flat) -> its ``[b, hk, s, d]`` view."""
@@ -484,14 +276,21 @@ def _forward_block(plan: _Plan, qb: Tensor, kv: Tensor, j: int, out: Tensor, lse
     the block covers every row (the rank's own block, causal or not), so its result is copied, not merged."""
     blk = plan.block(j, qb.shape[2] // 2)
     if blk is None:
-        _record_skip("forward")
+        record_skip("forward")
         return
     kb, vb = plan.pair.views(kv)
     for rows, cols, causal, mask, first in plan.tiles(blk, j, qb.shape[2], "forward"):
         q_, k_ = qb[:, :, rows], kb[:, :, cols]
-        _record("forward", q_.shape[0] * q_.shape[1], q_.shape[2], k_.shape[2], causal, mask, first)
-        bo, bl = plan.kernel.forward(q_, k_, vb[:, :, cols], scale=plan.scale, causal=causal, mask=mask,
-                                     dropout=plan.dropout_block(j, rows, cols))
+        record_block("forward", q_.shape[0] * q_.shape[1], q_.shape[2], k_.shape[2], causal, mask, first)
+        bo, bl = plan.kernel.forward(
+            q_,
+            k_,
+            vb[:, :, cols],
+            scale=plan.scale,
+            causal=causal,
+            mask=mask,
+            dropout=plan.dropout_block(j, rows, cols),
+        )
         if fresh and rows == slice(None):
             out.copy_(bo)
             lse.copy_(bl)
@@ -547,7 +346,7 @@ def _backward_block(plan: _Plan, qb, dob, ob, lse, kb, vb, j: int, dq: Tensor, d
     tile over every key, else zeroed and accumulated tile by tile."""
     blk = plan.block(j, qb.shape[2] // 2)
     if blk is None:
-        _record_skip("backward")
+        record_skip("backward")
         dkv.zero_()
         return
     dk, dv = plan.pair.views(dkv)
@@ -557,10 +356,19 @@ def _backward_block(plan: _Plan, qb, dob, ob, lse, kb, vb, j: int, dq: Tensor, d
         dkv.zero_()
     for rows, cols, causal, mask, first in tiles:
         q_, k_ = qb[:, :, rows], kb[:, :, cols]
-        _record("backward", q_.shape[0] * q_.shape[1], q_.shape[2], k_.shape[2], causal, mask, first)
-        gq, gk, gv = plan.kernel.backward(dob[:, :, rows], q_, k_, vb[:, :, cols], ob[:, :, rows], lse[:, :, rows],
-                                          scale=plan.scale, causal=causal, mask=mask,
-                                          dropout=plan.dropout_block(j, rows, cols))
+        record_block("backward", q_.shape[0] * q_.shape[1], q_.shape[2], k_.shape[2], causal, mask, first)
+        gq, gk, gv = plan.kernel.backward(
+            dob[:, :, rows],
+            q_,
+            k_,
+            vb[:, :, cols],
+            ob[:, :, rows],
+            lse[:, :, rows],
+            scale=plan.scale,
+            causal=causal,
+            mask=mask,
+            dropout=plan.dropout_block(j, rows, cols),
+        )
         dq[:, :, rows] += gq
         if whole:
             dk.copy_(gk)
@@ -635,8 +443,9 @@ def _inner_backward(plan: _Plan, o: int, travelling, source: _BackwardKV, qb, do
     return trail.result()
 
 
-def _ring_backward(plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   kept: List[Tensor]):
+def _ring_backward(
+    plan: _Plan, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kept: List[Tensor]
+):
     """-> dq ``[b, n, s, d]`` and dK/dV (a :class:`KVPair` buffer), both float32/float64."""
     s, b, n, d = q.shape
     qb, dob, ob = (_as_bnsd(t, plan.bnsd) for t in (q, dout, out))
@@ -676,11 +485,26 @@ class RingAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def ring_attention(q: Tensor, k: Tensor, v: Tensor, ring_group=None, *, causal: bool = True,
-                   attention_mask: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
-                   bnsd: bool = False, overlap_group=None, window: Optional[DoubleRingWindow] = None,
-                   kernel=None, dropout=None, dead_rows: str = "zero", check_inputs: bool = True,
-                   agree_group=None, documents=None, kv_cache_policy: Optional[str] = None) -> Tensor:
+def ring_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    ring_group=None,
+    *,
+    causal: bool = True,
+    attention_mask: Optional[Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    bnsd: bool = False,
+    overlap_group=None,
+    window: Optional[DoubleRingWindow] = None,
+    kernel=None,
+    dropout=None,
+    dead_rows: str = "zero",
+    check_inputs: bool = True,
+    agree_group=None,
+    documents=None,
+    kv_cache_policy: Optional[str] = None,
+) -> Tensor:
     """Attention over the sequence shared by the ranks of ``ring_group`` (zigzag layout).
 
     q ``[s_local, b, n, d]``, k ``[s_local, b, nk, d]``, v ``[s_local, b, nk, dv]`` (``n % nk == 0``; MLA: ``dv``
@@ -694,31 +518,43 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, ring_group=None, *, causal: 
     :class:`mindspeed_cp.dropout.AttentionDropout` (its masks are keyed by global positions, so they do not
     depend on P). ``dead_rows``: fully masked rows give 0 (``"zero"``) or the mean of V over every key
     (``"uniform"``, Megatron's local attention; see :mod:`mindspeed_cp.local`). ``check_inputs``: agree on
-    every rank's inputs first (one small all-gather, see :mod:`mindspeed_cp.agree`); ``agree_group``: where
+    every rank's inputs first (one small all-gather, see :mod:`mindspeed_cp.agreement`); ``agree_group``: where
     (default ``ring_group``; a gloo group over the same ranks keeps it off the device). ``documents``: a
-    :class:`mindspeed_cp.packing.Documents` (packed documents, per-document zigzag; its ``ring`` is this
+    :class:`mindspeed_cp.layout.packing.Documents` (packed documents, per-document zigzag; its ``ring`` is this
     ring's size): document-causal attention from document boundaries, ``causal=True``, no mask.
     ``kv_cache_policy``: None, ``"full"`` or ``"half"`` (see the module docstring; every rank must agree).
     """
+    inputs = CallInputs(
+        causal=causal, attention_mask=attention_mask, softmax_scale=softmax_scale, dropout=dropout, documents=documents
+    )
+    options = RingOptions(
+        bnsd=bnsd,
+        overlap_group=overlap_group,
+        window=window,
+        kernel=kernel,
+        dead_rows=dead_rows,
+        kv_cache_policy=kv_cache_policy,
+    )
+    return ring_attention_with(q, k, v, ring_group, inputs, options, check_inputs=check_inputs, agree_group=agree_group)
+
+
+def ring_attention_with(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    ring_group,
+    inputs: CallInputs,
+    options: RingOptions = RingOptions(),
+    *,
+    check_inputs: bool = True,
+    agree_group=None,
+) -> Tensor:
+    """:func:`ring_attention` with its options as objects (what Hybrid's ring level and the Megatron glue call)."""
     if ring_group is None:
         ring_group = dist.group.WORLD
-    P, r = dist.get_world_size(ring_group), dist.get_rank(ring_group)
-    if r < 0:
+    if dist.get_rank(ring_group) < 0:
         raise RingAttentionError("this rank is not a member of the ring process group it was given")
-    if dropout is not None and dropout.p == 0:
-        dropout = None
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    check_policy(kv_cache_policy, "ring_attention")
+    scale = inputs.scale(q.shape[-1])
     if check_inputs:
-        _validate(q, k, v, attention_mask, causal, bnsd, overlap_group, window, ring_group, P, r, dropout,
-                  dead_rows, scale, agree_group, documents, kv_cache_policy)
-    s_local = q.shape[0]
-    masks = None if attention_mask is None else _MaskBlocks(attention_mask, P, r, s_local)
-    if documents is not None:
-        masks, causal = _DocBlocks(documents, P, r), False
-    plan = _Plan(P=P, r=r, window=window, ring_group=ring_group, overlap_group=overlap_group,
-                 causal=causal and attention_mask is None, bnsd=bnsd, scale=scale,
-                 kernel=get_kernel(kernel, q.device), masks=masks, dropout=dropout, dead=dead_rows,
-                 seq_len=s_local * P, device=q.device, kv_cache_policy=kv_cache_policy,
-                 pair=KVPair(k.shape, v.shape, bnsd))
-    return RingAttentionFunction.apply(q, k, v, plan)
+        agree_ring(q, k, v, inputs, options, ring_group, scale, agree_group)
+    return RingAttentionFunction.apply(q, k, v, _Plan(ring_group, inputs, options, q, k, v, scale))

@@ -23,6 +23,7 @@ Context-parallel sub-groups, for each CP group ``L`` (ranks TP apart):
 * Double Ring with window K over each ring list ``Rg``: ``ring_intra_window`` = ``Rg[x*K:(x+1)*K]``,
   ``ring_inter_window`` = ``Rg[a::K]`` (the same position in every window).
 """
+
 from __future__ import annotations
 
 from math import prod
@@ -32,7 +33,6 @@ from .config import HYBRID, RING, ULYSSES, CPConfig, CPConfigError
 
 Groups = List[List[int]]
 
-BASE_KINDS = ("tp", "cp", "dp", "pp", "dp_cp")
 CP_KINDS = ("ulysses", "ring", "ring_intra_window", "ring_inter_window")
 # Kinds whose groups carry ring send/recv traffic (they get a second communicator under overlap).
 RING_KINDS = ("ring", "ring_intra_window", "ring_inter_window")
@@ -80,14 +80,14 @@ def _split(groups: Groups, size: int, rank: Optional[int] = None) -> Groups:
     """Pieces of ``size`` consecutive members; with ``rank``: only the piece holding it (``groups``: its group)."""
     if rank is not None:
         first = groups[0].index(rank) // size * size
-        return [groups[0][first:first + size]]
-    return [g[i:i + size] for g in groups for i in range(0, len(g), size)]
+        return [groups[0][first : first + size]]
+    return [g[i : i + size] for g in groups for i in range(0, len(g), size)]
 
 
 def _strided(groups: Groups, stride: int, rank: Optional[int] = None) -> Groups:
     """Every ``stride``-th member from each offset; with ``rank``: only the one holding it."""
     if rank is not None:
-        return [groups[0][groups[0].index(rank) % stride::stride]]
+        return [groups[0][groups[0].index(rank) % stride :: stride]]
     return [g[a::stride] for g in groups for a in range(stride)]
 
 
@@ -109,8 +109,16 @@ def rank_layout(
     return layout_for(_checked(world_size, tp, pp, cp, cp_algo, ulysses_degree, window), world_size, tp, pp)
 
 
-def rank_groups(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1, cp_algo: str = ULYSSES,
-                ulysses_degree: Optional[int] = None, window: int = 1, rank: int = 0) -> Dict[str, List[int]]:
+def rank_groups(
+    world_size: int,
+    tp: int = 1,
+    pp: int = 1,
+    cp: int = 1,
+    cp_algo: str = ULYSSES,
+    ulysses_degree: Optional[int] = None,
+    window: int = 1,
+    rank: int = 0,
+) -> Dict[str, List[int]]:
     """For one rank, kind -> its group: ``groups_of_rank(rank_layout(...), rank)`` without building the
     layout (linear in the group sizes). Same arguments and errors as :func:`rank_layout`."""
     config = _checked(world_size, tp, pp, cp, cp_algo, ulysses_degree, window)
@@ -120,8 +128,12 @@ def rank_groups(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1, cp_algo:
 
 
 def _checked(world_size, tp, pp, cp, cp_algo, ulysses_degree, window) -> CPConfig:
-    config = CPConfig(context_parallel_size=cp, context_parallel_algo=cp_algo,
-                      ulysses_degree_in_cp=ulysses_degree, cp_window_size=window)
+    config = CPConfig(
+        context_parallel_size=cp,
+        context_parallel_algo=cp_algo,
+        ulysses_degree_in_cp=ulysses_degree,
+        cp_window_size=window,
+    )
     try:
         config.validate(world_size=world_size, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     except LayoutError:
@@ -139,22 +151,26 @@ def layout_for(config: CPConfig, world_size: int, tp: int = 1, pp: int = 1) -> D
     return layout
 
 
-def groups_for(config: CPConfig, world_size: int, tp: int = 1, pp: int = 1, rank: int = 0,
-               kinds: Optional[Sequence[str]] = None) -> Dict[str, Sequence[int]]:
+def groups_for(
+    config: CPConfig, world_size: int, tp: int = 1, pp: int = 1, rank: int = 0, kinds: Optional[Sequence[str]] = None
+) -> Dict[str, Sequence[int]]:
     """``groups_of_rank(layout_for(...), rank)`` (only ``kinds``, default all) without building the layout: the
     same rules applied to the one CP group holding ``rank``. Groups that are arithmetic progressions come as
     ``range`` objects, so the planner's question for every candidate costs next to nothing at any world size."""
     sizes = _sizes(config, world_size, tp, pp)
     wanted = set(kinds or (*_MASKS, *CP_KINDS))
-    out = {kind: orthogonal_group_of(sizes, mask, rank) for kind, mask in _MASKS.items()
-           if kind in wanted or kind == "cp"}
+    out = {
+        kind: orthogonal_group_of(sizes, mask, rank) for kind, mask in _MASKS.items() if kind in wanted or kind == "cp"
+    }
     out.update({kind: groups[0] for kind, groups in _cp_subgroups(config, [out["cp"]], rank).items()})
     return {kind: g for kind, g in out.items() if kind in wanted}
 
 
 # tp-cp-ep-dp-pp (EP = 1): the dimensions each base kind spans
-_MASKS = {kind: [n in names for n in ("tp", "cp", "ep", "dp", "pp")] for kind, names in (
-    ("tp", ("tp",)), ("cp", ("cp",)), ("dp", ("dp",)), ("pp", ("pp",)), ("dp_cp", ("dp", "cp")))}
+_MASKS = {
+    kind: [n in names for n in ("tp", "cp", "ep", "dp", "pp")]
+    for kind, names in (("tp", ("tp",)), ("cp", ("cp",)), ("dp", ("dp",)), ("pp", ("pp",)), ("dp_cp", ("dp", "cp")))
+}
 
 
 def _sizes(config: CPConfig, world_size: int, tp: int, pp: int) -> List[int]:

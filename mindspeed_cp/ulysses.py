@@ -14,8 +14,8 @@ Unaligned sequences (MindSpeed's "非对齐 Ulysses"): a :class:`GatherSizeCalcu
 S; rank r then holds tokens ``torch.tensor_split(torch.arange(S), P)[r]`` (the first S % P ranks one more
 token) and the all-to-alls use those split sizes. Ranks may even hold no token (S < P).
 
-Before the first all-to-all every rank shares a small metadata row (:mod:`mindspeed_cp.agree`, one
-all-gather of ~22 integers on the CPU when the group is gloo): its local length, the shapes, dtypes, device
+Before the first all-to-all every rank shares a small metadata row (:func:`mindspeed_cp.agreement.agree_ulysses`,
+one all-gather of ~30 integers on the CPU when the group is gloo): its local length, the shapes, dtypes, device
 types and grad mode of q/k/v, the declared S and whether its own inputs were rejected. Every rank then runs
 the same checks on the same table, so a bad input raises the same :class:`UlyssesError` on every rank
 (naming global ranks) instead of hanging the others in an all-to-all or silently producing wrong rows.
@@ -29,28 +29,30 @@ K/V for backward instead of what the all-to-all made of them and runs their all-
 rank keeps the one its query heads use; GQA with ``kv_heads <= P``, ``P % kv_heads == 0``) and backward
 reduce-scatters dK/dV; Q and the output still go by all-to-all.
 """
+
 from __future__ import annotations
 
-import operator
-import zlib
 from abc import ABC, abstractmethod
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from .agree import Table, agree, device_code, device_name
-from .comm import all_gather, all_to_all, split_sizes
-from .kv_cache import KV_CACHE_POLICIES, RecomputedKV, check_policy, policy_code
+from .agreement import UlyssesError, agree_ulysses, allgather_problem, kv_head_repeats  # noqa: F401 - public here
+from .comm import all_gather, all_to_all
+from .kv_cache import RecomputedKV
+from .layout.sharding import split_sizes
+from .options import UlyssesOptions
 
 __all__ = [
-    "UlyssesContextAttention", "DistributedAttention", "UlyssesError", "GatherSizeCalculator",
-    "DefaultGatherSizeCalculator", "DynamicGatherSizeCalculator", "kv_head_repeats",
+    "UlyssesContextAttention",
+    "DistributedAttention",
+    "UlyssesError",
+    "GatherSizeCalculator",
+    "DefaultGatherSizeCalculator",
+    "DynamicGatherSizeCalculator",
+    "kv_head_repeats",
 ]
-
-
-class UlyssesError(ValueError):
-    """Inputs Ulysses cannot shard; raised on every rank of the group (the message names shapes/ranks)."""
 
 
 # ----------------------------------------------------------------------------- gather size calculators
@@ -84,158 +86,6 @@ class DynamicGatherSizeCalculator(GatherSizeCalculator):
         return int(mask.shape[-1]) if isinstance(mask, torch.Tensor) else None
 
 
-# ----------------------------------------------------------------------------- GQA rule
-def kv_head_repeats(heads: int, kv_heads: int, ranks: int) -> int:
-    """How often each KV head is repeated before the all-to-all so every rank gets the KV its queries use.
-
-    Query head i uses KV head ``i // (heads // kv_heads)`` (Megatron/SDPA grouping); rank r receives query
-    heads ``[r*heads/P, (r+1)*heads/P)``.
-
-    * ``kv_heads >= P``: KV heads are scattered like query heads (needs ``kv_heads % P == 0``); rank r's
-      query heads use exactly KV heads ``[r*kv/P, (r+1)*kv/P)``. Returns 1.
-    * ``kv_heads < P``: each KV head is repeated ``P // kv_heads`` times (needs ``P % kv_heads == 0``), so
-      the all-to-all hands every rank exactly one KV head -- the one its query heads use. KV is never
-      expanded to full multi-head. Example: h=8, kv=2, P=4 -> K becomes [k0, k0, k1, k1]; rank r gets query
-      heads 2r, 2r+1 and KV head k_{r//2} (queries 0-3 use k0, 4-7 use k1). Gradients of the copies sum
-      back into the original head (the repeat is part of the autograd graph).
-
-    The local attention sees ``heads/P`` query heads and ``max(kv_heads, P)/P`` KV heads and groups them by
-    shape. Raises :class:`UlyssesError` for combinations that cannot be split this way.
-    """
-    if heads % ranks:
-        raise UlyssesError(f"query has {heads} heads, not divisible by the {ranks} ranks of the Ulysses group")
-    if kv_heads < 1 or heads % kv_heads:
-        raise UlyssesError(f"query has {heads} heads and key/value {kv_heads}: grouped-query attention needs "
-                           f"the query heads to be a multiple of the key/value heads")
-    if kv_heads >= ranks:
-        if kv_heads % ranks:
-            raise UlyssesError(f"key/value have {kv_heads} heads, not divisible by the {ranks} ranks of the "
-                               f"Ulysses group (with {kv_heads} >= {ranks} KV heads are scattered like query "
-                               f"heads)")
-        return 1
-    if ranks % kv_heads:
-        raise UlyssesError(f"key/value have {kv_heads} heads, fewer than the {ranks} ranks of the Ulysses group "
-                           f"and not a divisor of {ranks}: KV heads cannot be replicated so that every rank "
-                           f"gets the one its query heads use")
-    return ranks // kv_heads
-
-
-# ----------------------------------------------------------------------------- input checks
-_NAMES = ("query", "key", "value")
-_COLS = 7  # metadata columns per tensor: 4 dims, dtype, needs grad, device type
-
-
-def _signature(t: torch.Tensor) -> List[int]:
-    # crc32 of the dtype name is stable across processes (unlike hash()); a rank whose tensor needs a
-    # gradient while another's does not would wait forever in the backward all-to-all.
-    return list(t.shape) + [zlib.crc32(str(t.dtype).encode()), int(t.requires_grad and torch.is_grad_enabled()),
-                            device_code(t)]
-
-
-def _as_length(size: Any) -> Optional[int]:
-    """The calculator's answer as an int (None stays None); anything else is a TypeError."""
-    if size is None:
-        return None
-    if isinstance(size, bool):
-        raise TypeError(f"gather size must be an int (the global sequence length), got {size!r}")
-    try:
-        return operator.index(size)
-    except TypeError:
-        raise TypeError(f"gather size must be an int (the global sequence length), got {size!r}") from None
-
-
-def allgather_problem(heads: int, kv_heads: int, ranks: int) -> Optional[str]:
-    """Why K/V cannot go by all-gather (``--use-ulysses-allgather-kv``) for these head counts, or None."""
-    if kv_heads >= heads:
-        return (f"--use-ulysses-allgather-kv needs grouped-query attention (fewer key/value heads than the {heads} "
-                f"query heads), got {kv_heads} key/value heads")
-    if kv_heads > ranks or ranks % kv_heads:
-        return (f"--use-ulysses-allgather-kv gathers all {kv_heads} key/value heads on each of the {ranks} ranks: it "
-                f"needs at most {ranks} of them, dividing {ranks} (with more, the all-to-all sends less)")
-    return None
-
-
-def _local_problem(qkv, seq_dim: int, head_dim: int, gather_size, ranks: int, rank: int,
-                   allgather: bool = False) -> Optional[str]:
-    """What is wrong with this rank's own inputs (None if nothing); needs no communication."""
-    for name, t in zip(_NAMES, qkv):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            return (f"{name} must be a 4-D tensor with the sequence at dim {seq_dim} and heads at dim "
-                    f"{head_dim}, got {got}")
-    q, k, v = qkv
-    shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(_NAMES, qkv))
-    if len({t.device for t in qkv}) > 1:
-        return "query, key and value are on different devices (" + ", ".join(
-            f"{n} {t.device}" for n, t in zip(_NAMES, qkv)) + ")"
-    other = [d for d in range(3) if d not in (seq_dim, head_dim)]  # the batch dim(s)
-    for d in [seq_dim] + other:
-        if not q.shape[d] == k.shape[d] == v.shape[d]:
-            return f"query, key and value differ at dim {d} ({shapes})"
-    if k.shape[head_dim] != v.shape[head_dim] or q.shape[3] != k.shape[3]:
-        return f"key and value need the same heads and query and key the same head size ({shapes})"
-    try:
-        kv_head_repeats(q.shape[head_dim], k.shape[head_dim], ranks)
-    except UlyssesError as e:
-        return str(e)
-    if allgather:
-        problem = allgather_problem(q.shape[head_dim], k.shape[head_dim], ranks)
-        if problem:
-            return problem
-    s_local = q.shape[seq_dim]
-    if gather_size is None:
-        return None if s_local > 0 else (
-            f"query holds 0 tokens along dim {seq_dim}: aligned Ulysses needs the same non-zero local "
-            f"length on every rank")
-    if gather_size < 1:
-        return f"gather size must be a positive global sequence length, got {gather_size}"
-    want = split_sizes(gather_size, ranks)
-    if s_local != want[rank]:
-        return (f"gather size {gather_size} over {ranks} ranks means rank {rank} holds {want[rank]} tokens "
-                f"(torch.tensor_split: {want}), but its {_NAMES[0]} has {s_local} along dim {seq_dim}")
-    return None
-
-
-def _row(qkv, gather_size, ok: bool, options=(None, False)) -> List[int]:
-    """This rank's metadata row: the gather size (-1 = aligned), then q/k/v signatures (zeros when this
-    rank's inputs are unusable; then only its problem text matters), then the KV cache policy and the
-    all-gather switch (a rank that differs would wait in backward for an exchange the others skip)."""
-    row = [-1 if gather_size is None else int(gather_size)]
-    for t in qkv:
-        row += _signature(t) if ok else [0] * _COLS
-    return row + [policy_code(options[0]), int(options[1])]
-
-
-def _check(table: Table, seq_dim: int, where: str = "the Ulysses group") -> Optional[str]:
-    """The same verdict on every rank: everything but the local sequence length must agree (else the
-    all-to-all pieces would not match), and aligned lengths must be equal."""
-    seq_cols = [1 + _COLS * i + seq_dim for i in range(3)]
-    key = [[x for c, x in enumerate(r) if c not in seq_cols] for r in table.rows]
-    if any(k != key[0] for k in key):
-        return (f"q/k/v shapes, dtypes, devices, requires_grad or gather sizes differ across the ranks of {where} "
-                f"(only the sequence dim may differ): " + table.listing(_describe))
-    lengths = [r[seq_cols[0]] for r in table.rows]
-    if table.rows[0][0] < 0 and len(set(lengths)) > 1:
-        return (f"aligned Ulysses needs the same local sequence length on every rank, got {lengths} (ranks "
-                f"{table.ranks}); for uneven lengths give UlyssesContextAttention a gather_size_calculator "
-                f"(e.g. DynamicGatherSizeCalculator) that returns the global length")
-    return None  # with a declared S each rank already checked its own length against tensor_split(S, P)
-
-
-def _describe(row: List[int]) -> str:
-    dtypes = {zlib.crc32(str(d).encode()): str(d).replace("torch.", "")
-              for d in vars(torch).values() if isinstance(d, torch.dtype)}
-    parts = []
-    for i, name in enumerate(_NAMES):
-        col = row[1 + _COLS * i: 1 + _COLS * (i + 1)]
-        grad = " requires_grad" if col[5] else ""
-        parts.append(f"{name} {tuple(col[:4])} {dtypes.get(col[4], '?')} {device_name(col[6])}{grad}")
-    policy, gather = row[1 + 3 * _COLS:3 + 3 * _COLS]
-    return (", ".join(parts) + (", aligned" if row[0] < 0 else f", gather size {row[0]}")
-            + f", kv_cache_policy={None if policy < 0 else repr(KV_CACHE_POLICIES[policy])}"
-            + (", allgather_kv" if gather else ""))
-
-
 # ----------------------------------------------------------------------------- the module
 class UlyssesContextAttention(torch.nn.Module):
     """Ulysses context-parallel attention around any local attention (DeepSpeed ``DistributedAttention``
@@ -261,15 +111,26 @@ class UlyssesContextAttention(torch.nn.Module):
     P=4: every rank gets 2 query heads and 1 KV head).
     """
 
-    def __init__(self, local_attention, sequence_process_group, scatter_idx: int = 2, gather_idx: int = 0,
-                 gather_size_calculator: Optional[GatherSizeCalculator] = None, *,
-                 check_inputs: bool = True, agree_group=None, kv_cache_policy: Optional[str] = None,
-                 allgather_kv: bool = False) -> None:
+    def __init__(
+        self,
+        local_attention,
+        sequence_process_group,
+        scatter_idx: int = 2,
+        gather_idx: int = 0,
+        gather_size_calculator: Optional[GatherSizeCalculator] = None,
+        *,
+        check_inputs: bool = True,
+        agree_group=None,
+        kv_cache_policy: Optional[str] = None,
+        allgather_kv: bool = False,
+    ) -> None:
         super().__init__()
         dims = {scatter_idx % 4, gather_idx % 4}
         if len(dims) != 2 or 3 in dims:
-            raise UlyssesError(f"scatter_idx ({scatter_idx}) and gather_idx ({gather_idx}) must name two different "
-                               f"dims of the 4-D q/k/v other than the last (the head size)")
+            raise UlyssesError(
+                f"scatter_idx ({scatter_idx}) and gather_idx ({gather_idx}) must name two different "
+                f"dims of the 4-D q/k/v other than the last (the head size)"
+            )
         self.local_attn = local_attention
         self.spg = sequence_process_group
         self.scatter_idx = scatter_idx % 4
@@ -279,32 +140,31 @@ class UlyssesContextAttention(torch.nn.Module):
         self.gather_size_calculator = gather_size_calculator
         self.check_inputs = check_inputs
         self.agree_group = agree_group
-        self.kv_cache_policy = check_policy(kv_cache_policy, "UlyssesContextAttention")
-        self.allgather_kv = bool(allgather_kv)
+        self.options = UlyssesOptions(kv_cache_policy=kv_cache_policy, allgather_kv=bool(allgather_kv))
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any,
-                **kwargs: Any) -> torch.Tensor:
+    @property
+    def kv_cache_policy(self) -> Optional[str]:
+        return self.options.kv_cache_policy
+
+    @property
+    def allgather_kv(self) -> bool:
+        return self.options.allgather_kv
+
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         group, head_dim, seq_dim = self.spg, self.scatter_idx, self.gather_idx
         ranks, rank = dist.get_world_size(group), dist.get_rank(group)
-        gather_size, problem, cause = None, None, None
-        try:
-            gather_size = _as_length(self.gather_size_calculator.calculate(*args, **kwargs))
-            problem = _local_problem((query, key, value), seq_dim, head_dim, gather_size, ranks, rank,
-                                     self.allgather_kv)
-        except Exception as e:  # noqa: BLE001 - a failing calculator must fail every rank, not hang them
-            gather_size, problem, cause = None, f"{type(e).__name__}: {e}", e
-        if self.check_inputs:
-            try:
-                options = (self.kv_cache_policy, self.allgather_kv)
-                agree(self.agree_group or group, _row((query, key, value), gather_size, problem is None, options),
-                      problem,
-                      check=lambda table: _check(table, seq_dim), error=UlyssesError, like=query,
-                      prefix="Ulysses inputs rejected on ")
-            except UlyssesError as e:
-                raise e from cause
-        elif problem is not None:
-            raise UlyssesError(problem) from cause
-
+        gather_size = agree_ulysses(
+            (query, key, value),
+            seq_dim,
+            head_dim,
+            lambda: self.gather_size_calculator.calculate(*args, **kwargs),
+            group,
+            self.options,
+            self.agree_group,
+            self.check_inputs,
+        )
         heads, s_local = query.shape[head_dim], query.shape[seq_dim]
         total = s_local * ranks if gather_size is None else gather_size
         seq_sizes = split_sizes(total, ranks)
@@ -319,8 +179,9 @@ class UlyssesContextAttention(torch.nn.Module):
                 # [s/P, b, kv, d] -> [s/P, b, P, d]: KV head j repeated for the P/kv ranks whose queries use it
                 t = t.repeat_interleave(repeats, dim=head_dim)
             # [s/P, b, kv', d] -> [s, b, kv'/P, d]
-            return all_to_all(t, group, head_dim, seq_dim, gather_sizes=seq_sizes,
-                              kind="all_to_all_again" if again else "all_to_all")
+            return all_to_all(
+                t, group, head_dim, seq_dim, gather_sizes=seq_sizes, kind="all_to_all_again" if again else "all_to_all"
+            )
 
         # [s/P, b, h, d] -> [s, b, h/P, d]
         q = all_to_all(query, group, head_dim, seq_dim, gather_sizes=seq_sizes)
@@ -351,9 +212,11 @@ class UlyssesContextAttention(torch.nn.Module):
             ok = out.dim() == 4 and out.shape[:3] == q.shape[:3]
         if not ok:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise UlyssesError(f"local attention returned {got}; expected a tensor shaped like its query "
-                               f"{tuple(q.shape)} (sequence {total} at dim {seq_dim}, {q.shape[head_dim]} heads at "
-                               f"dim {head_dim}) or with its last two dims flattened")
+            raise UlyssesError(
+                f"local attention returned {got}; expected a tensor shaped like its query "
+                f"{tuple(q.shape)} (sequence {total} at dim {seq_dim}, {q.shape[head_dim]} heads at "
+                f"dim {head_dim}) or with its last two dims flattened"
+            )
         return flat
 
 

@@ -26,7 +26,7 @@
 #   DRY_RUN=1          print the layout and the final command, exit 0 (no GPU work)
 #   Any key of the .conf files (TP, CP, CP_ALGO, SEQ_LENGTH, ...) set in the environment wins.
 #
-# Before launching it validates the configuration (mindspeed_cp.check: layout, heads, sequence length) and
+# Before launching it validates the configuration (mindspeed_cp.tools.check: layout, heads, sequence length) and
 # prints the rank layout (mindspeed-cp groups); an impossible configuration exits with status 2.
 set -euo pipefail
 
@@ -60,7 +60,7 @@ load_conf "$MODEL_CONF"
 
 PYTHON=${PYTHON:-python3}
 # one line, not a traceback, when the interpreter lacks the plugin (or its torch)
-WHY=$("$PYTHON" -c 'import mindspeed_cp.check' 2>&1) || die "cannot import mindspeed_cp with PYTHON=$PYTHON \
+WHY=$("$PYTHON" -c 'import mindspeed_cp.tools.check' 2>&1) || die "cannot import mindspeed_cp with PYTHON=$PYTHON \
 (${WHY##*$'\n'}): run make setup, then PYTHON=$ROOT/.venv/bin/python (or source $ROOT/.venv/bin/activate), \
 or pip install -e $ROOT into that interpreter's environment"
 DEVICE=${DEVICE:-auto}
@@ -106,7 +106,7 @@ MODEL_FLAGS=(--num-attention-heads "$NUM_ATTENTION_HEADS" --seq-length "$SEQ_LEN
 [[ -n ${NUM_QUERY_GROUPS:-} ]] && MODEL_FLAGS+=(--num-query-groups "$NUM_QUERY_GROUPS")
 [[ ${SEQUENCE_PARALLEL:-0} == 1 ]] && MODEL_FLAGS+=(--sequence-parallel)
 
-"$PYTHON" -m mindspeed_cp.check --world-size "$WORLD_SIZE" --tp "$TP" --pp "$PP" "${CP_FLAGS[@]}" \
+"$PYTHON" -m mindspeed_cp.tools.check --world-size "$WORLD_SIZE" --tp "$TP" --pp "$PP" "${CP_FLAGS[@]}" \
   "${MODEL_FLAGS[@]}" --num-layers "$NUM_LAYERS" || exit 2
 GROUPS_FLAGS=(--world-size "$WORLD_SIZE" --tp "$TP" --pp "$PP" --cp "$CP" --cp-algo "$CP_ALGO"
               --cp-window-size "$CP_WINDOW" --nodes "$NNODES" --format text)

@@ -8,6 +8,7 @@ Conventions shared by every CP test:
   (e.g. ``[b, 1, S, S]``); combined with ``causal`` when both are given;
 * a row with no visible key gives output 0 (and log-sum-exp -inf), never NaN.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,15 @@ def _visible(sq: int, sk: int, causal: bool, mask: Optional[torch.Tensor], devic
     return allowed
 
 
-def attention_bhsd(q, k, v, causal: bool = True, mask: Optional[torch.Tensor] = None,
-                   scale: Optional[float] = None, compute_dtype: Optional[torch.dtype] = None):
+def attention_bhsd(
+    q,
+    k,
+    v,
+    causal: bool = True,
+    mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+):
     """Plain softmax attention on ``[b, h, S, d]`` in ``compute_dtype``; returns ``(out, lse)`` in it.
 
     Differentiable (autograd through matmuls), GQA by grouping, safe for fully masked rows.
@@ -68,15 +76,24 @@ def attention_bhsd(q, k, v, causal: bool = True, mask: Optional[torch.Tensor] = 
     return out, lse
 
 
-def reference_attention(q, k, v, causal: bool = True, mask: Optional[torch.Tensor] = None,
-                        scale: Optional[float] = None, layout: str = "sbhd", return_lse: bool = False):
+def reference_attention(
+    q,
+    k,
+    v,
+    causal: bool = True,
+    mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    layout: str = "sbhd",
+    return_lse: bool = False,
+):
     """Full attention in float64 on the whole sequence: ``[S, b, h, d]`` (or bshd) -> same layout, float64.
 
     Differentiable: give it float64 leaf copies of the inputs to get reference gradients.
     ``return_lse=True`` also returns the log-sum-exp ``[b, h, S]`` (float64).
     """
-    out, lse = attention_bhsd(*(_to_bhsd(t, layout) for t in (q, k, v)), causal=causal, mask=mask,
-                              scale=scale, compute_dtype=torch.float64)
+    out, lse = attention_bhsd(
+        *(_to_bhsd(t, layout) for t in (q, k, v)), causal=causal, mask=mask, scale=scale, compute_dtype=torch.float64
+    )
     out = _from_bhsd(out, layout)
     return (out, lse) if return_lse else out
 
@@ -89,8 +106,9 @@ class NaiveLocalAttention:
     ``[S, b, h*d]`` (``flatten_output=True``); ``layout="bshd"`` for ``[b, S, h, d]``.
     """
 
-    def __init__(self, causal: bool = True, scale: Optional[float] = None, layout: str = "sbhd",
-                 flatten_output: bool = False):
+    def __init__(
+        self, causal: bool = True, scale: Optional[float] = None, layout: str = "sbhd", flatten_output: bool = False
+    ):
         self.causal, self.scale, self.layout, self.flatten_output = causal, scale, layout, flatten_output
 
     def _finish(self, out_bhsd: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -99,8 +117,13 @@ class NaiveLocalAttention:
 
     def __call__(self, q, k, v, attention_mask=None, *args, **kwargs):
         compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        out, _ = attention_bhsd(*(_to_bhsd(t, self.layout) for t in (q, k, v)), causal=self.causal,
-                                mask=attention_mask, scale=self.scale, compute_dtype=compute)
+        out, _ = attention_bhsd(
+            *(_to_bhsd(t, self.layout) for t in (q, k, v)),
+            causal=self.causal,
+            mask=attention_mask,
+            scale=self.scale,
+            compute_dtype=compute,
+        )
         return self._finish(out, q.dtype)
 
 
@@ -115,8 +138,9 @@ class SDPALocalAttention(NaiveLocalAttention):
         allowed = None
         if attention_mask is not None:  # SDPA wants True = attend, and no is_causal together with a mask
             allowed = _visible(q.shape[2], k.shape[2], self.causal, attention_mask, q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale,
-                                             is_causal=self.causal and allowed is None)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, scale=self.scale, is_causal=self.causal and allowed is None
+        )
         return self._finish(out, q.dtype)
 
 

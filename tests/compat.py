@@ -21,6 +21,7 @@ exists. Features a release lacks are skipped by feature detection (``tests/featu
 number. Results: a table on stdout and
 ``test-artifacts/compat.json``; exit status 1 if any release has a failure.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,10 +38,18 @@ PY311 = ["0.12.3", "0.13.1", "0.14.0", "0.15.3"]
 PY312_BASE = "0.19.2"
 PY312 = ["0.17.1", "0.18.2", PY312_BASE]
 TORCH = "2.13.0"
-TESTS = ["tests/test_megatron_cp.py", "tests/test_packing.py", "tests/test_dropout.py",
-         "tests/test_megatron_core_training.py", "tests/test_device.py", "tests/test_emulation.py",
-         "tests/test_patching.py", "tests/test_megatron_lm.py", "tests/test_megatron_training_wheel.py",
-         "tests/test_kv_cache.py"]
+TESTS = [
+    "tests/test_megatron_cp.py",
+    "tests/test_packing.py",
+    "tests/test_dropout.py",
+    "tests/test_megatron_core_training.py",
+    "tests/test_device.py",
+    "tests/test_emulation.py",
+    "tests/test_patching.py",
+    "tests/test_megatron_lm.py",
+    "tests/test_megatron_training_wheel.py",
+    "tests/test_kv_cache.py",
+]
 # attention-level float64 cases: no Megatron code beyond parallel_state
 DESELECT = "not documents_match_float64 and not test_kv_cache_cp and not bad_kv_cache"
 PIP = ["-m", "pip", "install", "-q", "--disable-pip-version-check"]
@@ -105,16 +114,29 @@ def run_release(version: str) -> dict:
         python = _venv312()
         extra = [] if version == PY312_BASE else [_overlay(python, version)]
     else:
-        raise SystemExit(f"test-compat: megatron-core {version} is not in the matrix ({', '.join(PY311 + PY312)};"
-                         f" 0.16.1 is `make test`)")
+        raise SystemExit(
+            f"test-compat: megatron-core {version} is not in the matrix ({', '.join(PY311 + PY312)};"
+            f" 0.16.1 is `make test`)"
+        )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(extra + [ROOT]))
     start = time.time()
-    res = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS, "-k", DESELECT],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
+    res = subprocess.run(
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS, "-k", DESELECT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     out = res.stdout + res.stderr
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
-    got = dict(version=version, python=".".join(map(str, _python_version(python))), seconds=round(time.time() - start),
-               returncode=res.returncode, failed_tests=failed, **_summary(out))
+    got = dict(
+        version=version,
+        python=".".join(map(str, _python_version(python))),
+        seconds=round(time.time() - start),
+        returncode=res.returncode,
+        failed_tests=failed,
+        **_summary(out),
+    )
     if res.returncode:
         print(out[-8000:], flush=True)
     return got
@@ -133,15 +155,20 @@ def main(argv=None) -> int:
         print(f"== megatron-core {v}", flush=True)
         results.append(run_release(v))
         r = results[-1]
-        print(f"   {r['passed']} passed, {r['skipped']} skipped, {r['failed'] + r['error']} failed "
-              f"({r['seconds']} s, Python {r['python']})", flush=True)
+        print(
+            f"   {r['passed']} passed, {r['skipped']} skipped, {r['failed'] + r['error']} failed "
+            f"({r['seconds']} s, Python {r['python']})",
+            flush=True,
+        )
     os.makedirs(os.path.join(ROOT, "test-artifacts"), exist_ok=True)
     with open(os.path.join(ROOT, "test-artifacts", "compat.json"), "w") as f:
         json.dump(results, f, indent=1)
     print("\n| megatron-core | Python | passed | skipped | failed | seconds |\n|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['version']} | {r['python']} | {r['passed']} | {r['skipped']} | {r['failed'] + r['error']} "
-              f"| {r['seconds']} |")
+        print(
+            f"| {r['version']} | {r['python']} | {r['passed']} | {r['skipped']} | {r['failed'] + r['error']} "
+            f"| {r['seconds']} |"
+        )
     bad = [r["version"] for r in results if r["returncode"] != 0]
     if bad:
         print(f"test-compat: failures on megatron-core {', '.join(bad)}", file=sys.stderr)

@@ -9,17 +9,18 @@ state so tests do not leak into each other.
 A rank that raises while its peers sit in a collective would hang them: the pool then waits at most
 ``grace`` seconds for the others, kills and restarts the whole pool, and reports every rank's error.
 """
+
 from __future__ import annotations
 
 import atexit
 import multiprocessing as mp
 import os
-import socket
 import time
 import traceback
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Callable, Dict, List, Optional
+
+from mindspeed_cp.ranks import free_port, init_rank
 
 DEFAULT_TIMEOUT = float(os.environ.get("MSCP_TEST_TIMEOUT", "300"))
 
@@ -42,12 +43,6 @@ class DistributedTestError(AssertionError):
         super().__init__(f"{note}{len(errors)} rank(s) failed: " + "; ".join(map(str, errors)) + "\n" + body)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cleanup_rank() -> None:
     """Undo per-test global state in a worker (Megatron's parallel state, the plugin's CP state)."""
     try:
@@ -58,7 +53,7 @@ def _cleanup_rank() -> None:
     except Exception:  # noqa: BLE001 - cleanup must never kill the worker
         traceback.print_exc()
     try:
-        from mindspeed_cp.state import STATE
+        from mindspeed_cp.megatron.state import STATE
 
         STATE.reset()
     except Exception:  # noqa: BLE001
@@ -77,16 +72,10 @@ def _cleanup_rank() -> None:
 
 
 def _worker(rank: int, world_size: int, port: int, conn) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=180))
+    init_rank(rank, world_size, port, timeout_s=180)
     try:
         import megatron.core  # noqa: F401  - warm the import once per rank
+
         import mindspeed_cp  # noqa: F401
     except Exception:  # noqa: BLE001
         traceback.print_exc()
@@ -111,13 +100,17 @@ def _worker(rank: int, world_size: int, port: int, conn) -> None:
 class Pool:
     def __init__(self, world_size: int, start_timeout: float = 300):
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         self.world_size = world_size
         self.conns, self.procs = [], []
         for rank in range(world_size):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(rank, world_size, port, child), daemon=True,
-                            name=f"gloo-rank{rank}-of-{world_size}")
+            p = ctx.Process(
+                target=_worker,
+                args=(rank, world_size, port, child),
+                daemon=True,
+                name=f"gloo-rank{rank}-of-{world_size}",
+            )
             p.start()
             self.conns.append(parent)
             self.procs.append(p)
@@ -128,8 +121,9 @@ class Pool:
                 raise RuntimeError(f"gloo rank {rank} of {world_size} did not start in {start_timeout}s")
             c.recv()
 
-    def run(self, fn: Callable, args=(), kwargs=None, timeout: float = DEFAULT_TIMEOUT,
-            grace: float = 20.0) -> List[Any]:
+    def run(
+        self, fn: Callable, args=(), kwargs=None, timeout: float = DEFAULT_TIMEOUT, grace: float = 20.0
+    ) -> List[Any]:
         """Run ``fn`` on every rank; return a list of results or :class:`RankError` per rank.
 
         Raises ``TimeoutError`` (after killing the pool) when ranks neither finish nor fail in time.
@@ -148,11 +142,14 @@ class Pool:
                     self.close()
                     if failed:
                         for r in pending:
-                            results[r] = RankError(r, "Hang", "did not return after another rank failed "
-                                                   "(stuck in a collective)", "")
+                            results[r] = RankError(
+                                r, "Hang", "did not return after another rank failed (stuck in a collective)", ""
+                            )
                         return results
-                    raise TimeoutError(f"ranks {sorted(pending)} of {self.world_size} did not finish "
-                                       f"{getattr(fn, '__name__', fn)} in {timeout}s (pool restarted)")
+                    raise TimeoutError(
+                        f"ranks {sorted(pending)} of {self.world_size} did not finish "
+                        f"{getattr(fn, '__name__', fn)} in {timeout}s (pool restarted)"
+                    )
                 for p in self.procs:
                     if not p.is_alive():
                         self.close()
@@ -193,8 +190,15 @@ def get_pool(world_size: int) -> Pool:
     return pool
 
 
-def run_outcomes(world_size: int, fn: Callable, *args, timeout: float = DEFAULT_TIMEOUT, grace: float = 20.0,
-                 restart: bool = False, **kwargs) -> List[Any]:
+def run_outcomes(
+    world_size: int,
+    fn: Callable,
+    *args,
+    timeout: float = DEFAULT_TIMEOUT,
+    grace: float = 20.0,
+    restart: bool = False,
+    **kwargs,
+) -> List[Any]:
     """Per-rank results, with :class:`RankError` in place of a rank's result when it raised.
 
     ``grace``: how long the others may still take once one rank failed (fault tests wait for a process-group
@@ -211,8 +215,7 @@ def run_outcomes(world_size: int, fn: Callable, *args, timeout: float = DEFAULT_
             _POOLS.pop(world_size, None)
 
 
-def run_on_ranks(world_size: int, fn: Callable, *args, timeout: float = DEFAULT_TIMEOUT,
-                 **kwargs) -> List[Any]:
+def run_on_ranks(world_size: int, fn: Callable, *args, timeout: float = DEFAULT_TIMEOUT, **kwargs) -> List[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; raise if any rank failed."""
     results = run_outcomes(world_size, fn, *args, timeout=timeout, **kwargs)
     errors = [r for r in results if isinstance(r, RankError)]
@@ -221,8 +224,9 @@ def run_on_ranks(world_size: int, fn: Callable, *args, timeout: float = DEFAULT_
     return results
 
 
-def expect_error_on_every_rank(world_size: int, fn: Callable, *args, match: Optional[str] = None,
-                               timeout: float = 120, **kwargs) -> List[RankError]:
+def expect_error_on_every_rank(
+    world_size: int, fn: Callable, *args, match: Optional[str] = None, timeout: float = 120, **kwargs
+) -> List[RankError]:
     """Assert that every rank raised (no hang, no silent success); return the errors."""
     import re
 

@@ -5,6 +5,7 @@ suite runs on (``make test-compat`` runs it on 0.12 ... 0.19):
 
     @pytest.mark.skipif(not features.local_sliding_window(), reason=features.WHY["local_sliding_window"])
 """
+
 from __future__ import annotations
 
 import inspect
@@ -54,7 +55,7 @@ def cp_scaled_token_loss() -> bool:
     fn = getattr(schedules, "forward_step_calc_loss", None) or schedules.forward_step
     src = inspect.getsource(fn)
     start = src.find("output_tensor /= num_tokens")
-    return start >= 0 and "get_context_parallel_world_size" in src[start:src.find("num_microbatches", start)]
+    return start >= 0 and "get_context_parallel_world_size" in src[start : src.find("num_microbatches", start)]
 
 
 def forward_step_calc_loss() -> bool:

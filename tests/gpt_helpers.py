@@ -21,6 +21,7 @@ Everything goes through megatron-core's public entry points (``initialize_model_
 accelerator this exercises ``mindspeed_cp.device``'s patches exactly as a user's script does.
 Dropout defaults to 0 so that runs with different parallel layouts are comparable.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional
@@ -33,21 +34,33 @@ Batch = Dict[str, torch.Tensor]
 
 def init_parallel(tp: int = 1, cp: int = 1, pp: int = 1, seed: Optional[int] = 1234, **kwargs) -> None:
     """Megatron's model-parallel groups (with the plugin's patches), then its RNG seeding when `seed`."""
-    import mindspeed_cp.megatron_adaptor  # noqa: F401  - the patches
     from megatron.core import parallel_state, tensor_parallel
+
+    import mindspeed_cp.megatron_adaptor  # noqa: F401  - the patches
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp, **kwargs)
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp, **kwargs
+    )
     if seed is not None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def build_gpt(num_layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: Optional[int] = None,
-              vocab: int = 128, seq: int = 64, seed: Optional[int] = 1234, dtype: torch.dtype = torch.float32,
-              position_embedding_type: str = "rope", mla: Optional[dict] = None, moe: Optional[dict] = None,
-              **overrides):
+def build_gpt(
+    num_layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: Optional[int] = None,
+    vocab: int = 128,
+    seq: int = 64,
+    seed: Optional[int] = 1234,
+    dtype: torch.dtype = torch.float32,
+    position_embedding_type: str = "rope",
+    mla: Optional[dict] = None,
+    moe: Optional[dict] = None,
+    **overrides,
+):
     """A GPTModel (local layer spec) for the parallel layout of :func:`init_parallel`.
 
     ``seed`` re-seeds Megatron's RNG right before building, so the same seed gives the same weights
@@ -66,9 +79,16 @@ def build_gpt(num_layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: O
     if seed is not None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     fields = dict(
-        num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=kv_heads,
-        ffn_hidden_size=4 * hidden, params_dtype=dtype, bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16, hidden_dropout=0.0, attention_dropout=0.0,
+        num_layers=num_layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=kv_heads,
+        ffn_hidden_size=4 * hidden,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
         context_parallel_size=ps.get_context_parallel_world_size(),
@@ -78,8 +98,14 @@ def build_gpt(num_layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: O
     config = (MLATransformerConfig if mla is not None else TransformerConfig)(**fields)
     spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, multi_latent_attention=mla is not None)
     mtp = None if not config.mtp_num_layers else get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
-    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab, max_sequence_length=seq,
-                     position_embedding_type=position_embedding_type, mtp_block_spec=mtp)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=vocab,
+        max_sequence_length=seq,
+        position_embedding_type=position_embedding_type,
+        mtp_block_spec=mtp,
+    )
     if dtype in (torch.bfloat16, torch.float16):  # as Megatron trains in half: every weight in `dtype`,
         from megatron.core.transformer.module import Float16Module  # fp32 logits / loss out
 
@@ -112,8 +138,9 @@ def shard_for_cp(batch: Batch) -> Batch:
 
 def lm_loss(model, batch: Batch) -> torch.Tensor:
     """Mean next-token loss over the tokens of `batch` that count (``loss_mask``)."""
-    per_token = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
-                      labels=batch["labels"])  # [b, s]
+    per_token = model(
+        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
+    )  # [b, s]
     mask = batch["loss_mask"].to(per_token.dtype)
     return (per_token * mask).sum() / mask.sum()
 
@@ -129,9 +156,15 @@ def sync_grads(model, group=None) -> None:
             p.grad /= dist.get_world_size(group)
 
 
-def train_steps(model, batch: Batch, steps: int = 3, lr: float = 1e-3,
-                loss_fn: Callable = lm_loss, grad_group=None,
-                optimizer: Callable = torch.optim.Adam) -> List[float]:
+def train_steps(
+    model,
+    batch: Batch,
+    steps: int = 3,
+    lr: float = 1e-3,
+    loss_fn: Callable = lm_loss,
+    grad_group=None,
+    optimizer: Callable = torch.optim.Adam,
+) -> List[float]:
     """`steps` optimizer steps on the fixed `batch`; the per-step losses (before each step).
 
     ``grad_group``: the group gradients are averaged over (see :func:`sync_grads`); the reported

@@ -13,6 +13,7 @@ On a machine without an accelerator every CUDA call of that machinery goes throu
 ``mindspeed_cp.device.emulation``: this is CI's view of Megatron-LM's training loop (which needs a
 Megatron-LM checkout).
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -51,8 +52,14 @@ def _batches(global_batch: int, seq: int, vocab: int) -> List[Dict[str, torch.Te
         stream = (start + step * torch.arange(seq + 1)) % vocab  # learnable arithmetic sequences
         noise = torch.rand(seq + 1, generator=g) < 0.1
         stream = torch.where(noise, torch.randint(0, vocab, (seq + 1,), generator=g), stream)[None]
-        out.append({"tokens": stream[:, :-1].contiguous(), "labels": stream[:, 1:].contiguous(),
-                    "loss_mask": torch.ones(1, seq), "position_ids": torch.arange(seq)[None].contiguous()})
+        out.append(
+            {
+                "tokens": stream[:, :-1].contiguous(),
+                "labels": stream[:, 1:].contiguous(),
+                "loss_mask": torch.ones(1, seq),
+                "position_ids": torch.arange(seq)[None].contiguous(),
+            }
+        )
     return out
 
 
@@ -82,7 +89,6 @@ def _forward_step(data_iterator, model):
 
 
 def train(case: dict) -> dict:
-    import mindspeed_cp.megatron_adaptor as adaptor
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -93,27 +99,52 @@ def train(case: dict) -> dict:
     from megatron.core.timers import Timers
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
+    import mindspeed_cp.megatron_adaptor as adaptor
+
     tp, pp, cp, vpp = case.get("tp", 1), case.get("pp", 1), case.get("cp", 1), case.get("vpp")
     seq, layers, steps, vocab = case.get("seq", 64), case.get("layers", 2), case.get("steps", 4), 128
     dist_opt, overlap, ep = case.get("distributed_optimizer", False), case.get("overlap", False), case.get("ep", 1)
     adaptor.configure(context_parallel_size=cp, **case.get("flags", {}))
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
-                                 expert_model_parallel_size=ep)
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+    )
     tensor_parallel.model_parallel_cuda_manual_seed(SEED)
-    fields = dict(num_layers=layers, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4, hidden_dropout=0.0,
-                  attention_dropout=0.0)
+    fields = dict(
+        num_layers=layers,
+        hidden_size=64,
+        ffn_hidden_size=256,
+        num_attention_heads=4,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
     fields.update(case.get("model", {}))  # a model preset's TransformerConfig fields (tests/test_presets.py)
     vocab = fields.pop("vocab", vocab)
     config = (MLATransformerConfig if fields.get("multi_latent_attention") else TransformerConfig)(
-        **fields, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
-        virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp, pipeline_dtype=torch.float32,
-        deallocate_pipeline_outputs=True, overlap_p2p_comm=vpp is not None, batch_p2p_comm=vpp is None)
+        **fields,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
+        pipeline_dtype=torch.float32,
+        deallocate_pipeline_outputs=True,
+        overlap_p2p_comm=vpp is not None,
+        batch_p2p_comm=vpp is None,
+    )
     norm = {} if config.normalization == "LayerNorm" else dict(normalization=config.normalization)  # 0.13+
-    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts,
-                                    multi_latent_attention=config.multi_latent_attention, **norm)
-    ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=overlap, use_distributed_optimizer=dist_opt,
-                                               overlap_param_gather=overlap and dist_opt, bucket_size=4096)
+    spec = get_gpt_layer_local_spec(
+        num_experts=config.num_moe_experts, multi_latent_attention=config.multi_latent_attention, **norm
+    )
+    ddp_config = DistributedDataParallelConfig(
+        overlap_grad_reduce=overlap,
+        use_distributed_optimizer=dist_opt,
+        overlap_param_gather=overlap and dist_opt,
+        bucket_size=4096,
+    )
     torch.manual_seed(SEED)  # the same weights whatever the CP layout (CPU initialisation)
     chunks = []
     for stage in range(vpp or 1):
@@ -124,14 +155,32 @@ def train(case: dict) -> dict:
             ps.set_virtual_pipeline_model_parallel_rank(vp)
             stage_kw, model_kw = dict(ignore_virtual=False), {}
         mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False) if config.mtp_num_layers else None
-        model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab, max_sequence_length=seq,
-                         position_embedding_type="rope", pre_process=ps.is_pipeline_first_stage(**stage_kw),
-                         post_process=ps.is_pipeline_last_stage(**stage_kw), mtp_block_spec=mtp, **model_kw)
-        chunks.append(DistributedDataParallel(config=config, ddp_config=ddp_config, module=model,
-                                              disable_bucketing=stage > 0))
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab,
+            max_sequence_length=seq,
+            position_embedding_type="rope",
+            pre_process=ps.is_pipeline_first_stage(**stage_kw),
+            post_process=ps.is_pipeline_last_stage(**stage_kw),
+            mtp_block_spec=mtp,
+            **model_kw,
+        )
+        chunks.append(
+            DistributedDataParallel(config=config, ddp_config=ddp_config, module=model, disable_bucketing=stage > 0)
+        )
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-3, adam_eps=1e-5, clip_grad=1.0, weight_decay=0.01,
-                        use_distributed_optimizer=dist_opt, params_dtype=torch.float32), chunks)
+        OptimizerConfig(
+            optimizer="adam",
+            lr=1e-3,
+            adam_eps=1e-5,
+            clip_grad=1.0,
+            weight_decay=0.01,
+            use_distributed_optimizer=dist_opt,
+            params_dtype=torch.float32,
+        ),
+        chunks,
+    )
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
     config.timers = Timers(log_level=2, log_option="minmax")
@@ -139,8 +188,9 @@ def train(case: dict) -> dict:
         config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
         config.grad_sync_func = [c.start_grad_sync for c in chunks] if len(chunks) > 1 else chunks[0].start_grad_sync
         if dist_opt:
-            config.param_sync_func = ([c.start_param_sync for c in chunks] if len(chunks) > 1
-                                      else chunks[0].start_param_sync)
+            config.param_sync_func = (
+                [c.start_param_sync for c in chunks] if len(chunks) > 1 else chunks[0].start_param_sync
+            )
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     global_batch = case.get("global_batch", 4)
@@ -154,10 +204,15 @@ def train(case: dict) -> dict:
         for c in chunks:
             c.zero_grad_buffer()
         optimizer.zero_grad()
-        reduced = forward_backward(forward_step_func=_forward_step,
-                                   data_iterator=iterators if vpp else iterators[0],
-                                   model=chunks if vpp else chunks[0], num_microbatches=micro, seq_length=seq,
-                                   micro_batch_size=1, forward_only=False)
+        reduced = forward_backward(
+            forward_step_func=_forward_step,
+            data_iterator=iterators if vpp else iterators[0],
+            model=chunks if vpp else chunks[0],
+            num_microbatches=micro,
+            seq_length=seq,
+            micro_batch_size=1,
+            forward_only=False,
+        )
         ok, grad_norm, _ = optimizer.step()
         assert ok, f"step {step}: optimizer skipped the update"
         # train_step's reduction: sum the reports over micro-batches, all-reduce over DP x CP, divide
@@ -170,5 +225,4 @@ def train(case: dict) -> dict:
         dist.broadcast(total, last, group=ps.get_pipeline_model_parallel_group())
         losses.append(float(total[0] / total[1]))
         grad_norms.append(float(grad_norm))
-    return {"losses": losses, "grad_norms": grad_norms,
-            "timers": sorted(config.timers._timers)}
+    return {"losses": losses, "grad_norms": grad_norms, "timers": sorted(config.timers._timers)}

@@ -1,9 +1,10 @@
 """A newcomer fuzzing every documented command: each bad input exits with status 2 and exactly one line on stderr
 naming the argument (and its valid range where it has one) - never a traceback, never a wrong answer.
 
-Most inputs run in this process through ``mindspeed_cp.cli.main`` (argparse's exits caught); a few run the real
+Most inputs run in this process through ``mindspeed_cp.tools.cli.main`` (argparse's exits caught); a few run the real
 command in a subprocess, to show that nothing escapes as a traceback there either.
 """
+
 import argparse
 import json
 import os
@@ -12,7 +13,7 @@ import sys
 
 import pytest
 
-from mindspeed_cp.cli import main as cli_main
+from mindspeed_cp.tools.cli import main as cli_main
 from tests.conftest import ROOT
 
 PLAN = ["plan", "--model", "gpt3-1.3b", "--seq-length", "32768", "--world-size", "8"]
@@ -57,10 +58,14 @@ BAD = [
     (PLAN + ["--recompute", "partial"], ["argument --recompute", "invalid choice: 'partial'"]),
     (PLAN + ["--rank-by", "speed"], ["argument --rank-by", "invalid choice"]),
     (PLAN + ["--format", "yaml"], ["argument --format", "invalid choice"]),
-    (["plan", "--seq-length", "8", "--world-size", "8", "--num-layers", "2"],
-     ["the model needs --hidden-size, --num-attention-heads"]),
-    (["plan", "--model", "gpt3-30b", "--seq-length", "1048576", "--world-size", "8"],
-     ["no feasible configuration", "do not fit in memory", "GB of 80 GB", "--recompute full"]),
+    (
+        ["plan", "--seq-length", "8", "--world-size", "8", "--num-layers", "2"],
+        ["the model needs --hidden-size, --num-attention-heads"],
+    ),
+    (
+        ["plan", "--model", "gpt3-30b", "--seq-length", "1048576", "--world-size", "8"],
+        ["no feasible configuration", "do not fit in memory", "GB of 80 GB", "--recompute full"],
+    ),
     (["plan", "--model", "gpt3-1.3b", "--world-size", "8"], ["the following arguments are required: --seq-length"]),
     # groups
     (GROUPS + ["--world-size", "0"], ["argument --world-size", ">= 1"]),
@@ -87,10 +92,14 @@ BAD = [
     (CHECK + ["--cp", "0"], ["argument --cp/--context-parallel-size", ">= 1"]),
     (CHECK + ["--tp", "x"], ["argument --tp/--tensor-model-parallel-size", "'x'"]),
     (CHECK + ["--cp", "4", "--cp-window-size", "0"], ["--cp-window-size 0 must be an integer >= 1"]),
-    (CHECK + ["--cp", "4", "--context-parallel-algo", "hybrid_cp_algo", "--ulysses-degree-in-cp", "0"],
-     ["--ulysses-degree-in-cp 0 must be a positive integer"]),
-    (CHECK + ["--cp", "4", "--context-parallel-kv-cache-policy", "full", "--context-parallel-cache-interval", "-1"],
-     ["--context-parallel-cache-interval -1 must be an integer >= 0"]),
+    (
+        CHECK + ["--cp", "4", "--context-parallel-algo", "hybrid_cp_algo", "--ulysses-degree-in-cp", "0"],
+        ["--ulysses-degree-in-cp 0 must be a positive integer"],
+    ),
+    (
+        CHECK + ["--cp", "4", "--context-parallel-kv-cache-policy", "full", "--context-parallel-cache-interval", "-1"],
+        ["--context-parallel-cache-interval -1 must be an integer >= 0"],
+    ),
     (CHECK + ["--context-parallel-algo", "bogus"], ["argument --context-parallel-algo", "invalid choice"]),
     (CHECK + ["--context-parallel-kv-cache-policy", "quarter"], ["argument --context-parallel-kv-cache-policy"]),
     (CHECK + ["--cp", "3"], ["world size 8 is not divisible", "--context-parallel-size 3"]),
@@ -162,35 +171,71 @@ def test_bad_files_are_named(tmp_path, capsys):
         assert all(n in line for n in names), line
 
 
-@pytest.mark.parametrize("argv", [
-    ["plan", "--model", "gpt3-1.3b", "--seq-length", "0", "--world-size", "8"],
-    ["plan", "--model", "gpt3-1.3b", "--seq-length", "32768", "--world-size", "8", "--write-preset",
-     "/nonexistent/x.conf"],
-    ["demo", "--steps", "0"],
-    ["check", "--world-size", "8", "--num-attention-heads", "0"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["plan", "--model", "gpt3-1.3b", "--seq-length", "0", "--world-size", "8"],
+        [
+            "plan",
+            "--model",
+            "gpt3-1.3b",
+            "--seq-length",
+            "32768",
+            "--world-size",
+            "8",
+            "--write-preset",
+            "/nonexistent/x.conf",
+        ],
+        ["demo", "--steps", "0"],
+        ["check", "--world-size", "8", "--num-attention-heads", "0"],
+    ],
+)
 def test_the_real_command_prints_no_traceback(argv):
-    res = subprocess.run([sys.executable, "-m", "mindspeed_cp", *argv], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "mindspeed_cp", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     _one_line(res.returncode, res.stdout, res.stderr)
 
 
 def test_check_module_entry_is_one_line_too():
-    """``python -m mindspeed_cp.check`` (what the scripts run) refuses the same way."""
-    res = subprocess.run([sys.executable, "-m", "mindspeed_cp.check", "--world-size", "8", "--cp", "0"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    """``python -m mindspeed_cp.tools.check`` (what the scripts run) refuses the same way."""
+    res = subprocess.run(
+        [sys.executable, "-m", "mindspeed_cp.tools.check", "--world-size", "8", "--cp", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "argument --cp" in res.stderr, res.stderr
 
 
-@pytest.mark.parametrize("namespace,kwargs,match", [
-    ({"context_parallel_size": 4, "context_parallel_algo": "bogus"}, {}, r"not a dict: write configure\(\*\*options\)"),
-    ("context_parallel_size=4", {}, r"got str"),
-    (argparse.Namespace(context_parallel_size=2, num_attention_heads="8"), {},
-     r"^--num-attention-heads '8' must be a positive integer \(got str\)$"),
-    (argparse.Namespace(context_parallel_size=2, seq_length=3.5), {}, r"^--seq-length 3.5 must be a positive integer"),
-    (argparse.Namespace(context_parallel_size=2, num_query_groups=0), {}, r"^--num-query-groups 0 must be a positive"),
-    (None, dict(context_parallel_size="4"), r"--context-parallel-size '4' must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "namespace,kwargs,match",
+    [
+        (
+            {"context_parallel_size": 4, "context_parallel_algo": "bogus"},
+            {},
+            r"not a dict: write configure\(\*\*options\)",
+        ),
+        ("context_parallel_size=4", {}, r"got str"),
+        (
+            argparse.Namespace(context_parallel_size=2, num_attention_heads="8"),
+            {},
+            r"^--num-attention-heads '8' must be a positive integer \(got str\)$",
+        ),
+        (
+            argparse.Namespace(context_parallel_size=2, seq_length=3.5),
+            {},
+            r"^--seq-length 3.5 must be a positive integer",
+        ),
+        (
+            argparse.Namespace(context_parallel_size=2, num_query_groups=0),
+            {},
+            r"^--num-query-groups 0 must be a positive",
+        ),
+        (None, dict(context_parallel_size="4"), r"--context-parallel-size '4' must be a positive integer"),
+    ],
+)
 def test_configure_refuses_a_mapping_and_wrongly_typed_facts(namespace, kwargs, match):
     import mindspeed_cp.megatron_adaptor as adaptor
     from mindspeed_cp.config import CPConfigError
@@ -202,8 +247,13 @@ def test_configure_refuses_a_mapping_and_wrongly_typed_facts(namespace, kwargs, 
 def test_configure_keeps_every_documented_call():
     import mindspeed_cp.megatron_adaptor as adaptor
 
-    args = argparse.Namespace(context_parallel_size=2, context_parallel_algo="megatron_cp_algo", num_attention_heads=8,
-                              seq_length=64, tensor_model_parallel_size=1)
+    args = argparse.Namespace(
+        context_parallel_size=2,
+        context_parallel_algo="megatron_cp_algo",
+        num_attention_heads=8,
+        seq_length=64,
+        tensor_model_parallel_size=1,
+    )
     try:
         assert adaptor.configure(args).context_parallel_algo == "megatron_cp_algo"
         assert adaptor.configure(context_parallel_size=2, cp_window_size=1).cp == 2
@@ -222,10 +272,17 @@ def test_missing_requirements_are_one_line(tmp_path):
         pytest.skip(f"{base} has torch")
     env = dict(os.environ, PYTHONPATH=ROOT)
     for argv in (["check", "--world-size", "8", "--cp", "2"], ["patches"]):
-        res = subprocess.run([base, "-m", "mindspeed_cp", *argv], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=60)
+        res = subprocess.run(
+            [base, "-m", "mindspeed_cp", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
         line = _one_line(res.returncode, res.stdout, res.stderr)
         assert "cannot import torch" in line and "megatron-core>=0.12" in line, line
-    res = subprocess.run([base, "-m", "mindspeed_cp", "groups", "--world-size", "8", "--cp", "2", "--format", "json"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [base, "-m", "mindspeed_cp", "groups", "--world-size", "8", "--cp", "2", "--format", "json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0 and json.loads(res.stdout)["cp"][0] == [0, 1], res.stderr

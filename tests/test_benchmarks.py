@@ -7,6 +7,7 @@ work max / mean <= 1.02, no fully masked block computed, saved-for-backward byte
 Where the textbook's assumption does not hold (fewer KV heads than Ulysses ranks: KV heads must be
 replicated), the bytes must equal the textbook volume of the replicated KV heads exactly instead.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,24 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIELDS = ("algo", "cp", "seq", "batch", "heads", "kv_heads", "head_dim", "dtype_bytes", "comm_bytes",
-          "comm_bytes_textbook", "work_imbalance", "masked_blocks_computed", "saved_bytes", "saved_bytes_single",
-          "time_s", "time_s_single")
+FIELDS = (
+    "algo",
+    "cp",
+    "seq",
+    "batch",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "dtype_bytes",
+    "comm_bytes",
+    "comm_bytes_textbook",
+    "work_imbalance",
+    "masked_blocks_computed",
+    "saved_bytes",
+    "saved_bytes_single",
+    "time_s",
+    "time_s_single",
+)
 
 
 def _run(args, timeout):
@@ -41,8 +57,8 @@ def quick(tmp_path_factory):
 
 
 def _design_textbook(r):
-    """DESIGN.md section 3, written out again here (s = S/P local tokens), with MLA's value head size dv in the
-    place of d for V and the output (dv = d otherwise)."""
+    """docs/design.md, "Conventions", written out again here (s = S/P local tokens), with MLA's value head size dv
+    in the place of d for V and the output (dv = d otherwise)."""
     S, P, b, h, hk, d, e = (r[k] for k in ("seq", "cp", "batch", "heads", "kv_heads", "head_dim", "dtype_bytes"))
     dv = r["v_head_dim"]
 
@@ -86,8 +102,11 @@ def test_ratios_meet_goals(quick):
         if r["textbook_assumption_holds"]:
             assert r["comm_bytes"] / r["comm_bytes_textbook"] <= 1.02, (tag, r["comm_bytes"], r["comm_bytes_textbook"])
             assert r["saved_bytes"] / (r["saved_bytes_single"] / r["cp"]) <= 1.10, (tag, r["saved_bytes"])
-            for k, v in (("comm", r["comm_bytes"] / r["comm_bytes_textbook"]),
-                         ("memory", r["saved_bytes"] * r["cp"] / r["saved_bytes_single"]), ("balance", r["work_imbalance"])):
+            for k, v in (
+                ("comm", r["comm_bytes"] / r["comm_bytes_textbook"]),
+                ("memory", r["saved_bytes"] * r["cp"] / r["saved_bytes_single"]),
+                ("balance", r["work_imbalance"]),
+            ):
                 worst[k] = max(worst.get(k, 0), v)
         else:  # replicated KV heads: exactly the textbook volume of what must travel
             assert r["comm_bytes"] == pytest.approx(r["comm_bytes_textbook_replicated_kv"], rel=1e-12), tag
@@ -108,8 +127,8 @@ def test_memory_fit_finds_quadratic_growth():
     from benchmarks.scale import memory_at, memory_bound_seq
 
     points = [(s, 3.0 * s + 0.5 * s * s) for s in (1024, 2048, 4096)]
-    assert memory_at(points, 8192) == pytest.approx(3.0 * 8192 + 0.5 * 8192 ** 2, rel=1e-6)
-    budget = 3.0 * 20000 + 0.5 * 20000 ** 2
+    assert memory_at(points, 8192) == pytest.approx(3.0 * 8192 + 0.5 * 8192**2, rel=1e-6)
+    budget = 3.0 * 20000 + 0.5 * 20000**2
     assert abs(memory_bound_seq(points, budget) - 20000) <= 1024
 
 
@@ -120,8 +139,16 @@ def test_gpu_script_dry_run(tmp_path):
         rows = json.load(f)
     assert {(r["seq"], r["cp"]) for r in rows} == {(256, 2), (256, 4), (512, 2), (512, 4)}
     for r in rows:
-        for k in ("time_s_full", "time_s_ring_rank", "time_s_ulysses_local", "ring_efficiency",
-                  "ring_efficiency_with_merge", "ulysses_efficiency", "time_s_ring_cp1", "time_s_megatron_cp1"):
+        for k in (
+            "time_s_full",
+            "time_s_ring_rank",
+            "time_s_ulysses_local",
+            "ring_efficiency",
+            "ring_efficiency_with_merge",
+            "ulysses_efficiency",
+            "time_s_ring_cp1",
+            "time_s_megatron_cp1",
+        ):
             assert r[k] is not None and math.isfinite(r[k]) and r[k] > 0, (k, r)
 
 
@@ -153,7 +180,10 @@ def test_packing_record(quick):
     assert rec["summary"]["per_document_zigzag"]["worst"] <= 1.05 < rec["summary"]["global_zigzag"]["worst"]
     assert 0 <= rec["summary"]["padding"]["worst"] <= 0.02
     # row tiles compute only the key columns their documents reach: far less than whole blocks, balanced
-    assert 1 <= rec["summary"]["computed_over_useful"]["mean"] and rec["summary"]["computed_over_full_blocks"]["worst"] < 0.5
+    assert (
+        1 <= rec["summary"]["computed_over_useful"]["mean"]
+        and rec["summary"]["computed_over_full_blocks"]["worst"] < 0.5
+    )
     assert rec["summary"]["computed_imbalance"]["worst"] <= 1.2  # coarse here: 4 row tiles per shard
     assert "## Packed documents" in (out / "cpu.md").read_text()
 
@@ -208,7 +238,7 @@ def test_peer_layouts_and_summary_rules():
     from benchmarks.peer_systems import layout
     from benchmarks.peers import _timed, markdown, summary
     from mindspeed_cp.config import CPConfig
-    from mindspeed_cp.sharding import token_indices
+    from mindspeed_cp.layout.sharding import token_indices
 
     cfg = CPConfig(context_parallel_size=8, context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2)
     for r in range(8):
@@ -217,9 +247,20 @@ def test_peer_layouts_and_summary_rules():
     assert _timed("yunchang-ring-fixed", {"yunchang-ring-fixed": ok, "yunchang-ring": bad})
     assert not _timed("yunchang-ring-fixed", {"yunchang-ring-fixed": ok, "yunchang-ring": ok})
     pb = dict(P=4, S=64, heads=4, kv_heads=2)
-    recs = [dict(pb, system="ours-ulysses", algo="ulysses", error=1e-7, sent=10, cpu_s=1.0, wall_s=1.0,
-                 ours_over_cpu=1.0, ours_over_wall=1.0),
-            dict(pb, system="deepspeed-ulysses", algo="ulysses", failed="AssertionError: kv heads")]
+    recs = [
+        dict(
+            pb,
+            system="ours-ulysses",
+            algo="ulysses",
+            error=1e-7,
+            sent=10,
+            cpu_s=1.0,
+            wall_s=1.0,
+            ours_over_cpu=1.0,
+            ours_over_wall=1.0,
+        ),
+        dict(pb, system="deepspeed-ulysses", algo="ulysses", failed="AssertionError: kv heads"),
+    ]
     (row,) = summary(recs)
     assert row["peer"] is None and row["failed"] == ["deepspeed-ulysses: AssertionError: kv heads"]
     assert "**no exact peer**" in markdown(recs, 1)

@@ -1,4 +1,5 @@
 """The real ``mindspeed-cp`` command (console script and ``python -m mindspeed_cp``) in a subprocess."""
+
 import json
 import os
 import re
@@ -15,8 +16,7 @@ SCRIPT = os.path.join(os.path.dirname(sys.executable), "mindspeed-cp")
 
 def run_cli(*args, entry="module"):
     cmd = [SCRIPT] if entry == "script" else [sys.executable, "-m", "mindspeed_cp"]
-    return subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def flags(world, tp=1, pp=1, cp=1, algo=None, ulysses=None, window=None):
@@ -58,10 +58,25 @@ def test_console_script_and_long_flags_agree_with_module():
     if not os.path.exists(SCRIPT):
         pytest.skip(f"console script {SCRIPT} not installed (pip install -e .)")
     short = run_cli(*flags(16, 2, 1, 8, "hybrid_cp_algo", 2, 2), "--format", "json", entry="script")
-    long = run_cli("groups", "--world-size", 16, "--tensor-model-parallel-size", 2,
-                   "--pipeline-model-parallel-size", 1, "--context-parallel-size", 8,
-                   "--context-parallel-algo", "hybrid_cp_algo", "--ulysses-degree-in-cp", 2,
-                   "--cp-window-size", 2, "--format", "json")
+    long = run_cli(
+        "groups",
+        "--world-size",
+        16,
+        "--tensor-model-parallel-size",
+        2,
+        "--pipeline-model-parallel-size",
+        1,
+        "--context-parallel-size",
+        8,
+        "--context-parallel-algo",
+        "hybrid_cp_algo",
+        "--ulysses-degree-in-cp",
+        2,
+        "--cp-window-size",
+        2,
+        "--format",
+        "json",
+    )
     assert short.returncode == 0 and long.returncode == 0, short.stderr + long.stderr
     assert json.loads(short.stdout) == json.loads(long.stdout)
 
@@ -98,12 +113,15 @@ def _parse_text(out):
     return kinds, grid
 
 
-@pytest.mark.parametrize("shape,where,devices", [
-    ((16, 2, 1, 8, "hybrid_cp_algo", 2, 2), [], 8),
-    ((24, 2, 3, 4, "megatron_cp_algo", None, 2), ["--nodes", 6], 4),
-    ((12, 2, 2, 3, "megatron_cp_algo", None, None), [], 8),  # last node partly filled
-    ((8, 2, 2, 2, None, None, None), ["--devices-per-node", 2], 2),
-])
+@pytest.mark.parametrize(
+    "shape,where,devices",
+    [
+        ((16, 2, 1, 8, "hybrid_cp_algo", 2, 2), [], 8),
+        ((24, 2, 3, 4, "megatron_cp_algo", None, 2), ["--nodes", 6], 4),
+        ((12, 2, 2, 3, "megatron_cp_algo", None, None), [], 8),  # last node partly filled
+        ((8, 2, 2, 2, None, None, None), ["--devices-per-node", 2], 2),
+    ],
+)
 def test_text_lists_every_group_and_rank(shape, where, devices):
     world, tp, pp, cp, algo, u, k = shape
     res = run_cli(*flags(*shape), *where)
@@ -137,18 +155,21 @@ def _one_error_line(res):
     return lines[0]
 
 
-@pytest.mark.parametrize("args,names", [
-    (flags(12, 2, 1, 4), ["world size 12", "not divisible", "--context-parallel-size 4"]),
-    (flags(16, 1, 1, 8, "hybrid_cp_algo", 3), ["--ulysses-degree-in-cp 3", "does not divide"]),
-    (flags(16, 1, 1, 8, "hybrid_cp_algo"), ["needs --ulysses-degree-in-cp"]),
-    (flags(16, 1, 1, 8, "megatron_cp_algo", None, 3), ["--cp-window-size 3", "does not divide"]),
-    (flags(16, 1, 1, 8, "hybrid_cp_algo", 2, 4), ["--cp-window-size 4", "smaller than"]),
-    (flags(16, 1, 1, 4, "ulysses_cp_algo", None, 2), ["--cp-window-size 2", "ulysses_cp_algo"]),
-    (flags(8, 1, 1, 4, "zigzag_algo"), ["--context-parallel-algo", "zigzag_algo"]),
-    (flags(8, 0, 1, 1), ["argument --tp/--tensor-model-parallel-size", "must be an integer >= 1, got '0'"]),
-    (flags(16, 2, 1, 2) + ["--nodes", 3], ["--nodes 3", "world size 16"]),
-    (flags(16, 2, 1, 2) + ["--devices-per-node", 0], ["argument --devices-per-node", ">= 1, got '0'"]),
-])
+@pytest.mark.parametrize(
+    "args,names",
+    [
+        (flags(12, 2, 1, 4), ["world size 12", "not divisible", "--context-parallel-size 4"]),
+        (flags(16, 1, 1, 8, "hybrid_cp_algo", 3), ["--ulysses-degree-in-cp 3", "does not divide"]),
+        (flags(16, 1, 1, 8, "hybrid_cp_algo"), ["needs --ulysses-degree-in-cp"]),
+        (flags(16, 1, 1, 8, "megatron_cp_algo", None, 3), ["--cp-window-size 3", "does not divide"]),
+        (flags(16, 1, 1, 8, "hybrid_cp_algo", 2, 4), ["--cp-window-size 4", "smaller than"]),
+        (flags(16, 1, 1, 4, "ulysses_cp_algo", None, 2), ["--cp-window-size 2", "ulysses_cp_algo"]),
+        (flags(8, 1, 1, 4, "zigzag_algo"), ["--context-parallel-algo", "zigzag_algo"]),
+        (flags(8, 0, 1, 1), ["argument --tp/--tensor-model-parallel-size", "must be an integer >= 1, got '0'"]),
+        (flags(16, 2, 1, 2) + ["--nodes", 3], ["--nodes 3", "world size 16"]),
+        (flags(16, 2, 1, 2) + ["--devices-per-node", 0], ["argument --devices-per-node", ">= 1, got '0'"]),
+    ],
+)
 def test_impossible_layout_exits_2_with_one_line(args, names):
     line = _one_error_line(run_cli(*args))
     assert line.startswith("mindspeed-cp groups: ")
@@ -156,14 +177,17 @@ def test_impossible_layout_exits_2_with_one_line(args, names):
         assert name in line, line
 
 
-@pytest.mark.parametrize("args,name", [
-    (["groups", "--tp", 2], "--world-size"),
-    (["groups", "--world-size", 8, "--tp", "two"], "--tp"),
-    (["groups", "--world-size", 8, "--format", "svg"], "--format"),
-    (["groups", "--world-size", 8, "--nodes", 1, "--devices-per-node", 8], "--devices-per-node"),
-    (["frobnicate"], "frobnicate"),
-    ([], "COMMAND"),
-])
+@pytest.mark.parametrize(
+    "args,name",
+    [
+        (["groups", "--tp", 2], "--world-size"),
+        (["groups", "--world-size", 8, "--tp", "two"], "--tp"),
+        (["groups", "--world-size", 8, "--format", "svg"], "--format"),
+        (["groups", "--world-size", 8, "--nodes", 1, "--devices-per-node", 8], "--devices-per-node"),
+        (["frobnicate"], "frobnicate"),
+        ([], "COMMAND"),
+    ],
+)
 def test_usage_errors_exit_2_with_one_line(args, name):
     line = _one_error_line(run_cli(*args))
     assert line.startswith("mindspeed-cp")
@@ -182,25 +206,64 @@ def test_patches_lists_megatron_targets():
     assert "megatron.core.parallel_state.destroy_model_parallel" in rows
 
 
-@pytest.mark.parametrize("args,want", [
-    (["--world-size", 4, "--cp", 4, "--cp-algo", "megatron_cp_algo", "--seq-length", 4096], "tokens per CP rank: 1024\n"),
-    (["--world-size", 4, "--cp", 4, "--cp-algo", "megatron_cp_algo", "--seq-length", 4094],
-     "tokens per CP rank: 1024 (each batch padded at its end to 4096)"),
-    (["--world-size", 8, "--cp", 8, "--cp-algo", "hybrid_cp_algo", "--ulysses-degree-in-cp", 2, "--seq-length", 1000],
-     "tokens per CP rank: 126 (each batch padded at its end to 1008)"),
-    (["--world-size", 3, "--cp", 3, "--seq-length", 1000], "tokens per CP rank: 333/334"),
-    (["--world-size", 4, "--cp", 4, "--cp-algo", "megatron_cp_algo", "--seq-length", 4094, "--attention-mask-type",
-      "general"], "tokens per CP rank: 1024 (each batch padded at its end to 4096)"),
-])
+@pytest.mark.parametrize(
+    "args,want",
+    [
+        (
+            ["--world-size", 4, "--cp", 4, "--cp-algo", "megatron_cp_algo", "--seq-length", 4096],
+            "tokens per CP rank: 1024\n",
+        ),
+        (
+            ["--world-size", 4, "--cp", 4, "--cp-algo", "megatron_cp_algo", "--seq-length", 4094],
+            "tokens per CP rank: 1024 (each batch padded at its end to 4096)",
+        ),
+        (
+            [
+                "--world-size",
+                8,
+                "--cp",
+                8,
+                "--cp-algo",
+                "hybrid_cp_algo",
+                "--ulysses-degree-in-cp",
+                2,
+                "--seq-length",
+                1000,
+            ],
+            "tokens per CP rank: 126 (each batch padded at its end to 1008)",
+        ),
+        (["--world-size", 3, "--cp", 3, "--seq-length", 1000], "tokens per CP rank: 333/334"),
+        (
+            [
+                "--world-size",
+                4,
+                "--cp",
+                4,
+                "--cp-algo",
+                "megatron_cp_algo",
+                "--seq-length",
+                4094,
+                "--attention-mask-type",
+                "general",
+            ],
+            "tokens per CP rank: 1024 (each batch padded at its end to 4096)",
+        ),
+    ],
+)
 def test_check_any_length(args, want):
     res = run_cli("check", *args)
     assert res.returncode == 0 and want in res.stdout, res.stdout + res.stderr
 
 
-@pytest.mark.parametrize("args,names", [
-    (["--world-size", 8, "--cp", 4, "--pp", 2, "--cp-algo", "megatron_cp_algo", "--seq-length", 4094],
-     ["--pipeline-model-parallel-size"]),
-])
+@pytest.mark.parametrize(
+    "args,names",
+    [
+        (
+            ["--world-size", 8, "--cp", 4, "--pp", 2, "--cp-algo", "megatron_cp_algo", "--seq-length", 4094],
+            ["--pipeline-model-parallel-size"],
+        ),
+    ],
+)
 def test_check_refuses_what_padding_cannot_serve(args, names):
     line = _one_error_line(run_cli("check", *args))
     assert all(n in line for n in names), line

@@ -7,6 +7,7 @@ algorithm at every CP size must drop exactly those probabilities. Fully masked r
 general mask) follow ``dead_rows`` ("uniform": Megatron's local attention, -10000 fill).
 Tolerance (fp32 inputs, float64 reference): 1e-5 relative to the largest reference value.
 """
+
 import pytest
 
 from tests.dist import run_on_ranks
@@ -19,23 +20,26 @@ def _cases(cases):
     from megatron.core import parallel_state as ps
 
     import mindspeed_cp.megatron_adaptor as adaptor
-    from mindspeed_cp.attention import _double_ring_window
     from mindspeed_cp.dropout import AttentionDropout
     from mindspeed_cp.hybrid import hybrid_attention
+    from mindspeed_cp.layout.sharding import token_indices
     from mindspeed_cp.local import local_attention
+    from mindspeed_cp.megatron.state import STATE
     from mindspeed_cp.ring import ring_attention
-    from mindspeed_cp.sharding import token_indices
-    from mindspeed_cp.state import STATE
     from mindspeed_cp.ulysses import UlyssesContextAttention
     from tests.attention_ref import reference_attention_dropout
 
     out = []
     for case in cases:
         algo = case["algo"]
-        cfg = adaptor.configure(context_parallel_size=case["cp"], context_parallel_algo=algo,
-                                ulysses_degree_in_cp=case.get("u"), cp_window_size=case.get("window", 1),
-                                use_cp_send_recv_overlap=case.get("overlap", False),
-                                attention_mask_type="general" if case.get("general") else "causal")
+        cfg = adaptor.configure(
+            context_parallel_size=case["cp"],
+            context_parallel_algo=algo,
+            ulysses_degree_in_cp=case.get("u"),
+            cp_window_size=case.get("window", 1),
+            use_cp_send_recv_overlap=case.get("overlap", False),
+            attention_mask_type="general" if case.get("general") else "causal",
+        )
         ps.initialize_model_parallel(context_parallel_size=case["cp"])
         S, b, h, hk, d, p = case["seq"], 2, 4, case.get("kv_heads", 2), 8, case.get("p", 0.3)
         g = torch.Generator().manual_seed(case.get("seed", 0))
@@ -43,7 +47,7 @@ def _cases(cases):
         k, v = (torch.randn(S, b, hk, d, generator=g, dtype=torch.float64) for _ in range(2))
         mask, dead, docs = None, case.get("dead", "zero"), None
         if case.get("lengths"):  # packed documents: the dense document-causal mask for the reference only
-            from mindspeed_cp.packing import Documents
+            from mindspeed_cp.layout.packing import Documents
 
             ring = 1 if algo == "ulysses_cp_algo" else case["cp"] // case.get("u", 1)
             docs = Documents(case["lengths"], case["cp"], ring)
@@ -68,24 +72,41 @@ def _cases(cases):
         rows = None if mask is None else mask[:, :, idx]
         opts = dict(causal=mask is None, attention_mask=rows, dropout=spec, dead_rows=dead)
         if algo == "megatron_cp_algo":
-            o = ring_attention(*local, STATE.group("ring"), window=_double_ring_window(cfg),
-                               overlap_group=STATE.overlap_group("ring") if cfg.use_cp_send_recv_overlap else None,
-                               **opts)
+            o = ring_attention(
+                *local,
+                STATE.group("ring"),
+                window=STATE.double_ring_window(),
+                overlap_group=STATE.overlap_group("ring") if cfg.use_cp_send_recv_overlap else None,
+                **opts,
+            )
         elif algo == "hybrid_cp_algo":
-            o = hybrid_attention(*local, STATE.group("ulysses"), STATE.group("ring"),
-                                 window=_double_ring_window(cfg), **opts)
+            o = hybrid_attention(
+                *local, STATE.group("ulysses"), STATE.group("ring"), window=STATE.double_ring_window(), **opts
+            )
         else:
             group = STATE.group("ulysses")
 
             def attend(q_, k_, v_, mask_rows, drop):
-                return local_attention(q_, k_, v_, causal=mask is None, attention_mask=mask, tile=case.get("tile"),
-                                       dropout=drop.for_rank(group.rank(), q_.shape[2]), dead_rows=dead)
+                return local_attention(
+                    q_,
+                    k_,
+                    v_,
+                    causal=mask is None,
+                    attention_mask=mask,
+                    tile=case.get("tile"),
+                    dropout=drop.for_rank(group.rank(), q_.shape[2]),
+                    dead_rows=dead,
+                )
 
             o = UlyssesContextAttention(attend, group)(*local, rows, drop=spec)
         o.backward(dout[idx].float())
         errs = {}
-        for name, got, want in (("out", o, ref), ("dq", local[0].grad, leaves[0].grad),
-                                ("dk", local[1].grad, leaves[1].grad), ("dv", local[2].grad, leaves[2].grad)):
+        for name, got, want in (
+            ("out", o, ref),
+            ("dq", local[0].grad, leaves[0].grad),
+            ("dk", local[1].grad, leaves[1].grad),
+            ("dv", local[2].grad, leaves[2].grad),
+        ):
             errs[name] = float((got.double() - want[idx]).abs().max() / want.abs().max())
         out.append(errs)
         ps.destroy_model_parallel()
@@ -97,34 +118,45 @@ def _documents_case(case, algo, cfg, docs, qkv, dout, spec, ref, leaves):
     on the rank's real tokens (pads have no counterpart in the unpacked reference)."""
     from megatron.core import parallel_state as ps
 
-    from mindspeed_cp.attention import _double_ring_window
     from mindspeed_cp.hybrid import hybrid_attention
     from mindspeed_cp.local import local_attention
+    from mindspeed_cp.megatron.state import STATE
     from mindspeed_cp.ring import ring_attention
-    from mindspeed_cp.state import STATE
     from mindspeed_cp.ulysses import UlyssesContextAttention
 
     rank = ps.get_context_parallel_rank()
     local = [docs.shard(t, rank).float().clone().requires_grad_() for t in qkv]
     opts = dict(causal=True, dropout=spec, documents=docs)
     if algo == "megatron_cp_algo":
-        o = ring_attention(*local, STATE.group("ring"), window=_double_ring_window(cfg), **opts)
+        o = ring_attention(*local, STATE.group("ring"), window=STATE.double_ring_window(), **opts)
     elif algo == "hybrid_cp_algo":
-        o = hybrid_attention(*local, STATE.group("ulysses"), STATE.group("ring"), window=_double_ring_window(cfg),
-                             **opts)
+        o = hybrid_attention(
+            *local, STATE.group("ulysses"), STATE.group("ring"), window=STATE.double_ring_window(), **opts
+        )
     else:
         group = STATE.group("ulysses")
 
         def attend(q_, k_, v_, mask_rows, drop):
-            return local_attention(q_, k_, v_, causal=True, tile=case.get("tile"), documents=docs,
-                                   dropout=drop.for_rank(group.rank(), q_.shape[2]))
+            return local_attention(
+                q_,
+                k_,
+                v_,
+                causal=True,
+                tile=case.get("tile"),
+                documents=docs,
+                dropout=drop.for_rank(group.rank(), q_.shape[2]),
+            )
 
         o = UlyssesContextAttention(attend, group)(*local, None, drop=spec)
     o.backward(docs.shard(dout, rank).float())
     real = docs.real(rank).T  # [s_local, b]
     errs = {}
-    for name, got, want in (("out", o, ref), ("dq", local[0].grad, leaves[0].grad),
-                            ("dk", local[1].grad, leaves[1].grad), ("dv", local[2].grad, leaves[2].grad)):
+    for name, got, want in (
+        ("out", o, ref),
+        ("dq", local[0].grad, leaves[0].grad),
+        ("dk", local[1].grad, leaves[1].grad),
+        ("dv", local[2].grad, leaves[2].grad),
+    ):
         errs[name] = float((got.double() - docs.shard(want.detach(), rank))[real].abs().max() / want.abs().max())
     return errs
 
@@ -132,18 +164,27 @@ def _documents_case(case, algo, cfg, docs, qkv, dout, spec, ref, leaves):
 RING, HYBRID, ULYSSES = "megatron_cp_algo", "hybrid_cp_algo", "ulysses_cp_algo"
 DOCS = [[1, 17, 3, 11], [20, 12]]  # two samples, different documents; S = 32
 CASES = {
-    2: [dict(algo=RING, cp=2, seq=32), dict(algo=ULYSSES, cp=2, seq=32, tile=8), dict(algo=ULYSSES, cp=2, seq=32),
+    2: [
+        dict(algo=RING, cp=2, seq=32),
+        dict(algo=ULYSSES, cp=2, seq=32, tile=8),
+        dict(algo=ULYSSES, cp=2, seq=32),
         dict(algo=RING, cp=2, seq=32, general=True, dead="uniform", p=0.0),
         dict(algo=RING, cp=2, seq=32, general=True, dead="uniform", overlap=True),
         dict(algo=ULYSSES, cp=2, seq=32, general=True, dead="uniform", tile=8),
         dict(algo=RING, cp=2, seq=32, general=True, dead="zero", p=0.5),
-        dict(algo=RING, cp=2, seq=32, lengths=DOCS), dict(algo=ULYSSES, cp=2, seq=32, lengths=DOCS, tile=8)],
-    4: [dict(algo=RING, cp=4, seq=32, p=0.1), dict(algo=RING, cp=4, seq=32, window=2, overlap=True),
-        dict(algo=HYBRID, cp=4, u=2, seq=32), dict(algo=HYBRID, cp=4, u=2, seq=32, kv_heads=1, general=True,
-                                                   dead="uniform"),
+        dict(algo=RING, cp=2, seq=32, lengths=DOCS),
+        dict(algo=ULYSSES, cp=2, seq=32, lengths=DOCS, tile=8),
+    ],
+    4: [
+        dict(algo=RING, cp=4, seq=32, p=0.1),
+        dict(algo=RING, cp=4, seq=32, window=2, overlap=True),
+        dict(algo=HYBRID, cp=4, u=2, seq=32),
+        dict(algo=HYBRID, cp=4, u=2, seq=32, kv_heads=1, general=True, dead="uniform"),
         dict(algo=ULYSSES, cp=4, seq=32, kv_heads=1, general=True, dead="uniform", p=0.5),
-        dict(algo=RING, cp=4, seq=32, lengths=DOCS, window=2), dict(algo=HYBRID, cp=4, u=2, seq=32, lengths=DOCS),
-        dict(algo=ULYSSES, cp=4, seq=32, lengths=DOCS)],
+        dict(algo=RING, cp=4, seq=32, lengths=DOCS, window=2),
+        dict(algo=HYBRID, cp=4, u=2, seq=32, lengths=DOCS),
+        dict(algo=ULYSSES, cp=4, seq=32, lengths=DOCS),
+    ],
 }
 
 

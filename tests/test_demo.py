@@ -1,11 +1,13 @@
 """`make demo` at a reduced size: every algorithm trains and matches CP=1; bad sizes are refused."""
+
 import subprocess
 import sys
 
 
 def _demo(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "mindspeed_cp.demo", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "mindspeed_cp.tools.demo", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_demo_small_matches_cp1():
@@ -21,4 +23,8 @@ def test_demo_small_matches_cp1():
 def test_demo_refuses_an_impossible_layout():
     r = _demo("--ranks", "3", timeout=120)
     assert r.returncode == 2
-    assert "--heads 8 is not divisible by --tensor-model-parallel-size 1 x --ranks 3" in r.stderr and "\n" == r.stderr[-1] and r.stderr.count("\n") == 1
+    assert (
+        "--heads 8 is not divisible by --tensor-model-parallel-size 1 x --ranks 3" in r.stderr
+        and "\n" == r.stderr[-1]
+        and r.stderr.count("\n") == 1
+    )

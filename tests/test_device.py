@@ -5,6 +5,7 @@ Tolerances: fp32 throughout. TP=2 vs TP=1 differ only by the order of floating-p
 matmuls end in an all-reduce), so losses and logits must agree to 1e-5 relative; weights must be
 bit-identical (Megatron's CPU initialisation draws the full matrix and keeps this rank's shard).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -48,8 +49,7 @@ def _train_tp1():
 
     losses = train_steps(model, batch, steps=STEPS, grad_group=ps.get_data_parallel_group())
     grads_ok = all(p.grad is not None and torch.isfinite(p.grad).all().item() for p in model.parameters())
-    return {"devices": devices, "losses": losses, "grads_ok": grads_ok, "before_k": before_k,
-            "from_k": from_k}
+    return {"devices": devices, "losses": losses, "grads_ok": grads_ok, "before_k": before_k, "from_k": from_k}
 
 
 def test_gpt_trains_on_cpu():
@@ -98,15 +98,25 @@ def _tp2_vs_tp1(config):
         local = model(batch["tokens"], batch["position_ids"], None)  # [b, s, v/tp]
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(local)  # [b, s, v]
     losses = train_steps(model, batch, steps=STEPS)
-    return {"weight_diff": weight_diff, "sharded": sharded, "logits_rel": _rel(logits, full_logits),
-            "full_losses": full_losses, "losses": losses}
+    return {
+        "weight_diff": weight_diff,
+        "sharded": sharded,
+        "logits_rel": _rel(logits, full_logits),
+        "full_losses": full_losses,
+        "losses": losses,
+    }
 
 
 TP_CONFIGS = {
     "mha": {},
     # GQA, SwiGLU (fc1 sharded with stride 2), sliding-window causal mask
-    "gqa_swiglu_window": dict(kv_heads=2, gated_linear_unit=True, activation_func=torch.nn.functional.silu,
-                              bias_activation_fusion=False, window_size=(8, 0)),
+    "gqa_swiglu_window": dict(
+        kv_heads=2,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        bias_activation_fusion=False,
+        window_size=(8, 0),
+    ),
 }
 
 
@@ -120,9 +130,11 @@ def test_tp2_matches_tp1(name):
             config.pop(key, None)
     for r in run_on_ranks(2, _tp2_vs_tp1, config):
         loss_rel = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], r["full_losses"]))
-        print(f"\n{name} TP=2 vs TP=1: weights max|diff| {r['weight_diff']}, "
-              f"logits rel {r['logits_rel']:.2e}, "
-              f"losses rel {loss_rel:.2e} ({r['losses']} vs {r['full_losses']})")
+        print(
+            f"\n{name} TP=2 vs TP=1: weights max|diff| {r['weight_diff']}, "
+            f"logits rel {r['logits_rel']:.2e}, "
+            f"losses rel {loss_rel:.2e} ({r['losses']} vs {r['full_losses']})"
+        )
         assert r["sharded"] > 0
         assert r["weight_diff"] == 0.0
         assert r["logits_rel"] < REL_TOL
@@ -135,8 +147,10 @@ def _rng_streams(seed):
 
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
-    from megatron.core.tensor_parallel.random import (get_data_parallel_rng_tracker_name,
-                                                      get_expert_parallel_rng_tracker_name)
+    from megatron.core.tensor_parallel.random import (
+        get_data_parallel_rng_tracker_name,
+        get_expert_parallel_rng_tracker_name,
+    )
 
     from tests.gpt_helpers import init_parallel
 
@@ -205,8 +219,7 @@ def _recompute_grads():
     batch = fixed_batch()
     dropout = dict(hidden_dropout=0.2, attention_dropout=0.2)
     recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    variants = {"plain": {}, "recompute": recompute,
-                "distributed": dict(recompute, distribute_saved_activations=True)}
+    variants = {"plain": {}, "recompute": recompute, "distributed": dict(recompute, distribute_saved_activations=True)}
     out = {}
     for name, extra in variants.items():
         model = build_gpt(seed=SEED, **dropout, **extra)
@@ -235,8 +248,9 @@ def test_activation_recompute_replays_dropout():
 def test_masks_on_cpu():
     """The CPU masks mean what Megatron's mean: True = masked; a query i sees keys j with
     i + (skv - sq) - left <= j <= i + (skv - sq) + right (causal: right = 0, left = everything)."""
-    import mindspeed_cp.megatron_adaptor  # noqa: F401
     from megatron.core.transformer import utils
+
+    import mindspeed_cp.megatron_adaptor  # noqa: F401
 
     sq, skv = 5, 7
     i = torch.arange(sq)[:, None]
@@ -251,7 +265,6 @@ def test_masks_on_cpu():
         assert got.device.type == "cpu" and torch.equal(got, expected), (left, right)
 
 
-
 def _tp_helpers():
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -262,8 +275,7 @@ def _tp_helpers():
     init_parallel(tp=2, seed=SEED)
     rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     g = torch.Generator().manual_seed(5)
-    data = {"tokens": torch.randint(0, 100, (2, 8), generator=g),
-            "labels": torch.randint(0, 100, (2, 8), generator=g)}
+    data = {"tokens": torch.randint(0, 100, (2, 8), generator=g), "labels": torch.randint(0, 100, (2, 8), generator=g)}
     got = tensor_parallel.broadcast_data(["tokens", "labels"], data if rank == 0 else None, torch.int64)
     broadcast_ok = all(torch.equal(got[k], data[k]) for k in data)
 
@@ -279,8 +291,12 @@ def _tp_helpers():
     dist.all_reduce(total, group=ps.get_tensor_model_parallel_group())
     scatter_rel = _rel(scattered, total.chunk(tp)[rank])
     buffer = ps.get_global_memory_buffer().get_tensor((3, 5), torch.float32, "test")
-    return {"broadcast_ok": broadcast_ok, "gather_ok": gather_ok, "scatter_rel": scatter_rel,
-            "buffer": (buffer.device.type, tuple(buffer.shape))}
+    return {
+        "broadcast_ok": broadcast_ok,
+        "gather_ok": gather_ok,
+        "scatter_rel": scatter_rel,
+        "buffer": (buffer.device.type, tuple(buffer.shape)),
+    }
 
 
 def test_tp_helpers_on_cpu():
@@ -291,9 +307,9 @@ def test_tp_helpers_on_cpu():
 
 
 def _rope_tables():
-    import mindspeed_cp.megatron_adaptor  # noqa: F401  - first: a fresh worker may not be patched yet
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
+    import mindspeed_cp.megatron_adaptor  # noqa: F401  - first: a fresh worker may not be patched yet
     from tests.gpt_helpers import init_parallel
 
     init_parallel(tp=1, seed=SEED)
@@ -329,7 +345,7 @@ def test_device_patches_listed_and_undone():
 
     from mindspeed_cp import device
     from mindspeed_cp import megatron_adaptor as adaptor
-    from mindspeed_cp.patching import Hook, resolve
+    from mindspeed_cp.megatron.patching import Hook, resolve
 
     assert device.PATCHES
     for p in device.PATCHES:
@@ -339,13 +355,20 @@ def test_device_patches_listed_and_undone():
         assert p.status.startswith("applied") is p.when(), (p.target, p.status)
         assert p.when() is (not device.has_accelerator()) or p.when_doc != "no accelerator"
     # (values set by a patch - te_general_gemm = None - are not objects one can trace by identity)
-    patches = [p for p in device.PATCHES if p.applied and not isinstance(p, Hook)
-               and callable(getattr(*resolve(p.target)))]
-    values = {p.target: getattr(*resolve(p.target)) for p in device.PATCHES
-              if p.applied and not isinstance(p, Hook) and p not in patches}
+    patches = [
+        p for p in device.PATCHES if p.applied and not isinstance(p, Hook) and callable(getattr(*resolve(p.target)))
+    ]
+    values = {
+        p.target: getattr(*resolve(p.target))
+        for p in device.PATCHES
+        if p.applied and not isinstance(p, Hook) and p not in patches
+    }
     patched = {p.target: getattr(*resolve(p.target)) for p in patches}
-    patched_all = {p.target: getattr(*resolve(p.target)) for p in adaptor.PATCHES
-                   if p.applied and not isinstance(p, Hook) and callable(getattr(*resolve(p.target)))}
+    patched_all = {
+        p.target: getattr(*resolve(p.target))
+        for p in adaptor.PATCHES
+        if p.applied and not isinstance(p, Hook) and callable(getattr(*resolve(p.target)))
+    }
     tracker_add = random_mod.CudaRNGStatesTracker.add
     assert tutils.get_default_causal_mask(3).device.type == "cpu"  # Megatron's own code, device="cuda"
     try:
@@ -365,10 +388,13 @@ def test_device_patches_listed_and_undone():
             tutils.get_default_causal_mask(3)
         # no replacement of any patch left behind in a Megatron or torch module (import sites included)
         replacements = {id(obj): t for t, obj in patched_all.items()}
-        stale = [(mod_name, attr, replacements[id(value)])
-                 for mod_name, mod in list(sys.modules.items())
-                 if mod_name.split(".")[0] in ("megatron", "torch") and mod is not None
-                 for attr, value in list(vars(mod).items()) if id(value) in replacements]
+        stale = [
+            (mod_name, attr, replacements[id(value)])
+            for mod_name, mod in list(sys.modules.items())
+            if mod_name.split(".")[0] in ("megatron", "torch") and mod is not None
+            for attr, value in list(vars(mod).items())
+            if id(value) in replacements
+        ]
         assert not stale, stale
     finally:
         adaptor.apply()

@@ -12,6 +12,7 @@
 Tolerances (fp32): losses 2e-6 absolute, gradients 1e-5 relative to the largest, across layouts; bit-identical
 for the same layout and seed.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -33,10 +34,10 @@ needs_window = pytest.mark.skipif(not features.local_sliding_window(), reason=fe
 
 
 def _masks(recompute: dict, seed: int = SEED):
-    import mindspeed_cp.megatron_adaptor as adaptor
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+    import mindspeed_cp.megatron_adaptor as adaptor
     from tests.gpt_helpers import build_gpt, fixed_batch, init_parallel, lm_loss, shard_for_cp
 
     adaptor.configure(context_parallel_size=CP, context_parallel_algo="ulysses_cp_algo")
@@ -49,15 +50,19 @@ def _masks(recompute: dict, seed: int = SEED):
         probs = inputs[0]
         seen.append(((output == 0) & (probs > 0)).detach().clone())
 
-    handles = [m.attention_dropout.register_forward_hook(hook)
-               for m in model.modules() if isinstance(m, DotProductAttention)]
+    handles = [
+        m.attention_dropout.register_forward_hook(hook) for m in model.modules() if isinstance(m, DotProductAttention)
+    ]
     loss = lm_loss(model, shard_for_cp(fixed_batch(seq=SEQ)))
     forward_calls = len(seen)
     loss.backward()
     for h in handles:
         h.remove()
-    return {"cp_rank": ps.get_context_parallel_rank(), "forward": seen[:forward_calls],
-            "recomputed": seen[forward_calls:]}
+    return {
+        "cp_rank": ps.get_context_parallel_rank(),
+        "forward": seen[:forward_calls],
+        "recomputed": seen[forward_calls:],
+    }
 
 
 def _global_heads(results, call):
@@ -97,10 +102,13 @@ def test_ulysses_dropout_is_deterministic_for_a_seed():
 
 
 @needs_window
-@pytest.mark.parametrize("name, recompute", [
-    ("full", dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)),
-    ("selective", dict(recompute_granularity="selective", recompute_modules=["core_attn"])),
-])
+@pytest.mark.parametrize(
+    "name, recompute",
+    [
+        ("full", dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)),
+        ("selective", dict(recompute_granularity="selective", recompute_modules=["core_attn"])),
+    ],
+)
 def test_recompute_replays_ulysses_dropout(name, recompute):
     plain = run_on_ranks(CP, _masks, {})
     for r, p in zip(run_on_ranks(CP, _masks, recompute), plain):
@@ -113,10 +121,10 @@ def test_recompute_replays_ulysses_dropout(name, recompute):
 
 # ----------------------------------------------------------------------------- 1. the plugin's kernels
 def _gpt_with_dropout(algo: dict, recompute: dict, seed: int = SEED, p: float = 0.3):
-    import mindspeed_cp.megatron_adaptor as adaptor
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
+    import mindspeed_cp.megatron_adaptor as adaptor
     from tests.gpt_helpers import build_gpt, fixed_batch, init_parallel, shard_for_cp
 
     cp = algo.pop("cp")
@@ -154,8 +162,10 @@ def _same(a, b, exact=False):
 
 
 def test_kernel_dropout_is_the_same_whatever_the_layout():
-    runs = {name: run_on_ranks(4 if algo["cp"] == 4 else 2, _gpt_with_dropout, dict(algo), {})[0]
-            for name, algo in ALGOS.items()}
+    runs = {
+        name: run_on_ranks(4 if algo["cp"] == 4 else 2, _gpt_with_dropout, dict(algo), {})[0]
+        for name, algo in ALGOS.items()
+    }
     ref = runs["ring2"]
     no_dropout = run_on_ranks(2, _gpt_with_dropout, dict(ALGOS["ring2"]), {}, p=0.0)[0]
     assert abs(ref["loss"] - no_dropout["loss"]) > 1e-3  # dropout is live
@@ -169,8 +179,10 @@ def test_kernel_dropout_seed_and_recompute():
     other = run_on_ranks(4, _gpt_with_dropout, dict(ALGOS["hybrid4"]), {}, seed=SEED + 1)[0]
     assert _same(again, plain, exact=True)
     assert not _same(other, plain)  # the tracker's seed chooses the masks (weights: the same seed=SEED)
-    for recompute in (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-                      dict(recompute_granularity="selective", recompute_modules=["core_attn"])):
+    for recompute in (
+        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+        dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
+    ):
         for name in ("hybrid4", "ulysses2"):
             world = 4 if ALGOS[name]["cp"] == 4 else 2
             base = plain if name == "hybrid4" else run_on_ranks(world, _gpt_with_dropout, dict(ALGOS[name]), {})[0]

@@ -4,6 +4,7 @@ Plain torch calls as Megatron writes them, in this process (the adaptor's mode i
 gloo ranks for the send guard; the gating test imports the adaptor in a fresh interpreter that reports an
 accelerator (``torch.cuda.is_available`` answering True is the one thing simulated: there is no GPU here).
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -22,8 +23,7 @@ pytestmark = pytest.mark.skipif(has_accelerator(), reason="the CPU emulation app
 
 
 def test_cuda_device_arguments_mean_the_cpu():
-    for device in ("cuda", "cuda:0", 0, torch.device("cuda"), torch.device("cuda", 0),
-                   torch.cuda.current_device()):
+    for device in ("cuda", "cuda:0", 0, torch.device("cuda"), torch.device("cuda", 0), torch.cuda.current_device()):
         assert torch.zeros(2, device=device).device.type == "cpu", device
         assert torch.tensor([1.0], device=device, dtype=torch.float64).dtype == torch.float64
     x = torch.arange(4.0)
@@ -48,8 +48,9 @@ def test_tensor_type_names_cuda_only_for_megatron():
     x = torch.zeros(2)
     assert x.type() == "torch.FloatTensor"  # anyone else gets the truth
     scope = {"__name__": "megatron.core.optimizer.example", "x": x}
-    exec("name = x.type()\nhalf = x.half().type()\ncast = x.type(torch.float64).dtype", {"torch": torch, **scope},
-         scope)
+    exec(
+        "name = x.type()\nhalf = x.half().type()\ncast = x.type(torch.float64).dtype", {"torch": torch, **scope}, scope
+    )
     assert scope["name"] == "torch.cuda.FloatTensor" and scope["half"] == "torch.cuda.HalfTensor"
     assert scope["cast"] == torch.float64
 
@@ -138,12 +139,12 @@ def test_async_send_keeps_its_storage_until_done():
     assert sender["in_flight_after"] == 0  # released once the send completed
 
 
-_GATED = r'''
+_GATED = r"""
 import torch
 torch.cuda.is_available = lambda: True          # an accelerator, as far as the plugin can tell
 import mindspeed_cp.megatron_adaptor as adaptor
 from mindspeed_cp import device
-from mindspeed_cp.patching import resolve
+from mindspeed_cp.megatron.patching import resolve
 bad = [p.target for p in device.PATCHES if p.applied or not p.status.startswith("skipped (no accelerator")]
 assert not bad, bad
 assert torch._C._len_torch_function_stack() == 0, "device mode entered with an accelerator"
@@ -153,11 +154,12 @@ assert torch.cuda.synchronize.__module__ == "torch.cuda" and torch.cuda.Stream._
 others = [p.target for p in adaptor.PATCHES if p.when_doc == "no accelerator" and p.applied]
 assert not others, others
 print("GATED", len(device.PATCHES))
-'''
+"""
 
 
 def test_nothing_applies_with_an_accelerator():
     res = subprocess.run([sys.executable, "-c", _GATED], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "GATED" in res.stdout, res.stdout + res.stderr[-3000:]
     assert int(res.stdout.split("GATED")[1]) == len(emulation.PATCHES) + len(
-        __import__("mindspeed_cp.device.megatron_core", fromlist=["PATCHES"]).PATCHES)
+        __import__("mindspeed_cp.device.megatron_core", fromlist=["PATCHES"]).PATCHES
+    )

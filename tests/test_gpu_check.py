@@ -1,5 +1,6 @@
 """``make gpu-check`` (benchmarks/gpu_check.py): without a GPU it says so and exits 0; its tables are built and
 checked here on the CPU (``--device cpu``, tiny sizes) - the GPU run itself needs a GPU."""
+
 import subprocess
 import sys
 
@@ -11,16 +12,22 @@ from tests.conftest import ROOT
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: gpu-check would run for real")
 def test_without_a_gpu_it_says_so_and_exits_0():
-    res = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr
     assert "no GPU" in res.stdout
 
 
 def test_tables_on_the_cpu(tmp_path):
     out = tmp_path / "gpu.md"
-    res = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--quick", "--out",
-                          str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     page = out.read_text()
     assert "### 1. Kernels vs float64" in page and "### 3. Ulysses' local attention" in page

@@ -4,6 +4,7 @@ Groups come from the real runtime path (configure + Megatron's initialize_model_
 the tokens ``sharding.token_indices`` gives it (zigzag over ring ranks, then contiguous among Ulysses ranks).
 Tolerance (fp32 inputs, float64 reference): 1e-5 relative to the largest reference value.
 """
+
 import pytest
 
 from tests.dist import run_on_ranks
@@ -16,20 +17,23 @@ def _hybrid_cases(cases):
     from megatron.core import parallel_state as ps
 
     import mindspeed_cp.megatron_adaptor as adaptor
-    from mindspeed_cp.attention import _double_ring_window
-    from mindspeed_cp.comm_stats import count_bytes
     from mindspeed_cp.hybrid import hybrid_attention
-    from mindspeed_cp.sharding import token_indices
-    from mindspeed_cp.state import STATE
+    from mindspeed_cp.layout.sharding import token_indices
+    from mindspeed_cp.megatron.state import STATE
+    from mindspeed_cp.stats import count_bytes
     from tests.attention_ref import reference_attention
 
     out = []
     for case in cases:
-        cfg = adaptor.configure(context_parallel_size=case["cp"], context_parallel_algo="hybrid_cp_algo",
-                                ulysses_degree_in_cp=case["u"], cp_window_size=case.get("window", 1),
-                                use_cp_send_recv_overlap=case.get("overlap", False),
-                                megatron_cp_in_bnsd=case.get("bnsd", False),
-                                attention_mask_type="general" if case.get("general") else "causal")
+        cfg = adaptor.configure(
+            context_parallel_size=case["cp"],
+            context_parallel_algo="hybrid_cp_algo",
+            ulysses_degree_in_cp=case["u"],
+            cp_window_size=case.get("window", 1),
+            use_cp_send_recv_overlap=case.get("overlap", False),
+            megatron_cp_in_bnsd=case.get("bnsd", False),
+            attention_mask_type="general" if case.get("general") else "causal",
+        )
         ps.initialize_model_parallel(context_parallel_size=case["cp"])
         S, b, h, hk, d = case["seq"], 2, case["heads"], case.get("kv_heads", case["heads"]), 8
         g = torch.Generator().manual_seed(case.get("seed", 0))
@@ -46,14 +50,24 @@ def _hybrid_cases(cases):
         local = [t[idx].float().clone().requires_grad_() for t in (q, k, v)]
         local_mask = None if mask is None else mask[:, :, idx]
         with count_bytes() as stats:
-            o = hybrid_attention(*local, STATE.group("ulysses"), STATE.group("ring"), causal=mask is None,
-                                 attention_mask=local_mask, bnsd=cfg.megatron_cp_in_bnsd,
-                                 overlap_group=STATE.overlap_group("ring") if cfg.use_cp_send_recv_overlap else None,
-                                 window=_double_ring_window(cfg))
+            o = hybrid_attention(
+                *local,
+                STATE.group("ulysses"),
+                STATE.group("ring"),
+                causal=mask is None,
+                attention_mask=local_mask,
+                bnsd=cfg.megatron_cp_in_bnsd,
+                overlap_group=STATE.overlap_group("ring") if cfg.use_cp_send_recv_overlap else None,
+                window=STATE.double_ring_window(),
+            )
             o.backward(dout[idx].float())
         errs = {}
-        for name, got, want in (("out", o, ref), ("dq", local[0].grad, leaves[0].grad),
-                                ("dk", local[1].grad, leaves[1].grad), ("dv", local[2].grad, leaves[2].grad)):
+        for name, got, want in (
+            ("out", o, ref),
+            ("dq", local[0].grad, leaves[0].grad),
+            ("dk", local[1].grad, leaves[1].grad),
+            ("dv", local[2].grad, leaves[2].grad),
+        ):
             want = want[idx] if name != "out" else want[idx]
             errs[name] = float((got.double() - want).abs().max() / want.abs().max())
         errs["finite"] = bool(torch.isfinite(o).all())
@@ -66,7 +80,7 @@ def _hybrid_cases(cases):
 CASES_4 = [
     dict(cp=4, u=2, seq=32, heads=4),
     dict(cp=4, u=2, seq=32, heads=4, general=True),
-    dict(cp=4, u=2, seq=32, heads=8, kv_heads=2),                 # GQA: 1 KV head per Ulysses rank
+    dict(cp=4, u=2, seq=32, heads=8, kv_heads=2),  # GQA: 1 KV head per Ulysses rank
     dict(cp=4, u=2, seq=32, heads=4, kv_heads=1, general=True),  # MQA, replicated to 2
     dict(cp=4, u=2, seq=16, heads=2, overlap=True, bnsd=True),
 ]

@@ -3,6 +3,7 @@
 Tolerances, relative to max|reference| of each tensor: float64 1e-10, float32 1e-5, bfloat16 4e-2
 (bf16 inputs round to 8 bits; the reference is computed in float64 from the same rounded inputs).
 """
+
 from __future__ import annotations
 
 import math
@@ -54,13 +55,13 @@ def _lse_err(lse, ref):
 CASES = [  # (b, n, nk, sq, sk, causal, mask shape or None)
     (2, 4, 4, 16, 16, False, None),
     (2, 4, 4, 16, 16, True, None),
-    (2, 4, 2, 16, 16, True, None),        # GQA
-    (1, 4, 1, 16, 16, False, None),       # MQA
-    (2, 4, 2, 8, 12, False, None),        # rectangular block
-    (2, 4, 2, 12, 8, True, None),         # top-left causal, more queries than keys
+    (2, 4, 2, 16, 16, True, None),  # GQA
+    (1, 4, 1, 16, 16, False, None),  # MQA
+    (2, 4, 2, 8, 12, False, None),  # rectangular block
+    (2, 4, 2, 12, 8, True, None),  # top-left causal, more queries than keys
     (2, 4, 2, 16, 16, False, (2, 1, 16, 16)),
-    (2, 4, 2, 16, 16, False, (1, 4, 16, 16)),   # per-head mask with GQA
-    (1, 4, 4, 16, 16, True, (1, 1, 16, 16)),    # causal and mask together
+    (2, 4, 2, 16, 16, False, (1, 4, 16, 16)),  # per-head mask with GQA
+    (1, 4, 4, 16, 16, True, (1, 1, 16, 16)),  # causal and mask together
     (2, 4, 2, 8, 24, False, (1, 1, 8, 24)),
 ]
 
@@ -94,8 +95,8 @@ def test_fully_masked_rows_give_zero_and_no_nan(backend):
     kern = K.get_kernel(backend)
     q, k, v, dout = _inputs(1, 2, 1, 6, 6, 4, torch.float32)
     mask = torch.zeros(1, 1, 6, 6, dtype=torch.bool)
-    mask[..., 2, :] = True           # one empty row
-    mask[..., 4, 1:] = True          # with causal, row 4 keeps only key 0 ...
+    mask[..., 2, :] = True  # one empty row
+    mask[..., 4, 1:] = True  # with causal, row 4 keeps only key 0 ...
     mask[..., 5, :] = True
     for causal in (False, True):
         out, lse = kern.forward(q, k, v, scale=0.5, causal=causal, mask=mask)
@@ -146,8 +147,9 @@ def test_merge_lse_overflow():
     for dtype in (torch.float32, torch.bfloat16):
         out = lse = None
         for cols in (slice(0, 7), slice(7, 16)):
-            bo, bl = kern.forward(q.to(dtype), k[:, :, cols].to(dtype), v[:, :, cols].to(dtype), scale=1.0,
-                                  causal=False)
+            bo, bl = kern.forward(
+                q.to(dtype), k[:, :, cols].to(dtype), v[:, :, cols].to(dtype), scale=1.0, causal=False
+            )
             out, lse = K.merge(out, lse, bo.to(dtype), bl)
         assert torch.isfinite(out).all() and torch.isfinite(lse).all()
         if dtype == torch.float32:

@@ -7,8 +7,9 @@ For every algorithm (Ulysses aligned and unaligned, with the K/V all-gather; Rin
   equal the same call without a policy exactly (the policy changes what is kept, never what is computed);
 * bytes sent per rank equal ``benchmarks.textbook``'s formula (exactly: the counts are integers);
 * bytes saved for backward, minus those of the same call without a policy, equal the formula
-  (:func:`mindspeed_cp.saved_stats.count_saved`: distinct storages autograd keeps during the forward).
+  (:func:`mindspeed_cp.stats.count_saved`: distinct storages autograd keeps during the forward).
 """
+
 import pytest
 
 from tests import features
@@ -20,11 +21,10 @@ TOL = 1e-5
 def _run(case, q, k, v, policy):
     import torch.distributed as dist
 
-    from mindspeed_cp.attention import _double_ring_window
     from mindspeed_cp.hybrid import hybrid_attention
     from mindspeed_cp.local import local_attention
+    from mindspeed_cp.megatron.state import STATE
     from mindspeed_cp.ring import ring_attention
-    from mindspeed_cp.state import STATE
     from mindspeed_cp.ulysses import UlyssesContextAttention
 
     cfg = STATE.config
@@ -36,18 +36,38 @@ def _run(case, q, k, v, policy):
             def calculate(self, *a, **kw):
                 return seq if case.get("unaligned") else None
 
-        return UlyssesContextAttention(lambda q_, k_, v_: local_attention(q_, k_, v_, causal=True),
-                                       STATE.group("ulysses"), gather_size_calculator=Size(), kv_cache_policy=policy,
-                                       allgather_kv=case.get("allgather", False))(q, k, v)
+        return UlyssesContextAttention(
+            lambda q_, k_, v_: local_attention(q_, k_, v_, causal=True),
+            STATE.group("ulysses"),
+            gather_size_calculator=Size(),
+            kv_cache_policy=policy,
+            allgather_kv=case.get("allgather", False),
+        )(q, k, v)
     overlap = STATE.overlap_group("ring") if cfg.use_cp_send_recv_overlap else None
     if algo == "hybrid":
-        return hybrid_attention(q, k, v, STATE.group("ulysses"), STATE.group("ring"), overlap_group=overlap,
-                                window=_double_ring_window(cfg), kv_cache_policy=policy,
-                                bnsd=case.get("bnsd", False))
+        return hybrid_attention(
+            q,
+            k,
+            v,
+            STATE.group("ulysses"),
+            STATE.group("ring"),
+            overlap_group=overlap,
+            window=STATE.double_ring_window(),
+            kv_cache_policy=policy,
+            bnsd=case.get("bnsd", False),
+        )
     assert algo == "ring"
     del dist
-    return ring_attention(q, k, v, STATE.group("ring"), overlap_group=overlap, window=_double_ring_window(cfg),
-                          kv_cache_policy=policy, bnsd=case.get("bnsd", False))
+    return ring_attention(
+        q,
+        k,
+        v,
+        STATE.group("ring"),
+        overlap_group=overlap,
+        window=STATE.double_ring_window(),
+        kv_cache_policy=policy,
+        bnsd=case.get("bnsd", False),
+    )
 
 
 def _expected(case, rank):
@@ -67,16 +87,20 @@ def _kv_cases(cases):
     from megatron.core import parallel_state as ps
 
     import mindspeed_cp.megatron_adaptor as adaptor
-    from mindspeed_cp.comm_stats import count_bytes
-    from mindspeed_cp.saved_stats import count_saved
-    from mindspeed_cp.sharding import token_indices
+    from mindspeed_cp.layout.sharding import token_indices
+    from mindspeed_cp.stats import count_bytes, count_saved
     from tests.attention_ref import reference_attention
 
     out, built = [], None
     for case in cases:
         algo = {"ulysses": "ulysses_cp_algo", "ring": "megatron_cp_algo", "hybrid": "hybrid_cp_algo"}[case["algo"]]
-        flags = dict(context_parallel_size=case["cp"], context_parallel_algo=algo, ulysses_degree_in_cp=case.get("u"),
-                     cp_window_size=case.get("window", 1), use_cp_send_recv_overlap=case.get("overlap", False))
+        flags = dict(
+            context_parallel_size=case["cp"],
+            context_parallel_algo=algo,
+            ulysses_degree_in_cp=case.get("u"),
+            cp_window_size=case.get("window", 1),
+            use_cp_send_recv_overlap=case.get("overlap", False),
+        )
         if flags != built:  # groups once per layout: the cases of one layout run on the same groups
             if built is not None:
                 ps.destroy_model_parallel()
@@ -85,10 +109,14 @@ def _kv_cases(cases):
         rank = ps.get_context_parallel_rank()
         S, b, h, hk, d, dv = case["seq"], 2, case["heads"], case.get("kv_heads", case["heads"]), 8, case.get("dv", 8)
         g = torch.Generator().manual_seed(7)
-        q, dout = torch.randn(S, b, h, d, generator=g, dtype=torch.float64), torch.randn(S, b, h, dv, generator=g,
-                                                                                           dtype=torch.float64)
-        k, v = torch.randn(S, b, hk, d, generator=g, dtype=torch.float64), torch.randn(S, b, hk, dv, generator=g,
-                                                                                         dtype=torch.float64)
+        q, dout = (
+            torch.randn(S, b, h, d, generator=g, dtype=torch.float64),
+            torch.randn(S, b, h, dv, generator=g, dtype=torch.float64),
+        )
+        k, v = (
+            torch.randn(S, b, hk, d, generator=g, dtype=torch.float64),
+            torch.randn(S, b, hk, dv, generator=g, dtype=torch.float64),
+        )
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         ref = reference_attention(*leaves, causal=True)
         ref.backward(dout)
@@ -128,18 +156,32 @@ def _check(results):
 U = "ulysses"
 # MLA: the value head size its own (dv 4 or 12 against the qk head size 8), alone and with GQA
 SETTINGS_4 = {  # name: cases of one group layout (heads, KV heads, options), each run with both policies
-    "ulysses": [dict(algo=U, heads=4), dict(algo=U, heads=8, kv_heads=2), dict(algo=U, heads=4, unaligned=True, seq=30),
-                dict(algo=U, heads=8, kv_heads=2, unaligned=True, seq=29), dict(algo=U, heads=8, kv_heads=1, allgather=True),
-                dict(algo=U, heads=8, kv_heads=2, allgather=True, unaligned=True, seq=31),
-                dict(algo=U, heads=4, dv=4), dict(algo=U, heads=8, kv_heads=2, dv=12, unaligned=True, seq=30),
-                dict(algo=U, heads=8, kv_heads=1, dv=4, allgather=True)],
-    "ring": [dict(algo="ring", heads=4), dict(algo="ring", heads=4, bnsd=True), dict(algo="ring", heads=4, dv=4),
-             dict(algo="ring", heads=8, kv_heads=2, dv=12, bnsd=True)],
+    "ulysses": [
+        dict(algo=U, heads=4),
+        dict(algo=U, heads=8, kv_heads=2),
+        dict(algo=U, heads=4, unaligned=True, seq=30),
+        dict(algo=U, heads=8, kv_heads=2, unaligned=True, seq=29),
+        dict(algo=U, heads=8, kv_heads=1, allgather=True),
+        dict(algo=U, heads=8, kv_heads=2, allgather=True, unaligned=True, seq=31),
+        dict(algo=U, heads=4, dv=4),
+        dict(algo=U, heads=8, kv_heads=2, dv=12, unaligned=True, seq=30),
+        dict(algo=U, heads=8, kv_heads=1, dv=4, allgather=True),
+    ],
+    "ring": [
+        dict(algo="ring", heads=4),
+        dict(algo="ring", heads=4, bnsd=True),
+        dict(algo="ring", heads=4, dv=4),
+        dict(algo="ring", heads=8, kv_heads=2, dv=12, bnsd=True),
+    ],
     "ring-overlap": [dict(algo="ring", heads=8, kv_heads=2, overlap=True)],
     "double-ring": [dict(algo="ring", heads=4, window=2), dict(algo="ring", heads=8, kv_heads=2, window=2, dv=4)],
     "double-ring-overlap": [dict(algo="ring", heads=8, kv_heads=2, window=2, overlap=True, bnsd=True)],
-    "hybrid": [dict(algo="hybrid", heads=4, u=2), dict(algo="hybrid", heads=4, kv_heads=1, u=2),
-               dict(algo="hybrid", heads=4, u=2, dv=4), dict(algo="hybrid", heads=8, kv_heads=2, u=2, dv=12)],
+    "hybrid": [
+        dict(algo="hybrid", heads=4, u=2),
+        dict(algo="hybrid", heads=4, kv_heads=1, u=2),
+        dict(algo="hybrid", heads=4, u=2, dv=4),
+        dict(algo="hybrid", heads=8, kv_heads=2, u=2, dv=12),
+    ],
     "hybrid-overlap": [dict(algo="hybrid", heads=8, kv_heads=2, u=2, overlap=True)],
 }
 
@@ -173,7 +215,7 @@ def _gpt_cases(cases):
         out.append(_gpt_case(case))
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
-        from mindspeed_cp.state import STATE
+        from mindspeed_cp.megatron.state import STATE
 
         STATE.reset()
     return out
@@ -204,8 +246,11 @@ ALGOS = {  # name: (world, flags)
 def test_gpt_matches_cp1_every_policy(name):
     """Per algorithm: {full, half} x {MHA 4 heads, GQA 8 heads / 2 KV heads} in one task."""
     world, flags = ALGOS[name]
-    cases = [dict(flags, context_parallel_kv_cache_policy=p, **heads)
-             for p in ("full", "half") for heads in (dict(heads=4), dict(heads=8, kv_heads=2))]
+    cases = [
+        dict(flags, context_parallel_kv_cache_policy=p, **heads)
+        for p in ("full", "half")
+        for heads in (dict(heads=4), dict(heads=8, kv_heads=2))
+    ]
     per_rank = _gpt_check(world, cases)
     for results in per_rank:
         for case, r in zip(cases, results):
@@ -213,9 +258,21 @@ def test_gpt_matches_cp1_every_policy(name):
 
 
 def test_gpt_matches_cp1_ulysses_allgather_kv():
-    cases = [dict(dict(tp=1, cp=4, seq=32, context_parallel_algo="ulysses_cp_algo", use_ulysses_allgather_kv=True,
-                       heads=8, kv_heads=kv), **extra)
-             for kv, extra in ((1, {}), (2, dict(context_parallel_kv_cache_policy="full")), (4, dict(seq=30)))]
+    cases = [
+        dict(
+            dict(
+                tp=1,
+                cp=4,
+                seq=32,
+                context_parallel_algo="ulysses_cp_algo",
+                use_ulysses_allgather_kv=True,
+                heads=8,
+                kv_heads=kv,
+            ),
+            **extra,
+        )
+        for kv, extra in ((1, {}), (2, dict(context_parallel_kv_cache_policy="full")), (4, dict(seq=30)))
+    ]
     per_rank = _gpt_check(4, cases)
     for results in per_rank:
         assert all(r["sent"].get("all_gather", 0) > 0 for r in results), results
@@ -227,9 +284,19 @@ def test_gpt_matches_cp1_ulysses_around_megatrons_attention():
     """A sliding window makes Ulysses run Megatron's own attention (megatron_only): the KV cache's hooks rebuild
     the views of K/V that Megatron's baddbmm / bmm saved. With GQA Megatron saves its own repeated copies, so there
     is nothing to rebuild (and nothing is kept for it)."""
-    cases = [dict(tp=1, cp=4, seq=32, context_parallel_algo="ulysses_cp_algo", model=dict(window_size=(8, 0)),
-                  context_parallel_kv_cache_policy=p, **heads)
-             for p in ("full", "half") for heads in (dict(heads=4), dict(heads=8, kv_heads=2))]
+    cases = [
+        dict(
+            tp=1,
+            cp=4,
+            seq=32,
+            context_parallel_algo="ulysses_cp_algo",
+            model=dict(window_size=(8, 0)),
+            context_parallel_kv_cache_policy=p,
+            **heads,
+        )
+        for p in ("full", "half")
+        for heads in (dict(heads=4), dict(heads=8, kv_heads=2))
+    ]
     per_rank = _gpt_check(4, cases)
     for results in per_rank:
         for case, r in zip(cases, results):
@@ -241,10 +308,21 @@ def test_cache_interval_picks_the_layers():
     ring's bytes are those of two cached and two plain layers; the Ulysses one repeats the K/V all-to-all twice."""
     from benchmarks import textbook
 
-    ring = dict(tp=1, cp=4, seq=32, num_layers=4, context_parallel_algo="megatron_cp_algo",
-                context_parallel_kv_cache_policy="full", context_parallel_cache_interval=1)
-    ulysses = dict(ring, context_parallel_algo="ulysses_cp_algo", context_parallel_kv_cache_policy="half",
-                   context_parallel_cache_interval=2)
+    ring = dict(
+        tp=1,
+        cp=4,
+        seq=32,
+        num_layers=4,
+        context_parallel_algo="megatron_cp_algo",
+        context_parallel_kv_cache_policy="full",
+        context_parallel_cache_interval=1,
+    )
+    ulysses = dict(
+        ring,
+        context_parallel_algo="ulysses_cp_algo",
+        context_parallel_kv_cache_policy="half",
+        context_parallel_cache_interval=2,
+    )
     per_rank = _gpt_check(4, [ring, ulysses])
     b, hk, d, e = 2, 4, 16, 4  # gpt_helpers: batch 2, hidden 64 / 4 heads, fp32
     want = sum(textbook.ring_kv_cache(32, 4, b, hk, d, e, p)["sent"] for p in ("full", None, "full", None))
@@ -275,11 +353,14 @@ def _mismatch(which):
     return UlyssesContextAttention(local_attention, None, allgather_kv=True)(q, k, v)
 
 
-@pytest.mark.parametrize("which,match", [
-    ("ring", r"ring attention inputs differ .*kv_cache_policy='full'"),
-    ("ulysses", r"differ across the ranks .*kv_cache_policy='half'"),
-    ("allgather", r"--use-ulysses-allgather-kv needs grouped-query attention"),
-])
+@pytest.mark.parametrize(
+    "which,match",
+    [
+        ("ring", r"ring attention inputs differ .*kv_cache_policy='full'"),
+        ("ulysses", r"differ across the ranks .*kv_cache_policy='half'"),
+        ("allgather", r"--use-ulysses-allgather-kv needs grouped-query attention"),
+    ],
+)
 def test_bad_kv_cache_input_fails_every_rank(which, match):
     from tests.dist import expect_error_on_every_rank
 

@@ -5,6 +5,7 @@ Tolerances (max |error| / max |reference|): float32 inputs 1e-5 (outputs and gra
 applies the very masks ``AttentionDropout`` exports to float64 softmax probabilities and differentiates through
 them with autograd; kept fractions within 4 sigma of the binomial's.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,8 @@ import torch
 
 from mindspeed_cp.dropout import AttentionDropout
 from mindspeed_cp.local import local_attention
-from tests.attention_ref import reference_attention, reference_attention_dropout as _reference_dropout
+from tests.attention_ref import reference_attention
+from tests.attention_ref import reference_attention_dropout as _reference_dropout
 
 TOL = 1e-5
 
@@ -51,8 +53,9 @@ def test_local_attention_matches_float64(kernel, case):
         mask[..., 0] = False
     causal = mask is None
     tile = 32 if "tiled" in case else None
-    got = _grads(lambda *t: local_attention(*t, causal=causal, attention_mask=mask, kernel=kernel, tile=tile),
-                 q, k, v, dout)
+    got = _grads(
+        lambda *t: local_attention(*t, causal=causal, attention_mask=mask, kernel=kernel, tile=tile), q, k, v, dout
+    )
     want = _grads(lambda *t: reference_attention(*t, causal=causal, mask=mask), q, k, v, dout, torch.float64)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert _rel(a, b) < TOL, (case, kernel, name, _rel(a, b))
@@ -60,7 +63,7 @@ def test_local_attention_matches_float64(kernel, case):
 
 @pytest.mark.parametrize("dead", ["zero", "uniform"])
 def test_fully_masked_rows_follow_the_replaced_attention(dead):
-    """"zero": flash attention's answer; "uniform": Megatron's local attention (-10000 fill), whose gradient
+    """ "zero": flash attention's answer; "uniform": Megatron's local attention (-10000 fill), whose gradient
     reaches V only. Rows 5 and 40 see no key at all."""
     s = 64
     q, k, v, dout = _inputs(s=s)
@@ -70,10 +73,17 @@ def test_fully_masked_rows_follow_the_replaced_attention(dead):
     mask[..., [5, 40], :] = True
     keep = torch.ones(2, 4, s, s, dtype=torch.bool)
     for tile in (None, 16):
-        got = _grads(lambda *t: local_attention(*t, causal=False, attention_mask=mask, tile=tile, dead_rows=dead),
-                     q, k, v, dout)
-        want = _grads(lambda *t: _reference_dropout(*t, keep, 0.0, causal=False, mask=mask[0, 0], dead=dead),
-                      q, k, v, dout, torch.float64)
+        got = _grads(
+            lambda *t: local_attention(*t, causal=False, attention_mask=mask, tile=tile, dead_rows=dead), q, k, v, dout
+        )
+        want = _grads(
+            lambda *t: _reference_dropout(*t, keep, 0.0, causal=False, mask=mask[0, 0], dead=dead),
+            q,
+            k,
+            v,
+            dout,
+            torch.float64,
+        )
         for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
             assert _rel(a, b) < TOL, (dead, tile, name, _rel(a, b))
     if dead == "uniform":
@@ -127,13 +137,20 @@ def test_dropout_gradients_equal_autograd_through_the_same_masks(tile, causal):
     mask = None if causal else torch.rand(1, 1, s, s, generator=torch.Generator().manual_seed(5)) < 0.3
     spec = AttentionDropout(p, torch.tensor(2024), torch.arange(4))
     keep = spec.block(torch.arange(s), torch.arange(s)).keep(2)
-    got = _grads(lambda *t: local_attention(*t, causal=causal, attention_mask=mask, dropout=spec, tile=tile),
-                 q, k, v, dout)
-    want = _grads(lambda *t: _reference_dropout(*t, keep, p, causal=causal,
-                                                 mask=None if mask is None else mask[0, 0]), q, k, v, dout,
-                  torch.float64)
+    got = _grads(
+        lambda *t: local_attention(*t, causal=causal, attention_mask=mask, dropout=spec, tile=tile), q, k, v, dout
+    )
+    want = _grads(
+        lambda *t: _reference_dropout(*t, keep, p, causal=causal, mask=None if mask is None else mask[0, 0]),
+        q,
+        k,
+        v,
+        dout,
+        torch.float64,
+    )
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert _rel(a, b) < TOL, (tile, causal, name, _rel(a, b))
-    again = _grads(lambda *t: local_attention(*t, causal=causal, attention_mask=mask, dropout=spec, tile=tile),
-                   q, k, v, dout)
+    again = _grads(
+        lambda *t: local_attention(*t, causal=causal, attention_mask=mask, dropout=spec, tile=tile), q, k, v, dout
+    )
     assert all(torch.equal(a, b) for a, b in zip(got, again))  # same seed: bit-identical

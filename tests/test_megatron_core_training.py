@@ -7,21 +7,26 @@ global batch (4 sequences, CP=1 spreads the ranks over data parallelism). Tolera
 ``tests.megatron_loop.step_tolerance`` (1e-6 / 2e-6 relative at the first step, then Adam's
 measured drift).
 """
+
 import pytest
 
 from tests.dist import run_on_ranks
 from tests.megatron_loop import step_tolerance, train
+
 RING = dict(context_parallel_algo="megatron_cp_algo")
 
 CASES = {  # name: (CP case, its CP=1 reference)
-    "hybrid4_ddp": (dict(cp=4, flags=dict(context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2)),
-                    dict()),
-    "ulysses2_distopt_overlap": (dict(cp=2, distributed_optimizer=True, overlap=True),
-                                 dict(distributed_optimizer=True, overlap=True)),
+    "hybrid4_ddp": (dict(cp=4, flags=dict(context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2)), dict()),
+    "ulysses2_distopt_overlap": (
+        dict(cp=2, distributed_optimizer=True, overlap=True),
+        dict(distributed_optimizer=True, overlap=True),
+    ),
     "ring2_pp2_1f1b": (dict(cp=2, pp=2, flags=RING), dict(pp=2)),
     # interleaved 1F1B with overlapped p2p frees each sent output at once: the gloo send guard's case
-    "ring2_pp2_vpp2": (dict(cp=2, pp=2, vpp=2, layers=4, flags=dict(RING, use_cp_send_recv_overlap=True)),
-                       dict(pp=2, vpp=2, layers=4)),
+    "ring2_pp2_vpp2": (
+        dict(cp=2, pp=2, vpp=2, layers=4, flags=dict(RING, use_cp_send_recv_overlap=True)),
+        dict(pp=2, vpp=2, layers=4),
+    ),
 }
 
 

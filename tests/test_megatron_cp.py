@@ -7,6 +7,7 @@ gradients are summed over the CP group (each CP rank holds part of the tokens of
 Loss = sum over tokens / (b*S) in both, so the CP-summed gradients must equal the reference's.
 Tolerances (fp32): losses 2e-6 absolute on values ~5, gradients 1e-5 relative to the largest gradient.
 """
+
 import pytest
 
 from tests import features
@@ -17,12 +18,12 @@ GRAD_TOL = 1e-5
 
 
 def _gpt_case(case):
-    import mindspeed_cp.megatron_adaptor as adaptor  # first, like a user's script: before Megatron's names are bound
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.utils import get_batch_on_this_cp_rank
 
+    import mindspeed_cp.megatron_adaptor as adaptor  # first, like a user's script: before Megatron's names are bound
     from tests.gpt_helpers import build_gpt, fixed_batch, init_parallel
 
     tp, cp, seq, b = case["tp"], case["cp"], case["seq"], case.get("batch", 2)
@@ -55,17 +56,27 @@ def _gpt_case(case):
     state = ref_model.state_dict()
     ps.destroy_model_parallel()
 
-    flags = {k: case[k] for k in ("context_parallel_algo", "ulysses_degree_in_cp", "cp_window_size",
-                                  "use_cp_send_recv_overlap", "megatron_cp_in_bnsd", "attention_mask_type",
-                                  "context_parallel_kv_cache_policy", "context_parallel_cache_interval",
-                                  "use_ulysses_allgather_kv")
-             if k in case}
+    flags = {
+        k: case[k]
+        for k in (
+            "context_parallel_algo",
+            "ulysses_degree_in_cp",
+            "cp_window_size",
+            "use_cp_send_recv_overlap",
+            "megatron_cp_in_bnsd",
+            "attention_mask_type",
+            "context_parallel_kv_cache_policy",
+            "context_parallel_cache_interval",
+            "use_ulysses_allgather_kv",
+        )
+        if k in case
+    }
     adaptor.configure(context_parallel_size=cp, **flags)
     init_parallel(tp=tp, cp=cp)
     model = build_gpt(heads=heads, kv_heads=kv, seq=seq, seed=11, num_layers=layers, **model_fields)
     model.load_state_dict(state)
     local = get_batch_on_this_cp_rank(dict(batch))
-    from mindspeed_cp.comm_stats import count_bytes
+    from mindspeed_cp.stats import count_bytes
 
     with count_bytes() as sent:
         loss, grads = loss_and_grads(model, local, b * seq)
@@ -114,8 +125,9 @@ ULYSSES_CASES = [
     pytest.param(4, dict(tp=1, cp=4, seq=30), id="cp4-unaligned-30"),
     pytest.param(2, dict(tp=1, cp=2, seq=31, heads=4, kv_heads=2), id="cp2-unaligned-31-gqa"),
     pytest.param(4, dict(tp=1, cp=4, seq=32, attention_mask_type="general"), id="cp4-general-mask"),
-    pytest.param(4, dict(tp=1, cp=4, seq=32, attention_mask_type="general", dead_rows=(5, 20)),
-                 id="cp4-general-dead-rows"),
+    pytest.param(
+        4, dict(tp=1, cp=4, seq=32, attention_mask_type="general", dead_rows=(5, 20)), id="cp4-general-dead-rows"
+    ),
 ]
 
 
@@ -132,12 +144,35 @@ RING_CASES = [
     pytest.param(4, dict(tp=1, cp=4, seq=32, attention_mask_type="general"), id="cp4-general-mask"),
     pytest.param(4, dict(tp=1, cp=4, seq=32, use_cp_send_recv_overlap=True), id="cp4-overlap"),
     pytest.param(4, dict(tp=1, cp=4, seq=32, megatron_cp_in_bnsd=True, heads=8, kv_heads=2), id="cp4-bnsd-gqa"),
-    pytest.param(4, dict(tp=1, cp=4, seq=32, cp_window_size=2, use_cp_send_recv_overlap=True,
-                         megatron_cp_in_bnsd=True, attention_mask_type="general"), id="cp4-all-options"),
-    pytest.param(4, dict(tp=1, cp=4, seq=32, attention_mask_type="general", dead_rows=(5, 20)),
-                 id="cp4-general-dead-rows"),
-    pytest.param(4, dict(tp=1, cp=4, seq=32, cp_window_size=2, use_cp_send_recv_overlap=True,
-                         attention_mask_type="general", dead_rows=(0, 31)), id="cp4-double-ring-dead-rows"),
+    pytest.param(
+        4,
+        dict(
+            tp=1,
+            cp=4,
+            seq=32,
+            cp_window_size=2,
+            use_cp_send_recv_overlap=True,
+            megatron_cp_in_bnsd=True,
+            attention_mask_type="general",
+        ),
+        id="cp4-all-options",
+    ),
+    pytest.param(
+        4, dict(tp=1, cp=4, seq=32, attention_mask_type="general", dead_rows=(5, 20)), id="cp4-general-dead-rows"
+    ),
+    pytest.param(
+        4,
+        dict(
+            tp=1,
+            cp=4,
+            seq=32,
+            cp_window_size=2,
+            use_cp_send_recv_overlap=True,
+            attention_mask_type="general",
+            dead_rows=(0, 31),
+        ),
+        id="cp4-double-ring-dead-rows",
+    ),
 ]
 
 
@@ -148,12 +183,21 @@ def test_ring_gpt_matches_cp1(world, case):
 
 HYBRID_CASES = [
     pytest.param(4, dict(tp=1, cp=4, seq=32, ulysses_degree_in_cp=2), id="cp4-u2"),
-    pytest.param(4, dict(tp=1, cp=4, seq=32, ulysses_degree_in_cp=2, heads=4, kv_heads=2,
-                         attention_mask_type="general"), id="cp4-u2-gqa-general"),
-    pytest.param(4, dict(tp=1, cp=4, seq=32, ulysses_degree_in_cp=2, attention_mask_type="general",
-                         dead_rows=(5, 20)), id="cp4-u2-general-dead-rows"),
-    pytest.param(8, dict(tp=1, cp=8, seq=32, ulysses_degree_in_cp=2, cp_window_size=2,
-                         use_cp_send_recv_overlap=True), id="cp8-u2-w2-overlap"),
+    pytest.param(
+        4,
+        dict(tp=1, cp=4, seq=32, ulysses_degree_in_cp=2, heads=4, kv_heads=2, attention_mask_type="general"),
+        id="cp4-u2-gqa-general",
+    ),
+    pytest.param(
+        4,
+        dict(tp=1, cp=4, seq=32, ulysses_degree_in_cp=2, attention_mask_type="general", dead_rows=(5, 20)),
+        id="cp4-u2-general-dead-rows",
+    ),
+    pytest.param(
+        8,
+        dict(tp=1, cp=8, seq=32, ulysses_degree_in_cp=2, cp_window_size=2, use_cp_send_recv_overlap=True),
+        id="cp8-u2-w2-overlap",
+    ),
     pytest.param(8, dict(tp=2, cp=4, seq=32, ulysses_degree_in_cp=2, megatron_cp_in_bnsd=True), id="tp2-cp4-u2-bnsd"),
 ]
 
@@ -164,9 +208,9 @@ def test_hybrid_gpt_matches_cp1(world, case):
 
 
 def _cp1_untouched():
-    import mindspeed_cp.megatron_adaptor  # noqa: F401
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+    import mindspeed_cp.megatron_adaptor  # noqa: F401
     from tests.gpt_helpers import build_gpt, init_parallel
 
     init_parallel(tp=1, cp=1)
@@ -181,7 +225,6 @@ def test_cp1_leaves_megatron_attention_untouched():
 
 def _model_without_cp_in_a_cp_world():
     import mindspeed_cp.megatron_adaptor as adaptor
-
     from tests.gpt_helpers import build_gpt, init_parallel
 
     adaptor.configure(context_parallel_size=2)
@@ -192,9 +235,12 @@ def _model_without_cp_in_a_cp_world():
 def test_model_config_without_cp_in_a_cp_world_is_an_error():
     from tests.dist import expect_error_on_every_rank
 
-    expect_error_on_every_rank(2, _model_without_cp_in_a_cp_world,
-                               match=r"TransformerConfig.context_parallel_size=1 while parallel_state was "
-                                     r"initialized with --context-parallel-size 2")
+    expect_error_on_every_rank(
+        2,
+        _model_without_cp_in_a_cp_world,
+        match=r"TransformerConfig.context_parallel_size=1 while parallel_state was "
+        r"initialized with --context-parallel-size 2",
+    )
 
 
 def _early_bound_get_batch():
@@ -235,9 +281,20 @@ def _ulysses_paths():
     init_parallel(cp=2)
     attention._TOLD.clear()  # said once per process: forget earlier tests in this rank
     out = {}
-    for name, extra in (("plain", {}), ("window", dict(window_size=(8, 0))), ("off_by_one", dict(softmax_type="off-by-one"))):
-        cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, context_parallel_size=2,
-                                attention_dropout=0.0, hidden_dropout=0.0, **extra)
+    for name, extra in (
+        ("plain", {}),
+        ("window", dict(window_size=(8, 0))),
+        ("off_by_one", dict(softmax_type="off-by-one")),
+    ):
+        cfg = TransformerConfig(
+            num_layers=1,
+            hidden_size=32,
+            num_attention_heads=4,
+            context_parallel_size=2,
+            attention_dropout=0.0,
+            hidden_dropout=0.0,
+            **extra,
+        )
         m = DotProductAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
         q, k, v = (torch.randn(8, 1, 4, 8) for _ in range(3))
         with warnings.catch_warnings(record=True) as seen:
@@ -265,8 +322,15 @@ def _ring_with_window():
 
     adaptor.configure(context_parallel_size=2, context_parallel_algo="megatron_cp_algo")
     init_parallel(cp=2)
-    cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, context_parallel_size=2,
-                            attention_dropout=0.0, hidden_dropout=0.0, window_size=(8, 0))
+    cfg = TransformerConfig(
+        num_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        context_parallel_size=2,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        window_size=(8, 0),
+    )
     DotProductAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
 
 

@@ -3,7 +3,7 @@ equals the same run at CP=1.
 
 Needs ``MEGATRON_LM_PATH`` (a core_v0.16.1 checkout) and skips otherwise; ``make test-megatron-lm`` runs it.
 Every run is unmodified ``pretrain_gpt.py`` through ``mindspeed_cp.launch`` on 4 (or 2) gloo ranks with the
-tiny GPT of ``mindspeed_cp.demo_megatron_lm.TINY_GPT`` (fp32, mock data, seed 1234, no dropout), compared per
+tiny GPT of ``mindspeed_cp.tools.demo_megatron_lm.TINY_GPT`` (fp32, mock data, seed 1234, no dropout), compared per
 iteration through ``$MINDSPEED_CP_METRICS`` (each iteration's reduced ``lm loss`` and grad norm at full
 precision, not the rounded, partly averaged log line). A CP run and its reference use the same global batch
 (4 sequences): CP=1 spreads the 4 ranks over data parallelism, a CP run over CP (and DP / TP / PP).
@@ -12,6 +12,7 @@ Tolerance per iteration: ``tests.megatron_loop.step_tolerance`` - 1e-6 relative 
 on the grad norm (0.8 - 4.5) at the first iteration (float32 rounding of sums taken in another order: tokens split
 over ranks, gradients reduced over DP x CP), then Adam's measured drift.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,13 +20,14 @@ import shutil
 
 import pytest
 
-from mindspeed_cp.demo_megatron_lm import TINY_GPT, PretrainError, run_pretrain_gpt
+from mindspeed_cp.tools.demo_megatron_lm import TINY_GPT, PretrainError, run_pretrain_gpt
 from tests.megatron_loop import step_tolerance
 
 MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
 pytestmark = pytest.mark.skipif(
     not MEGATRON_LM_PATH or not os.path.isfile(os.path.join(MEGATRON_LM_PATH or "", "pretrain_gpt.py")),
-    reason="MEGATRON_LM_PATH is not set to a Megatron-LM checkout with pretrain_gpt.py (core_v0.16.1)")
+    reason="MEGATRON_LM_PATH is not set to a Megatron-LM checkout with pretrain_gpt.py (core_v0.16.1)",
+)
 
 ITERS = 5
 RING = ["--context-parallel-algo", "megatron_cp_algo"]
@@ -44,8 +46,10 @@ RUNS = {
     "ulysses4": (4, ["--context-parallel-size", "4", *ULYSSES]),
     "ring4": (4, ["--context-parallel-size", "4", *RING]),
     "ring4_overlap": (4, ["--context-parallel-size", "4", *RING, "--use-cp-send-recv-overlap"]),
-    "ring4_window2": (4, ["--context-parallel-size", "4", *RING, "--cp-window-size", "2",
-                          "--use-cp-send-recv-overlap"]),
+    "ring4_window2": (
+        4,
+        ["--context-parallel-size", "4", *RING, "--cp-window-size", "2", "--use-cp-send-recv-overlap"],
+    ),
     "hybrid4": (4, ["--context-parallel-size", "4", *HYBRID]),
     "cp1_distopt": (4, ["--context-parallel-size", "1", *DIST_OPT]),
     "ring2_distopt": (4, ["--context-parallel-size", "2", *RING, *DIST_OPT]),
@@ -68,8 +72,17 @@ RUNS = {
     "docs_ring4": (4, [*DOCS, "--context-parallel-size", "4", *RING]),
     "docs_ring4_window2": (4, [*DOCS, "--context-parallel-size", "4", *RING, "--cp-window-size", "2"]),
     "docs_hybrid4": (4, [*DOCS, "--context-parallel-size", "4", *HYBRID]),
-    "docs_ring4_eod": (4, ["--reset-attention-mask", "--eod-mask-loss", "--no-create-attention-mask-in-dataloader",
-                           "--context-parallel-size", "4", *RING]),
+    "docs_ring4_eod": (
+        4,
+        [
+            "--reset-attention-mask",
+            "--eod-mask-loss",
+            "--no-create-attention-mask-in-dataloader",
+            "--context-parallel-size",
+            "4",
+            *RING,
+        ],
+    ),
     # any length for Ring / Hybrid: 510 is not a multiple of 2 x 4
     "seq510_cp1": (4, [*SEQ510, "--context-parallel-size", "1"]),
     "seq510_ring4": (4, [*SEQ510, "--context-parallel-size", "4", *RING]),
@@ -77,14 +90,45 @@ RUNS = {
     "seq510_ring4_general": (4, [*SEQ510, "--context-parallel-size", "4", *RING, "--attention-mask-type", "general"]),
     # KV-cache policies (MindSpeed's flags): kept blocks / rebuilt all-to-alls, with activation recompute too
     "ring4_kv_full": (4, ["--context-parallel-size", "4", *RING, "--context-parallel-kv-cache-policy", "full"]),
-    "recompute_ring4_kv_half": (4, [*RECOMPUTE, "--context-parallel-size", "4", *RING,
-                                    "--context-parallel-kv-cache-policy", "half", "--use-cp-send-recv-overlap"]),
-    "hybrid4_kv_half_interval": (4, ["--context-parallel-size", "4", *HYBRID, "--context-parallel-kv-cache-policy",
-                                     "half", "--context-parallel-cache-interval", "1"]),
-    "recompute_ulysses4_kv_full": (4, [*RECOMPUTE, "--context-parallel-size", "4", *ULYSSES,
-                                       "--context-parallel-kv-cache-policy", "full"]),
-    "ulysses4_allgather_kv_full": (4, ["--context-parallel-size", "4", *ULYSSES, "--use-ulysses-allgather-kv",
-                                       "--context-parallel-kv-cache-policy", "full"]),
+    "recompute_ring4_kv_half": (
+        4,
+        [
+            *RECOMPUTE,
+            "--context-parallel-size",
+            "4",
+            *RING,
+            "--context-parallel-kv-cache-policy",
+            "half",
+            "--use-cp-send-recv-overlap",
+        ],
+    ),
+    "hybrid4_kv_half_interval": (
+        4,
+        [
+            "--context-parallel-size",
+            "4",
+            *HYBRID,
+            "--context-parallel-kv-cache-policy",
+            "half",
+            "--context-parallel-cache-interval",
+            "1",
+        ],
+    ),
+    "recompute_ulysses4_kv_full": (
+        4,
+        [*RECOMPUTE, "--context-parallel-size", "4", *ULYSSES, "--context-parallel-kv-cache-policy", "full"],
+    ),
+    "ulysses4_allgather_kv_full": (
+        4,
+        [
+            "--context-parallel-size",
+            "4",
+            *ULYSSES,
+            "--use-ulysses-allgather-kv",
+            "--context-parallel-kv-cache-policy",
+            "full",
+        ],
+    ),
 }
 _DONE = {}
 
@@ -111,17 +155,36 @@ def assert_same(got, want, iterations=None):
         assert r["skipped"] == 0
 
 
-@pytest.mark.parametrize("name, reference", [
-    ("ulysses4", "cp1"), ("ring4", "cp1"), ("ring4_overlap", "cp1"), ("ring4_window2", "cp1"), ("hybrid4", "cp1"),
-    ("ring2_distopt", "cp1_distopt"), ("tp2_ulysses2", "tp2_cp1"), ("pp2_ring2", "pp2_cp1"),
-    ("vpp_ring2", "vpp_cp1"), ("recompute_ring4", "recompute_cp1"), ("recompute_ulysses4", "recompute_cp1"),
-    ("seq511_ulysses2", "seq511_cp1"),
-    ("docs_ulysses4", "docs_cp1"), ("docs_ring4", "docs_cp1"), ("docs_ring4_window2", "docs_cp1"),
-    ("docs_hybrid4", "docs_cp1"), ("docs_ring4_eod", "docs_cp1"),
-    ("seq510_ring4", "seq510_cp1"), ("seq510_hybrid4", "seq510_cp1"), ("seq510_ring4_general", "seq510_cp1"),
-    ("ring4_kv_full", "cp1"), ("recompute_ring4_kv_half", "recompute_cp1"), ("hybrid4_kv_half_interval", "cp1"),
-    ("ulysses4_allgather_kv_full", "cp1"), ("recompute_ulysses4_kv_full", "recompute_cp1"),
-])
+@pytest.mark.parametrize(
+    "name, reference",
+    [
+        ("ulysses4", "cp1"),
+        ("ring4", "cp1"),
+        ("ring4_overlap", "cp1"),
+        ("ring4_window2", "cp1"),
+        ("hybrid4", "cp1"),
+        ("ring2_distopt", "cp1_distopt"),
+        ("tp2_ulysses2", "tp2_cp1"),
+        ("pp2_ring2", "pp2_cp1"),
+        ("vpp_ring2", "vpp_cp1"),
+        ("recompute_ring4", "recompute_cp1"),
+        ("recompute_ulysses4", "recompute_cp1"),
+        ("seq511_ulysses2", "seq511_cp1"),
+        ("docs_ulysses4", "docs_cp1"),
+        ("docs_ring4", "docs_cp1"),
+        ("docs_ring4_window2", "docs_cp1"),
+        ("docs_hybrid4", "docs_cp1"),
+        ("docs_ring4_eod", "docs_cp1"),
+        ("seq510_ring4", "seq510_cp1"),
+        ("seq510_hybrid4", "seq510_cp1"),
+        ("seq510_ring4_general", "seq510_cp1"),
+        ("ring4_kv_full", "cp1"),
+        ("recompute_ring4_kv_half", "recompute_cp1"),
+        ("hybrid4_kv_half_interval", "cp1"),
+        ("ulysses4_allgather_kv_full", "cp1"),
+        ("recompute_ulysses4_kv_full", "recompute_cp1"),
+    ],
+)
 def test_cp_run_equals_cp1(name, reference):
     assert_same(run(name), run(reference))
 
@@ -163,8 +226,12 @@ def _training_flags():
 
 PRESET_ITERS = 3
 PRESET_RUNS = {  # preset -> CP runs (4 ranks) compared with its CP=1 run
-    "deepseek-tiny": {"ulysses4": ULYSSES, "ring4": [*RING, "--use-cp-send-recv-overlap"],
-                      "double_ring4": [*RING, "--cp-window-size", "2"], "hybrid4": HYBRID},
+    "deepseek-tiny": {
+        "ulysses4": ULYSSES,
+        "ring4": [*RING, "--use-cp-send-recv-overlap"],
+        "double_ring4": [*RING, "--cp-window-size", "2"],
+        "hybrid4": HYBRID,
+    },
     "gpt-oss-tiny": {"ulysses4": ULYSSES},
 }
 
@@ -174,8 +241,18 @@ def run_preset(name, cp, flags=()):
 
     key = ("preset", name, cp, tuple(flags))
     if key not in _DONE:
-        _DONE[key] = run_pretrain_gpt(4, [*_training_flags(), *megatron_lm_flags(name), "--train-iters",
-                                          str(PRESET_ITERS), "--context-parallel-size", str(cp), *flags])
+        _DONE[key] = run_pretrain_gpt(
+            4,
+            [
+                *_training_flags(),
+                *megatron_lm_flags(name),
+                "--train-iters",
+                str(PRESET_ITERS),
+                "--context-parallel-size",
+                str(cp),
+                *flags,
+            ],
+        )
     return _DONE[key]
 
 
@@ -184,8 +261,11 @@ def test_preset_equals_cp1(name, run_name):
     """configs/models/deepseek-tiny.conf (MLA + MoE over EP 2 + MTP) and gpt-oss-tiny.conf (GQA + learnable sinks
     + MoE) through pretrain_gpt.py with the flags scripts/pretrain_gpt_cp.sh passes: every algorithm they allow
     equals their CP=1 run."""
-    assert_same(run_preset(name, 4, PRESET_RUNS[name][run_name]), run_preset(name, 1),
-                iterations=list(range(1, PRESET_ITERS + 1)))
+    assert_same(
+        run_preset(name, 4, PRESET_RUNS[name][run_name]),
+        run_preset(name, 1),
+        iterations=list(range(1, PRESET_ITERS + 1)),
+    )
 
 
 def test_gpt_oss_preset_refused_on_the_ring():

@@ -3,7 +3,7 @@ plugin on gloo ranks: every CP algorithm trains exactly as CP=1.
 
 Each run is ``torchrun --nproc-per-node 4 -m mindspeed_cp.launch tests/wheel_pretrain.py`` (our own script:
 GPTModel with the local spec, deterministic random-token data, Megatron's ``pretrain``) with the tiny GPT of
-``mindspeed_cp.demo_megatron_lm.TINY_GPT`` (fp32, seed 1234, no dropout, global batch 4), for 4 iterations.
+``mindspeed_cp.tools.demo_megatron_lm.TINY_GPT`` (fp32, seed 1234, no dropout, global batch 4), for 4 iterations.
 CP=1 spreads the 4 ranks over data parallelism, each CP run makes them one CP group of 4. Per iteration, the
 reduced ``lm loss`` and the grad norm come from ``$MINDSPEED_CP_METRICS`` at full precision.
 
@@ -16,13 +16,14 @@ apply, i.e. under Python >= 3.12 with megatron-core 0.19::
 
     PYTHONPATH=. .compat/py312/bin/python -m pytest -q tests/test_megatron_training_wheel.py
 """
+
 from __future__ import annotations
 
 import os
 
 import pytest
 
-from mindspeed_cp.demo_megatron_lm import TINY_GPT, run_pretrain_gpt
+from mindspeed_cp.tools.demo_megatron_lm import TINY_GPT, run_pretrain_gpt
 from tests.megatron_loop import step_tolerance
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,8 +40,11 @@ def _why_not() -> str:
     import mindspeed_cp.megatron_adaptor as adaptor
 
     adaptor.apply()
-    missing = [t for t in ("megatron.training.arguments.parse_args", "megatron.training.arguments.validate_args")
-               if not adaptor.PATCHES[t].applied]
+    missing = [
+        t
+        for t in ("megatron.training.arguments.parse_args", "megatron.training.arguments.validate_args")
+        if not adaptor.PATCHES[t].applied
+    ]
     return f"plugin patches not applied: {', '.join(missing)}" if missing else ""
 
 
@@ -62,8 +66,14 @@ def run(cp: int, flags=()):
     if key not in _DONE:
         # cwd: the repository root, so `-m mindspeed_cp.launch` imports this checkout (run_pretrain_gpt drops
         # PYTHONPATH); megatron_lm_path: only where a relative script would be looked up
-        _DONE[key] = run_pretrain_gpt(4, [*TINY_GPT, "--train-iters", str(ITERS), "--context-parallel-size", str(cp),
-                                          *flags], megatron_lm_path=HERE, script=SCRIPT, cwd=ROOT, timeout=900)
+        _DONE[key] = run_pretrain_gpt(
+            4,
+            [*TINY_GPT, "--train-iters", str(ITERS), "--context-parallel-size", str(cp), *flags],
+            megatron_lm_path=HERE,
+            script=SCRIPT,
+            cwd=ROOT,
+            timeout=900,
+        )
     return _DONE[key]
 
 
@@ -74,10 +84,18 @@ def test_cp4_equals_cp1(name):
     assert [r["iteration"] for r in got.records] == [r["iteration"] for r in ref.records] == list(range(1, ITERS + 1))
     dl = max(abs(a - b) for a, b in zip(got.losses, ref.losses))
     dg = max(abs(a - b) / abs(b) for a, b in zip(got.grad_norms, ref.grad_norms))
-    print(f"\n{name}: lm loss {' '.join(f'{x:.7f}' for x in got.losses)} | max |dloss| {dl:.2e} | "
-          f"max |dgrad norm| / grad norm {dg:.2e} | {got.seconds:.0f} s (CP=1 {ref.seconds:.0f} s)")
+    print(
+        f"\n{name}: lm loss {' '.join(f'{x:.7f}' for x in got.losses)} | max |dloss| {dl:.2e} | "
+        f"max |dgrad norm| / grad norm {dg:.2e} | {got.seconds:.0f} s (CP=1 {ref.seconds:.0f} s)"
+    )
     assert all(r["skipped"] == 0 for r in got.records)
     for step, (a, b, x, y) in enumerate(zip(got.losses, ref.losses, got.grad_norms, ref.grad_norms)):
         loss_tol, norm_tol = step_tolerance(step)
-        assert abs(a - b) <= loss_tol * abs(b) and abs(x - y) <= norm_tol * abs(y), (name, step, got.losses, ref.losses,
-                                                                           got.grad_norms, ref.grad_norms)
+        assert abs(a - b) <= loss_tol * abs(b) and abs(x - y) <= norm_tol * abs(y), (
+            name,
+            step,
+            got.losses,
+            ref.losses,
+            got.grad_norms,
+            ref.grad_norms,
+        )

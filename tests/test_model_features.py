@@ -13,6 +13,7 @@ Checked per variant, every rank (fp32; bounds measured on AVX2 and AVX-512 machi
 every real token held once; per-token LM and MTP losses at their global positions within ``LOSS_TOL`` of CP=1;
 every main_grad within ``GRAD_TOL`` of CP=1 relative to the largest reference gradient.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -24,11 +25,26 @@ from tests.dist import expect_error_on_every_rank, run_on_ranks
 LOSS_TOL = 1e-5  # per-token losses ~5: measured max 9.5e-7
 GRAD_TOL = 1e-4  # relative to the largest reference gradient: measured max 3.3e-7
 WEIGHT_TOL = 1e-5  # after SGD steps (lr 0.5): measured max
-MLA = dict(q_lora_rank=None, kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=12,
-           rope_type="yarn", rotary_scaling_factor=4.0, original_max_position_embeddings=16,
-           multi_latent_attention=True)
-FLAGS = ("context_parallel_algo", "ulysses_degree_in_cp", "cp_window_size", "use_cp_send_recv_overlap",
-         "megatron_cp_in_bnsd", "context_parallel_kv_cache_policy", "use_ulysses_allgather_kv")
+MLA = dict(
+    q_lora_rank=None,
+    kv_lora_rank=32,
+    qk_head_dim=16,
+    qk_pos_emb_head_dim=8,
+    v_head_dim=12,
+    rope_type="yarn",
+    rotary_scaling_factor=4.0,
+    original_max_position_embeddings=16,
+    multi_latent_attention=True,
+)
+FLAGS = (
+    "context_parallel_algo",
+    "ulysses_degree_in_cp",
+    "cp_window_size",
+    "use_cp_send_recv_overlap",
+    "megatron_cp_in_bnsd",
+    "context_parallel_kv_cache_policy",
+    "use_ulysses_allgather_kv",
+)
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -53,10 +69,10 @@ def _model(spec, seed):
 
     from tests.gpt_helpers import build_gpt
 
-    model = build_gpt(seq=spec["seq"] if not spec.get("thd") else sum(spec["documents"]), seed=seed,
-                      **spec.get("model", {}))
-    return model, DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(),
-                                          module=model)
+    model = build_gpt(
+        seq=spec["seq"] if not spec.get("thd") else sum(spec["documents"]), seed=seed, **spec.get("model", {})
+    )
+    return model, DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(), module=model)
 
 
 def _train(spec, model, ddp, data, thd_params, tokens: int, cp: int):
@@ -95,8 +111,14 @@ def _step(model, ddp, data, thd_params, tokens: int, cp: int):
 
     model.compute_language_model_loss = spy
     try:
-        per_token = ddp(data["tokens"], data["position_ids"], data.get("attention_mask"), labels=data["labels"],
-                        loss_mask=data["loss_mask"], packed_seq_params=thd_params)
+        per_token = ddp(
+            data["tokens"],
+            data["position_ids"],
+            data.get("attention_mask"),
+            labels=data["labels"],
+            loss_mask=data["loss_mask"],
+            packed_seq_params=thd_params,
+        )
     finally:
         del model.compute_language_model_loss
     ((per_token * data["loss_mask"]).sum() * cp / tokens).backward()
@@ -127,7 +149,9 @@ def _reference(spec):
     elif mask is not None:
         batch = dict(batch, attention_mask=mask)
     tokens = batch["tokens"].numel()
-    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}  # before any step
+    state = {
+        k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()
+    }  # before any step
     out = _train(spec, model, ddp, batch, params, tokens, 1)
     ps.destroy_model_parallel()
     return out, state, tokens
@@ -135,12 +159,12 @@ def _reference(spec):
 
 def _variant(spec, variant, state, tokens):
     """One CP variant from the reference weights: its per-token losses, MTP losses, grads, and where its tokens sit."""
-    import mindspeed_cp.megatron_adaptor as adaptor
     from megatron.core import parallel_state as ps
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    from mindspeed_cp.sharding import token_indices
-    from mindspeed_cp.state import STATE
+    import mindspeed_cp.megatron_adaptor as adaptor
+    from mindspeed_cp.layout.sharding import token_indices
+    from mindspeed_cp.megatron.state import STATE
     from tests.gpt_helpers import init_parallel
 
     cp = variant["cp"]
@@ -152,8 +176,12 @@ def _variant(spec, variant, state, tokens):
     model.load_state_dict(state)
     params = None
     if spec.get("before"):  # an earlier batch with other documents (RoPE tables are cached by length)
-        other = dict(batch, position_ids=torch.cat([torch.arange(n) for n in spec["before"]]).expand_as(
-            batch["position_ids"]).contiguous())
+        other = dict(
+            batch,
+            position_ids=torch.cat([torch.arange(n) for n in spec["before"]])
+            .expand_as(batch["position_ids"])
+            .contiguous(),
+        )
         with torch.no_grad():
             prev = get_batch_on_this_cp_rank(other)
             model(prev["tokens"], prev["position_ids"], None, labels=prev["labels"])
@@ -200,13 +228,19 @@ def _parity(spec):
         full, seen = _place(src, loss, ref_loss.shape)
         mtp_err = [float((_place(src, m, ref_loss.shape)[0] - r).abs().max()) for m, r in zip(mtp, ref_mtp)]
         worst = max(grads, key=lambda n: float((grads[n] - ref_grads[n]).abs().max()))
-        results.append({
-            "variant": variant, "every_token_once": bool((seen == 1).all()),
-            "loss_err": float((full - ref_loss).abs().max()), "mtp_layers": len(mtp), "mtp_err": max(mtp_err, default=0.0),
-            "grad_err": float((grads[worst] - ref_grads[worst]).abs().max()) / gmax, "worst": worst,
-            "step_loss_err": max(abs(a - b) for a, b in zip(losses, ref_losses)),
-            "weight_err": max(float((weights[n] - ref_weights[n]).abs().max()) for n in weights),
-        })
+        results.append(
+            {
+                "variant": variant,
+                "every_token_once": bool((seen == 1).all()),
+                "loss_err": float((full - ref_loss).abs().max()),
+                "mtp_layers": len(mtp),
+                "mtp_err": max(mtp_err, default=0.0),
+                "grad_err": float((grads[worst] - ref_grads[worst]).abs().max()) / gmax,
+                "worst": worst,
+                "step_loss_err": max(abs(a - b) for a, b in zip(losses, ref_losses)),
+                "weight_err": max(float((weights[n] - ref_weights[n]).abs().max()) for n in weights),
+            }
+        )
         ps.destroy_model_parallel()
     return results
 
@@ -228,18 +262,53 @@ def _check(world, spec):
 U, R, H = "ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo"
 MTP = dict(mtp_num_layers=1, mtp_loss_scaling_factor=1.0)
 MTP_CASES = [
-    pytest.param(2, dict(seq=32, model=MTP, variants=[dict(cp=2, context_parallel_algo=U),
-                                                       dict(cp=2, context_parallel_algo=R)]), id="cp2"),
-    pytest.param(4, dict(seq=32, model=dict(MTP, mtp_num_layers=2), variants=[
-        dict(cp=4, context_parallel_algo=U), dict(cp=4, context_parallel_algo=R),
-        dict(cp=4, context_parallel_algo=R, cp_window_size=2, use_cp_send_recv_overlap=True),
-        dict(cp=4, context_parallel_algo=H, ulysses_degree_in_cp=2)]), id="cp4-two-mtp-layers"),
-    pytest.param(4, dict(seq=30, model=dict(MTP, heads=8, kv_heads=2), variants=[
-        dict(cp=4, context_parallel_algo=U), dict(cp=4, context_parallel_algo=R),
-        dict(cp=4, context_parallel_algo=H, ulysses_degree_in_cp=2)]), id="cp4-unaligned-30-gqa"),
-    pytest.param(4, dict(seq=50, documents=[7, 1, 30, 12], batch=1, model=MTP, variants=[
-        dict(cp=4, context_parallel_algo=U), dict(cp=4, context_parallel_algo=R),
-        dict(cp=4, context_parallel_algo=H, ulysses_degree_in_cp=2)]), id="cp4-packed-documents"),
+    pytest.param(
+        2,
+        dict(seq=32, model=MTP, variants=[dict(cp=2, context_parallel_algo=U), dict(cp=2, context_parallel_algo=R)]),
+        id="cp2",
+    ),
+    pytest.param(
+        4,
+        dict(
+            seq=32,
+            model=dict(MTP, mtp_num_layers=2),
+            variants=[
+                dict(cp=4, context_parallel_algo=U),
+                dict(cp=4, context_parallel_algo=R),
+                dict(cp=4, context_parallel_algo=R, cp_window_size=2, use_cp_send_recv_overlap=True),
+                dict(cp=4, context_parallel_algo=H, ulysses_degree_in_cp=2),
+            ],
+        ),
+        id="cp4-two-mtp-layers",
+    ),
+    pytest.param(
+        4,
+        dict(
+            seq=30,
+            model=dict(MTP, heads=8, kv_heads=2),
+            variants=[
+                dict(cp=4, context_parallel_algo=U),
+                dict(cp=4, context_parallel_algo=R),
+                dict(cp=4, context_parallel_algo=H, ulysses_degree_in_cp=2),
+            ],
+        ),
+        id="cp4-unaligned-30-gqa",
+    ),
+    pytest.param(
+        4,
+        dict(
+            seq=50,
+            documents=[7, 1, 30, 12],
+            batch=1,
+            model=MTP,
+            variants=[
+                dict(cp=4, context_parallel_algo=U),
+                dict(cp=4, context_parallel_algo=R),
+                dict(cp=4, context_parallel_algo=H, ulysses_degree_in_cp=2),
+            ],
+        ),
+        id="cp4-packed-documents",
+    ),
 ]
 
 
@@ -253,17 +322,31 @@ def test_mtp_matches_cp1(world, spec):
 @pytest.mark.skipif(not features.thd_split(), reason=features.WHY["thd_split"])
 def test_mtp_thd_stops_at_document_ends():
     """THD batches: the shift stops at every document's end, as Megatron's one-device THD shift does."""
-    _check(4, dict(seq=None, documents=[7, 1, 30, 13], thd=True, model=MTP, variants=[
-        dict(cp=4, context_parallel_algo=R), dict(cp=4, context_parallel_algo=H, ulysses_degree_in_cp=2),
-        dict(cp=4, context_parallel_algo=U)]))
+    _check(
+        4,
+        dict(
+            seq=None,
+            documents=[7, 1, 30, 13],
+            thd=True,
+            model=MTP,
+            variants=[
+                dict(cp=4, context_parallel_algo=R),
+                dict(cp=4, context_parallel_algo=H, ulysses_degree_in_cp=2),
+                dict(cp=4, context_parallel_algo=U),
+            ],
+        ),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- MLA
-MLA_VARIANTS = [dict(cp=4, context_parallel_algo=U), dict(cp=4, context_parallel_algo=R),
-                dict(cp=4, context_parallel_algo=R, cp_window_size=2, megatron_cp_in_bnsd=True),
-                dict(cp=4, context_parallel_algo=H, ulysses_degree_in_cp=2),
-                dict(cp=4, context_parallel_algo=R, context_parallel_kv_cache_policy="half"),
-                dict(cp=4, context_parallel_algo=H, ulysses_degree_in_cp=2, context_parallel_kv_cache_policy="full")]
+MLA_VARIANTS = [
+    dict(cp=4, context_parallel_algo=U),
+    dict(cp=4, context_parallel_algo=R),
+    dict(cp=4, context_parallel_algo=R, cp_window_size=2, megatron_cp_in_bnsd=True),
+    dict(cp=4, context_parallel_algo=H, ulysses_degree_in_cp=2),
+    dict(cp=4, context_parallel_algo=R, context_parallel_kv_cache_policy="half"),
+    dict(cp=4, context_parallel_algo=H, ulysses_degree_in_cp=2, context_parallel_kv_cache_policy="full"),
+]
 
 
 def test_mla_stock_local_spec_matches_cp1():
@@ -275,15 +358,26 @@ def test_mla_stock_local_spec_matches_cp1():
 def test_mla_with_mtp_and_packed_documents_matches_cp1():
     """MLA + MTP with packed documents after an earlier batch of other documents (YaRN's table is cached by length:
     the documents' positions change with every batch) and plain MLA with the rope variant."""
-    _check(4, dict(seq=50, documents=[7, 1, 30, 12], before=[33, 17], batch=1, model=dict(MTP, mla=MLA),
-                   variants=[dict(cp=4, context_parallel_algo=R), dict(cp=4, context_parallel_algo=H,
-                                                                      ulysses_degree_in_cp=2)]))
+    _check(
+        4,
+        dict(
+            seq=50,
+            documents=[7, 1, 30, 12],
+            before=[33, 17],
+            batch=1,
+            model=dict(MTP, mla=MLA),
+            variants=[dict(cp=4, context_parallel_algo=R), dict(cp=4, context_parallel_algo=H, ulysses_degree_in_cp=2)],
+        ),
+    )
     _check(2, dict(seq=32, model=dict(mla=dict(MLA, rope_type="rope")), variants=[dict(cp=2, context_parallel_algo=U)]))
 
 
 # ----------------------------------------------------------------------------------------------- learnable sinks
-SINK_VARIANTS = [dict(cp=2, context_parallel_algo=U), dict(cp=4, context_parallel_algo=U),
-                 dict(cp=4, context_parallel_algo=U, context_parallel_kv_cache_policy="full")]
+SINK_VARIANTS = [
+    dict(cp=2, context_parallel_algo=U),
+    dict(cp=4, context_parallel_algo=U),
+    dict(cp=4, context_parallel_algo=U, context_parallel_kv_cache_policy="full"),
+]
 
 
 @pytest.mark.parametrize("kind", ["learnable", "off-by-one"])
@@ -298,8 +392,9 @@ def _ring_with_sinks(algo):
     import mindspeed_cp.megatron_adaptor as adaptor
     from tests.gpt_helpers import build_gpt, init_parallel
 
-    adaptor.configure(context_parallel_size=4, context_parallel_algo=algo,
-                      ulysses_degree_in_cp=2 if algo == H else None)
+    adaptor.configure(
+        context_parallel_size=4, context_parallel_algo=algo, ulysses_degree_in_cp=2 if algo == H else None
+    )
     init_parallel(cp=4)
     build_gpt(seq=32, heads=8, kv_heads=2, softmax_type="learnable")
 
@@ -311,9 +406,9 @@ def test_sinks_refused_on_the_ring(algo):
 
 
 def _init_with_the_same_seed(cp):
-    import mindspeed_cp.megatron_adaptor as adaptor
     from megatron.core import parallel_state as ps
 
+    import mindspeed_cp.megatron_adaptor as adaptor
     from tests.gpt_helpers import build_gpt, init_parallel
 
     init_parallel(cp=1)
@@ -332,22 +427,32 @@ def test_learnable_offsets_initialise_as_at_cp1():
     assert run_on_ranks(4, _init_with_the_same_seed, 4) == [[]] * 4
 
 
-@pytest.mark.parametrize("algo,extra,refused", [
-    ("megatron_cp_algo", dict(softmax_type="learnable"), "--softmax-type 'learnable'"),
-    ("hybrid_cp_algo", dict(window_size=(128, 0)), "--window-size (128, 0)"),
-    ("ulysses_cp_algo", dict(softmax_type="learnable", window_size=(128, 0)), None),
-])
+@pytest.mark.parametrize(
+    "algo,extra,refused",
+    [
+        ("megatron_cp_algo", dict(softmax_type="learnable"), "--softmax-type 'learnable'"),
+        ("hybrid_cp_algo", dict(window_size=(128, 0)), "--window-size (128, 0)"),
+        ("ulysses_cp_algo", dict(softmax_type="learnable", window_size=(128, 0)), None),
+    ],
+)
 def test_megatron_lm_arguments_refuse_what_the_ring_cannot_compute(algo, extra, refused):
-    """Megatron-LM's validate_args (mindspeed_cp.megatron_lm.check_args) refuses sinks and windows on the ring level
-    before anything starts, with the sentence the model build would raise."""
+    """Megatron-LM's validate_args (mindspeed_cp.megatron.megatron_lm.check_args) refuses sinks and windows on the
+    ring level before anything starts, with the sentence the model build would raise."""
     import argparse
 
     from mindspeed_cp.config import CPConfigError
-    from mindspeed_cp.megatron_lm import check_args
+    from mindspeed_cp.megatron.megatron_lm import check_args
 
-    args = argparse.Namespace(context_parallel_size=4, context_parallel_algo=algo, world_size=4,
-                              ulysses_degree_in_cp=2 if algo == H else None, num_attention_heads=8, seq_length=64,
-                              transformer_impl="local", **extra)
+    args = argparse.Namespace(
+        context_parallel_size=4,
+        context_parallel_algo=algo,
+        world_size=4,
+        ulysses_degree_in_cp=2 if algo == H else None,
+        num_attention_heads=8,
+        seq_length=64,
+        transformer_impl="local",
+        **extra,
+    )
     if refused is None:
         check_args(args)
         return

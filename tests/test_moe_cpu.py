@@ -12,6 +12,7 @@ exists: the entries under test do not apply there.
 - The router without Transformer Engine: megatron-core's gating linear against torch for every router dtype.
 - YaRN (MLA's default RoPE) constructs on the CPU, as MLA builds it; MLA GPTs with the stock local spec.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -54,19 +55,32 @@ def _moe_run(dispatcher: str, ep: int, weights=None, steps: int = 2) -> dict:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer.moe.moe_utils import (clear_aux_losses_tracker,
-                                                         get_moe_layer_wise_logging_tracker)
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from tests.gpt_helpers import fixed_batch, init_parallel, lm_loss
 
     init_parallel(tp=1, seed=SEED, expert_model_parallel_size=ep)
     config = TransformerConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, hidden_dropout=0.0,
-        attention_dropout=0.0, add_bias_linear=False, num_moe_experts=EXPERTS, moe_router_topk=2,
-        moe_token_dispatcher_type=dispatcher, expert_model_parallel_size=ep, moe_aux_loss_coeff=1e-2)
-    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(num_experts=EXPERTS),
-                     vocab_size=128, max_sequence_length=32)
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        add_bias_linear=False,
+        num_moe_experts=EXPERTS,
+        moe_router_topk=2,
+        moe_token_dispatcher_type=dispatcher,
+        expert_model_parallel_size=ep,
+        moe_aux_loss_coeff=1e-2,
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(num_experts=EXPERTS),
+        vocab_size=128,
+        max_sequence_length=32,
+    )
     ep_rank, local_experts = ps.get_expert_model_parallel_rank(), EXPERTS // ep
     names = {n: _global_name(n, ep_rank, local_experts) for n, _ in model.named_parameters()}
     if weights is not None:
@@ -75,8 +89,7 @@ def _moe_run(dispatcher: str, ep: int, weights=None, steps: int = 2) -> dict:
                 p.copy_(weights[names[n]])
     state = {names[n]: p.detach().clone() for n, p in model.named_parameters()}
     model = DistributedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(), module=model)
-    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, params_dtype=torch.float32),
-                                       [model])
+    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, params_dtype=torch.float32), [model])
     batch = fixed_batch(seq=32, seed=ps.get_data_parallel_rank())
     losses, aux, grads = [], None, None
     for step in range(steps):
@@ -94,9 +107,15 @@ def _moe_run(dispatcher: str, ep: int, weights=None, steps: int = 2) -> dict:
         reported = loss.detach().clone()
         dist.all_reduce(reported, group=ps.get_data_parallel_group())
         losses.append(reported.item() / ps.get_data_parallel_world_size())
-    return {"weights": state, "losses": losses, "aux": aux, "grads": grads,
-            "experts_here": sorted({n.split("local_experts.")[1].split(".")[0] for n in names.values()
-                                    if "local_experts." in n})}
+    return {
+        "weights": state,
+        "losses": losses,
+        "aux": aux,
+        "grads": grads,
+        "experts_here": sorted(
+            {n.split("local_experts.")[1].split(".")[0] for n in names.values() if "local_experts." in n}
+        ),
+    }
 
 
 def _ep2_vs_ep1() -> dict:
@@ -106,10 +125,12 @@ def _ep2_vs_ep1() -> dict:
         got = _moe_run(dispatcher, ep=ep, weights=reference["weights"])
         grad_rel = {n: _rel(g, reference["grads"][n]) for n, g in got["grads"].items()}
         out[f"{dispatcher} EP{ep}"] = {
-            "losses": got["losses"], "experts_here": got["experts_here"],
+            "losses": got["losses"],
+            "experts_here": got["experts_here"],
             "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(got["losses"], reference["losses"])),
             "aux_rel": max(_rel(got["aux"][k], reference["aux"][k]) for k in reference["aux"]),
-            "aux_names": sorted(got["aux"]), "grad_rel": max(grad_rel.values()),
+            "aux_names": sorted(got["aux"]),
+            "grad_rel": max(grad_rel.values()),
             "grads_compared": len(grad_rel),
             "grad_tensors_nonzero": all(g.abs().max() > 0 for g in got["grads"].values()),
         }
@@ -125,9 +146,11 @@ def test_moe_expert_parallel_equals_ep1():
     for rank, r in enumerate(results):
         for dispatcher, ep in CASES:
             d = r[f"{dispatcher} EP{ep}"]
-            print(f"\nrank {rank} {dispatcher} EP{ep} vs alltoall EP1: losses {d['losses']} vs "
-                  f"{r['reference']['losses']} (rel {d['loss_rel']:.1e}), aux rel {d['aux_rel']:.1e}, "
-                  f"main_grad rel {d['grad_rel']:.1e} over {d['grads_compared']} tensors")
+            print(
+                f"\nrank {rank} {dispatcher} EP{ep} vs alltoall EP1: losses {d['losses']} vs "
+                f"{r['reference']['losses']} (rel {d['loss_rel']:.1e}), aux rel {d['aux_rel']:.1e}, "
+                f"main_grad rel {d['grad_rel']:.1e} over {d['grads_compared']} tensors"
+            )
             mine = [str(2 * rank), str(2 * rank + 1)] if ep == 2 else ["0", "1", "2", "3"]
             assert d["experts_here"] == mine  # EP really split the experts
             assert "load_balancing_loss" in d["aux_names"]
@@ -143,8 +166,9 @@ def test_moe_expert_parallel_equals_ep1():
 def test_router_gating_linear_without_te(router_dtype, bias):
     """megatron-core's router gating linear (moe_router_dtype unset / fp32 / fp64) runs without Transformer
     Engine and equals torch's linear, forward and backward."""
-    import mindspeed_cp.megatron_adaptor  # noqa: F401
     from megatron.core.transformer.moe.moe_utils import router_gating_linear
+
+    import mindspeed_cp.megatron_adaptor  # noqa: F401
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 2, 8, generator=g, requires_grad=True)
@@ -173,11 +197,22 @@ def _flex():
     from tests.gpt_helpers import init_parallel
 
     init_parallel(tp=1, seed=SEED, expert_model_parallel_size=2)
-    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, add_bias_linear=False,
-                               num_moe_experts=EXPERTS, moe_router_topk=2, moe_token_dispatcher_type="flex",
-                               expert_model_parallel_size=2)
-    GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(num_experts=EXPERTS),
-             vocab_size=128, max_sequence_length=32)
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        add_bias_linear=False,
+        num_moe_experts=EXPERTS,
+        moe_router_topk=2,
+        moe_token_dispatcher_type="flex",
+        expert_model_parallel_size=2,
+    )
+    GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(num_experts=EXPERTS),
+        vocab_size=128,
+        max_sequence_length=32,
+    )
 
 
 def test_flex_dispatcher_refused_on_cpu():
@@ -190,11 +225,20 @@ def test_flex_dispatcher_refused_on_cpu():
 def test_yarn_rope_constructs_on_cpu():
     """YaRN as MLA builds it (no use_cpu_initialization: ``with torch.device(torch.cuda.current_device())``)
     gives the tables of Megatron's own CPU-initialised path."""
-    import mindspeed_cp.megatron_adaptor  # noqa: F401
     from megatron.core.models.common.embeddings import YarnRotaryEmbedding
 
-    kw = dict(kv_channels=16, rotary_base=10000, scaling_factor=4.0, original_max_position_embeddings=32,
-              beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
+    import mindspeed_cp.megatron_adaptor  # noqa: F401
+
+    kw = dict(
+        kv_channels=16,
+        rotary_base=10000,
+        scaling_factor=4.0,
+        original_max_position_embeddings=32,
+        beta_fast=32,
+        beta_slow=1,
+        mscale=1.0,
+        mscale_all_dim=1.0,
+    )
     default = YarnRotaryEmbedding(**kw)
     cpu_init = YarnRotaryEmbedding(use_cpu_initialization=True, **kw)
     emb, mscale = default(64)
@@ -213,13 +257,30 @@ def _mla_gpt(rope_type):
 
     init_parallel(tp=1, seed=SEED)
     config = MLATransformerConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, hidden_dropout=0.0,
-        attention_dropout=0.0, q_lora_rank=16, kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=8,
-        v_head_dim=8, rope_type=rope_type, normalization="RMSNorm", rotary_scaling_factor=4.0,
-        original_max_position_embeddings=16)
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_head_dim=8,
+        qk_pos_emb_head_dim=8,
+        v_head_dim=8,
+        rope_type=rope_type,
+        normalization="RMSNorm",
+        rotary_scaling_factor=4.0,
+        original_max_position_embeddings=16,
+    )
     spec = get_gpt_layer_local_spec(multi_latent_attention=True, normalization="RMSNorm")
-    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=128, max_sequence_length=32,
-                     position_embedding_type="none")
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=128,
+        max_sequence_length=32,
+        position_embedding_type="none",
+    )
     loss = lm_loss(model, fixed_batch(seq=32))
     loss.backward()
     return {"loss": loss.item(), "grads_finite": all(torch.isfinite(p.grad).all() for p in model.parameters())}
@@ -230,9 +291,10 @@ def test_mla_local_spec_on_cpu(rope_type):
     """An MLA GPT with megatron-core's stock local spec, CP=1: its RoPE (YaRN or plain) builds on the CPU, MLA
     does not trip over the Transformer Engine stand-in, and Megatron's local DotProductAttention takes the
     k_channels / v_channels the local MLA spec passes (the plugin's constructor; CP > 1: test_model_features)."""
-    import mindspeed_cp.megatron_adaptor  # noqa: F401
     from megatron.core.extensions import transformer_engine as te_ext
     from megatron.core.transformer import multi_latent_attention as mla
+
+    import mindspeed_cp.megatron_adaptor  # noqa: F401
 
     assert getattr(mla, "HAVE_TE", False) == getattr(te_ext, "HAVE_TE", False)
     (r,) = run_on_ranks(1, _mla_gpt, rope_type)

@@ -1,4 +1,5 @@
 """The patch registry: keyed by dotted path, applied once, undoable, listable; import sites rebound."""
+
 import re
 import subprocess
 import sys
@@ -6,7 +7,7 @@ import types
 
 import pytest
 
-from mindspeed_cp.patching import Patch, PatchRegistry, replace, wrap
+from mindspeed_cp.megatron.patching import Patch, PatchRegistry, replace, wrap
 
 
 @pytest.fixture
@@ -126,9 +127,11 @@ print(json.dumps(dict(patched=first is not orig_init, same=same, restored=restor
 def test_megatron_adaptor_applies_once_and_undoes():
     s = _adaptor_state()
     assert s["patched"] and s["same"] and s["restored"] and s["reapplied"]
-    for target in ("megatron.core.parallel_state.initialize_model_parallel",
-                   "megatron.core.transformer.dot_product_attention.DotProductAttention.forward",
-                   "megatron.core.utils.get_batch_on_this_cp_rank"):
+    for target in (
+        "megatron.core.parallel_state.initialize_model_parallel",
+        "megatron.core.transformer.dot_product_attention.DotProductAttention.forward",
+        "megatron.core.utils.get_batch_on_this_cp_rank",
+    ):
         assert target in s["targets"]
 
 
@@ -149,8 +152,13 @@ def test_transformer_engine_takeover_is_announced_once_on_rank_0(capsys):
         adaptor._TE_ANNOUNCED.clear()
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and out == adaptor.te_takeover(config) + "\n"
-    for words in ("TEDotProductAttention", "CP=8 hybrid_cp_algo ulysses=2 ring=4", "not TE's own context parallelism",
-                  "--cp-comm-type other than p2p", "refused"):
+    for words in (
+        "TEDotProductAttention",
+        "CP=8 hybrid_cp_algo ulysses=2 ring=4",
+        "not TE's own context parallelism",
+        "--cp-comm-type other than p2p",
+        "refused",
+    ):
         assert words in out, words
 
 
@@ -160,10 +168,15 @@ def test_megatron_cp_comm_type_other_than_p2p_is_refused(comm, ok):
     import argparse
 
     from mindspeed_cp.config import CPConfigError
-    from mindspeed_cp.megatron_lm import check_args
+    from mindspeed_cp.megatron.megatron_lm import check_args
 
-    args = argparse.Namespace(context_parallel_size=2, context_parallel_algo="megatron_cp_algo", world_size=2,
-                              transformer_impl="local", cp_comm_type=comm)
+    args = argparse.Namespace(
+        context_parallel_size=2,
+        context_parallel_algo="megatron_cp_algo",
+        world_size=2,
+        transformer_impl="local",
+        cp_comm_type=comm,
+    )
     if ok:
         assert check_args(args).cp == 2
     else:

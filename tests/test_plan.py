@@ -1,5 +1,6 @@
-"""``mindspeed-cp plan`` and its cost model (mindspeed_cp/costmodel.py): feasibility, formulas against the bytes
+"""``mindspeed-cp plan`` and its cost model (mindspeed_cp/planner/costmodel.py): feasibility, formulas against the bytes
 the algorithms really send, link classes from the layout, published rankings, the shipped presets, the CLI."""
+
 from __future__ import annotations
 
 import itertools
@@ -10,9 +11,9 @@ import pytest
 import torch
 
 from mindspeed_cp import costmodel as cm
-from mindspeed_cp.cli import main as cli_main
 from mindspeed_cp.config import CPConfig, CPConfigError
-from mindspeed_cp.plan import cp_attention_time, device, plan, presets, read_conf
+from mindspeed_cp.planner.plan import cp_attention_time, device, plan, presets, read_conf
+from mindspeed_cp.tools.cli import main as cli_main
 
 from .dist import run_on_ranks
 from .published_cases import CASES, GAP, degrees
@@ -74,11 +75,11 @@ def test_ring_step_pairs_sum_to_causal_attention():
 def _measured_bytes(algo, S, h, hk, d, U, policy):
     import torch.distributed as dist
 
-    from mindspeed_cp.comm_stats import count_bytes
     from mindspeed_cp.hybrid import hybrid_attention
+    from mindspeed_cp.layout.sharding import token_indices
     from mindspeed_cp.local import local_attention
     from mindspeed_cp.ring import ring_attention, zigzag_index
-    from mindspeed_cp.sharding import token_indices
+    from mindspeed_cp.stats import count_bytes
     from mindspeed_cp.ulysses import UlyssesContextAttention
 
     P, r = dist.get_world_size(), dist.get_rank()
@@ -89,13 +90,15 @@ def _measured_bytes(algo, S, h, hk, d, U, policy):
     elif algo == "ring":
         idx = zigzag_index(S, P, r)
     else:
-        idx = token_indices(CPConfig(context_parallel_size=P, context_parallel_algo="hybrid_cp_algo",
-                                     ulysses_degree_in_cp=U), r, S)
+        idx = token_indices(
+            CPConfig(context_parallel_size=P, context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=U), r, S
+        )
     leaves = [t[idx].clone().requires_grad_() for t in (q, k, v)]
     with count_bytes() as st:
         if algo == "ulysses":
-            out = UlyssesContextAttention(lambda a, b, c: local_attention(a, b, c), dist.group.WORLD,
-                                          kv_cache_policy=policy)(*leaves)
+            out = UlyssesContextAttention(
+                lambda a, b, c: local_attention(a, b, c), dist.group.WORLD, kv_cache_policy=policy
+            )(*leaves)
         elif algo == "ring":
             out = ring_attention(*leaves, dist.group.WORLD, kv_cache_policy=policy)
         else:
@@ -106,9 +109,18 @@ def _measured_bytes(algo, S, h, hk, d, U, policy):
     return st.total - st.by_kind.get("metadata", 0)
 
 
-@pytest.mark.parametrize("algo,hk,U,policy", [("ulysses", 4, 4, None), ("ulysses", 4, 4, "full"),
-                                              ("ring", 4, 1, None), ("ring", 2, 1, "half"), ("ring", 4, 1, "full"),
-                                              ("hybrid", 4, 2, None), ("hybrid", 2, 2, "full")])
+@pytest.mark.parametrize(
+    "algo,hk,U,policy",
+    [
+        ("ulysses", 4, 4, None),
+        ("ulysses", 4, 4, "full"),
+        ("ring", 4, 1, None),
+        ("ring", 2, 1, "half"),
+        ("ring", 4, 1, "full"),
+        ("hybrid", 4, 2, None),
+        ("hybrid", 2, 2, "full"),
+    ],
+)
 def test_the_bytes_the_model_charges_are_the_bytes_sent(algo, hk, U, policy):
     """attention_time's bytes per link class add up to what comm_stats counts on real gloo ranks."""
     S, h, d, P = 64, 4, 8, 4
@@ -122,8 +134,13 @@ def test_link_classes_follow_the_rank_layout():
     # 30B preset: TP 4, hybrid CP 8 with U 2 on 8-GPU nodes: the Ulysses pair is on one node, the ring crosses
     model, dev = GPT_30B, device("h100")
     res = plan(model, dev, 32768, 32, tp=4, cp=8, recompute="full", kv_policies=(None,))
-    hyb = next(e for e in res["ranked"] if e["config"].context_parallel_algo == "hybrid_cp_algo"
-               and e["config"].ulysses_degree_in_cp == 2 and e["config"].cp_window_size == 1)
+    hyb = next(
+        e
+        for e in res["ranked"]
+        if e["config"].context_parallel_algo == "hybrid_cp_algo"
+        and e["config"].ulysses_degree_in_cp == 2
+        and e["config"].cp_window_size == 1
+    )
     uly = next(e for e in res["ranked"] if e["config"].context_parallel_algo == "ulysses_cp_algo")
     assert hyb["predicted"]["intra_bytes"] > 0 and hyb["predicted"]["inter_bytes"] > 0
     # Ulysses over 8 ranks TP 4 apart spans 4 nodes (2 ranks each): 6 of a rank's 7 peers are off its node
@@ -153,9 +170,16 @@ def test_double_ring_hides_the_inter_node_hop_behind_an_inner_ring():
 def test_kv_cache_full_trades_memory_for_bytes():
     dev = device("h100")
     res = plan(GPT_1_3B, dev, 32768, 8, tp=1, cp=8)["ranked"]
-    by = {(e["config"].context_parallel_algo, e["config"].context_parallel_kv_cache_policy,
-           e["config"].cp_window_size, e["config"].use_cp_send_recv_overlap, e["config"].ulysses_degree_in_cp): e
-          for e in res}
+    by = {
+        (
+            e["config"].context_parallel_algo,
+            e["config"].context_parallel_kv_cache_policy,
+            e["config"].cp_window_size,
+            e["config"].use_cp_send_recv_overlap,
+            e["config"].ulysses_degree_in_cp,
+        ): e
+        for e in res
+    }
     none, full = by[("megatron_cp_algo", None, 1, False, None)], by[("megatron_cp_algo", "full", 1, False, None)]
     assert full["predicted"]["intra_bytes"] == pytest.approx(2 / 3 * none["predicted"]["intra_bytes"])
     assert full["memory"]["kv_cache"] > 0 == none["memory"]["kv_cache"]
@@ -175,21 +199,38 @@ def _judged_pairs(case):
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_published_rankings(case):
     dev = device(case["device"])
-    model = cm.Model(num_layers=1, hidden_size=case["heads"] * case["head_dim"], num_attention_heads=case["heads"],
-                     num_query_groups=case["kv_heads"])
-    time = {lab: cp_attention_time(dev, model, case["S"], case["batch"], case["world"], degrees(lab)[0],
-                                   forward_only=case["forward_only"])["total"] for lab in case["published"]}
+    model = cm.Model(
+        num_layers=1,
+        hidden_size=case["heads"] * case["head_dim"],
+        num_attention_heads=case["heads"],
+        num_query_groups=case["kv_heads"],
+    )
+    time = {
+        lab: cp_attention_time(
+            dev, model, case["S"], case["batch"], case["world"], degrees(lab)[0], forward_only=case["forward_only"]
+        )["total"]
+        for lab in case["published"]
+    }
     wrong = [(a, b) for a, b in _judged_pairs(case) if not time[a] < time[b]]
     assert _judged_pairs(case), "a case must judge at least one pair"
     assert (not wrong) == case["reproduced"], (
         f"{case['id']}: published faster-slower pairs the model orders otherwise: {wrong}; predicted ms "
-        f"{ {k: round(1e3 * v, 2) for k, v in time.items()} } - update tests/published_cases.py and docs/planner.md")
+        f"{ {k: round(1e3 * v, 2) for k, v in time.items()} } - update tests/published_cases.py and docs/planner.md"
+    )
 
 
 # ----------------------------------------------------------------------------- the shipped presets
-@pytest.mark.parametrize("model,preset,world", [(GPT_1_3B, "1.3b-32k-ulysses", 8), (GPT_1_3B, "1.3b-32k-ring", 8),
-                                                (GPT_1_3B, "1.3b-32k-hybrid", 8), (GPT_30B, "30b-32k-ulysses", 32),
-                                                (GPT_30B, "30b-32k-hybrid", 32), (GPT_30B, "30b-32k-double-ring", 32)])
+@pytest.mark.parametrize(
+    "model,preset,world",
+    [
+        (GPT_1_3B, "1.3b-32k-ulysses", 8),
+        (GPT_1_3B, "1.3b-32k-ring", 8),
+        (GPT_1_3B, "1.3b-32k-hybrid", 8),
+        (GPT_30B, "30b-32k-ulysses", 32),
+        (GPT_30B, "30b-32k-hybrid", 32),
+        (GPT_30B, "30b-32k-double-ring", 32),
+    ],
+)
 def test_the_shipped_presets_are_within_five_percent_of_the_plan(model, preset, world):
     """Each preset shows one algorithm at its TP and CP: the plan's best of that algorithm there (Ulysses degree,
     window, overlap, KV-cache policy) is at most 5 % faster than the preset by the cost model."""
@@ -197,9 +238,12 @@ def test_the_shipped_presets_are_within_five_percent_of_the_plan(model, preset, 
     tp, cp = int(conf["TP"]), int(conf["CP"])
     recompute = "full" if "--recompute-granularity full" in conf.get("EXTRA_ARGS", "") else "none"
     res = plan(model, device("h100"), 32768, world, tp=tp, cp=cp, recompute=recompute)
-    want = dict(context_parallel_algo=conf["CP_ALGO"], cp_window_size=int(conf.get("CP_WINDOW", 1)),
-                use_cp_send_recv_overlap=conf.get("CP_OVERLAP") == "1",
-                context_parallel_kv_cache_policy=conf.get("CP_KV_CACHE") or None)
+    want = dict(
+        context_parallel_algo=conf["CP_ALGO"],
+        cp_window_size=int(conf.get("CP_WINDOW", 1)),
+        use_cp_send_recv_overlap=conf.get("CP_OVERLAP") == "1",
+        context_parallel_kv_cache_policy=conf.get("CP_KV_CACHE") or None,
+    )
     if conf["CP_ALGO"] == "hybrid_cp_algo":
         want["ulysses_degree_in_cp"] = int(conf["ULYSSES_DEGREE"])
     mine = [e for e in res["ranked"] if all(getattr(e["config"], k) == v for k, v in want.items())]
@@ -216,21 +260,78 @@ def _best_row_flags(text):
 
 def test_plan_command_text_json_and_preset(tmp_path, capsys):
     out = tmp_path / "mine.conf"
-    assert cli_main(["plan", "--model", "gpt3-30b", "--seq-length", "32768", "--world-size", "32",
-                     "--device", "h100", "--recompute", "full", "--top", "3", "--cp", "8",
-                     "--write-preset", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "plan",
+                "--model",
+                "gpt3-30b",
+                "--seq-length",
+                "32768",
+                "--world-size",
+                "32",
+                "--device",
+                "h100",
+                "--recompute",
+                "full",
+                "--top",
+                "3",
+                "--cp",
+                "8",
+                "--write-preset",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "feasible configurations" in text and "--context-parallel-size" in text
     conf = read_conf(out)
     assert {"NNODES", "TP", "CP", "CP_ALGO"} <= set(conf) and conf["NNODES"] == "4" and conf["CP"] == "8"
     flags = _best_row_flags(text)  # the best row's flags = the preset's settings
-    assert f"--context-parallel-algo {conf['CP_ALGO']}" in flags and f"--tensor-model-parallel-size {conf['TP']}" in flags
-    assert cli_main(["plan", "--model", "gpt3-1.3b", "--seq-length", "32768", "--world-size", "8",
-                     "--device", "a100", "--format", "json", "--top", "2"]) == 0
+    assert (
+        f"--context-parallel-algo {conf['CP_ALGO']}" in flags and f"--tensor-model-parallel-size {conf['TP']}" in flags
+    )
+    assert (
+        cli_main(
+            [
+                "plan",
+                "--model",
+                "gpt3-1.3b",
+                "--seq-length",
+                "32768",
+                "--world-size",
+                "8",
+                "--device",
+                "a100",
+                "--format",
+                "json",
+                "--top",
+                "2",
+            ]
+        )
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
     assert data["ranked"][0]["flags"].startswith("--tensor-model-parallel-size")
-    assert cli_main(["plan", "--model", "gpt3-1.3b", "--seq-length", "32768", "--world-size", "8",
-                     "--device", "a100", "--top", "2"]) == 0
+    assert (
+        cli_main(
+            [
+                "plan",
+                "--model",
+                "gpt3-1.3b",
+                "--seq-length",
+                "32768",
+                "--world-size",
+                "8",
+                "--device",
+                "a100",
+                "--top",
+                "2",
+            ]
+        )
+        == 0
+    )
     feasible = int(re.search(r"(\d+) feasible configurations", capsys.readouterr().out).group(1))
     assert len(data["ranked"]) == feasible > 2  # --top cuts the table, never the JSON
 
@@ -238,7 +339,7 @@ def test_plan_command_text_json_and_preset(tmp_path, capsys):
 def test_rows_come_in_the_documented_order():
     """docs/planner.md: tiers by speed (the fastest remaining and all within 1 % of it), each simplest first (the
     enumeration order); so the predicted time never drops by more than 1 % from one row to the next."""
-    from mindspeed_cp.plan import candidates
+    from mindspeed_cp.planner.plan import candidates
 
     dev = device("h100")
     ranked = plan(GPT_1_3B, dev, 32768, 16)["ranked"]
@@ -267,8 +368,23 @@ def test_flags_and_preset_carry_every_assumption_of_the_memory_check(tmp_path, c
         for flag in ("--micro-batch-size 2", "--use-distributed-optimizer", "--recompute-granularity full"):
             assert flag in r["flags"], (flag, r["flags"])
         assert ("--sequence-parallel" in r["flags"]) == (r["tp"] > 1)
-    assert cli_main(["plan", "--model", "gpt3-1.3b", "--seq-length", "32768", "--world-size", "8", "--format",
-                     "json", "--no-distributed-optimizer"]) == 0
+    assert (
+        cli_main(
+            [
+                "plan",
+                "--model",
+                "gpt3-1.3b",
+                "--seq-length",
+                "32768",
+                "--world-size",
+                "8",
+                "--format",
+                "json",
+                "--no-distributed-optimizer",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)["ranked"]
     assert rows and not any("--use-distributed-optimizer" in r["flags"] or "--recompute" in r["flags"] for r in rows)
     best = plan(GPT_30B, device("h100"), 32768, 32, recompute="full")["ranked"][0]
@@ -284,21 +400,29 @@ def test_ring_steps_cover_every_step_of_a_pass():
     for R in range(2, 40):
         for K in [R] + [k for k in range(2, R) if R % k == 0]:
             S = 2 * R * 3
-            walked = Counter((cm.ring_step_pairs(S, R, s), None if s == R - 1 else
-                              "outer" if R > K and (s + 1) % K == 0 else "inner") for s in range(R))
+            walked = Counter(
+                (
+                    cm.ring_step_pairs(S, R, s),
+                    None if s == R - 1 else "outer" if R > K and (s + 1) % K == 0 else "inner",
+                )
+                for s in range(R)
+            )
             folded = Counter()
             for step, count, hop in cm.ring_steps(R, K):
                 folded[(cm.ring_step_pairs(S, R, step), hop)] += count
             assert folded == walked, (R, K)
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--model", "nope"], "--model 'nope': no such file or preset"),
-    (["--model", "gpt3-1.3b", "--device", "tpu"], "--device 'tpu': no such preset"),
-    (["--num-layers", "2"], "the model needs --hidden-size, --num-attention-heads"),
-    (["--model", "gpt3-1.3b", "--set", "peak=1"], "not a device constant"),
-    (["--model", "gpt3-1.3b", "--tp", "3"], "no feasible configuration"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--model", "nope"], "--model 'nope': no such file or preset"),
+        (["--model", "gpt3-1.3b", "--device", "tpu"], "--device 'tpu': no such preset"),
+        (["--num-layers", "2"], "the model needs --hidden-size, --num-attention-heads"),
+        (["--model", "gpt3-1.3b", "--set", "peak=1"], "not a device constant"),
+        (["--model", "gpt3-1.3b", "--tp", "3"], "no feasible configuration"),
+    ],
+)
 def test_plan_command_errors_are_one_line_and_status_2(argv, match, capsys):
     assert cli_main(["plan", "--seq-length", "32768", "--world-size", "8"] + argv) == 2
     err = capsys.readouterr().err
@@ -311,10 +435,18 @@ def test_plan_keeps_to_what_the_model_build_accepts():
     sizes come from the conf's flags (deepseek-tiny: qk 24 + 8, v 16)."""
     import argparse
 
-    from mindspeed_cp.plan import device, model_from, plan
+    from mindspeed_cp.planner.plan import device, model_from, plan
 
-    args = argparse.Namespace(model="gpt-oss-tiny", swiglu=False, num_layers=None, hidden_size=None,
-                              num_attention_heads=None, num_query_groups=None, ffn_hidden_size=None, vocab_size=None)
+    args = argparse.Namespace(
+        model="gpt-oss-tiny",
+        swiglu=False,
+        num_layers=None,
+        hidden_size=None,
+        num_attention_heads=None,
+        num_query_groups=None,
+        ffn_hidden_size=None,
+        vocab_size=None,
+    )
     model = model_from(args)
     assert model.softmax_type == "learnable"
     res = plan(model, device("h100"), 8192, 8)

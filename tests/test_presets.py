@@ -9,6 +9,7 @@ dispatcher over EP 2), 3 iterations, CP runs against the CP=1 run of the same la
 batch; CP=1 spreads the 4 ranks over data parallelism). Megatron-LM's ``pretrain_gpt.py`` with the same presets:
 ``tests/test_megatron_lm_training.py`` (``make test-megatron-lm``).
 """
+
 from __future__ import annotations
 
 import os
@@ -37,20 +38,36 @@ def _moe_freq(text: str):
     raise ValueError(f"--moe-layer-freq {text!r}")
 
 
-KEYS = {"NUM_LAYERS": "num_layers", "HIDDEN_SIZE": "hidden_size", "FFN_HIDDEN_SIZE": "ffn_hidden_size",
-        "NUM_ATTENTION_HEADS": "num_attention_heads", "NUM_QUERY_GROUPS": "num_query_groups",
-        "INIT_METHOD_STD": "init_method_std", "VOCAB_SIZE": "vocab"}
+KEYS = {
+    "NUM_LAYERS": "num_layers",
+    "HIDDEN_SIZE": "hidden_size",
+    "FFN_HIDDEN_SIZE": "ffn_hidden_size",
+    "NUM_ATTENTION_HEADS": "num_attention_heads",
+    "NUM_QUERY_GROUPS": "num_query_groups",
+    "INIT_METHOD_STD": "init_method_std",
+    "VOCAB_SIZE": "vocab",
+}
 IGNORED = {"LR", "MIN_LR", "EVAL_ITERS", "EP", "MODEL_ARGS"}  # the optimizer's, the loop's, or read apart
 FLAGS = {  # Megatron-LM flag -> TransformerConfig field ("--swiglu" and "--num-experts" renamed by Megatron-LM)
-    "--multi-latent-attention": "multi_latent_attention", "--kv-lora-rank": "kv_lora_rank",
-    "--qk-head-dim": "qk_head_dim", "--qk-pos-emb-head-dim": "qk_pos_emb_head_dim", "--v-head-dim": "v_head_dim",
-    "--rope-type": "rope_type", "--rotary-scaling-factor": "rotary_scaling_factor",
-    "--normalization": "normalization", "--num-experts": "num_moe_experts", "--moe-router-topk": "moe_router_topk",
-    "--moe-ffn-hidden-size": "moe_ffn_hidden_size", "--moe-shared-expert-intermediate-size":
-    "moe_shared_expert_intermediate_size", "--moe-layer-freq": "moe_layer_freq",
-    "--moe-token-dispatcher-type": "moe_token_dispatcher_type", "--moe-router-load-balancing-type":
-    "moe_router_load_balancing_type", "--moe-aux-loss-coeff": "moe_aux_loss_coeff", "--mtp-num-layers":
-    "mtp_num_layers", "--mtp-loss-scaling-factor": "mtp_loss_scaling_factor", "--softmax-type": "softmax_type",
+    "--multi-latent-attention": "multi_latent_attention",
+    "--kv-lora-rank": "kv_lora_rank",
+    "--qk-head-dim": "qk_head_dim",
+    "--qk-pos-emb-head-dim": "qk_pos_emb_head_dim",
+    "--v-head-dim": "v_head_dim",
+    "--rope-type": "rope_type",
+    "--rotary-scaling-factor": "rotary_scaling_factor",
+    "--normalization": "normalization",
+    "--num-experts": "num_moe_experts",
+    "--moe-router-topk": "moe_router_topk",
+    "--moe-ffn-hidden-size": "moe_ffn_hidden_size",
+    "--moe-shared-expert-intermediate-size": "moe_shared_expert_intermediate_size",
+    "--moe-layer-freq": "moe_layer_freq",
+    "--moe-token-dispatcher-type": "moe_token_dispatcher_type",
+    "--moe-router-load-balancing-type": "moe_router_load_balancing_type",
+    "--moe-aux-loss-coeff": "moe_aux_loss_coeff",
+    "--mtp-num-layers": "mtp_num_layers",
+    "--mtp-loss-scaling-factor": "mtp_loss_scaling_factor",
+    "--softmax-type": "softmax_type",
 }
 
 
@@ -58,7 +75,7 @@ def preset(name: str):
     """(TransformerConfig fields, EP) of ``configs/models/NAME.conf``; an unknown key or flag is an error."""
     import torch.nn.functional as F
 
-    from mindspeed_cp.plan import read_conf
+    from mindspeed_cp.planner.plan import read_conf
 
     conf = read_conf(os.path.join(ROOT, "configs", "models", f"{name}.conf"))
     unknown = set(conf) - set(KEYS) - IGNORED
@@ -89,11 +106,18 @@ def _run(name, cp, flags):
 U = dict(context_parallel_algo="ulysses_cp_algo")
 RING = dict(context_parallel_algo="megatron_cp_algo")
 RUNS = {  # preset -> {name: (CP, flags)}
-    "deepseek-tiny": {"ulysses4": (4, U), "ring4": (4, dict(RING, use_cp_send_recv_overlap=True)),
-                      "double-ring4": (4, dict(RING, cp_window_size=2)),
-                      "hybrid4": (4, dict(context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2)),
-                      "ring4-kv-full": (4, dict(RING, context_parallel_kv_cache_policy="full"))},
-    "gpt-oss-tiny": {"ulysses2": (2, U), "ulysses4": (4, U), "ulysses4-kv-half": (4, dict(U, context_parallel_kv_cache_policy="half"))},
+    "deepseek-tiny": {
+        "ulysses4": (4, U),
+        "ring4": (4, dict(RING, use_cp_send_recv_overlap=True)),
+        "double-ring4": (4, dict(RING, cp_window_size=2)),
+        "hybrid4": (4, dict(context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2)),
+        "ring4-kv-full": (4, dict(RING, context_parallel_kv_cache_policy="full")),
+    },
+    "gpt-oss-tiny": {
+        "ulysses2": (2, U),
+        "ulysses4": (4, U),
+        "ulysses4-kv-half": (4, dict(U, context_parallel_kv_cache_policy="half")),
+    },
 }
 
 
@@ -119,13 +143,18 @@ def test_gpt_oss_preset_refused_on_the_ring(algo):
 def megatron_lm_flags(name: str):
     """``pretrain_gpt.py`` flags of a preset, as ``scripts/pretrain_gpt_cp.sh`` passes them: its shape keys, GQA,
     EP and ``MODEL_ARGS`` (for ``tests/test_megatron_lm_training.py``; the training flags are the caller's)."""
-    from mindspeed_cp.plan import read_conf
+    from mindspeed_cp.planner.plan import read_conf
 
     conf = read_conf(os.path.join(ROOT, "configs", "models", f"{name}.conf"))
     flags = []
-    for key, flag in (("NUM_LAYERS", "--num-layers"), ("HIDDEN_SIZE", "--hidden-size"),
-                      ("FFN_HIDDEN_SIZE", "--ffn-hidden-size"), ("NUM_ATTENTION_HEADS", "--num-attention-heads"),
-                      ("INIT_METHOD_STD", "--init-method-std"), ("VOCAB_SIZE", "--vocab-size")):
+    for key, flag in (
+        ("NUM_LAYERS", "--num-layers"),
+        ("HIDDEN_SIZE", "--hidden-size"),
+        ("FFN_HIDDEN_SIZE", "--ffn-hidden-size"),
+        ("NUM_ATTENTION_HEADS", "--num-attention-heads"),
+        ("INIT_METHOD_STD", "--init-method-std"),
+        ("VOCAB_SIZE", "--vocab-size"),
+    ):
         flags += [flag, conf[key]]
     if "NUM_QUERY_GROUPS" in conf:
         flags += ["--group-query-attention", "--num-query-groups", conf["NUM_QUERY_GROUPS"]]

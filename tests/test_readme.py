@@ -6,6 +6,7 @@ command tested. They run in a scratch folder holding copies of ``scripts/`` and 
 there), with this interpreter's ``bin`` first on PATH (the ``mindspeed-cp`` console script) and ``PYTHON`` set for
 the scripts.
 """
+
 import os
 import re
 import shutil
@@ -38,19 +39,26 @@ def commands(path):
 def test_every_cheap_documented_command_exits_0(tmp_path):
     found = {doc: commands(os.path.join(ROOT, doc)) for doc in DOCS}
     flat = [c for cs in found.values() for c in cs]
-    for kind in ("mindspeed-cp groups", "mindspeed-cp check", "mindspeed-cp plan", "mindspeed-cp patches",
-                 "DRY_RUN=1 bash scripts/"):
+    for kind in (
+        "mindspeed-cp groups",
+        "mindspeed-cp check",
+        "mindspeed-cp plan",
+        "mindspeed-cp patches",
+        "DRY_RUN=1 bash scripts/",
+    ):
         assert any(c.startswith(kind) for c in found["README.md"]), f"README.md shows no `{kind}` command"
     for folder in ("scripts", "configs"):
         shutil.copytree(os.path.join(ROOT, folder), tmp_path / folder)
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-               PYTHON=sys.executable)
+    env = dict(
+        os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], PYTHON=sys.executable
+    )
     for key in ("CP", "TP", "NNODES", "GPUS_PER_NODE", "MEGATRON_LM_PATH", "DEVICE"):
         env.pop(key, None)
     failures = []
     for command in flat:
-        res = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=300)
+        res = subprocess.run(
+            ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
         if res.returncode != 0 or "Traceback" in res.stderr:
             failures.append(f"{command}\n  exit {res.returncode}: {res.stderr.strip()[-500:]}")
     assert not failures, "\n".join(failures)

@@ -9,6 +9,7 @@ Also: NaN propagation through the fused kernel and the ring merge (the NaN rows 
 attention's exactly), strict configure() types, and fault handling (a rank raising mid-forward makes the
 others stop with :class:`mindspeed_cp.comm.PeerFailure` within the configured group timeout).
 """
+
 import math
 import time
 
@@ -53,8 +54,17 @@ def _hybrid_bad(mode, whole_group):
     if mode == "mask_one_rank":
         mask, causal = torch.zeros(1, 1, 3 if r == 1 else 4, 16, dtype=torch.bool), False
     q, k, v = (torch.randn(s, 1, heads, 8, requires_grad=grad) for _ in range(3))
-    out = hybrid_attention(q, k, v, ug, rg, causal=causal, attention_mask=mask, softmax_scale=scale,
-                           agree_group=dist.group.WORLD if whole_group else None)
+    out = hybrid_attention(
+        q,
+        k,
+        v,
+        ug,
+        rg,
+        causal=causal,
+        attention_mask=mask,
+        softmax_scale=scale,
+        agree_group=dist.group.WORLD if whole_group else None,
+    )
     out.sum().backward()
 
 
@@ -64,7 +74,7 @@ HYBRID_BAD = {
     "no_grad": r"rank 2: query \(4, 1, 4, 8\) float32 cpu requires_grad.*rank 3: query \(4, 1, 4, 8\) float32 cpu,",
     "scale": r"ring attention inputs differ.*rank 0: .*softmax_scale=0.353553.*rank 1: .*softmax_scale=0.5",
     "mask_shape": r"attention_mask must be \[b\|1, 1, s/CP\|S, S\] = \[1\|1, 1, 4\|16, 16\].*got \[1, 1, 8, 16\] "
-                  r"\(on every rank\)",
+    r"\(on every rank\)",
     "mask_one_rank": r"^hybrid attention inputs rejected on rank 1: attention_mask must be .* got \[1, 1, 3, 16\]$",
 }
 
@@ -84,7 +94,7 @@ def _hybrid_full_mask():
 
     from mindspeed_cp.config import CPConfig
     from mindspeed_cp.hybrid import hybrid_attention
-    from mindspeed_cp.sharding import token_indices
+    from mindspeed_cp.layout.sharding import token_indices
     from tests.attention_ref import reference_attention
 
     ug, rg = _hybrid_groups()
@@ -97,8 +107,7 @@ def _hybrid_full_mask():
     idx = token_indices(cfg, dist.get_rank(), S)
     errs = []
     for m in (mask, mask[:, :, idx]):  # the full [b, 1, S, S] mask and this rank's rows give the same result
-        out = hybrid_attention(q[idx].float(), k[idx].float(), v[idx].float(), ug, rg, causal=False,
-                               attention_mask=m)
+        out = hybrid_attention(q[idx].float(), k[idx].float(), v[idx].float(), ug, rg, causal=False, attention_mask=m)
         errs.append(float((out.double() - ref[idx]).abs().max()))
     return errs
 
@@ -147,7 +156,7 @@ RING_BAD = {
     "device": r"differ.*rank 0: q \[4, 1, 4, 8\] float32 cpu.*rank 1: q \[4, 1, 4, 8\] float32 meta",
     "mixed_device": r"rejected on rank 0: q, k, v and attention_mask must be on one device",
     "overlap_group": r"rank 0: overlap_group must be a second communicator over the ring group's ranks "
-                     r"\[0, 1, 2, 3\] in the same order, got \[0, 1\]",
+    r"\[0, 1, 2, 3\] in the same order, got \[0, 1\]",
 }
 
 
@@ -169,17 +178,20 @@ def _ulysses_device():
 
 
 def test_ulysses_agrees_on_the_device():
-    expect_error_on_every_rank(WORLD, _ulysses_device, timeout=60,
-                               match=r"rank 0: query \(2, 1, 4, 8\) float32 cpu requires_grad.*"
-                                     r"rank 3: query \(2, 1, 4, 8\) float32 meta requires_grad")
+    expect_error_on_every_rank(
+        WORLD,
+        _ulysses_device,
+        timeout=60,
+        match=r"rank 0: query \(2, 1, 4, 8\) float32 cpu requires_grad.*"
+        r"rank 3: query \(2, 1, 4, 8\) float32 meta requires_grad",
+    )
 
 
 # ----------------------------------------------------------------------------- NaN is never hidden
 def _nan_case(kind):
     import torch.distributed as dist
 
-    from mindspeed_cp.ring import zigzag_index
-    from mindspeed_cp.ring import ring_attention
+    from mindspeed_cp.ring import ring_attention, zigzag_index
     from tests.attention_ref import reference_attention
 
     P, r, S = dist.get_world_size(), dist.get_rank(), 32
@@ -197,11 +209,22 @@ def _nan_case(kind):
         mask[:, :, :, 20] |= torch.arange(S) > 12  # rows after 12 do not see it
     ref = reference_attention(q, k, v, causal=mask is None, mask=mask)
     idx = zigzag_index(S, P, r)
-    out = ring_attention(q[idx].float(), k[idx].float(), v[idx].float(), None, causal=mask is None,
-                         attention_mask=None if mask is None else mask[:, :, idx], kernel="torch")
+    out = ring_attention(
+        q[idx].float(),
+        k[idx].float(),
+        v[idx].float(),
+        None,
+        causal=mask is None,
+        attention_mask=None if mask is None else mask[:, :, idx],
+        kernel="torch",
+    )
     want, got = ref[idx].isnan(), out.isnan()
-    return int(want.sum()), int(got.sum()), bool((want == got).all()), float(
-        (out.double() - ref[idx])[~want].abs().max())
+    return (
+        int(want.sum()),
+        int(got.sum()),
+        bool((want == got).all()),
+        float((out.double() - ref[idx])[~want].abs().max()),
+    )
 
 
 @pytest.mark.parametrize("kind", ["causal", "general"])
@@ -252,18 +275,21 @@ def test_non_finite_rows_are_found_exactly(dtype):
 
 
 # ----------------------------------------------------------------------------- configure(): strict types
-@pytest.mark.parametrize("flags,match", [
-    (dict(use_cp_send_recv_overlap="false"), r"--use-cp-send-recv-overlap must be True or False, got 'false'"),
-    (dict(megatron_cp_in_bnsd=1), r"--megatron-cp-in-bnsd must be True or False, got 1"),
-    (dict(context_parallel_size=2.0), r"--context-parallel-size 2.0 must be a positive integer"),
-    (dict(cp_window_size=True), r"--cp-window-size True must be an integer"),
-    (dict(context_parallel_algo=3), r"--context-parallel-algo 3 is not one of"),
-    (dict(distributed_timeout_minutes=0), r"distributed_timeout_minutes 0 must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (dict(use_cp_send_recv_overlap="false"), r"--use-cp-send-recv-overlap must be True or False, got 'false'"),
+        (dict(megatron_cp_in_bnsd=1), r"--megatron-cp-in-bnsd must be True or False, got 1"),
+        (dict(context_parallel_size=2.0), r"--context-parallel-size 2.0 must be a positive integer"),
+        (dict(cp_window_size=True), r"--cp-window-size True must be an integer"),
+        (dict(context_parallel_algo=3), r"--context-parallel-algo 3 is not one of"),
+        (dict(distributed_timeout_minutes=0), r"distributed_timeout_minutes 0 must be a positive number"),
+    ],
+)
 def test_configure_takes_real_booleans_and_positive_ints(flags, match):
     import mindspeed_cp.megatron_adaptor as adaptor
     from mindspeed_cp.config import CPConfigError
-    from mindspeed_cp.state import STATE
+    from mindspeed_cp.megatron.state import STATE
 
     try:
         with pytest.raises(CPConfigError, match=match):
@@ -277,7 +303,7 @@ def test_configure_refuses_tensor_parallel_zero():
 
     import mindspeed_cp.megatron_adaptor as adaptor
     from mindspeed_cp.config import CPConfigError
-    from mindspeed_cp.state import STATE
+    from mindspeed_cp.megatron.state import STATE
 
     try:
         with pytest.raises(CPConfigError, match=r"--tensor-model-parallel-size 0 must be a positive integer"):
@@ -286,12 +312,15 @@ def test_configure_refuses_tensor_parallel_zero():
         STATE.reset()
 
 
-@pytest.mark.parametrize("flags", [
-    dict(context_parallel_algo="ulysses_cp_algo", use_cp_send_recv_overlap=True),
-    dict(context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=3),
-    dict(context_parallel_algo="megatron_cp_algo", cp_window_size=2),
-    dict(context_parallel_algo="ulysses_cp_algo", cp_window_size=4, megatron_cp_in_bnsd=True),
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        dict(context_parallel_algo="ulysses_cp_algo", use_cp_send_recv_overlap=True),
+        dict(context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=3),
+        dict(context_parallel_algo="megatron_cp_algo", cp_window_size=2),
+        dict(context_parallel_algo="ulysses_cp_algo", cp_window_size=4, megatron_cp_in_bnsd=True),
+    ],
+)
 def test_cp1_checks_types_only(flags):
     """CP=1 runs no CP algorithm: a launch script keeps its CP flags for its baseline (documented)."""
     from mindspeed_cp.config import CPConfig, CPConfigError
@@ -303,18 +332,17 @@ def test_cp1_checks_types_only(flags):
 
 # ----------------------------------------------------------------------------- faults: bounded waits
 def _raise_mid_forward(algo, minutes, stay):
-    import mindspeed_cp.megatron_adaptor as adaptor
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    import mindspeed_cp.megatron_adaptor as adaptor
     from mindspeed_cp.hybrid import hybrid_attention
+    from mindspeed_cp.megatron.state import STATE
     from mindspeed_cp.ring import ring_attention
-    from mindspeed_cp.state import STATE
     from mindspeed_cp.ulysses import UlyssesContextAttention
 
     flags = dict(ulysses_degree_in_cp=2) if algo == "hybrid_cp_algo" else {}
-    adaptor.configure(context_parallel_size=4, context_parallel_algo=algo, distributed_timeout_minutes=minutes,
-                      **flags)
+    adaptor.configure(context_parallel_size=4, context_parallel_algo=algo, distributed_timeout_minutes=minutes, **flags)
     ps.initialize_model_parallel(context_parallel_size=4)
     r = dist.get_rank()
     q, k, v = (torch.randn(4, 1, 4, 8, requires_grad=True) for _ in range(3))
@@ -326,6 +354,7 @@ def _raise_mid_forward(algo, minutes, stay):
         if r == 1:
             raise Boom("rank 1 failed inside its local attention")
         return q_
+
     start = time.monotonic()
     try:
         if algo == "ulysses_cp_algo":
@@ -346,9 +375,16 @@ def _raise_mid_forward(algo, minutes, stay):
         raise type(e)(f"[after {time.monotonic() - start:.1f}s] {e}") from e
 
 
-@pytest.mark.parametrize("algo,stay", [("ulysses_cp_algo", True), ("megatron_cp_algo", True),
-                                       ("ulysses_cp_algo", False), ("megatron_cp_algo", False),
-                                       ("hybrid_cp_algo", False)])
+@pytest.mark.parametrize(
+    "algo,stay",
+    [
+        ("ulysses_cp_algo", True),
+        ("megatron_cp_algo", True),
+        ("ulysses_cp_algo", False),
+        ("megatron_cp_algo", False),
+        ("hybrid_cp_algo", False),
+    ],
+)
 def test_a_rank_raising_mid_forward_stops_every_rank_within_the_timeout(algo, stay):
     """The failed rank either stays alive (others wait the group timeout, then raise) or tears down its process
     groups as an exiting process does (others raise at once). Either way: PeerFailure, never a hang."""
@@ -372,19 +408,27 @@ def test_a_rank_raising_mid_forward_stops_every_rank_within_the_timeout(algo, st
 def _megatron_ulysses_mask(bad_rank):
     import torch.distributed as dist
 
-    from mindspeed_cp.attention import _StateGatherSize
     from mindspeed_cp.local import local_attention
+    from mindspeed_cp.megatron.attention import _StateGatherSize
     from mindspeed_cp.ulysses import UlyssesContextAttention
 
     r, s = dist.get_rank(), 2
     mask = torch.zeros(1, 1, 3 if r == bad_rank else s, 8, dtype=torch.bool)
     q, k, v = (torch.randn(s, 1, 4, 8, requires_grad=True) for _ in range(3))
-    attn = UlyssesContextAttention(lambda q_, k_, v_, m: local_attention(q_, k_, v_, causal=True), dist.group.WORLD,
-                                   gather_size_calculator=_StateGatherSize(s, 4))
+    attn = UlyssesContextAttention(
+        lambda q_, k_, v_, m: local_attention(q_, k_, v_, causal=True),
+        dist.group.WORLD,
+        gather_size_calculator=_StateGatherSize(s, 4),
+    )
     attn(q, k, v, mask)
 
 
 def test_megatron_ulysses_path_agrees_on_the_mask_rows():
-    expect_error_on_every_rank(WORLD, _megatron_ulysses_mask, 2, timeout=60,
-                               match=r"^Ulysses inputs rejected on rank 2: ValueError: attention_mask \[1, 1, 3, 8\] "
-                                     r"does not fit this rank's 2 tokens of a 8-token sequence")
+    expect_error_on_every_rank(
+        WORLD,
+        _megatron_ulysses_mask,
+        2,
+        timeout=60,
+        match=r"^Ulysses inputs rejected on rank 2: ValueError: attention_mask \[1, 1, 3, 8\] "
+        r"does not fit this rank's 2 tokens of a 8-token sequence",
+    )

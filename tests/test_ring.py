@@ -9,6 +9,7 @@ the output and the dK/dV accumulators in flight are bf16; the reference uses the
 Communication: bytes sent per rank, forward + backward, must equal the textbook 3 (P-1) 2 s b hk d e
 exactly (KV forward, KV and dKV backward), for the plain and the Double Ring.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -49,11 +50,11 @@ def _groups(ring_ranks, windows, overlap):
         return found
 
     def layout(K):
-        return layout_for(CPConfig(context_parallel_size=P, context_parallel_algo="megatron_cp_algo",
-                                   cp_window_size=K), P, 1, 1)
+        return layout_for(
+            CPConfig(context_parallel_size=P, context_parallel_algo="megatron_cp_algo", cp_window_size=K), P, 1, 1
+        )
 
-    out = {"ring": mine(layout(1)["ring"]), "ring_ov": mine(layout(1)["ring"]) if overlap else None,
-           "windows": {}}
+    out = {"ring": mine(layout(1)["ring"]), "ring_ov": mine(layout(1)["ring"]) if overlap else None, "windows": {}}
     for K in windows:
         lay = layout(K)
         parts = [mine(lay["ring_intra_window"]), mine(lay["ring_inter_window"])]
@@ -82,8 +83,8 @@ def _global_data(cfg):
         P = cfg["P"]
         c = S // (2 * P)
         mask = torch.rand(1, 1, S, S, generator=g) < 0.2
-        mask[..., c:2 * c] = True
-        mask[..., (2 * P - 2) * c:(2 * P - 1) * c] = True
+        mask[..., c : 2 * c] = True
+        mask[..., (2 * P - 2) * c : (2 * P - 1) * c] = True
     return q, k, v, dout, mask
 
 
@@ -104,8 +105,8 @@ def _ring_cases(ring_ranks, cases):
     """Run every case on this rank; per case: errors, byte counts, block counts (None off the ring)."""
     import torch.distributed as dist
 
-    from mindspeed_cp.comm_stats import count_bytes
     from mindspeed_cp.ring import count_blocks, ring_attention, zigzag_index
+    from mindspeed_cp.stats import count_bytes
 
     need_windows = sorted({c["window"] for c in cases if c["window"] > 1})
     groups, made = _groups(ring_ranks, need_windows, overlap=any(c["overlap"] for c in cases))
@@ -125,20 +126,32 @@ def _ring_cases(ring_ranks, cases):
             if mask is not None and case.get("mask_rows") == "local":
                 mask = mask[..., idx, :]  # what get_batch_on_this_cp_rank hands over: local rows, global cols
             with count_bytes() as comm, count_blocks() as blocks:
-                out = ring_attention(q_l, k_l, v_l, groups["ring"], causal=cfg.get("mask") is None,
-                                     attention_mask=mask, bnsd=case["bnsd"],
-                                     overlap_group=groups["ring_ov"] if case["overlap"] else None,
-                                     window=groups["windows"].get(case["window"]), kernel=case.get("kernel"))
+                out = ring_attention(
+                    q_l,
+                    k_l,
+                    v_l,
+                    groups["ring"],
+                    causal=cfg.get("mask") is None,
+                    attention_mask=mask,
+                    bnsd=case["bnsd"],
+                    overlap_group=groups["ring_ov"] if case["overlap"] else None,
+                    window=groups["windows"].get(case["window"]),
+                    kernel=case.get("kernel"),
+                )
                 out.backward(dout[idx].to(dtype))
             got = (out, q_l.grad, k_l.grad, v_l.grad)
             full = (ref_out, *ref_grads)
-            results.append({
-                "errors": {n: _rel(a, ref[idx], ref) for n, a, ref in zip(("out", "dq", "dk", "dv"), got, full)},
-                "finite": all(torch.isfinite(t).all().item() for t in got),
-                "dtypes": [str(t.dtype) for t in got],
-                "out": out.detach().double(),
-                "bytes": dict(comm.by_kind), "messages": dict(comm.messages), "blocks": blocks.as_dict(),
-            })
+            results.append(
+                {
+                    "errors": {n: _rel(a, ref[idx], ref) for n, a, ref in zip(("out", "dq", "dk", "dv"), got, full)},
+                    "finite": all(torch.isfinite(t).all().item() for t in got),
+                    "dtypes": [str(t.dtype) for t in got],
+                    "out": out.detach().double(),
+                    "bytes": dict(comm.by_kind),
+                    "messages": dict(comm.messages),
+                    "blocks": blocks.as_dict(),
+                }
+            )
     for g in made:
         if g is not None:
             dist.destroy_process_group(g)
@@ -186,10 +199,12 @@ def _cases(P, windows, c, data_sets):
 
 # ring -> (world size, ring ranks, case options). "P3" is a sub-ring of the 4-rank world (rank 0 idles):
 # an odd ring, where under overlap position 0 sends and receives on one communicator.
-CONFIGS = {"P2": (2, [0, 1], dict(windows=[1], c=4, data_sets="all")),
-           "P3": (4, [1, 2, 3], dict(windows=[1], c=2, data_sets="gqa")),
-           "P4": (4, [0, 1, 2, 3], dict(windows=[1, 2], c=3, data_sets="all")),
-           "P8": (8, list(range(8)), dict(windows=[1, 2, 4], c=1, data_sets="gqa"))}
+CONFIGS = {
+    "P2": (2, [0, 1], dict(windows=[1], c=4, data_sets="all")),
+    "P3": (4, [1, 2, 3], dict(windows=[1], c=2, data_sets="gqa")),
+    "P4": (4, [0, 1, 2, 3], dict(windows=[1, 2], c=3, data_sets="all")),
+    "P8": (8, list(range(8)), dict(windows=[1, 2, 4], c=1, data_sets="gqa")),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -213,8 +228,10 @@ def test_matches_float64_full_attention(ring_run):
                 key = (case["dtype"], "causal" if kind == "causal" else "mask", name)
                 worst[key] = max(worst.get(key, 0.0), err)
                 assert err <= tol, f"P={P} rank {r} {name}: relative error {err:.2e} > {tol} in {case}"
-    print(f"\nP={P}, {len(cases)} cases, max relative errors: "
-          + ", ".join(f"{'/'.join(k)}={v:.1e}" for k, v in sorted(worst.items())))
+    print(
+        f"\nP={P}, {len(cases)} cases, max relative errors: "
+        + ", ".join(f"{'/'.join(k)}={v:.1e}" for k, v in sorted(worst.items()))
+    )
 
 
 def test_options_agree_with_each_other(ring_run):
@@ -233,8 +250,11 @@ def test_options_agree_with_each_other(ring_run):
 
 def test_causal_as_general_mask_equals_causal(ring_run):
     P, cases, results = ring_run
-    causal = [res for case, res in zip(cases, results)
-              if case["data"]["seed"] == 2 and not case["data"].get("mask") and case["dtype"] == "float32"]
+    causal = [
+        res
+        for case, res in zip(cases, results)
+        if case["data"]["seed"] == 2 and not case["data"].get("mask") and case["dtype"] == "float32"
+    ]
     general = [res for case, res in zip(cases, results) if case["data"].get("mask") == "causal"]
     assert causal and len(general) == 2
     for g in general:
@@ -299,20 +319,22 @@ def _bad_inputs(P, what):
     dtype = torch.bfloat16 if (what == "dtype" and r == P - 1) else torch.float32
     q = torch.randn(s, 1, 4, 8, dtype=dtype)
     kv = torch.randn(s, 1, 3 if what == "heads" else 2, 8, dtype=dtype)
-    mask = torch.zeros(1, 1, s, s if what == "mask" else s * P, dtype=torch.bool) \
-        if what in ("mask", "both") else None
+    mask = torch.zeros(1, 1, s, s if what == "mask" else s * P, dtype=torch.bool) if what in ("mask", "both") else None
     window = DoubleRingWindow(3) if what == "window" else None
     ring_attention(q, kv, kv, None, causal=what != "mask", attention_mask=mask, window=window)
 
 
-@pytest.mark.parametrize("what,match", [
-    ("shape", r"differ across the 4 ranks.*rank 0: q \[6, 1, 4, 8\].*rank 1: q \[4, 1, 4, 8\]"),
-    ("dtype", r"differ across.*bfloat16"),
-    ("odd", r"s_local 5 is odd"),
-    ("heads", r"query heads 4 are not a multiple of key/value heads 3"),
-    ("mask", r"attention_mask must be \[b\|1, heads\|1, s_local\|S, S\]"),
-    ("both", r"attention_mask was given with causal=True"),
-    ("window", r"--cp-window-size 3 must .* divide the ring size 4"),
-])
+@pytest.mark.parametrize(
+    "what,match",
+    [
+        ("shape", r"differ across the 4 ranks.*rank 0: q \[6, 1, 4, 8\].*rank 1: q \[4, 1, 4, 8\]"),
+        ("dtype", r"differ across.*bfloat16"),
+        ("odd", r"s_local 5 is odd"),
+        ("heads", r"query heads 4 are not a multiple of key/value heads 3"),
+        ("mask", r"attention_mask must be \[b\|1, heads\|1, s_local\|S, S\]"),
+        ("both", r"attention_mask was given with causal=True"),
+        ("window", r"--cp-window-size 3 must .* divide the ring size 4"),
+    ],
+)
 def test_bad_inputs_raise_on_every_rank(what, match):
     expect_error_on_every_rank(4, _bad_inputs, 4, what, match=match)

@@ -1,9 +1,10 @@
 """The example launch scripts (scripts/*.sh): syntax, DRY_RUN layout + command, refusal of impossible layouts.
 
-DRY_RUN needs no GPU and no Megatron-LM: the scripts validate with ``python -m mindspeed_cp.check`` and draw
+DRY_RUN needs no GPU and no Megatron-LM: the scripts validate with ``python -m mindspeed_cp.tools.check`` and draw
 the layout with ``python -m mindspeed_cp groups`` (``PYTHON`` = this interpreter). Whether real Megatron-LM
 accepts the printed commands is tested in test_megatron_lm.py (needs MEGATRON_LM_PATH).
 """
+
 import os
 import re
 import shlex
@@ -24,8 +25,13 @@ EXPECTED = {
     "pretrain_gpt_1.3b_32k_ring.sh": (8, 1, 8, "megatron_cp_algo", ["--use-cp-send-recv-overlap"]),
     "pretrain_gpt_1.3b_32k_hybrid.sh": (8, 1, 8, "hybrid_cp_algo", ["--ulysses-degree-in-cp 4"]),
     "pretrain_gpt_30b_32k_ulysses.sh": (32, 8, 4, "ulysses_cp_algo", ["--sequence-parallel"]),
-    "pretrain_gpt_30b_32k_double_ring.sh": (32, 4, 8, "megatron_cp_algo",
-                                            ["--cp-window-size 2", "--use-cp-send-recv-overlap"]),
+    "pretrain_gpt_30b_32k_double_ring.sh": (
+        32,
+        4,
+        8,
+        "megatron_cp_algo",
+        ["--cp-window-size 2", "--use-cp-send-recv-overlap"],
+    ),
     "pretrain_gpt_30b_32k_hybrid.sh": (32, 4, 8, "hybrid_cp_algo", ["--ulysses-degree-in-cp 2"]),
 }
 
@@ -35,8 +41,9 @@ def run_script(name, ARGS=(), cwd=None, **env):
     for key in ("MEGATRON_LM_PATH", "CP", "TP", "NNODES", "GPUS_PER_NODE", "PYTHONPATH"):
         if key not in env:
             full.pop(key, None)
-    return subprocess.run(["bash", os.path.join(SCRIPTS_DIR, name), *ARGS], capture_output=True, text=True,
-                          env=full, timeout=600, cwd=cwd)
+    return subprocess.run(
+        ["bash", os.path.join(SCRIPTS_DIR, name), *ARGS], capture_output=True, text=True, env=full, timeout=600, cwd=cwd
+    )
 
 
 def test_every_example_is_expected():
@@ -57,7 +64,7 @@ def test_dry_run_prints_layout_and_command(name):
     out = res.stdout
     dp = world // (tp * cp)
     assert f"world {world} = TP {tp} x CP {cp} x DP {dp} x PP 1" in out  # mindspeed-cp groups picture
-    assert re.search(rf"^ok: CP={cp} {algo}", out, re.M)  # mindspeed_cp.check
+    assert re.search(rf"^ok: CP={cp} {algo}", out, re.M)  # mindspeed_cp.tools.check
     cmd = shlex.split(out.split("command:\n", 1)[1].strip().splitlines()[0])
     assert cmd[0] == "CUDA_DEVICE_MAX_CONNECTIONS=1" and cmd[1] == "torchrun"
     assert cmd[cmd.index("-m") + 1] == "mindspeed_cp.launch"
@@ -73,18 +80,27 @@ def test_dry_run_prints_layout_and_command(name):
 
 
 def test_environment_overrides_the_preset():
-    res = run_script("pretrain_gpt_1.3b_32k_ring.sh", DRY_RUN="1", CP="4", DATA_PATH="/data/x_text_document",
-                     VOCAB_FILE="/v.json", MERGE_FILE="/m.txt")
+    res = run_script(
+        "pretrain_gpt_1.3b_32k_ring.sh",
+        DRY_RUN="1",
+        CP="4",
+        DATA_PATH="/data/x_text_document",
+        VOCAB_FILE="/v.json",
+        MERGE_FILE="/m.txt",
+    )
     assert res.returncode == 0, res.stderr
     assert "world 8 = TP 1 x CP 4 x DP 2 x PP 1" in res.stdout
     assert "--data-path /data/x_text_document" in res.stdout and "--mock-data" not in res.stdout
 
 
-@pytest.mark.parametrize("env, flag", [
-    (dict(CP="3"), "--context-parallel-size 3"),                    # 8 GPUs cannot hold CP 3
-    (dict(NUM_ATTENTION_HEADS="12"), "--num-attention-heads 12"),   # 12 heads over CP 8 Ulysses
-    (dict(SEQ_LENGTH="5"), "--seq-length 5"),                       # fewer tokens than CP ranks
-])
+@pytest.mark.parametrize(
+    "env, flag",
+    [
+        (dict(CP="3"), "--context-parallel-size 3"),  # 8 GPUs cannot hold CP 3
+        (dict(NUM_ATTENTION_HEADS="12"), "--num-attention-heads 12"),  # 12 heads over CP 8 Ulysses
+        (dict(SEQ_LENGTH="5"), "--seq-length 5"),  # fewer tokens than CP ranks
+    ],
+)
 def test_impossible_layout_is_refused_before_launch(env, flag):
     res = run_script("pretrain_gpt_1.3b_32k_ulysses.sh", DRY_RUN="1", **env)
     assert res.returncode == 2, res.stdout + res.stderr
@@ -107,9 +123,17 @@ def test_tiny_model_keeps_the_sequence_and_layout():
     res = run_script("pretrain_gpt_1.3b_32k_hybrid.sh", DRY_RUN="1", MODEL="tiny", DEVICE="cpu")
     assert res.returncode == 0, res.stderr
     text = res.stdout.split("command:\n", 1)[1]
-    for flag in ("--num-layers 2", "--hidden-size 128", "--ffn-hidden-size 512", "--num-attention-heads 8",
-                 "--seq-length 32768", "--context-parallel-size 8 --context-parallel-algo hybrid_cp_algo",
-                 "--ulysses-degree-in-cp 4", "--vocab-size 1024", "--eval-iters 1"):
+    for flag in (
+        "--num-layers 2",
+        "--hidden-size 128",
+        "--ffn-hidden-size 512",
+        "--num-attention-heads 8",
+        "--seq-length 32768",
+        "--context-parallel-size 8 --context-parallel-algo hybrid_cp_algo",
+        "--ulysses-degree-in-cp 4",
+        "--vocab-size 1024",
+        "--eval-iters 1",
+    ):
         assert flag in text, flag
 
 
@@ -143,9 +167,19 @@ def test_bad_device_is_refused():
 def test_tiny_script_trains_on_gloo_ranks():
     """The real launch, shrunk: 2 gloo ranks, ring CP 2, 256 tokens, 2 iterations of the script's own command."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    res = run_script("pretrain_gpt_1.3b_32k_ring.sh", MODEL="tiny", GPUS_PER_NODE="2", CP="2", SEQ_LENGTH="256",
-                     TRAIN_ITERS="2", GLOBAL_BATCH_SIZE="2", MEGATRON_LM_PATH=os.environ["MEGATRON_LM_PATH"],
-                     TORCHRUN=torchrun, MASTER_PORT=str(20000 + os.getpid() % 20000), OMP_NUM_THREADS="1")
+    res = run_script(
+        "pretrain_gpt_1.3b_32k_ring.sh",
+        MODEL="tiny",
+        GPUS_PER_NODE="2",
+        CP="2",
+        SEQ_LENGTH="256",
+        TRAIN_ITERS="2",
+        GLOBAL_BATCH_SIZE="2",
+        MEGATRON_LM_PATH=os.environ["MEGATRON_LM_PATH"],
+        TORCHRUN=torchrun,
+        MASTER_PORT=str(20000 + os.getpid() % 20000),
+        OMP_NUM_THREADS="1",
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout + res.stderr
     assert "no accelerator: gloo ranks, fp32" in out
@@ -159,9 +193,29 @@ def test_a_planned_preset_runs(tmp_path):
     import json
 
     conf = tmp_path / "planned.conf"
-    plan = subprocess.run([sys.executable, "-m", "mindspeed_cp", "plan", "--model", "gpt3-30b", "--seq-length",
-                           "65536", "--world-size", "64", "--recompute", "full", "--format", "json",
-                           "--write-preset", str(conf)], capture_output=True, text=True, timeout=300)
+    plan = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mindspeed_cp",
+            "plan",
+            "--model",
+            "gpt3-30b",
+            "--seq-length",
+            "65536",
+            "--world-size",
+            "64",
+            "--recompute",
+            "full",
+            "--format",
+            "json",
+            "--write-preset",
+            str(conf),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert plan.returncode == 0, plan.stderr
     best = json.loads(plan.stdout)["ranked"][0]
     res = run_script("pretrain_gpt_cp.sh", DRY_RUN="1", DEVICE="gpu", ARGS=["gpt3-30b", str(conf)])

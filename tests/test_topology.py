@@ -1,4 +1,5 @@
 """The pure rank layout vs the groups megatron-core itself builds, and our runtime sub-groups on gloo ranks."""
+
 import itertools
 
 import pytest
@@ -47,12 +48,15 @@ def test_cp_subgroups_follow_design():
     assert uly["ulysses"] == uly["cp"] and "ring" not in uly
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(cp=4, cp_algo="hybrid_cp_algo", ulysses_degree=2),
-    dict(cp=8, cp_algo="hybrid_cp_algo", ulysses_degree=4),
-    dict(cp=8, cp_algo="megatron_cp_algo", window=2),
-    dict(cp=8, tp=2, cp_algo="hybrid_cp_algo", ulysses_degree=2, window=2),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(cp=4, cp_algo="hybrid_cp_algo", ulysses_degree=2),
+        dict(cp=8, cp_algo="hybrid_cp_algo", ulysses_degree=4),
+        dict(cp=8, cp_algo="megatron_cp_algo", window=2),
+        dict(cp=8, tp=2, cp_algo="hybrid_cp_algo", ulysses_degree=2, window=2),
+    ],
+)
 def test_every_rank_in_exactly_one_group_per_kind(kwargs):
     lay = rank_layout(32, **kwargs)
     for kind, groups in lay.items():
@@ -65,12 +69,18 @@ def test_every_rank_in_exactly_one_group_per_kind(kwargs):
                 assert any(set(g) <= set(c) for c in lay["cp"]), (kind, g)
 
 
-@pytest.mark.parametrize("args,match", [
-    (dict(world_size=12, tp=2, cp=4), "world size 12 is not divisible"),
-    (dict(world_size=8, cp=8, cp_algo="hybrid_cp_algo", ulysses_degree=3), "--ulysses-degree-in-cp 3 does not divide"),
-    (dict(world_size=8, cp=8, cp_algo="megatron_cp_algo", window=3), "--cp-window-size 3 does not divide"),
-    (dict(world_size=8, cp=4, cp_algo="nope"), "--context-parallel-algo 'nope'"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (dict(world_size=12, tp=2, cp=4), "world size 12 is not divisible"),
+        (
+            dict(world_size=8, cp=8, cp_algo="hybrid_cp_algo", ulysses_degree=3),
+            "--ulysses-degree-in-cp 3 does not divide",
+        ),
+        (dict(world_size=8, cp=8, cp_algo="megatron_cp_algo", window=3), "--cp-window-size 3 does not divide"),
+        (dict(world_size=8, cp=4, cp_algo="nope"), "--context-parallel-algo 'nope'"),
+    ],
+)
 def test_impossible_layouts(args, match):
     with pytest.raises(LayoutError, match=match):
         rank_layout(**args)
@@ -94,18 +104,25 @@ def _groups_on_rank(shapes):
     from megatron.core import parallel_state as ps
 
     import mindspeed_cp.megatron_adaptor as adaptor
-    from mindspeed_cp.state import STATE
+    from mindspeed_cp.megatron.state import STATE
 
     out = []
     for s in shapes:
-        adaptor.configure(context_parallel_size=s["cp"], context_parallel_algo=s.get("algo", "ulysses_cp_algo"),
-                          ulysses_degree_in_cp=s.get("ulysses"), cp_window_size=s.get("window", 1),
-                          use_cp_send_recv_overlap=s.get("overlap", False))
-        ps.initialize_model_parallel(tensor_model_parallel_size=s["tp"], pipeline_model_parallel_size=s["pp"],
-                                     context_parallel_size=s["cp"])
+        adaptor.configure(
+            context_parallel_size=s["cp"],
+            context_parallel_algo=s.get("algo", "ulysses_cp_algo"),
+            ulysses_degree_in_cp=s.get("ulysses"),
+            cp_window_size=s.get("window", 1),
+            use_cp_send_recv_overlap=s.get("overlap", False),
+        )
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=s["tp"], pipeline_model_parallel_size=s["pp"], context_parallel_size=s["cp"]
+        )
         megatron = {
-            "tp": ps.get_tensor_model_parallel_group(), "cp": ps.get_context_parallel_group(),
-            "dp": ps.get_data_parallel_group(), "pp": ps.get_pipeline_model_parallel_group(),
+            "tp": ps.get_tensor_model_parallel_group(),
+            "cp": ps.get_context_parallel_group(),
+            "dp": ps.get_data_parallel_group(),
+            "pp": ps.get_pipeline_model_parallel_group(),
             "dp_cp": ps.get_data_parallel_group(with_context_parallel=True),
         }
         seen = {k: dist.get_process_group_ranks(g) for k, g in megatron.items()}
@@ -128,10 +145,21 @@ def _groups_on_rank(shapes):
 def test_runtime_groups_match_layout_on_8_gloo_ranks():
     per_rank = run_on_ranks(8, _groups_on_rank, RUNTIME_SHAPES)
     for i, s in enumerate(RUNTIME_SHAPES):
-        cfg = CPConfig(context_parallel_size=s["cp"], context_parallel_algo=s.get("algo", "ulysses_cp_algo"),
-                       ulysses_degree_in_cp=s.get("ulysses"), cp_window_size=s.get("window", 1))
-        layout = rank_layout(8, tp=s["tp"], pp=s["pp"], cp=s["cp"], cp_algo=cfg.context_parallel_algo,
-                             ulysses_degree=cfg.ulysses_degree_in_cp, window=cfg.cp_window_size)
+        cfg = CPConfig(
+            context_parallel_size=s["cp"],
+            context_parallel_algo=s.get("algo", "ulysses_cp_algo"),
+            ulysses_degree_in_cp=s.get("ulysses"),
+            cp_window_size=s.get("window", 1),
+        )
+        layout = rank_layout(
+            8,
+            tp=s["tp"],
+            pp=s["pp"],
+            cp=s["cp"],
+            cp_algo=cfg.context_parallel_algo,
+            ulysses_degree=cfg.ulysses_degree_in_cp,
+            window=cfg.cp_window_size,
+        )
         for rank, seen_all in enumerate(per_rank):
             seen = seen_all[i]
             expected = groups_of_rank(layout, rank)
@@ -154,8 +182,9 @@ def _mismatched_cp():
 def test_initialize_with_a_different_cp_size_is_refused_on_every_rank():
     from tests.dist import expect_error_on_every_rank
 
-    expect_error_on_every_rank(4, _mismatched_cp,
-                               match=r"context_parallel_size=2\) contradicts configure\(context_parallel_size=4\)")
+    expect_error_on_every_rank(
+        4, _mismatched_cp, match=r"context_parallel_size=2\) contradicts configure\(context_parallel_size=4\)"
+    )
 
 
 def _small_layouts():

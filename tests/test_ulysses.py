@@ -12,6 +12,7 @@ values, so only the computation error counts. Tolerances:
   context parallelism, is up to 3.4e-2 off float64 on these tiny shapes (measured over 200 seeds).
 Cases are batched: one pool call runs a whole list, on one pool of 4 gloo ranks for the whole file.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -20,9 +21,16 @@ import random
 import pytest
 import torch
 
-from mindspeed_cp.comm_stats import count_bytes
-from mindspeed_cp.ulysses import (DefaultGatherSizeCalculator, DistributedAttention, DynamicGatherSizeCalculator,
-                                  GatherSizeCalculator, UlyssesContextAttention, UlyssesError, kv_head_repeats)
+from mindspeed_cp.stats import count_bytes
+from mindspeed_cp.ulysses import (
+    DefaultGatherSizeCalculator,
+    DistributedAttention,
+    DynamicGatherSizeCalculator,
+    GatherSizeCalculator,
+    UlyssesContextAttention,
+    UlyssesError,
+    kv_head_repeats,
+)
 from tests.attention_ref import NaiveLocalAttention, SDPALocalAttention, reference_attention
 from tests.dist import expect_error_on_every_rank, run_on_ranks
 
@@ -32,7 +40,7 @@ from tests.dist import expect_error_on_every_rank, run_on_ranks
 # another. CP must stay within twice CP=1's error plus four bfloat16 roundings (2^-6): with fewer KV heads than
 # ranks the replicas' gradients are summed in bfloat16 (measured excess over 2 x CP=1 at most 3.2e-3).
 TOL = {"float32": 1e-5}
-BF16_TIMES_CP1, BF16_PLUS_TOL = 2.0, 2.0 ** -6
+BF16_TIMES_CP1, BF16_PLUS_TOL = 2.0, 2.0**-6
 WORLD = 4  # one pool of 4 gloo ranks for the whole file (starting a pool costs seconds)
 B, D = 2, 4  # batch, head size
 
@@ -78,10 +86,20 @@ def _run_case(c: dict, group) -> dict:
     local = [to_layout(t[rows]).clone().requires_grad_() for t in (q, k, v)]
     attn_cls = SDPALocalAttention if c["local"] == "sdpa" else NaiveLocalAttention
     attn = attn_cls(causal=c["causal"], layout=c["layout"], flatten_output=c["flat"])
-    calc = {"default": None, "mask_pos": DynamicGatherSizeCalculator(), "mask_kw": DynamicGatherSizeCalculator(),
-            "fixed": FixedGatherSize(seq)}[c["gather"]]
-    module = UlyssesContextAttention(attn, group, scatter_idx=2, gather_idx=1 if bshd else 0,
-                                     gather_size_calculator=calc, check_inputs=c.get("check", True))
+    calc = {
+        "default": None,
+        "mask_pos": DynamicGatherSizeCalculator(),
+        "mask_kw": DynamicGatherSizeCalculator(),
+        "fixed": FixedGatherSize(seq),
+    }[c["gather"]]
+    module = UlyssesContextAttention(
+        attn,
+        group,
+        scatter_idx=2,
+        gather_idx=1 if bshd else 0,
+        gather_size_calculator=calc,
+        check_inputs=c.get("check", True),
+    )
     args = (mask,) if c["gather"] == "mask_pos" else ()
     kwargs = {"attention_mask": mask} if c["gather"] == "mask_kw" else {}
     out = module(*local, *args, **kwargs)
@@ -101,14 +119,19 @@ def _run_case(c: dict, group) -> dict:
 
     out4 = out.unflatten(-1, (heads, D)) if c["flat"] else out
     refs = [ref] + [t.grad for t in ref_in]
-    errors = {name: err(ours, r)
-              for name, ours, r in zip(("out", "dq", "dk", "dv"), [out4] + [t.grad for t in local], refs)}
+    errors = {
+        name: err(ours, r) for name, ours, r in zip(("out", "dq", "dk", "dv"), [out4] + [t.grad for t in local], refs)
+    }
     if dtype == torch.bfloat16:  # the same local attention at CP=1: the whole sequence, every head
         whole = [to_layout(t).clone().requires_grad_() for t in (q, k, v)]
         one = attn_cls(causal=c["causal"], layout=c["layout"])(*whole, mask)
         one.backward(to_layout(grad_out))
-        errors.update({f"{name}@cp1": err(to_layout(to_layout(ours)[rows]), r)
-                       for name, ours, r in zip(("out", "dq", "dk", "dv"), [one] + [t.grad for t in whole], refs)})
+        errors.update(
+            {
+                f"{name}@cp1": err(to_layout(to_layout(ours)[rows]), r)
+                for name, ours, r in zip(("out", "dq", "dk", "dv"), [one] + [t.grad for t in whole], refs)
+            }
+        )
     return errors
 
 
@@ -142,11 +165,24 @@ def _cases(ranks: int):
     seqs, heads = SHAPES[ranks]
     cases = []
     for i, (seq, (kv, h), causal, layout, dtype) in enumerate(
-            itertools.product(seqs, heads, (True, False), ("sbhd", "bshd"), ("float32", "bfloat16"))):
+        itertools.product(seqs, heads, (True, False), ("sbhd", "bshd"), ("float32", "bfloat16"))
+    ):
         gathers = ["mask_pos", "mask_kw", "fixed"] + (["default"] if seq % ranks == 0 else [])
-        cases.append(dict(S=seq, h=h, kv=kv, causal=causal, layout=layout, dtype=dtype, seed=1000 * ranks + i,
-                          local=pick.choice(["naive", "sdpa"]), flat=pick.choice([False, True]),
-                          gather=pick.choice(gathers), check=pick.random() > 0.2))
+        cases.append(
+            dict(
+                S=seq,
+                h=h,
+                kv=kv,
+                causal=causal,
+                layout=layout,
+                dtype=dtype,
+                seed=1000 * ranks + i,
+                local=pick.choice(["naive", "sdpa"]),
+                flat=pick.choice([False, True]),
+                gather=pick.choice(gathers),
+                check=pick.random() > 0.2,
+            )
+        )
     for key in ("local", "flat", "check"):
         assert len({c[key] for c in cases}) == 2, key
     assert {c["gather"] for c in cases} == {"mask_pos", "mask_kw", "fixed", "default"}
@@ -174,13 +210,27 @@ def test_forward_and_grads_match_full_attention(ranks, capsys):
     worst = {}
     _check(cases, run_on_ranks(WORLD, _cases_body, cases, group_ranks=GROUPS[ranks]), worst)
     with capsys.disabled():
-        print(f"\n[ulysses P={ranks}] {len(cases)} cases, max relative error "
-              + ", ".join(f"{d}/{local} {v:.2e}" for (d, local), v in sorted(worst.items())))
+        print(
+            f"\n[ulysses P={ranks}] {len(cases)} cases, max relative error "
+            + ", ".join(f"{d}/{local} {v:.2e}" for (d, local), v in sorted(worst.items()))
+        )
 
 
 def test_single_rank_group_is_plain_attention():
-    cases = [dict(S=5, h=4, kv=2, causal=False, layout="sbhd", dtype="float32", seed=3, local="sdpa",
-                  flat=True, gather="mask_pos")]
+    cases = [
+        dict(
+            S=5,
+            h=4,
+            kv=2,
+            causal=False,
+            layout="sbhd",
+            dtype="float32",
+            seed=3,
+            local="sdpa",
+            flat=True,
+            gather="mask_pos",
+        )
+    ]
     _check(cases, run_on_ranks(WORLD, _cases_body, cases, group_ranks=[[0], [1], [2], [3]]), {})
 
 
@@ -219,8 +269,9 @@ def _bytes_body(seq, heads, kv):
     ranks, rank = dist.get_world_size(), dist.get_rank()
     rows = _rows(seq, ranks, rank)
     q, k, v = (torch.randn(rows.stop - rows.start, B, n, D, requires_grad=True) for n in (heads, kv, kv))
-    module = UlyssesContextAttention(NaiveLocalAttention(causal=True), dist.group.WORLD,
-                                     gather_size_calculator=FixedGatherSize(seq))
+    module = UlyssesContextAttention(
+        NaiveLocalAttention(causal=True), dist.group.WORLD, gather_size_calculator=FixedGatherSize(seq)
+    )
     with count_bytes() as stats:
         out = module(q, k, v)
         out.backward(torch.ones_like(out))
@@ -234,7 +285,7 @@ def test_bytes_match_textbook_ulysses_volume(seq, heads, kv):
     Each a2a of a [s_r, b, n, d] sequence shard keeps 1/P of the heads and sends (P-1)/P * s_r*b*n*d
     elements; each a2a of an [S, b, n/P, d] head shard keeps its own s_r rows and sends (S - s_r)*b*n/P*d.
     Summed: b*d*e*(2h + 2hk')/P * ((P-2)*s_r + S), with hk' = max(hk, P) the KV heads after the GQA repeat.
-    Aligned (s_r = s = S/P) this is 2*(P-1)/P * s*b*d*(2h + 2hk')*e: DESIGN.md section 3's formula, which
+    Aligned (s_r = s = S/P) this is 2*(P-1)/P * s*b*d*(2h + 2hk')*e: docs/design.md's textbook formula, which
     holds as written for MHA and GQA with hk >= P; with hk < P the replicated heads are sent, so hk' = P.
     Unaligned, the ranks differ but their sum is P times the formula with s = S/P.
     The one metadata all-gather of the input check is counted apart ("metadata").
@@ -348,8 +399,10 @@ def test_public_api_and_calculators():
         UlyssesContextAttention(NaiveLocalAttention(), None, scatter_idx=0, gather_idx=0)
 
 
-@pytest.mark.parametrize("heads,kv,ranks,repeats", [(8, 2, 4, 2), (8, 1, 4, 4), (8, 4, 4, 1), (8, 8, 4, 1),
-                                                     (16, 8, 4, 1), (6, 1, 3, 3), (4, 2, 2, 1)])
+@pytest.mark.parametrize(
+    "heads,kv,ranks,repeats",
+    [(8, 2, 4, 2), (8, 1, 4, 4), (8, 4, 4, 1), (8, 8, 4, 1), (16, 8, 4, 1), (6, 1, 3, 3), (4, 2, 2, 1)],
+)
 def test_kv_head_repeats_rule(heads, kv, ranks, repeats):
     assert kv_head_repeats(heads, kv, ranks) == repeats
     # Every rank's query heads use exactly the KV heads it receives (the rule's whole point).

@@ -5,6 +5,7 @@ scripts ran (``--dump-dom``). A probe script appended to a copy of the page repo
 actually rendered: computed colours and boxes of every cell, the legend swatches, and whether hovering a
 cell highlights exactly its group. A screenshot is kept at test-artifacts/groups.png.
 """
+
 import html
 import json
 import os
@@ -20,10 +21,10 @@ import pytest
 from mindspeed_cp.topology import rank_layout
 from tests.conftest import ARTIFACTS, ROOT
 
-CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome"))
-                 if p), None)
+CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium); CI installs it")
+    CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium); CI installs it"
+)
 
 # Runs in the page after its own script; writes what the browser rendered into <pre id="probe">.
 PROBE = """<script>
@@ -58,9 +59,21 @@ PROBE = """<script>
 
 
 def chromium(url, tmp_path, *extra):
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--hide-scrollbars", f"--user-data-dir={tmp_path / 'chromium-profile'}", *extra, url]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        *extra,
+        url,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     return res.stdout
@@ -68,8 +81,13 @@ def chromium(url, tmp_path, *extra):
 
 def make_page(tmp_path, args):
     path = tmp_path / "groups.html"
-    res = subprocess.run([sys.executable, "-m", "mindspeed_cp", "groups", *map(str, args), "--format", "html",
-                          "--output", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "mindspeed_cp", "groups", *map(str, args), "--format", "html", "--output", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     return path
 
@@ -85,13 +103,34 @@ def render(tmp_path, page):
 
 # (flags, world, tp, pp, cp, algo, ulysses, window, devices per node)
 CASES = {
-    "hybrid-double-ring": (["--world-size", 16, "--tp", 2, "--cp", 8, "--cp-algo", "hybrid_cp_algo",
-                            "--ulysses-degree-in-cp", 2, "--cp-window-size", 2],
-                           (16, 2, 1, 8, "hybrid_cp_algo", 2, 2), 8),
-    "ring-pp-partial-node": (["--world-size", 12, "--tp", 2, "--pp", 2, "--cp", 3, "--cp-algo",
-                              "megatron_cp_algo"], (12, 2, 2, 3, "megatron_cp_algo", None, 1), 8),
-    "64-ranks-4-nodes": (["--world-size", 64, "--cp", 4, "--cp-algo", "megatron_cp_algo", "--cp-window-size", 2,
-                          "--nodes", 4], (64, 1, 1, 4, "megatron_cp_algo", None, 2), 16),
+    "hybrid-double-ring": (
+        [
+            "--world-size",
+            16,
+            "--tp",
+            2,
+            "--cp",
+            8,
+            "--cp-algo",
+            "hybrid_cp_algo",
+            "--ulysses-degree-in-cp",
+            2,
+            "--cp-window-size",
+            2,
+        ],
+        (16, 2, 1, 8, "hybrid_cp_algo", 2, 2),
+        8,
+    ),
+    "ring-pp-partial-node": (
+        ["--world-size", 12, "--tp", 2, "--pp", 2, "--cp", 3, "--cp-algo", "megatron_cp_algo"],
+        (12, 2, 2, 3, "megatron_cp_algo", None, 1),
+        8,
+    ),
+    "64-ranks-4-nodes": (
+        ["--world-size", 64, "--cp", 4, "--cp-algo", "megatron_cp_algo", "--cp-window-size", 2, "--nodes", 4],
+        (64, 1, 1, 4, "megatron_cp_algo", None, 2),
+        16,
+    ),
 }
 
 
@@ -152,12 +191,22 @@ def test_page_as_shipped_and_screenshot(tmp_path):
     layout = rank_layout(*shape)
     for kind, groups in layout.items():
         assert f'<section class="kind" id="kind-{kind}" data-kind="{kind}"' in dom
-        cells = re.findall(rf'<td class="cell" data-kind="{kind}" data-rank="(\d+)" data-group="(\d+)" '
-                           r'style="background-color: ([^"]+)"', dom)
+        cells = re.findall(
+            rf'<td class="cell" data-kind="{kind}" data-rank="(\d+)" data-group="(\d+)" '
+            r'style="background-color: ([^"]+)"',
+            dom,
+        )
         assert sorted((int(r), int(g)) for r, g, _ in cells) == sorted(
-            (r, g) for g, ranks in enumerate(groups) for r in ranks)
-    for text in ("all-reduce of activations", "gradient all-reduce", "point-to-point",
-                 "all-to-all", "send/recv", "share one sequence"):
+            (r, g) for g, ranks in enumerate(groups) for r in ranks
+        )
+    for text in (
+        "all-reduce of activations",
+        "gradient all-reduce",
+        "point-to-point",
+        "all-to-all",
+        "send/recv",
+        "share one sequence",
+    ):
         assert text in dom
     assert "world 16 = TP 2 x CP 8 x DP 1 x PP 1" in dom
 

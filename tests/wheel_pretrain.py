@@ -12,6 +12,7 @@ every token in the loss. The batch
 split goes through ``megatron.core.utils.get_batch_on_this_cp_rank`` (the plugin's, per algorithm); the loss
 function returns ``(loss sum, token count, report)`` as Megatron's GPT loss does.
 """
+
 from functools import partial
 
 import torch
@@ -40,8 +41,12 @@ class RandomTokens(torch.utils.data.Dataset):
         # has to reach across the ranks' chunks of the sequence
         text = torch.randint(0, self.vocab_size, (48,), generator=g).repeat(self.seq_length // 48 + 1)
         text = text[: self.seq_length + 1]
-        return {"tokens": text[:-1], "labels": text[1:],
-                "loss_mask": torch.ones(self.seq_length), "position_ids": torch.arange(self.seq_length)}
+        return {
+            "tokens": text[:-1],
+            "labels": text[1:],
+            "loss_mask": torch.ones(self.seq_length),
+            "position_ids": torch.arange(self.seq_length),
+        }
 
 
 def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
@@ -49,11 +54,16 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     return GPTModel(
         config=core_transformer_config_from_args(args),
         transformer_layer_spec=get_gpt_layer_local_spec(normalization=args.normalization),
-        vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
-        pre_process=pre_process, post_process=post_process,
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
-        pg_collection=pg_collection, vp_stage=vp_stage)
+        position_embedding_type=args.position_embedding_type,
+        rotary_base=args.rotary_base,
+        pg_collection=pg_collection,
+        vp_stage=vp_stage,
+    )
 
 
 def train_valid_test_datasets_provider(num_samples):
@@ -79,5 +89,10 @@ def forward_step(data_iterator, model):
 
 if __name__ == "__main__":
     args = parse_and_validate_args()
-    pretrain(pretrain_cfg_container_from_args(args), train_valid_test_datasets_provider,
-             ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
+    pretrain(
+        pretrain_cfg_container_from_args(args),
+        train_valid_test_datasets_provider,
+        ModelType.encoder_or_decoder,
+        forward_step,
+        model_provider=model_provider,
+    )

@@ -9,13 +9,16 @@ Two parts, both listed by ``mindspeed-cp patches`` and both skipped when an acce
   schedules, checkpoints) run unmodified.
 - :mod:`.megatron_core` - the few Megatron functions torch's level cannot reach: the RNG tracker's named
   states on the CPU generator, CPU weight initialisation (TP-independent), the MoE all-to-all dispatcher's
-  host copies, and megatron-core's MoE router and MLA without Transformer Engine.
+  host copies, and megatron-core's MoE router without Transformer Engine.
+- :mod:`.megatron_lm` - Megatron-LM's start-up decisions (groups, seeding, fusions, argument checks) that it
+  makes only when CUDA devices exist, and its CUDA-only kernel flags.
 """
+
 from __future__ import annotations
 
-from . import emulation, megatron_core
+from . import emulation, megatron_core, megatron_lm
 from .emulation import cpu_only, has_accelerator, is_cuda_device
 
-PATCHES = [*emulation.PATCHES, *megatron_core.PATCHES]
+PATCHES = [*emulation.PATCHES, *megatron_core.PATCHES, *megatron_lm.PATCHES]
 
-__all__ = ["PATCHES", "cpu_only", "has_accelerator", "is_cuda_device", "emulation", "megatron_core"]
+__all__ = ["PATCHES", "cpu_only", "has_accelerator", "is_cuda_device", "emulation", "megatron_core", "megatron_lm"]

@@ -38,6 +38,7 @@ Decisions
   options (user buffers, SHARP), fused / Triton / Transformer Engine kernels. Their flags stay off on CPU.
 - Cost: one Python call per torch op (about 2 us on this machine); nothing when an accelerator exists.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -52,7 +53,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ..patching import Hook, Patch, replace, wrap
+from ..megatron.patching import Hook, Patch, replace, wrap
 
 
 def has_accelerator() -> bool:
@@ -132,10 +133,15 @@ def _tensor_pin_memory(func, args, kwargs):
 def _tensor_type(func, args, kwargs):
     """``t.type()`` asked by Megatron: the CUDA name of the type (Megatron's optimizers check the string)."""
     result = func(*args, **kwargs)
-    if (len(args) == 1 and not kwargs and result.startswith("torch.") and not result.startswith("torch.cuda.")
-            and sys._getframe(2).f_globals.get("__name__", "").startswith("megatron.")):
+    if (
+        len(args) == 1
+        and not kwargs
+        and result.startswith("torch.")
+        and not result.startswith("torch.cuda.")
+        and sys._getframe(2).f_globals.get("__name__", "").startswith("megatron.")
+    ):
         _note("Tensor.type() == 'torch.cuda.*'", 2)
-        return "torch.cuda." + result[len("torch."):]
+        return "torch.cuda." + result[len("torch.") :]
     return result
 
 
@@ -344,31 +350,49 @@ def _cuda(name: str, impl: Any, why: str) -> Patch:
 
 
 PATCHES = [
-    Hook("torch (TorchFunctionMode: mindspeed_cp.device.emulation.CpuDeviceMode)", _enter_mode,
-         "every torch call: a CUDA device (\"cuda\", \"cuda:N\", an index, .cuda(), .to(\"cuda\")) means the CPU, "
-         "torch.device(N) is cuda:N (torch would look for an accelerator), "
-         "pin_memory pins nothing, Megatron's tensor.type() checks see the CUDA type name",
-         when=cpu_only, when_doc="no accelerator"),
-    Patch("torch.autograd.graph._engine_run_backward", wrap(_backward_under_mode),
-          "backward (and the activation recompute inside it) runs under the device mode: torch calls "
-          "Tensor.backward with the mode popped", when=cpu_only, when_doc="no accelerator"),
+    Hook(
+        "torch (TorchFunctionMode: mindspeed_cp.device.emulation.CpuDeviceMode)",
+        _enter_mode,
+        'every torch call: a CUDA device ("cuda", "cuda:N", an index, .cuda(), .to("cuda")) means the CPU, '
+        "torch.device(N) is cuda:N (torch would look for an accelerator), "
+        "pin_memory pins nothing, Megatron's tensor.type() checks see the CUDA type name",
+        when=cpu_only,
+        when_doc="no accelerator",
+    ),
+    Patch(
+        "torch.autograd.graph._engine_run_backward",
+        wrap(_backward_under_mode),
+        "backward (and the activation recompute inside it) runs under the device mode: torch calls "
+        "Tensor.backward with the mode popped",
+        when=cpu_only,
+        when_doc="no accelerator",
+    ),
     _cuda("current_device", _current_device, "the one device is index 0 (Megatron passes it as device=)"),
     _cuda("set_device", _set_device, "there is one device: nothing to select"),
-    _cuda("synchronize", _synchronize, "the CPU is synchronous (Megatron's timers synchronise around every "
-                                       "phase)"),
+    _cuda("synchronize", _synchronize, "the CPU is synchronous (Megatron's timers synchronise around every phase)"),
     _cuda("Stream", NullStream, "side streams (DDP wrapping, gradient-reduce overlap) are the one null stream"),
     _cuda("stream", _stream, "`with torch.cuda.stream(s)` runs the body as it is"),
     _cuda("current_stream", _current_stream, "the null stream (callers make it wait on others: a no-op)"),
     _cuda("default_stream", _current_stream, "the null stream"),
     _cuda("set_stream", _set_stream, "nothing to set on a synchronous device"),
     _cuda("Event", HostEvent, "events record host time; elapsed_time in ms"),
-    _cuda("get_rng_state", _cuda_get_rng_state,
-          "the CPU default generator's state stands for the CUDA generator's (checkpoints, rerun state machine)"),
+    _cuda(
+        "get_rng_state",
+        _cuda_get_rng_state,
+        "the CPU default generator's state stands for the CUDA generator's (checkpoints, rerun state machine)",
+    ),
     _cuda("set_rng_state", _cuda_set_rng_state, "restore the CPU default generator (checkpoint load, rerun)"),
-    _cuda("manual_seed", _cuda_manual_seed,
-          "seed the CPU default generator (Megatron seeds the default CUDA generator with the data-parallel seed)"),
-    Patch("torch.distributed.distributed_c10d.isend", wrap(_isend),
-          "an asynchronous send keeps its storage alive until it completes: Megatron's pipeline schedules free "
-          "the sent output right after posting (safe with CUDA's caching allocator, not with gloo on the CPU)",
-          when=cpu_only, when_doc="no accelerator"),
+    _cuda(
+        "manual_seed",
+        _cuda_manual_seed,
+        "seed the CPU default generator (Megatron seeds the default CUDA generator with the data-parallel seed)",
+    ),
+    Patch(
+        "torch.distributed.distributed_c10d.isend",
+        wrap(_isend),
+        "an asynchronous send keeps its storage alive until it completes: Megatron's pipeline schedules free "
+        "the sent output right after posting (safe with CUDA's caching allocator, not with gloo on the CPU)",
+        when=cpu_only,
+        when_doc="no accelerator",
+    ),
 ]

@@ -7,7 +7,8 @@ objects themselves, weight placement is a choice between two initialisation path
 dispatcher asks ``tensor.is_cuda`` before bringing its split sizes to the host. One more is a megatron-core
 0.13 - 0.16 defect without Transformer Engine (which a CPU never has): the router's gating linear reads an
 unbound ``te_general_gemm``; it applies only where the defect is there. (MLA taking Megatron's MagicMock
-stand-in for TE as TE is a defect with or without an accelerator: ``megatron_adaptor``'s list.) The flex MoE dispatcher (DeepEP / HybridEP CUDA kernels) is refused by name.
+stand-in for TE as TE is a defect with or without an accelerator: ``megatron_adaptor``'s list.) The flex MoE
+dispatcher (DeepEP / HybridEP CUDA kernels) is refused by name.
 
 Decisions
 - Weights: on the CPU "initialise on the device" *is* CPU initialisation, so ``use_cpu_initialization``
@@ -27,6 +28,7 @@ Decisions
   Triton / fused kernels and CPU offloading, which must keep seeing the truth. The one MoE helper that means
   "is this on the device?" is patched instead.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,9 +37,8 @@ import importlib
 
 import torch
 
-from ..patching import Patch, replace, wrap
+from ..megatron.patching import Patch, replace, wrap
 from .emulation import cpu_only as _cpu_only
-
 
 _DEFAULT_RNG = "default-rng"  # Megatron's name for "no tracker state forked in"
 
@@ -93,8 +94,9 @@ def _tracker_fork(self, name="model-parallel-rng"):
         yield
     finally:
         if self._current_state_name != name:
-            raise Exception(f"current state name {self._current_state_name} is not the same as the "
-                            f"desired state name {name}.")
+            raise Exception(
+                f"current state name {self._current_state_name} is not the same as the desired state name {name}."
+            )
         self.states_[name] = torch.get_rng_state()
         if outer_name != _DEFAULT_RNG:
             outer_state = self.states_[outer_name]
@@ -132,7 +134,8 @@ def _refuse_flex(original, self, *args, **kwargs):
     raise RuntimeError(
         "mindspeed-cp: moe_token_dispatcher_type='flex' runs DeepEP's / HybridEP's CUDA kernels, which have no CPU "
         "version; with no accelerator use moe_token_dispatcher_type='alltoall' (expert parallelism > 1 too) or "
-        "'allgather'")
+        "'allgather'"
+    )
 
 
 # ----------------------------------------------------------------------------- the list
@@ -144,33 +147,56 @@ _RANDOM = "megatron.core.tensor_parallel.random"
 
 PATCHES = [
     # weights
-    _cpu_patch("megatron.core.model_parallel_config.ModelParallelConfig.__post_init__",
-               wrap(_config_post_init),
-               "force use_cpu_initialization: Megatron's CPU initialisation draws the full weight and keeps this "
-               "rank's shard (TP-independent), where GPU initialisation would draw per-TP-rank streams"),
+    _cpu_patch(
+        "megatron.core.model_parallel_config.ModelParallelConfig.__post_init__",
+        wrap(_config_post_init),
+        "force use_cpu_initialization: Megatron's CPU initialisation draws the full weight and keeps this "
+        "rank's shard (TP-independent), where GPU initialisation would draw per-TP-rank streams",
+    ),
     # RNG
-    _cpu_patch(f"{_RANDOM}._get_cuda_rng_state", replace(_get_rng_state),
-               "the CPU default generator's state stands for the CUDA generator's (fork, recompute)"),
-    _cpu_patch(f"{_RANDOM}._set_cuda_rng_state", replace(_set_rng_state),
-               "set the CPU default generator instead of a CUDA one (fork, activation recompute)"),
-    _cpu_patch(f"{_RANDOM}.CudaRNGStatesTracker.add", replace(_tracker_add),
-               "named tracker states are CPU generator states (torch.cuda.get_rng_state needs CUDA)"),
-    _cpu_patch(f"{_RANDOM}.CudaRNGStatesTracker.fork", replace(_tracker_fork),
-               "swap CPU generator states in and out (independent streams) without the CPU-state warning"),
+    _cpu_patch(
+        f"{_RANDOM}._get_cuda_rng_state",
+        replace(_get_rng_state),
+        "the CPU default generator's state stands for the CUDA generator's (fork, recompute)",
+    ),
+    _cpu_patch(
+        f"{_RANDOM}._set_cuda_rng_state",
+        replace(_set_rng_state),
+        "set the CPU default generator instead of a CUDA one (fork, activation recompute)",
+    ),
+    _cpu_patch(
+        f"{_RANDOM}.CudaRNGStatesTracker.add",
+        replace(_tracker_add),
+        "named tracker states are CPU generator states (torch.cuda.get_rng_state needs CUDA)",
+    ),
+    _cpu_patch(
+        f"{_RANDOM}.CudaRNGStatesTracker.fork",
+        replace(_tracker_fork),
+        "swap CPU generator states in and out (independent streams) without the CPU-state warning",
+    ),
     # MoE
-    _cpu_patch(f"{_MOE_UTILS}.maybe_move_tensor_to_cpu", wrap(_to_host),
-               "the all-to-all token dispatcher brings its split sizes to the host as numpy arrays only when "
-               "they are CUDA tensors (`tensor.is_cuda`); on the CPU they stayed tensors and all_to_all_single "
-               "rejected them (EP > 1). A CPU tensor is the device's here: copied to the host the same way"),
-    _cpu_patch("megatron.core.transformer.moe.token_dispatcher.MoEFlexTokenDispatcher.__init__",
-               wrap(_refuse_flex),
-               "refuse the flex dispatcher by name at model build, on every rank: DeepEP / HybridEP are CUDA "
-               "kernels (Megatron would ask to install them, which cannot help on a CPU)"),
-    Patch(f"{_MOE_UTILS}.te_general_gemm", replace(None),
-          "the MoE router's gating linear (RouterGatingLinearFunction) tests `te_general_gemm is not None`, a "
-          "name moe_utils binds only when Transformer Engine imports: NameError for every moe_router_dtype. "
-          "Bound to None, as 0.17 does, Megatron takes its own torch.mm path",
-          when=lambda: _cpu_only() and _router_gemm_unbound(),
-          when_doc="no accelerator, no Transformer Engine (te_general_gemm unbound)", create=True,
-          versions="0.13 - 0.16 (0.12's router uses F.linear; 0.17+ binds None itself)"),
+    _cpu_patch(
+        f"{_MOE_UTILS}.maybe_move_tensor_to_cpu",
+        wrap(_to_host),
+        "the all-to-all token dispatcher brings its split sizes to the host as numpy arrays only when "
+        "they are CUDA tensors (`tensor.is_cuda`); on the CPU they stayed tensors and all_to_all_single "
+        "rejected them (EP > 1). A CPU tensor is the device's here: copied to the host the same way",
+    ),
+    _cpu_patch(
+        "megatron.core.transformer.moe.token_dispatcher.MoEFlexTokenDispatcher.__init__",
+        wrap(_refuse_flex),
+        "refuse the flex dispatcher by name at model build, on every rank: DeepEP / HybridEP are CUDA "
+        "kernels (Megatron would ask to install them, which cannot help on a CPU)",
+    ),
+    Patch(
+        f"{_MOE_UTILS}.te_general_gemm",
+        replace(None),
+        "the MoE router's gating linear (RouterGatingLinearFunction) tests `te_general_gemm is not None`, a "
+        "name moe_utils binds only when Transformer Engine imports: NameError for every moe_router_dtype. "
+        "Bound to None, as 0.17 does, Megatron takes its own torch.mm path",
+        when=lambda: _cpu_only() and _router_gemm_unbound(),
+        when_doc="no accelerator, no Transformer Engine (te_general_gemm unbound)",
+        create=True,
+        versions="0.13 - 0.16 (0.12's router uses F.linear; 0.17+ binds None itself)",
+    ),
 ]

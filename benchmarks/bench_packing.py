@@ -1,22 +1,23 @@
 """Packed documents: work balance and padding of the per-document zigzag layout (pure arithmetic, no ranks).
 
-    python -m benchmarks.packing [--seq 32768] [--cp 8] [--samples 20]    # -> results/packing.json
+    python -m benchmarks.bench_packing [--seq 32768] [--cp 8] [--samples 20]    # -> results/packing.json
 
 Documents with long-tailed lengths (lognormal, mean ~2k tokens, length-1 documents allowed) fill each sample
 of ``seq`` tokens. Per layout, the unmasked (query, key) pairs of the document-causal attention that each CP
 rank computes (Ulysses splits the same work by heads, so only the ring level matters):
 
-* ``per_document_zigzag`` (what the plugin does, :mod:`mindspeed_cp.packing`): each document padded to a
+* ``per_document_zigzag`` (what the plugin does, :mod:`mindspeed_cp.layout.packing`): each document padded to a
   multiple of 2R and split into 2R chunks, ring position j holding chunks j and 2R-1-j of every document;
 * ``global_zigzag``: the plain sequence's zigzag with document masks (no padding) - for comparison;
 * ``contiguous``: S/CP consecutive tokens per rank (llama3-style all-gather CP) - for comparison.
 
 Reported: work imbalance (max / mean over ranks; goal <= 1.05) and padding overhead (pad tokens / real
 tokens; goal <= 2 %), worst sample and mean over samples. For the plugin's layout also what the ring really
-hands its kernels (``mindspeed_cp.packing.computed_scores``, row tiles of ``ring.TILE``): score elements
+hands its kernels (``mindspeed_cp.layout.packing.computed_scores``, row tiles of ``ring.TILE``): score elements
 computed (the key columns each tile's documents reach) against the useful ones and against whole blocks,
 their imbalance over ranks, and the row tiles skipped because they reach no key of an owner.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,7 @@ def _work_by_owner(lengths: List[int], owner) -> List[int]:
 
 
 def measure(seq: int = 32768, cp: int = 8, samples: int = 20, seed: int = 0) -> dict:
-    from mindspeed_cp.packing import Documents, computed_scores, layout_work
+    from mindspeed_cp.layout.packing import Documents, computed_scores, layout_work
     from mindspeed_cp.ring import TILE
 
     rng = random.Random(seed)
@@ -67,22 +68,47 @@ def measure(seq: int = 32768, cp: int = 8, samples: int = 20, seed: int = 0) -> 
         cont = _work_by_owner(lengths, lambda t: t // (seq // cp))
         imb = lambda w: max(w) / (sum(w) / len(w))  # noqa: E731
         tiles = computed_scores(docs, TILE)
-        rows.append(dict(documents=len(lengths), shortest=min(lengths), longest=max(lengths),
-                         per_document_zigzag=imb(mine), global_zigzag=imb(zig), contiguous=imb(cont),
-                         padding=docs.padding_overhead(), tokens_per_rank=docs.padded_len // cp,
-                         computed_over_useful=sum(tiles["computed"]) / sum(mine),
-                         computed_over_full_blocks=sum(tiles["computed"]) / sum(tiles["full"]),
-                         computed_imbalance=imb(tiles["computed"]), skipped_tiles=sum(tiles["skipped_tiles"]),
-                         tiles=cp * cp * -(-(docs.padded_len // cp) // TILE)))
-    keys = ("per_document_zigzag", "global_zigzag", "contiguous", "padding", "computed_over_useful",
-            "computed_over_full_blocks", "computed_imbalance", "skipped_tiles")
+        rows.append(
+            dict(
+                documents=len(lengths),
+                shortest=min(lengths),
+                longest=max(lengths),
+                per_document_zigzag=imb(mine),
+                global_zigzag=imb(zig),
+                contiguous=imb(cont),
+                padding=docs.padding_overhead(),
+                tokens_per_rank=docs.padded_len // cp,
+                computed_over_useful=sum(tiles["computed"]) / sum(mine),
+                computed_over_full_blocks=sum(tiles["computed"]) / sum(tiles["full"]),
+                computed_imbalance=imb(tiles["computed"]),
+                skipped_tiles=sum(tiles["skipped_tiles"]),
+                tiles=cp * cp * -(-(docs.padded_len // cp) // TILE),
+            )
+        )
+    keys = (
+        "per_document_zigzag",
+        "global_zigzag",
+        "contiguous",
+        "padding",
+        "computed_over_useful",
+        "computed_over_full_blocks",
+        "computed_imbalance",
+        "skipped_tiles",
+    )
     summary = {k: {"worst": max(r[k] for r in rows), "mean": statistics.mean(r[k] for r in rows)} for k in keys}
-    return dict(seq=seq, cp=cp, samples=samples, tile=TILE,
-                mean_documents=statistics.mean(r["documents"] for r in rows), summary=summary, rows=rows)
+    return dict(
+        seq=seq,
+        cp=cp,
+        samples=samples,
+        tile=TILE,
+        mean_documents=statistics.mean(r["documents"] for r in rows),
+        summary=summary,
+        rows=rows,
+    )
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.packing", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_packing", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq", type=int, default=32768)
     ap.add_argument("--cp", type=int, default=8)
     ap.add_argument("--samples", type=int, default=20)
@@ -92,13 +118,16 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     s = res["summary"]
-    print(f"packing S={args.seq} CP={args.cp}, {args.samples} samples of ~{res['mean_documents']:.0f} documents: "
-          f"work imbalance per-document zigzag {s['per_document_zigzag']['worst']:.3f} (worst), global zigzag "
-          f"{s['global_zigzag']['worst']:.2f}, contiguous {s['contiguous']['worst']:.2f}; padding "
-          f"{100 * s['padding']['mean']:.2f} % mean, {100 * s['padding']['worst']:.2f} % worst; the ring computes "
-          f"{s['computed_over_useful']['mean']:.2f}x the useful scores = {100 * s['computed_over_full_blocks']['mean']:.1f} % "
-          f"of whole blocks (imbalance {s['computed_imbalance']['worst']:.3f} worst), "
-          f"{s['skipped_tiles']['mean']:.0f} row tiles skipped per sample -> {args.out}")
+    print(
+        f"packing S={args.seq} CP={args.cp}, {args.samples} samples of ~{res['mean_documents']:.0f} documents: "
+        f"work imbalance per-document zigzag {s['per_document_zigzag']['worst']:.3f} (worst), global zigzag "
+        f"{s['global_zigzag']['worst']:.2f}, contiguous {s['contiguous']['worst']:.2f}; padding "
+        f"{100 * s['padding']['mean']:.2f} % mean, {100 * s['padding']['worst']:.2f} % worst; the ring computes "
+        f"{s['computed_over_useful']['mean']:.2f}x the useful scores = "
+        f"{100 * s['computed_over_full_blocks']['mean']:.1f} % "
+        f"of whole blocks (imbalance {s['computed_imbalance']['worst']:.3f} worst), "
+        f"{s['skipped_tiles']['mean']:.0f} row tiles skipped per sample -> {args.out}"
+    )
     return 0
 
 

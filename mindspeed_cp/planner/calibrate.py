@@ -11,19 +11,21 @@
   is on the one "node" (``gpus_per_node`` large);
 * all of it in as many ranks as there are cores, the timings on every rank at once: what a rank of a CPU job
   gets while its peers compute too (shared memory bandwidth and caches), not what one process gets alone;
-* ``cores``: ``os.cpu_count()``; with more ranks than cores :func:`mindspeed_cp.plan.plan` multiplies compute and
-  transfer times by ranks / cores (the ranks share the cores, and on one machine a transfer is a copy by a core).
+* ``cores``: ``os.cpu_count()``; with more ranks than cores :func:`mindspeed_cp.planner.plan.plan` multiplies
+  compute and transfer times by ranks / cores (the ranks share the cores, and on one machine a transfer is a copy
+  by a core).
 
 The result is a plain dict (a device preset's fields), cached for the process.
 """
+
 from __future__ import annotations
 
 import functools
 import multiprocessing as mp
 import os
-import socket
 import time
-from datetime import timedelta
+
+from ..ranks import free_port, init_rank
 
 
 def _best(fn, reps: int = 3) -> float:
@@ -43,15 +45,16 @@ def _attention_time(n: int, heads: int = 4, d: int = 64) -> float:
     ``n`` queries over ``n`` keys, unmasked, forward + backward - a ring step's shape."""
     import torch
 
-    from .kernels import get_kernel
+    from ..kernels import get_kernel
 
     kernel = get_kernel(None, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     q, k, v, do = (torch.randn(1, heads, n, d, generator=g) for _ in range(4))
 
     def run():
-        out, lse = kernel.forward(q, k, v, scale=d ** -0.5, causal=False)
-        kernel.backward(do, q, k, v, out, lse, scale=d ** -0.5, causal=False)
+        out, lse = kernel.forward(q, k, v, scale=d**-0.5, causal=False)
+        kernel.backward(do, q, k, v, out, lse, scale=d**-0.5, causal=False)
+
     return _best(run, reps=7)
 
 
@@ -59,7 +62,7 @@ def _local_time(n: int, heads: int = 4, d: int = 64) -> float:
     """The plugin's whole-sequence attention (causal, forward + backward): what one Ulysses call runs."""
     import torch
 
-    from .local import local_attention
+    from ..local import local_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v, do = (torch.randn(n, 1, heads, d, generator=g) for _ in range(4))
@@ -67,6 +70,7 @@ def _local_time(n: int, heads: int = 4, d: int = 64) -> float:
     def run():
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         local_attention(*leaves, causal=True).backward(do)
+
     return _best(run, reps=5)
 
 
@@ -83,9 +87,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
+    init_rank(rank, world, port, timeout_s=120)
 
     def pingpong(t: torch.Tensor, n: int) -> float:
         dist.barrier()
@@ -98,6 +100,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
                 dist.recv(t, 0)
                 dist.send(t, 0)
         return (time.perf_counter() - t0) / (2 * n)  # one way
+
     small = torch.zeros(1)
     big = torch.zeros(4 * 2**20)  # 16 MiB
     pingpong(small, 5)
@@ -120,9 +123,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
 
 def _run_workers() -> tuple:
     ctx = mp.get_context("spawn")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     queue = ctx.Queue()
     world = max(2, os.cpu_count() or 2)
     procs = [ctx.Process(target=_worker, args=(r, world, port, queue), daemon=True) for r in range(world)]
@@ -150,7 +151,7 @@ def fit(lengths, seconds, flops, half: bool = False) -> tuple:
 
     cols = [np.array(flops, float), np.array(flops, float) / np.array(lengths, float), np.ones(len(lengths))]
     t = np.array(seconds, float)
-    for keep in (((0, 1, 2), (0, 2), (0, 1), (0,)) if half else ((0, 2), (0,))):
+    for keep in ((0, 1, 2), (0, 2), (0, 1), (0,)) if half else ((0, 2), (0,)):
         x, *_ = np.linalg.lstsq(np.stack([cols[i] for i in keep], 1), t, rcond=None)
         coef = dict(zip(keep, x))
         if all(v >= 0 for v in coef.values()):
@@ -169,8 +170,9 @@ def _measure() -> tuple:
     per_pair = (FWD_FLOPS_PER_PAIR + BWD_FLOPS_PER_PAIR) * 64 * 4
     peak, half, call = fit(LENGTHS, secs, [per_pair * n * n for n in LENGTHS])
     # what a whole attention call costs beyond its kernel calls (wrapper, checks, NaN contract, copies)
-    extra = statistics.median(t - per_pair * causal_pairs(n) / (peak * n / (n + half)) - call
-                              for n, t in zip(LOCAL_LENGTHS, local))
+    extra = statistics.median(
+        t - per_pair * causal_pairs(n) / (peak * n / (n + half)) - call for n, t in zip(LOCAL_LENGTHS, local)
+    )
     return peak, half, call, max(extra, 0.0), dense, latency, bandwidth
 
 
@@ -179,16 +181,27 @@ def cpu_here() -> dict:
     import platform
 
     peak, half, call, extra, dense, latency, bandwidth = _measure()
-    return {"name": "cpu-here", "description": f"this machine, measured: {platform.processor() or platform.machine()},"
-                                              f" {os.cpu_count()} cores, one thread per rank, gloo",
-            "peak_tflops": peak / 1e12, "attention_efficiency": 1.0, "attention_half_tokens": half,
-            "kernel_call_us": call * 1e6 / 2,  # per forward or backward call
-            "attention_call_us": extra * 1e6,  # per attention forward + backward, beyond its kernel calls
-            "matmul_efficiency": min(dense / peak, 10.0), "hbm_gb": _memory_gb(), "intra_node_gbps": bandwidth / 1e9,
-            "inter_node_gbps": bandwidth / 1e9, "intra_node_latency_us": latency * 1e6,
-            "inter_node_latency_us": latency * 1e6, "link_efficiency": 1.0, "inter_link_efficiency": 1.0, "gpus_per_node": 1 << 20,
-            "cores": os.cpu_count() or 1,
-            "sources": {"all": "measured by mindspeed_cp.calibrate on this machine"}}
+    return {
+        "name": "cpu-here",
+        "description": f"this machine, measured: {platform.processor() or platform.machine()},"
+        f" {os.cpu_count()} cores, one thread per rank, gloo",
+        "peak_tflops": peak / 1e12,
+        "attention_efficiency": 1.0,
+        "attention_half_tokens": half,
+        "kernel_call_us": call * 1e6 / 2,  # per forward or backward call
+        "attention_call_us": extra * 1e6,  # per attention forward + backward, beyond its kernel calls
+        "matmul_efficiency": min(dense / peak, 10.0),
+        "hbm_gb": _memory_gb(),
+        "intra_node_gbps": bandwidth / 1e9,
+        "inter_node_gbps": bandwidth / 1e9,
+        "intra_node_latency_us": latency * 1e6,
+        "inter_node_latency_us": latency * 1e6,
+        "link_efficiency": 1.0,
+        "inter_link_efficiency": 1.0,
+        "gpus_per_node": 1 << 20,
+        "cores": os.cpu_count() or 1,
+        "sources": {"all": "measured by mindspeed_cp.planner.calibrate on this machine"},
+    }
 
 
 def _memory_gb() -> float:

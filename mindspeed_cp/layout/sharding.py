@@ -19,21 +19,28 @@ examples, S = 16 tokens, CP = 4:
       ring 0 pair = 0-3 + 12-15  ->  rank 0: 0-3    rank 1: 12-15
       ring 1 pair = 4-7 + 8-11   ->  rank 2: 4-7    rank 3: 8-11
 """
+
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from .config import CPConfig, CPConfigError
+from ..config import CPConfig, CPConfigError
 
 
-def zigzag_indices(ring_rank: int, ring_size: int, seq_len: int) -> torch.Tensor:
-    """Global positions of chunks ``ring_rank`` and ``2*ring_size-1-ring_rank`` of ``2*ring_size``."""
-    chunk = seq_len // (2 * ring_size)
-    first = torch.arange(ring_rank * chunk, (ring_rank + 1) * chunk)
-    second_start = (2 * ring_size - 1 - ring_rank) * chunk
-    return torch.cat([first, torch.arange(second_start, second_start + chunk)])
+def zigzag_index(seq_len: int, ring_size: int, pos: int, device=None) -> torch.Tensor:
+    """Global positions held by ring position ``pos``: chunks ``pos`` and ``2P-1-pos`` of ``2P`` (Megatron's zigzag)."""
+    c = seq_len // (2 * ring_size)
+    first = torch.arange(pos * c, (pos + 1) * c, device=device)
+    second = torch.arange((2 * ring_size - 1 - pos) * c, (2 * ring_size - pos) * c, device=device)
+    return torch.cat([first, second])
+
+
+def split_sizes(total: int, parts: int) -> List[int]:
+    """Sizes of ``torch.tensor_split(range(total), parts)``: the first ``total % parts`` get one more."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 def token_indices(config: CPConfig, cp_rank: int, seq_len: int) -> torch.Tensor:
@@ -48,11 +55,12 @@ def token_indices(config: CPConfig, cp_rank: int, seq_len: int) -> torch.Tensor:
         raise CPConfigError(
             f"--seq-length {seq_len} is not divisible by 2 x --context-parallel-size {cp} = {2 * cp}: the zigzag "
             f"split needs 2*CP equal chunks (the patched get_batch_on_this_cp_rank pads batches of any length at "
-            f"their end: mindspeed_cp.sharding.padded_seq_len)")
+            f"their end: mindspeed_cp.layout.sharding.padded_seq_len)"
+        )
     if not config.uses_zigzag:  # Ulysses: contiguous, possibly uneven
         return torch.tensor_split(torch.arange(seq_len), cp)[cp_rank]
     u = config.ulysses_size
-    pair = zigzag_indices(cp_rank // u, config.ring_size, seq_len)
+    pair = zigzag_index(seq_len, config.ring_size, cp_rank // u)
     return pair.chunk(u)[cp_rank % u] if u > 1 else pair
 
 
@@ -66,16 +74,17 @@ def local_lengths(config: CPConfig, seq_len: int) -> list:
     in time O(CP) (``mindspeed-cp check`` at thousands of ranks)."""
     if config.cp == 1 or config.uses_zigzag:  # zigzag: every rank holds 2 equal chunks
         return [int(token_indices(config, 0, seq_len).numel())] * config.cp
-    from .comm import split_sizes  # the sizes of torch.tensor_split, token_indices' Ulysses split
-
     config._validate_seq(seq_len)
     return split_sizes(seq_len, config.cp)
 
 
 def _sequence_lengths(batch: Dict[str, Any]) -> Dict[str, int]:
     """Sequence length of every sequence tensor of a Megatron batch (the mask's on its rows, dim 2)."""
-    return {k: (v.shape[2] if k == "attention_mask" else v.shape[1])
-            for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() >= 2}
+    return {
+        k: (v.shape[2] if k == "attention_mask" else v.shape[1])
+        for k, v in batch.items()
+        if isinstance(v, torch.Tensor) and v.dim() >= 2
+    }
 
 
 def batch_seq_len(batch: Dict[str, Any]) -> Optional[int]:
@@ -83,8 +92,7 @@ def batch_seq_len(batch: Dict[str, Any]) -> Optional[int]:
     return max(_sequence_lengths(batch).values(), default=None)
 
 
-def split_batch(batch: Dict[str, Any], config: CPConfig, cp_rank: int,
-                seq_len: Optional[int] = None) -> Dict[str, Any]:
+def split_batch(batch: Dict[str, Any], config: CPConfig, cp_rank: int, seq_len: Optional[int] = None) -> Dict[str, Any]:
     """This rank's slice of a Megatron batch (``tokens``, ``labels``, ``loss_mask``, ``position_ids``: sequence
     on dim 1; ``attention_mask`` ``[b, 1, S, S]``: rows (dim 2) only, keys stay global, True = masked).
 
@@ -99,13 +107,15 @@ def split_batch(batch: Dict[str, Any], config: CPConfig, cp_rank: int,
     if wrong:
         raise CPConfigError(
             f"get_batch_on_this_cp_rank: batch tensors disagree on the sequence length {seq_len}: "
-            + ", ".join(f"{k} has {n}" for k, n in sorted(wrong.items())))
+            + ", ".join(f"{k} has {n}" for k, n in sorted(wrong.items()))
+        )
     if "attention_mask" in batch and isinstance(batch["attention_mask"], torch.Tensor):
         m = batch["attention_mask"]
         if m.dim() != 4 or m.shape[-1] != seq_len:
             raise CPConfigError(
                 f"get_batch_on_this_cp_rank: attention_mask of shape {tuple(m.shape)} is not "
-                f"[b, 1, {seq_len}, {seq_len}]")
+                f"[b, 1, {seq_len}, {seq_len}]"
+            )
     idx = token_indices(config, cp_rank, seq_len)
     out = {}
     for key, val in batch.items():

@@ -9,6 +9,7 @@ colours them.
 The explanations follow the seed visualiser (a HuggingFace space drawing Megatron's TP/DP/PP/CP groups):
 one colour per group, ranks of one colour talk to each other for that kind.
 """
+
 from __future__ import annotations
 
 import html
@@ -34,57 +35,66 @@ KINDS: Dict[str, KindInfo] = {
         "Each rank holds a slice of every layer's weights; after the sliced matmuls the partial "
         "activations are all-reduced (reduce-scatter / all-gather with sequence parallel) in the forward "
         "pass, and their gradients again in the backward pass, every layer. This is the heaviest and most "
-        "latency-bound traffic, so TP groups belong inside one node (TP \u2264 8)."),
+        "latency-bound traffic, so TP groups belong inside one node (TP \u2264 8).",
+    ),
     "cp": KindInfo(
         "context parallel",
         "ranks that share one sequence",
         "The ranks of a CP group split one sequence: each holds the Q, K and V of its own tokens. Everything "
         "outside attention is token-local; attention exchanges K/V (ring) or re-shards heads (Ulysses) "
         "inside this group, see the ulysses / ring kinds. CP cuts activation memory, which grows with "
-        "sequence length; the weights are the same on every CP rank, so CP only shrinks the DP size."),
+        "sequence length; the weights are the same on every CP rank, so CP only shrinks the DP size.",
+    ),
     "dp": KindInfo(
         "data parallel",
         "gradient all-reduce",
         "Same weights, different micro-batches. Once per step, in the backward pass, the weight gradients "
         "are all-reduced across the group (usually overlapped with compute). This is far less traffic "
         "than TP's per-layer all-reduces, so grow DP first when memory allows. With CP > 1 the gradient "
-        "reduction actually runs over dp_cp."),
+        "reduction actually runs over dp_cp.",
+    ),
     "pp": KindInfo(
         "pipeline parallel",
         "point-to-point activations between stages",
         "Consecutive layers live on consecutive stages; a stage sends its output activations to the next "
         "stage and receives gradients back (send/recv between neighbours). Micro-batches keep all stages "
         "busy. Each contiguous block of world / PP ranks is one stage, so a PP group has one rank in every "
-        "block."),
+        "block.",
+    ),
     "dp_cp": KindInfo(
         "data x context parallel",
         "gradient all-reduce across DP and CP",
         "CP ranks hold the same weights (they only saw different tokens of the same sequences), so weight "
         "gradients are all-reduced over DP and CP together; the distributed optimizer (ZeRO) shards its "
-        "state over this group."),
+        "state over this group.",
+    ),
     "ulysses": KindInfo(
         "Ulysses all-to-all",
         "all-to-all of q/k/v: sequence -> heads, and the output back",
         "Before attention an all-to-all turns q, k, v from [s/U, heads] into [s, heads/U] so each rank "
         "attends over the whole sequence for a subset of heads; after attention a second all-to-all "
         "brings the output back to [s/U, heads]. Bandwidth-hungry, so the group is made of neighbouring "
-        "CP ranks."),
+        "CP ranks.",
+    ),
     "ring": KindInfo(
         "ring attention",
         "K/V blocks passed around the ring (send/recv)",
         "Each rank keeps its query block and passes its K/V block to the next rank, ring-size - 1 hops, "
         "merging partial results with log-sum-exp; the backward pass sends dK/dV around too. The "
-        "sequence is cut in 2 x ring-size zigzag chunks so causal work is balanced."),
+        "sequence is cut in 2 x ring-size zigzag chunks so causal work is balanced.",
+    ),
     "ring_intra_window": KindInfo(
         "Double Ring: inner ring",
         "K/V passed around inside windows of --cp-window-size neighbouring ring ranks",
         "Double Ring splits each ring into windows of --cp-window-size neighbouring ranks (typically one "
-        "node). K/V circulate inside a window over fast intra-node links."),
+        "node). K/V circulate inside a window over fast intra-node links.",
+    ),
     "ring_inter_window": KindInfo(
         "Double Ring: outer ring",
         "K/V passed across windows (one rank per window)",
         "The ranks at the same position of every window form the outer ring: it moves a whole window's "
-        "worth of K/V to the next window across nodes, overlapped with the inner ring's compute."),
+        "worth of K/V to the next window across nodes, overlapped with the inner ring's compute.",
+    ),
 }
 
 
@@ -163,26 +173,31 @@ class Picture:
     def rows(self) -> List[List[Optional[int]]]:
         """The rank grid, one row per node; a partly filled last node is padded with None."""
         d = self.devices_per_node
-        return [[r if r < self.world_size else None for r in range(n * d, (n + 1) * d)]
-                for n in range(self.nodes)]
+        return [[r if r < self.world_size else None for r in range(n * d, (n + 1) * d)] for n in range(self.nodes)]
 
     # ---------------------------------------------------------------- words
     def summary(self) -> List[str]:
         """Configuration lines shared by the text and HTML pictures."""
         tp, cp, dp, pp = (self.size(k) for k in ("tp", "cp", "dp", "pp"))
-        lines = [f"world {self.world_size} = TP {tp} x CP {cp} x DP {dp} x PP {pp} "
-                 f"(Megatron order tp-cp-ep-dp-pp, TP fastest)"]
+        lines = [
+            f"world {self.world_size} = TP {tp} x CP {cp} x DP {dp} x PP {pp} "
+            f"(Megatron order tp-cp-ep-dp-pp, TP fastest)"
+        ]
         if cp > 1:
             parts = [f"context-parallel algo {self.cp_algo or '?'}"]
             if "ulysses" in self.layout and "ring" in self.layout:
                 parts.append(f"Ulysses {self.size('ulysses')} x ring {self.size('ring')}")
             if "ring_intra_window" in self.layout:
-                parts.append(f"Double Ring: windows of {self.size('ring_intra_window')}, "
-                             f"outer ring of {self.size('ring_inter_window')}")
+                parts.append(
+                    f"Double Ring: windows of {self.size('ring_intra_window')}, "
+                    f"outer ring of {self.size('ring_inter_window')}"
+                )
             lines.append(", ".join(parts))
         part = ", last node partly filled" if self.world_size % self.devices_per_node else ""
-        lines.append(f"{_count(self.nodes, 'node')} x {_count(self.devices_per_node, 'device')} "
-                     f"(rank = node x {self.devices_per_node} + device{part})")
+        lines.append(
+            f"{_count(self.nodes, 'node')} x {_count(self.devices_per_node, 'device')} "
+            f"(rank = node x {self.devices_per_node} + device{part})"
+        )
         return lines
 
     def kind_heading(self, kind: str) -> str:
@@ -224,8 +239,7 @@ def render_text(picture: Picture) -> str:
             continue
         gw = len(str(len(groups) - 1))
         lines.append("  group -> ranks")
-        lines += [f"  {str(g).rjust(max(gw, 5))} -> {' '.join(map(str, ranks))}"
-                  for g, ranks in enumerate(groups)]
+        lines += [f"  {str(g).rjust(max(gw, 5))} -> {' '.join(map(str, ranks))}" for g, ranks in enumerate(groups)]
         lines.append("  group index of each device:")
         lines += grid(lambda r: index[r])
     return "\n".join(lines) + "\n"
@@ -298,7 +312,8 @@ def render_html(picture: Picture) -> str:
         '<p class="intro">Each grid is the cluster: one row per node, one cell per device, showing the '
         "global rank and (small) the index of its group of that kind. Cells of the same colour are one "
         "process group and communicate with each other for that kind of parallelism; the legend lists "
-        "each group's ranks. Hover a cell to highlight its group.</p>")
+        "each group's ranks. Hover a cell to highlight its group.</p>"
+    )
     out.append("<nav>" + " ".join(f'<a href="#kind-{e(k)}">{e(k)}</a>' for k in picture.layout) + "</nav>")
     card = max(380, 100 + 50 * picture.devices_per_node)  # px: the grid of one node row fits
     out.append(f'</header><main style="--card: {card}px">')
@@ -328,13 +343,16 @@ def render_html(picture: Picture) -> str:
                 out.append(
                     f'<td class="cell" data-kind="{ek}" data-rank="{r}" data-group="{g}" '
                     f'style="background-color: {colours[g]}" title="rank {r}: {ek} group {g} = '
-                    f'{members[g]}"><b>{r}</b><span>g{g}</span></td>')
+                    f'{members[g]}"><b>{r}</b><span>g{g}</span></td>'
+                )
             out.append("</tr>")
         out.append(f'</tbody></table><ul class="legend" data-kind="{ek}">')
         for g, ranks in enumerate(groups):
-            out.append(f'<li data-group="{g}" data-ranks="{" ".join(map(str, ranks))}">'
-                       f'<span class="swatch" style="background-color: {colours[g]}"></span>'
-                       f"g{g}: {', '.join(map(str, ranks))}</li>")
+            out.append(
+                f'<li data-group="{g}" data-ranks="{" ".join(map(str, ranks))}">'
+                f'<span class="swatch" style="background-color: {colours[g]}"></span>'
+                f"g{g}: {', '.join(map(str, ranks))}</li>"
+            )
         out.append("</ul></section>")
     out.append(f"</main><script>{_JS}</script></body></html>")
     return "\n".join(out) + "\n"
@@ -353,8 +371,7 @@ def default_devices_per_node(world_size: int) -> int:
     return min(8, max(1, world_size))
 
 
-def devices_for(world_size: int, nodes: Optional[int] = None, devices_per_node: Optional[int] = None
-                ) -> int:
+def devices_for(world_size: int, nodes: Optional[int] = None, devices_per_node: Optional[int] = None) -> int:
     """Devices per node from ``--nodes`` or ``--devices-per-node`` (at most one given)."""
     if nodes is not None and devices_per_node is not None:
         raise ValueError("give --nodes or --devices-per-node, not both")
@@ -370,6 +387,13 @@ def devices_for(world_size: int, nodes: Optional[int] = None, devices_per_node: 
 
 
 __all__ = [
-    "KINDS", "KindInfo", "Picture", "default_devices_per_node", "devices_for", "group_colours",
-    "kind_info", "render_html", "render_text",
+    "KINDS",
+    "KindInfo",
+    "Picture",
+    "default_devices_per_node",
+    "devices_for",
+    "group_colours",
+    "kind_info",
+    "render_html",
+    "render_text",
 ]

@@ -1,15 +1,16 @@
 """KV-cache policies per algorithm: bytes sent, bytes kept for backward and time, each against no policy.
 
-    python -m benchmarks.kv_cache [--seq 4096] [--cp 4] [--reps 5]      # -> results/kv_cache.json
+    python -m benchmarks.bench_kv_cache [--seq 4096] [--cp 4] [--reps 5]      # -> results/kv_cache.json
 
 On CP gloo ranks (one thread each), for every algorithm setting (Ulysses MHA, Ulysses GQA with fewer KV heads
 than ranks, Ulysses with the K/V all-gather, Ring, Double Ring, Hybrid) and policy (None, half, full): one
-counted pass (:func:`mindspeed_cp.comm_stats.count_bytes`, :func:`mindspeed_cp.saved_stats.count_saved`), then
+counted pass (:func:`mindspeed_cp.stats.count_bytes`, :func:`mindspeed_cp.stats.count_saved`), then
 ``reps`` rounds in which the three policies of a setting run one after the other (interleaved, so a slow
 moment of the machine hits all three); time = median over rounds of the slowest rank. Reported per policy:
 bytes sent per rank and the ratio to the formula (``benchmarks.textbook.*_kv_cache``), bytes saved for
 backward and the difference to no policy vs its formula, and the ratios to no policy (comm, memory, time).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ import statistics
 import time
 from typing import List
 
+from mindspeed_cp.ranks import launch
+
 from . import textbook
-from .launch import launch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 POLICIES = (None, "half", "full")
@@ -28,12 +30,14 @@ POLICIES = (None, "half", "full")
 
 def settings(cp: int, heads: int, kv_small: int) -> List[dict]:
     """The algorithm settings: (label, case fields)."""
-    out = [dict(label="Ulysses", algo="ulysses", kv_heads=heads),
-           dict(label=f"Ulysses GQA {heads}/{kv_small}", algo="ulysses", kv_heads=kv_small),
-           dict(label=f"Ulysses all-gather K/V {heads}/1", algo="ulysses", kv_heads=1, allgather_kv=True),
-           dict(label="Ring", algo="ring", kv_heads=heads),
-           dict(label="Double Ring K=2", algo="double_ring", window=2, kv_heads=heads),
-           dict(label=f"Hybrid U=2 x R={cp // 2}", algo="hybrid", ulysses=2, kv_heads=heads)]
+    out = [
+        dict(label="Ulysses", algo="ulysses", kv_heads=heads),
+        dict(label=f"Ulysses GQA {heads}/{kv_small}", algo="ulysses", kv_heads=kv_small),
+        dict(label=f"Ulysses all-gather K/V {heads}/1", algo="ulysses", kv_heads=1, allgather_kv=True),
+        dict(label="Ring", algo="ring", kv_heads=heads),
+        dict(label="Double Ring K=2", algo="double_ring", window=2, kv_heads=heads),
+        dict(label=f"Hybrid U=2 x R={cp // 2}", algo="hybrid", ulysses=2, kv_heads=heads),
+    ]
     return out
 
 
@@ -52,9 +56,8 @@ def _measure(groups: List[List[dict]], reps: int) -> List[List[dict]]:
     import torch
     import torch.distributed as dist
 
-    from mindspeed_cp.comm_stats import count_bytes
-    from mindspeed_cp.saved_stats import count_saved
-    from mindspeed_cp.sharding import token_indices
+    from mindspeed_cp.layout.sharding import token_indices
+    from mindspeed_cp.stats import count_bytes, count_saved
 
     from .attention_bench import _inputs, _one_pass, build_runner
 
@@ -74,8 +77,14 @@ def _measure(groups: List[List[dict]], reps: int) -> List[List[dict]]:
                     o = run(q, k, v)
                 o.backward(dout)
             del o
-            rows.append({"sent": sum(n for kind, n in sent.by_kind.items() if kind != "metadata"),
-                         "by_kind": dict(sent.by_kind), "saved": saved.total, "times": []})
+            rows.append(
+                {
+                    "sent": sum(n for kind, n in sent.by_kind.items() if kind != "metadata"),
+                    "by_kind": dict(sent.by_kind),
+                    "saved": saved.total,
+                    "times": [],
+                }
+            )
         for _ in range(reps):
             for row, (_, run) in zip(rows, runners):
                 dist.barrier()
@@ -86,8 +95,9 @@ def _measure(groups: List[List[dict]], reps: int) -> List[List[dict]]:
     return out
 
 
-def run(seq: int = 4096, cp: int = 4, heads: int = 8, head_dim: int = 64, batch: int = 1, reps: int = 5,
-        log=print) -> List[dict]:
+def run(
+    seq: int = 4096, cp: int = 4, heads: int = 8, head_dim: int = 64, batch: int = 1, reps: int = 5, log=print
+) -> List[dict]:
     groups = []
     for st in settings(cp, heads, kv_small=2 if cp > 2 else 1):
         base = dict(st, cp=cp, seq=seq, batch=batch, heads=heads, head_dim=head_dim, dtype="float32")
@@ -100,8 +110,9 @@ def run(seq: int = 4096, cp: int = 4, heads: int = 8, head_dim: int = 64, batch:
     for gi, cases in enumerate(groups):
         per_rank = [r[gi] for r in res.results]  # [rank][policy]
         # time of a round = its slowest rank; ratios to no policy within the same round
-        rounds = [[max(per_rank[rk][pi]["times"][i] for rk in range(cp)) for i in range(reps)]
-                  for pi in range(len(POLICIES))]
+        rounds = [
+            [max(per_rank[rk][pi]["times"][i] for rk in range(cp)) for i in range(reps)] for pi in range(len(POLICIES))
+        ]
         for pi, case in enumerate(cases):
             want = [formula(case, rk) for rk in range(cp)]
             base_saved = [per_rank[rk][0]["saved"] for rk in range(cp)]
@@ -119,7 +130,7 @@ def run(seq: int = 4096, cp: int = 4, heads: int = 8, head_dim: int = 64, batch:
             )
             rec["sent_over_formula"] = rec["sent_bytes"] / rec["sent_formula"]
             records.append(rec)
-        for rec in records[-len(cases):]:
+        for rec in records[-len(cases) :]:
             rec["comm_ratio"] = rec["sent_bytes"] / records[-len(cases)]["sent_bytes"]
             rec["memory_ratio"] = rec["saved_bytes"] / records[-len(cases)]["saved_bytes"]
     log(f"  KV-cache policies, S={seq} CP={cp}: {len(records)} records ({time.monotonic() - t0:.0f} s)")
@@ -130,17 +141,24 @@ def markdown(records: List[dict]) -> List[str]:
     if not records:
         return []
     r0 = records[0]
-    lines = ["", f"## KV-cache policies (S={r0['seq']}, CP={r0['cp']}, {r0['heads']} heads of {r0['head_dim']}, fp32; "
-                 f"benchmarks/kv_cache.py)", "",
-             "Per rank, forward + backward. **comm** / **memory** / **time** = this policy / no policy (memory: bytes "
-             "autograd keeps for backward, the whole attention call; time: median of interleaved rounds, slowest rank). "
-             "**sent / formula** and **Δsaved** vs formula: docs/performance.md.", "",
-             "| setting | policy | comm | memory | time | sent MiB | sent / formula | Δsaved MiB | Δsaved formula MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"## KV-cache policies (S={r0['seq']}, CP={r0['cp']}, {r0['heads']} heads of {r0['head_dim']}, fp32; "
+        f"benchmarks/bench_kv_cache.py)",
+        "",
+        "Per rank, forward + backward. **comm** / **memory** / **time** = this policy / no policy (memory: bytes "
+        "autograd keeps for backward, the whole attention call; time: median of interleaved rounds, slowest rank). "
+        "**sent / formula** and **Δsaved** vs formula: docs/performance.md.",
+        "",
+        "| setting | policy | comm | memory | time | sent MiB | sent / formula | Δsaved MiB | Δsaved formula MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
-        lines.append(f"| {r['label']} | {r['policy']} | {r['comm_ratio']:.3f} | {r['memory_ratio']:.3f} "
-                     f"| {r['time_ratio']:.3f} | {r['sent_bytes'] / 2**20:.2f} | {r['sent_over_formula']:.4f} "
-                     f"| {r['saved_delta'] / 2**20:+.2f} | {r['saved_delta_formula'] / 2**20:+.2f} |")
+        lines.append(
+            f"| {r['label']} | {r['policy']} | {r['comm_ratio']:.3f} | {r['memory_ratio']:.3f} "
+            f"| {r['time_ratio']:.3f} | {r['sent_bytes'] / 2**20:.2f} | {r['sent_over_formula']:.4f} "
+            f"| {r['saved_delta'] / 2**20:+.2f} | {r['saved_delta_formula'] / 2**20:+.2f} |"
+        )
     return lines
 
 

@@ -23,20 +23,17 @@ Positions are *original* positions: pads of a layout (Ring/Hybrid padding, the p
 position -1 and take 0; the token before a pad takes the value of the next real token, wherever it lives - so the
 shift equals the one-device shift of the unpadded batch on every real token.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
-
-from .comm import peer_failure
-from .comm_stats import record
 
 Tensor = torch.Tensor
 
-__all__ = ["ShiftPlan", "plan_shift", "shift_left"]
+__all__ = ["ShiftPlan", "plan_shift"]
 
 
 @dataclass(frozen=True)
@@ -102,26 +99,11 @@ def plan_shift(positions: Sequence[Tensor], rank: int, length: int, stops: Optio
     own, into_me, from_me = mine & by_me, mine & fed & ~by_me, by_me & ~mine
     recv_out, recv_counts = _grouped(owner[nxt[into_me]], local[into_me], local[into_me], world)
     send, send_counts = _grouped(owner[from_me], local[from_me], local[nxt[from_me]], world)
-    return ShiftPlan(local_out=local[own], local_in=local[nxt[own]], send=send, send_counts=send_counts,
-                     recv_out=recv_out, recv_counts=recv_counts)
-
-
-def shift_left(x: Tensor, dim: int, plan: ShiftPlan, group) -> Tensor:
-    """``x`` (this rank's tokens along ``dim``) shifted one position left by global position: a new tensor, 0
-    where the plan has no successor. A collective over ``group``: every rank of it calls it. Not differentiable
-    (Megatron shifts ids, labels and masks)."""
-    local_out, local_in, send, recv_out = plan.on(x.device)
-    xs = x.detach().movedim(dim, -1)  # [..., s_local]
-    out = torch.zeros_like(xs)
-    out[..., local_out] = xs[..., local_in]
-    if dist.get_world_size(group) > 1:
-        payload = xs[..., send].movedim(-1, 0).contiguous()  # [n_send, ...]: one value per boundary per sample
-        got = payload.new_empty((recv_out.numel(),) + tuple(payload.shape[1:]))
-        record("shift", payload.numel() * payload.element_size())
-        try:
-            dist.all_to_all_single(got, payload, output_split_sizes=list(plan.recv_counts),
-                                   input_split_sizes=list(plan.send_counts), group=group)
-        except RuntimeError as e:
-            raise peer_failure(e, group, "the multi-token-prediction shift") from e
-        out[..., recv_out] = got.movedim(0, -1)
-    return out.movedim(-1, dim)
+    return ShiftPlan(
+        local_out=local[own],
+        local_in=local[nxt[own]],
+        send=send,
+        send_counts=send_counts,
+        recv_out=recv_out,
+        recv_counts=recv_counts,
+    )

@@ -8,6 +8,7 @@ name (``from x import f`` copies), so callers see the patch whichever way they i
 Every patch of the plugin is declared in one list, ``mindspeed_cp.megatron_adaptor.PATCHES``;
 ``mindspeed-cp patches`` prints it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -172,8 +173,11 @@ class Patch:
             owner, name, original = self._undo[0]
             root = self.target.split(".")[0]
             for mod_name, mod in list(sys.modules.items()):
-                if mod is not None and (mod_name == root or mod_name.startswith(root + ".")) and \
-                        getattr(mod, "__dict__", {}).get(name, _MISSING) is self._replacement:
+                if (
+                    mod is not None
+                    and (mod_name == root or mod_name.startswith(root + "."))
+                    and getattr(mod, "__dict__", {}).get(name, _MISSING) is self._replacement
+                ):
                     setattr(mod, name, original)
         self._undo, self._replacement = [], None
         self.applied = False
@@ -242,8 +246,10 @@ class PatchRegistry:
         return any(p.applied for p in self._patches.values())
 
     def table(self) -> List[Dict[str, str]]:
-        return [{"target": p.target, "why": p.why, "when": p.when_doc, "status": p.status, "versions": p.versions}
-                for p in self._patches.values()]
+        return [
+            {"target": p.target, "why": p.why, "when": p.when_doc, "status": p.status, "versions": p.versions}
+            for p in self._patches.values()
+        ]
 
     def format(self) -> str:
         rows = self.table()

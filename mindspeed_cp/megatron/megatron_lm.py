@@ -23,14 +23,18 @@ Megatron-LM's own context-parallel rules and what happens to them (0.16.1, ``meg
   an accelerator the device architecture reads as 0, so the variable is still required).
 * legacy models refuse CP - kept.
 """
+
 from __future__ import annotations
 
 import inspect
 from typing import Any, List, Optional
 
+from ..config import ARGUMENTS, CPConfig, CPConfigError, add_arguments  # noqa: F401 - re-exported
 from . import batch
-from .config import ARGUMENTS, CPConfig, CPConfigError, add_arguments  # noqa: F401 - re-exported
-from .patching import Patch, replace, wrap
+from .compat import te_available
+from .configure import configure
+from .patching import Patch, wrap
+
 
 # ----------------------------------------------------------------------------- the flags
 # MindSpeed's flag table and add_arguments live in mindspeed_cp.config (torch-free: `mindspeed-cp check` parses
@@ -38,9 +42,7 @@ from .patching import Patch, replace, wrap
 # ----------------------------------------------------------------------------- validation
 def _te_attention_supported() -> bool:
     """True when the plugin patches Transformer Engine's attention (then the TE spec runs our algorithms)."""
-    from . import megatron_adaptor
-
-    return any("TEDotProductAttention" in p.target and p.applied for p in megatron_adaptor.PATCHES)
+    return te_available()
 
 
 def _megatron_conflicts(args: Any, config: CPConfig) -> None:
@@ -48,45 +50,56 @@ def _megatron_conflicts(args: Any, config: CPConfig) -> None:
     algo, cp = config.context_parallel_algo, config.cp
     feature = config.feature_problem(getattr(args, "softmax_type", "vanilla"), getattr(args, "window_size", None))
     if feature is not None:
-        raise CPConfigError(feature.replace("softmax_type=", "--softmax-type ").replace("window_size=", "--window-size "))
+        raise CPConfigError(
+            feature.replace("softmax_type=", "--softmax-type ").replace("window_size=", "--window-size ")
+        )
     impl = getattr(args, "transformer_impl", "local")
     if impl != "local" and getattr(args, "spec", None) is None and not _te_attention_supported():
         raise CPConfigError(
             f"--context-parallel-size {cp} with --context-parallel-algo {algo} needs --transformer-impl local "
             f"(got {impl}): mindspeed-cp runs its algorithms in the local spec's attention, while Transformer "
-            f"Engine's attention would run its own context parallelism on this sharding")
+            f"Engine's attention would run its own context parallelism on this sharding"
+        )
     comm = getattr(args, "cp_comm_type", None) or ["p2p"]
     if list(comm) != ["p2p"]:
         raise CPConfigError(
             f"--cp-comm-type {' '.join(comm)} selects Transformer Engine's context parallelism; with mindspeed-cp "
             f"choose --context-parallel-algo (a2a ~ ulysses_cp_algo, p2p ~ megatron_cp_algo, a2a+p2p ~ "
-            f"hybrid_cp_algo with --ulysses-degree-in-cp)")
+            f"hybrid_cp_algo with --ulysses-degree-in-cp)"
+        )
     if getattr(args, "hierarchical_context_parallel_sizes", None):
         raise CPConfigError(
             "--hierarchical-context-parallel-sizes is Transformer Engine's a2a+p2p layout; with mindspeed-cp use "
-            "--context-parallel-algo hybrid_cp_algo --ulysses-degree-in-cp U")
+            "--context-parallel-algo hybrid_cp_algo --ulysses-degree-in-cp U"
+        )
     if getattr(args, "hybrid_context_parallel", False):
         raise CPConfigError(
             "--hybrid-context-parallel (Megatron's dynamic CP for packed sequences) cannot be combined with "
-            f"--context-parallel-size {cp}; mindspeed-cp's hybrid is --context-parallel-algo hybrid_cp_algo")
+            f"--context-parallel-size {cp}; mindspeed-cp's hybrid is --context-parallel-algo hybrid_cp_algo"
+        )
     if config.attention_mask_type == "general" and not getattr(args, "create_attention_mask_in_dataloader", True):
         raise CPConfigError(
             "--attention-mask-type general reads the mask from the batch, but "
-            "--no-create-attention-mask-in-dataloader removes it")
+            "--no-create-attention-mask-in-dataloader removes it"
+        )
     docs = config.attention_mask_type == "causal" and getattr(args, "reset_attention_mask", False)
     if docs and (getattr(args, "pipeline_model_parallel_size", 1) or 1) > 1:
         raise CPConfigError(
             "--reset-attention-mask with --context-parallel-size > 1 (packed documents) reads the document boundaries "
-            "from the batch, which later pipeline stages do not receive: --pipeline-model-parallel-size 1 for now")
+            "from the batch, which later pipeline stages do not receive: --pipeline-model-parallel-size 1 for now"
+        )
     padded = config.uses_zigzag and (docs or (_seq_length(args) or 0) % (2 * cp))
     if padded and (getattr(args, "pipeline_model_parallel_size", 1) or 1) > 1:
         raise CPConfigError(
             f"{algo} pads {'every document (--reset-attention-mask)' if docs else 'the sequence'}"
             f" to a multiple of 2 x --context-parallel-size {cp}, so the tokens per rank vary from batch to batch, "
-            f"but --pipeline-model-parallel-size sends fixed-shape activations between stages")
+            f"but --pipeline-model-parallel-size sends fixed-shape activations between stages"
+        )
     if padded and getattr(args, "sequence_parallel", False):
-        raise CPConfigError(f"--sequence-parallel with {algo} padding (--reset-attention-mask or an unaligned "
-                            f"--seq-length) is not supported yet")
+        raise CPConfigError(
+            f"--sequence-parallel with {algo} padding (--reset-attention-mask or an unaligned "
+            f"--seq-length) is not supported yet"
+        )
 
 
 def _seq_length(args: Any) -> Optional[int]:
@@ -105,26 +118,34 @@ def check_args(args: Any) -> CPConfig:
     heads = getattr(args, "num_attention_heads", None)
     kv = getattr(args, "num_query_groups", None) if getattr(args, "group_query_attention", False) else None
     seq = _seq_length(args)
-    config.validate(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, num_attention_heads=heads,
-                    num_query_groups=kv, seq_length=seq, world_size=getattr(args, "world_size", None),
-                    num_layers=getattr(args, "num_layers", None))
+    config.validate(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        num_attention_heads=heads,
+        num_query_groups=kv,
+        seq_length=seq,
+        world_size=getattr(args, "world_size", None),
+        num_layers=getattr(args, "num_layers", None),
+    )
     if config.cp == 1:
         return config
     _megatron_conflicts(args, config)
     if seq is not None and not (config.uses_zigzag and seq % (2 * config.cp)):  # else padded per batch
-        from .sharding import local_lengths
+        from ..layout.sharding import local_lengths
 
         lengths = local_lengths(config, seq)
         if len(set(lengths)) > 1 and pp > 1:
             raise CPConfigError(
                 f"--seq-length {seq} is split unevenly by --context-parallel-size {config.cp} "
                 f"({'/'.join(map(str, sorted(set(lengths))))} tokens per rank) but --pipeline-model-parallel-size "
-                f"{pp} sends equal-shaped activations between stages; use a multiple of {config.cp}")
+                f"{pp} sends equal-shaped activations between stages; use a multiple of {config.cp}"
+            )
         if getattr(args, "sequence_parallel", False) and tp > 1 and any(n % tp for n in lengths):
             raise CPConfigError(
                 f"--sequence-parallel splits each CP rank's {'/'.join(map(str, sorted(set(lengths))))} tokens "
                 f"over --tensor-model-parallel-size {tp}; --seq-length {seq} must give every one of the "
-                f"--context-parallel-size {config.cp} ranks a multiple of {tp} tokens")
+                f"--context-parallel-size {config.cp} ranks a multiple of {tp} tokens"
+            )
     return config
 
 
@@ -142,35 +163,12 @@ class _UnalignedSeqLength(int):
         return 0 if other == self.modulus else int(self) % other
 
 
-# What cannot run without an accelerator, whatever the script says: (attribute, CPU value, the flag).
-_CPU_ARGS = (
-    ("gradient_accumulation_fusion", False, "--no-gradient-accumulation-fusion"),  # Apex / TE CUDA extension
-    ("no_persist_layer_norm", True, "--no-persist-layer-norm"),  # Apex's persistent LayerNorm kernel
-    ("apply_rope_fusion", False, "--no-rope-fusion"),  # Transformer Engine's fused RoPE kernel
-    ("distributed_backend", "gloo", "--distributed-backend gloo"),  # NCCL needs GPUs
-)
-
-
-def cpu_args(args: Any) -> List[str]:
-    """On a machine without an accelerator, switch off what needs one (CUDA-only kernels, NCCL) and say so
-    once; returns the flags that were changed. Numerics are unchanged: these select kernels, not math."""
-    changed = []
-    for attr, value, flag in _CPU_ARGS:
-        if hasattr(args, attr) and getattr(args, attr) != value:
-            setattr(args, attr, value)
-            changed.append(flag)
-    if changed and getattr(args, "rank", 0) == 0:
-        print(f"mindspeed-cp: no accelerator, running as if given {' '.join(changed)} (CUDA-only kernels, NCCL)",
-              flush=True)
-    return changed
-
-
 def _validate_args(original, args, *rest, **kwargs):
     """Our checks first (flag names), then Megatron's (its zigzag length rule relaxed), then
     ``configure(args)`` with the finished namespace. Without an accelerator, :func:`cpu_args` first."""
-    from . import megatron_adaptor
+    from ..device.megatron_lm import cpu_args, cpu_only
 
-    if _cpu_only():
+    if cpu_only():
         cpu_args(args)
     config = check_args(args)
     relaxed = config.cp > 1 and args.seq_length is not None and args.seq_length % (2 * config.cp) != 0
@@ -183,7 +181,7 @@ def _validate_args(original, args, *rest, **kwargs):
         for name in ("seq_length", "encoder_seq_length"):
             if isinstance(getattr(args, name, None), _UnalignedSeqLength):
                 setattr(args, name, int(getattr(args, name)))
-    megatron_adaptor.configure(args)
+    configure(args)
     if config.cp > 1 and config.attention_mask_type == "causal" and getattr(args, "reset_attention_mask", False):
         # packed documents: boundaries from the position resets, else after every EOD (the tokenizer's, read
         # at the first batch); the dataloader's dense mask is dropped by get_batch_on_this_cp_rank
@@ -219,6 +217,7 @@ def _has_param(target: str, name: str):
             return name in inspect.signature(getattr(owner, attr)).parameters
         except (ImportError, AttributeError, TypeError, ValueError):
             return True  # absent target: Patch.apply reports it as skipped
+
     return check
 
 
@@ -271,8 +270,12 @@ def _forward_step_calc_loss(original, *args, **kwargs):
     bound = inspect.signature(original).bind(*args, **kwargs)
     a = bound.arguments
     config = a.get("config")
-    if (STATE.config.cp == 1 or a.get("loss_func") is None or a.get("collect_non_loss_data")
-            or getattr(config, "calculate_per_token_loss", False)):
+    if (
+        STATE.config.cp == 1
+        or a.get("loss_func") is None
+        or a.get("collect_non_loss_data")
+        or getattr(config, "calculate_per_token_loss", False)
+    ):
         return original(*args, **kwargs)
     from megatron.core import parallel_state as ps
 
@@ -306,10 +309,14 @@ def _training_log(original, *args, **kwargs):
     a = inspect.signature(original).bind(*args, **kwargs).arguments
     if dist.is_initialized() and dist.get_rank() == dist.get_world_size() - 1:
         num = lambda v: None if v is None else float(v)  # noqa: E731
-        record = dict(iteration=int(a["iteration"]), skipped=int(a.get("skipped_iter") or 0),
-                      losses={k: num(v) for k, v in (a.get("loss_dict") or {}).items()},
-                      grad_norm=num(a.get("grad_norm")), learning_rate=num(a.get("learning_rate")),
-                      time=time.time())
+        record = dict(
+            iteration=int(a["iteration"]),
+            skipped=int(a.get("skipped_iter") or 0),
+            losses={k: num(v) for k, v in (a.get("loss_dict") or {}).items()},
+            grad_norm=num(a.get("grad_norm")),
+            learning_rate=num(a.get("learning_rate")),
+            time=time.time(),
+        )
         with open(os.environ[METRICS_ENV], "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
     return original(*args, **kwargs)
@@ -340,128 +347,55 @@ def _compile_helpers(original, *args, **kwargs):
     return None
 
 
-# ----------------------------------------------------------------------------- CPU (no accelerator)
-def _no_device_arch():
-    """No CUDA device: architecture 0 (Megatron then still asks for CUDA_DEVICE_MAX_CONNECTIONS=1)."""
-    return 0
-
-
-def _initialize_megatron_cpu(original, *args, **kwargs):
-    """initialize_megatron asserts torch.cuda.is_available() unless allow_no_cuda; without an accelerator
-    the argument parsing (and --help) must still work."""
-    kwargs["allow_no_cuda"] = True
-    return original(*args, **kwargs)
-
-
-def _initialize_distributed_cpu(original, *args, **kwargs):
-    """Megatron-LM creates its model-parallel groups only when torch.cuda.device_count() > 0 (and, from 0.19,
-    unless the caller passes ``skip_model_parallel_init``: then it builds them itself)."""
-    result = original(*args, **kwargs)
-    from megatron.core import parallel_state as ps
-    from megatron.training import get_args
-
-    if kwargs.get("skip_model_parallel_init") or (len(args) > 3 and args[3]):
-        return result
-    if not ps.model_parallel_is_initialized():
-        a = get_args()
-        gloo = getattr(a, "enable_gloo_process_groups", getattr(a, "use_gloo_process_groups", True))  # 0.19 name
-        wanted = dict(
-            tensor_model_parallel_size=a.tensor_model_parallel_size,
-            pipeline_model_parallel_size=a.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=a.virtual_pipeline_model_parallel_size,
-            context_parallel_size=a.context_parallel_size,
-            expert_model_parallel_size=a.expert_model_parallel_size,
-            expert_tensor_parallel_size=a.expert_tensor_parallel_size,
-            distributed_timeout_minutes=a.distributed_timeout_minutes,
-            order="tp-cp-ep-dp-pp" if not getattr(a, "use_tp_pp_dp_mapping", False) else "tp-cp-ep-pp-dp",
-            get_embedding_ranks=kwargs.get("get_embedding_ranks", args[0] if args else None),
-            get_position_embedding_ranks=kwargs.get("get_position_embedding_ranks",
-                                                    args[1] if len(args) > 1 else None),
-            create_gloo_process_groups=gloo,
-        )
-        params = inspect.signature(ps.initialize_model_parallel).parameters
-        ps.initialize_model_parallel(**{k: v for k, v in wanted.items() if k in params})
-    return result
-
-
-def _set_random_seed_cpu(original, seed_, data_parallel_random_init=False, *args, **kwargs):
-    """Megatron-LM seeds the model-parallel RNG tracker only when torch.cuda.device_count() > 0."""
-    result = original(seed_, data_parallel_random_init, *args, **kwargs)
-    import torch
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-
-    if torch.cuda.device_count() == 0:
-        seed = seed_ + 100 * ps.get_pipeline_model_parallel_rank()
-        if data_parallel_random_init:
-            seed += 10 * ps.get_data_parallel_rank()
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    return result
-
-
-def _no_fused_kernels(args):
-    """megatron.legacy.fused_kernels.load runs `$CUDA_HOME/bin/nvcc -V`; there is nothing to build on a CPU."""
-    return None
-
-
-def _no_jit_warmup(*args, **kwargs):
-    """_warmup_jit_function runs the fused bias-GeLU / dropout-add kernels on device=\"cuda\" tensors (0.19 passes
-    ``tp_size``)."""
-    return None
-
-
-def _cpu_only() -> bool:
-    from .device import has_accelerator
-
-    return not has_accelerator()
-
-
 # ----------------------------------------------------------------------------- the list
 _ARGS = "megatron.training.arguments"
 _SCHED = "megatron.core.pipeline_parallel.schedules.forward_step_calc_loss"
-_INIT = "megatron.training.initialize.initialize_megatron"
 
 PATCHES: List[Patch] = [
-    Patch(f"{_ARGS}.parse_args", wrap(_parse_args),
-          "add MindSpeed's CP flags the parser lacks (--context-parallel-algo, --ulysses-degree-in-cp, "
-          "--cp-window-size, --use-cp-send-recv-overlap, --megatron-cp-in-bnsd, --attention-mask-type, "
-          "--context-parallel-kv-cache-policy, --context-parallel-cache-interval, --use-ulysses-allgather-kv) through "
-          "extra_args_provider, after Megatron's own and any user provider"),
-    Patch(f"{_ARGS}.validate_args", wrap(_validate_args),
-          "check the CP flags first (errors name them; TE / --cp-comm-type / dropout conflicts), relax Megatron's "
-          "seq % (2*CP) rule for Ulysses, then configure(args) with the parsed namespace"),
-    Patch(_TRAINING_SPLIT, wrap(batch.get_batch_on_this_cp_rank),
-          "pretrain_gpt.py takes the batch split from megatron.training.utils: where that is Megatron-LM's own "
-          "copy, split per algorithm too (0.16.1 re-exports megatron.core.utils', patched there)",
-          when=_training_split_is_own, when_doc="megatron.training.utils defines its own split"),
-    Patch(_SCHED, wrap(_forward_step_calc_loss),
-          "normalise each CP rank's loss by the CP group's token count (all-reduced), not its own: exact with "
-          "uneven tokens per rank (unaligned Ulysses, loss masks); --calculate-per-token-loss is left alone",
-          when=_has_param(_SCHED, "loss_func"), when_doc="forward_step_calc_loss(..., loss_func, ...)"),
-    Patch("megatron.training.training.training_log", wrap(_training_log),
-          f"${METRICS_ENV}=FILE: each iteration's losses, grad norm and learning rate at full precision, one JSON "
-          "line per iteration (for comparing a CP run with CP=1; the printed log rounds and averages)",
-          when=_metrics_requested, when_doc=f"${METRICS_ENV} set"),
-    Patch(_HELPERS, wrap(_compile_helpers),
-          "Megatron-LM runs `make` in megatron/core/datasets at start-up; the megatron-core wheel ships the "
-          "helpers prebuilt and no Makefile, so make fails and rank 0 exits: use the prebuilt module",
-          when=_wheel_without_makefile, when_doc="megatron-core installed without its datasets Makefile"),
-    Patch("megatron.training.utils.get_device_arch_version", replace(_no_device_arch),
-          "validate_args asks the CUDA device's architecture for the CUDA_DEVICE_MAX_CONNECTIONS rule",
-          when=_cpu_only, when_doc="no accelerator"),
-    Patch("megatron.training.initialize._initialize_distributed", wrap(_initialize_distributed_cpu),
-          "Megatron-LM builds its parallel groups only when CUDA devices exist: build them on the CPU too",
-          when=_cpu_only, when_doc="no accelerator"),
-    Patch("megatron.training.initialize._set_random_seed", wrap(_set_random_seed_cpu),
-          "Megatron-LM seeds the model-parallel RNG tracker only when CUDA devices exist: seed it on the CPU",
-          when=_cpu_only, when_doc="no accelerator"),
-    Patch("megatron.legacy.fused_kernels.load", replace(_no_fused_kernels),
-          "start-up asks nvcc for the CUDA version (no CUDA_HOME on a CPU machine); no kernels to build",
-          when=_cpu_only, when_doc="no accelerator"),
-    Patch("megatron.training.initialize._warmup_jit_function", replace(_no_jit_warmup),
-          "start-up warms the JIT fusions up on device=\"cuda\" tensors; nothing to warm up on a CPU",
-          when=_cpu_only, when_doc="no accelerator"),
-    Patch(_INIT, wrap(_initialize_megatron_cpu),
-          "initialize_megatron asserts CUDA before parsing arguments: allow_no_cuda so parsing works",
-          when=_cpu_only, when_doc="no accelerator"),
+    Patch(
+        f"{_ARGS}.parse_args",
+        wrap(_parse_args),
+        "add MindSpeed's CP flags the parser lacks (--context-parallel-algo, --ulysses-degree-in-cp, "
+        "--cp-window-size, --use-cp-send-recv-overlap, --megatron-cp-in-bnsd, --attention-mask-type, "
+        "--context-parallel-kv-cache-policy, --context-parallel-cache-interval, --use-ulysses-allgather-kv) through "
+        "extra_args_provider, after Megatron's own and any user provider",
+    ),
+    Patch(
+        f"{_ARGS}.validate_args",
+        wrap(_validate_args),
+        "check the CP flags first (errors name them; TE / --cp-comm-type / dropout conflicts), relax Megatron's "
+        "seq % (2*CP) rule for Ulysses, then configure(args) with the parsed namespace",
+    ),
+    Patch(
+        _TRAINING_SPLIT,
+        wrap(batch.get_batch_on_this_cp_rank),
+        "pretrain_gpt.py takes the batch split from megatron.training.utils: where that is Megatron-LM's own "
+        "copy, split per algorithm too (0.16.1 re-exports megatron.core.utils', patched there)",
+        when=_training_split_is_own,
+        when_doc="megatron.training.utils defines its own split",
+    ),
+    Patch(
+        _SCHED,
+        wrap(_forward_step_calc_loss),
+        "normalise each CP rank's loss by the CP group's token count (all-reduced), not its own: exact with "
+        "uneven tokens per rank (unaligned Ulysses, loss masks); --calculate-per-token-loss is left alone",
+        when=_has_param(_SCHED, "loss_func"),
+        when_doc="forward_step_calc_loss(..., loss_func, ...)",
+    ),
+    Patch(
+        "megatron.training.training.training_log",
+        wrap(_training_log),
+        f"${METRICS_ENV}=FILE: each iteration's losses, grad norm and learning rate at full precision, one JSON "
+        "line per iteration (for comparing a CP run with CP=1; the printed log rounds and averages)",
+        when=_metrics_requested,
+        when_doc=f"${METRICS_ENV} set",
+    ),
+    Patch(
+        _HELPERS,
+        wrap(_compile_helpers),
+        "Megatron-LM runs `make` in megatron/core/datasets at start-up; the megatron-core wheel ships the "
+        "helpers prebuilt and no Makefile, so make fails and rank 0 exits: use the prebuilt module",
+        when=_wheel_without_makefile,
+        when_doc="megatron-core installed without its datasets Makefile",
+    ),
 ]

@@ -1,20 +1,21 @@
 """The cost of the input agreement: time per attention call, and its share of a GPT training step.
 
-    python -m benchmarks.agreement [--cp 4] [--seqs 512 4096] [--calls 200]    # -> results/agreement.json
+    python -m benchmarks.bench_agreement [--cp 4] [--seqs 512 4096] [--calls 200]    # -> results/agreement.json
 
 On CP gloo ranks, for every algorithm, a megatron-core GPT (local spec, the demo's shape: 2 layers, hidden 128,
 4 heads) trains through the plugin as a user's script does. Measured in the same ranks, one after another:
 
 * ``step_s``: median wall time of one training step (forward + backward + Adam), checks on (the default);
 * ``agree_us``: median wall time of the agreement function the algorithm's attention call runs (the same
-  function on the same tensors and groups: Ulysses' ``agree`` row and check, ring's ``_validate``, Hybrid's
-  ``_agree`` over the CP group or over its two groups), ``calls`` times after a barrier;
+  function on the same tensors and groups: ``mindspeed_cp.agreement``'s ``agree_ulysses``, ``agree_ring``,
+  ``agree_hybrid`` over the CP group or over its two groups), ``calls`` times after a barrier;
 * ``calls_per_step``: agreement exchanges in one step (one per attention layer call, from the metadata
-  messages :mod:`mindspeed_cp.comm_stats` counts; backward does not agree);
+  messages :mod:`mindspeed_cp.stats` counts; backward does not agree);
 * ``share``: ``calls_per_step * agree_us / step_s``. The goal is <= 1 % of the step.
 
 Wall time on a shared CPU is noisy; the medians of one run are compared as ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,37 +26,35 @@ import sys
 import time
 from typing import List
 
-from .launch import launch
+from mindspeed_cp.ranks import launch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ALGOS = {"ulysses": dict(context_parallel_algo="ulysses_cp_algo"),
-         "ring": dict(context_parallel_algo="megatron_cp_algo"),
-         "hybrid": dict(context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2),
-         "hybrid_two_groups": dict(context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2)}
+ALGOS = {
+    "ulysses": dict(context_parallel_algo="ulysses_cp_algo"),
+    "ring": dict(context_parallel_algo="megatron_cp_algo"),
+    "hybrid": dict(context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2),
+    "hybrid_two_groups": dict(context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2),
+}
 MODEL = dict(layers=2, hidden=128, heads=4, vocab=256, batch=1)
 
 
 def _agree_once(name: str, q, k, v):
     """The agreement the algorithm's attention call runs, on these tensors (a closure to time)."""
-    import torch.distributed as dist
+    from mindspeed_cp.agreement import agree_hybrid, agree_ring, agree_ulysses
+    from mindspeed_cp.megatron.state import STATE
+    from mindspeed_cp.options import CallInputs, RingOptions, UlyssesOptions
 
-    from mindspeed_cp import hybrid, ring, ulysses
-    from mindspeed_cp.agree import agree
-    from mindspeed_cp.state import STATE
-
-    scale = q.shape[-1] ** -0.5
+    scale, inputs, ring = q.shape[-1] ** -0.5, CallInputs(), RingOptions(dead_rows="uniform")
     if name == "ulysses":
-        group = STATE.group("ulysses")
-        return lambda: agree(STATE.agree_group, ulysses._row((q, k, v), None, True), None,
-                             check=lambda t: ulysses._check(t, 0), error=ulysses.UlyssesError, like=q)
+        return lambda: agree_ulysses(
+            (q, k, v), 0, 2, lambda: None, STATE.group("ulysses"), UlyssesOptions(), STATE.agree_group
+        )
     if name == "ring":
-        group = STATE.group("ring")
-        P, r = dist.get_world_size(group), dist.get_rank(group)
-        return lambda: ring._validate(q, k, v, None, True, False, None, None, group, P, r, None, "uniform", scale,
-                                      STATE.agree_group)
+        return lambda: agree_ring(q, k, v, inputs, ring, STATE.group("ring"), scale, STATE.agree_group)
     whole = STATE.agree_group if name == "hybrid" else None
-    return lambda: hybrid._agree(q, k, v, None, True, scale, False, None, None, None, "uniform",
-                                 STATE.group("ulysses"), STATE.group("ring"), whole)
+    return lambda: agree_hybrid(
+        q, k, v, inputs, UlyssesOptions(), ring, scale, STATE.group("ulysses"), STATE.group("ring"), whole
+    )
 
 
 def _measure(names: List[str], cp: int, seqs: List[int], calls: int, steps: int) -> List[dict]:
@@ -69,7 +68,7 @@ def _measure(names: List[str], cp: int, seqs: List[int], calls: int, steps: int)
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     import mindspeed_cp.megatron_adaptor as adaptor
-    from mindspeed_cp import comm_stats
+    from mindspeed_cp import stats as comm_stats
 
     rows = []
     for name in names:
@@ -78,11 +77,23 @@ def _measure(names: List[str], cp: int, seqs: List[int], calls: int, steps: int)
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
         m = MODEL
         for S in seqs:
-            config = TransformerConfig(num_layers=m["layers"], hidden_size=m["hidden"], num_attention_heads=m["heads"],
-                                       ffn_hidden_size=4 * m["hidden"], hidden_dropout=0.0, attention_dropout=0.0,
-                                       context_parallel_size=cp, params_dtype=torch.float32)
-            model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=m["vocab"],
-                             max_sequence_length=S, position_embedding_type="rope")
+            config = TransformerConfig(
+                num_layers=m["layers"],
+                hidden_size=m["hidden"],
+                num_attention_heads=m["heads"],
+                ffn_hidden_size=4 * m["hidden"],
+                hidden_dropout=0.0,
+                attention_dropout=0.0,
+                context_parallel_size=cp,
+                params_dtype=torch.float32,
+            )
+            model = GPTModel(
+                config=config,
+                transformer_layer_spec=get_gpt_layer_local_spec(),
+                vocab_size=m["vocab"],
+                max_sequence_length=S,
+                position_embedding_type="rope",
+            )
             if name == "hybrid_two_groups":  # the public-API path: no CP group at hand, two exchanges
                 for mod in model.modules():
                     if hasattr(mod, "_mindspeed_cp"):
@@ -90,9 +101,12 @@ def _measure(names: List[str], cp: int, seqs: List[int], calls: int, steps: int)
             opt = torch.optim.Adam(model.parameters(), lr=1e-3)
             g = torch.Generator().manual_seed(0)
             tokens = torch.randint(0, m["vocab"], (m["batch"], S + 1), generator=g)
-            batch = {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
-                     "loss_mask": torch.ones(m["batch"], S),
-                     "position_ids": torch.arange(S).expand(m["batch"], S).contiguous()}
+            batch = {
+                "tokens": tokens[:, :-1].contiguous(),
+                "labels": tokens[:, 1:].contiguous(),
+                "loss_mask": torch.ones(m["batch"], S),
+                "position_ids": torch.arange(S).expand(m["batch"], S).contiguous(),
+            }
             data = get_batch_on_this_cp_rank(dict(batch))
             times, per_step = [], 0
             for step in range(steps + 1):
@@ -124,9 +138,19 @@ def _measure(names: List[str], cp: int, seqs: List[int], calls: int, steps: int)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             step_s, agree_s = slowest.tolist()
             calls_per_step = per_step // exchanges
-            rows.append({"algo": name, "cp": cp, "seq": S, **MODEL, "step_s": step_s, "agree_us": agree_s * 1e6,
-                         "exchanges_per_call": exchanges, "calls_per_step": calls_per_step,
-                         "share": calls_per_step * agree_s / step_s})
+            rows.append(
+                {
+                    "algo": name,
+                    "cp": cp,
+                    "seq": S,
+                    **MODEL,
+                    "step_s": step_s,
+                    "agree_us": agree_s * 1e6,
+                    "exchanges_per_call": exchanges,
+                    "calls_per_step": calls_per_step,
+                    "share": calls_per_step * agree_s / step_s,
+                }
+            )
         ps.destroy_model_parallel()
     return rows
 
@@ -138,14 +162,16 @@ def run(cp: int = 4, seqs: List[int] = (512, 4096), calls: int = 200, steps: int
         raise RuntimeError("agreement benchmark failed:\n" + "\n".join(res.errors))
     rows = res.results[0]
     for r in rows:
-        log(f"  agreement {r['algo']} CP={r['cp']} S={r['seq']}: {r['agree_us']:.0f} us per call "
+        log(
+            f"  agreement {r['algo']} CP={r['cp']} S={r['seq']}: {r['agree_us']:.0f} us per call "
             f"({r['exchanges_per_call']} exchange(s)), {r['calls_per_step']} calls per step of "
-            f"{r['step_s'] * 1e3:.0f} ms = {100 * r['share']:.2f} % of the step")
+            f"{r['step_s'] * 1e3:.0f} ms = {100 * r['share']:.2f} % of the step"
+        )
     return rows
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.agreement", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_agreement", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cp", type=int, default=4)
     ap.add_argument("--seqs", type=int, nargs="+", default=[512, 4096])
     ap.add_argument("--calls", type=int, default=200)

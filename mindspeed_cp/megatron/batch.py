@@ -4,13 +4,13 @@ Three ways a batch reaches the ranks, each a patch of megatron-core's own functi
 ``mindspeed_cp.megatron_adaptor.PATCHES``):
 
 * ``get_batch_on_this_cp_rank`` - ``[b, S]`` batches: contiguous (Ulysses, any length), zigzag (Ring), zigzag
-  then contiguous (Hybrid) from :mod:`mindspeed_cp.sharding`; with ``configure(documents=...)`` the documents
-  read from position resets or EOD tokens and the per-document layout of :mod:`mindspeed_cp.packing`; a causal
+  then contiguous (Hybrid) from :mod:`mindspeed_cp.layout.sharding`; with ``configure(documents=...)`` the documents
+  read from position resets or EOD tokens and the per-document layout of :mod:`mindspeed_cp.layout.packing`; a causal
   Ring/Hybrid batch of a length 2 x CP does not divide becomes one document padded at its end.
 * ``get_thd_batch_on_this_cp_rank`` - megatron-core's packed THD batches (one ``[1, T]`` row, documents given
   by ``cu_seqlens``, or ``cu_seqlens_padded`` where the dataloader padded them): the per-document layout too,
   returning the ``PackedSeqParams`` Megatron's version returns. The model then calls core attention with 3-D
-  ``[t, heads, d]`` tensors and those params; :class:`mindspeed_cp.attention.CPCoreAttention` runs them as a
+  ``[t, heads, d]`` tensors and those params; :class:`mindspeed_cp.megatron.attention.CPCoreAttention` runs them as a
   batch of one with the documents of :data:`STATE`.
 * RoPE: ``get_pos_emb_on_this_cp_rank`` (``[s, b]`` batches: the original position of every token the rank
   holds) and ``apply_rotary_pos_emb`` for THD, where Megatron's own code assumes Transformer Engine's layout;
@@ -22,6 +22,7 @@ of the following forward and backward reads it, and the next split replaces it. 
 (``.tolist()`` of ``position_ids`` / ``cu_seqlens``) happens here, once per micro-batch, as Megatron's own
 THD split reads ``max_seqlen``; nothing per layer synchronises the device.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,9 +31,10 @@ import warnings
 
 import torch
 
-from .config import CPConfig, CPConfigError
-from .sharding import batch_seq_len, padded_seq_len, split_batch, token_indices
-from .shift import plan_shift, shift_left
+from ..comm import shift_left
+from ..config import CPConfig, CPConfigError
+from ..layout.sharding import batch_seq_len, padded_seq_len, split_batch, token_indices
+from ..layout.shift import plan_shift
 from .state import STATE
 
 THD_KEEP = ("attention_mask", "cu_seqlens", "cu_seqlens_padded", "max_seqlen")  # left as given, as Megatron does
@@ -51,11 +53,13 @@ def check_packed(packed, where: str) -> bool:
         raise CPConfigError(
             f"{where}: a packed THD call (packed_seq_params) whose batch did not come from megatron.core.utils."
             f"get_thd_batch_on_this_cp_rank: under CP its documents must be laid out by it (call it on the "
-            f"micro-batch and pass the params it returns to the model)")
+            f"micro-batch and pass the params it returns to the model)"
+        )
     if not thd and STATE.packed is not None:
         raise CPConfigError(
             f"{where}: the micro-batch was split by get_thd_batch_on_this_cp_rank (THD) but the model got no "
-            f"packed_seq_params: pass the PackedSeqParams it returned to the model's forward")
+            f"packed_seq_params: pass the PackedSeqParams it returned to the model's forward"
+        )
     return thd
 
 
@@ -74,11 +78,13 @@ def get_batch_on_this_cp_rank(original, batch, *args, **kwargs):
         raise CPConfigError(
             "get_batch_on_this_cp_rank with a packed batch (cu_seqlens) or Megatron's dynamic hybrid CP "
             "(megatron-core 0.19's per-document split): not supported by mindspeed-cp yet; packed documents: "
-            "--reset-attention-mask / configure(documents=...), or get_thd_batch_on_this_cp_rank up to 0.18")
+            "--reset-attention-mask / configure(documents=...), or get_thd_batch_on_this_cp_rank up to 0.18"
+        )
     cfg = STATE.config
     if cfg.cp != size:
-        raise CPConfigError(f"get_batch_on_this_cp_rank: CP group of {size} ranks but --context-parallel-size "
-                            f"{cfg.cp} is configured")
+        raise CPConfigError(
+            f"get_batch_on_this_cp_rank: CP group of {size} ranks but --context-parallel-size {cfg.cp} is configured"
+        )
     rank = cp_group.rank() if cp_group is not None else ps.get_context_parallel_rank()
     seq_len = batch_seq_len(batch)
     _new_batch()
@@ -108,7 +114,8 @@ def _pad_batch(batch, seq_len: int, padded: int, general: bool) -> None:
                 raise CPConfigError(
                     f"--attention-mask-type general at --seq-length {seq_len} (padded to {padded} for the zigzag): "
                     f"a row of the mask masks every key, and its output (Megatron averages V over all keys) would "
-                    f"change with the pads; use a length divisible by 2 x --context-parallel-size")
+                    f"change with the pads; use a length divisible by 2 x --context-parallel-size"
+                )
             m = torch.ones(*val.shape[:-2], padded, padded, dtype=val.dtype, device=val.device)
             m[..., :seq_len, :seq_len] = val
             pads = torch.arange(seq_len, padded, device=val.device)
@@ -119,9 +126,9 @@ def _pad_batch(batch, seq_len: int, padded: int, general: bool) -> None:
 
 
 def _split_documents(batch, cfg: CPConfig, rank: int):
-    """Packed documents: this rank's tokens of the per-document zigzag layout (:mod:`mindspeed_cp.packing`), pads
+    """Packed documents: this rank's tokens of the per-document zigzag layout (:mod:`mindspeed_cp.layout.packing`), pads
     with loss_mask 0; the dense document mask a dataloader may have built is dropped (never needed)."""
-    from .packing import Documents, lengths_from_eod, lengths_from_position_ids
+    from ..layout.packing import Documents, lengths_from_eod, lengths_from_position_ids
 
     if STATE.documents_from == "position_ids":
         if not isinstance(batch.get("position_ids"), torch.Tensor):
@@ -137,7 +144,8 @@ def _split_documents(batch, cfg: CPConfig, rank: int):
     if ring > 1 and len({tuple(row) for row in lengths}) > 1:
         raise CPConfigError(
             f"packed documents under {cfg.context_parallel_algo}: the samples of a micro-batch have different "
-            f"documents, so each would need its own token layout (and RoPE positions); use --micro-batch-size 1")
+            f"documents, so each would need its own token layout (and RoPE positions); use --micro-batch-size 1"
+        )
     if "attention_mask" in batch:
         batch["attention_mask"] = None
     _lay_out(batch, Documents(lengths, cfg.cp, ring), rank, keep=("attention_mask",))
@@ -198,8 +206,10 @@ def get_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group=None):
         warnings.warn(
             f"mindspeed-cp: RoPE runs before any batch went through the patched get_batch_on_this_cp_rank; "
             f"positions assume this rank holds the tokens of {cfg.context_parallel_algo}'s layout "
-            f"(mindspeed_cp.sharding.token_indices). Import mindspeed_cp.megatron_adaptor before binding "
-            f"Megatron's get_batch_on_this_cp_rank.", stacklevel=2)
+            f"(mindspeed_cp.layout.sharding.token_indices). Import mindspeed_cp.megatron_adaptor before binding "
+            f"Megatron's get_batch_on_this_cp_rank.",
+            stacklevel=2,
+        )
     idx = token_indices(cfg, cp_group.rank(), seq).to(pos_emb.device)
     return pos_emb.index_select(seq_dim, idx)
 
@@ -208,7 +218,7 @@ def get_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group=None):
 def roll_tensor(original, tensor, *args, **kwargs):
     """megatron-core's multi-token-prediction shift ``roll_tensor(tensor, shifts=-1, dims=-1, cp_group=None,
     packed_seq_params=None)`` (``cp_group`` from 0.14, ``packed_seq_params`` from 0.16) under the active layout:
-    by global position (:mod:`mindspeed_cp.shift`), stopping at document ends for THD batches as Megatron does on
+    by global position (:mod:`mindspeed_cp.layout.shift`), stopping at document ends for THD batches as Megatron does on
     one device. Returns Megatron's pair (shifted tensor, its sum); under CP the sum is the CP group's total / CP:
     the count Megatron divides the MTP loss by, so that its average over the DP x CP ranks is the one-device mean
     whatever each rank holds (Megatron's own is each rank's count: exact only for equal counts)."""
@@ -223,8 +233,10 @@ def roll_tensor(original, tensor, *args, **kwargs):
         return original(tensor, *args, **kwargs)
     shifts, dims = given.get("shifts", -1), given.get("dims", -1)
     if shifts != -1:
-        raise CPConfigError(f"roll_tensor(shifts={shifts}) under context parallelism: only the one-position shift "
-                            f"of multi-token prediction (shifts=-1) is laid out")
+        raise CPConfigError(
+            f"roll_tensor(shifts={shifts}) under context parallelism: only the one-position shift "
+            f"of multi-token prediction (shifts=-1) is laid out"
+        )
     within = check_packed(given.get("packed_seq_params"), "multi-token prediction")
     rolled = shift_left(tensor, dims, _shift_plan(group.rank(), tensor.shape[dims], within), group)
     count = rolled.sum()
@@ -258,7 +270,7 @@ def get_thd_batch_on_this_cp_rank(original, batch, cu_seqlens, cu_seqlens_padded
     from megatron.core import parallel_state as ps
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    from .packing import Documents, lengths_from_cu_seqlens
+    from ..layout.packing import Documents, lengths_from_cu_seqlens
 
     cp_size = kwargs.get("cp_size", args[0] if args else None)
     cp_rank = kwargs.get("cp_rank", args[1] if len(args) > 1 else None)
@@ -267,14 +279,17 @@ def get_thd_batch_on_this_cp_rank(original, batch, cu_seqlens, cu_seqlens_padded
         return original(batch, cu_seqlens, cu_seqlens_padded, max_seqlen, *args, **kwargs)
     cfg = STATE.config
     if cfg.cp != size:
-        raise CPConfigError(f"get_thd_batch_on_this_cp_rank: CP size {size} but --context-parallel-size {cfg.cp} "
-                            f"is configured")
+        raise CPConfigError(
+            f"get_thd_batch_on_this_cp_rank: CP size {size} but --context-parallel-size {cfg.cp} is configured"
+        )
     rank = ps.get_context_parallel_rank() if cp_rank is None else cp_rank
     _new_batch()
     tokens = batch.get("tokens")
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[0] != 1:
-        raise CPConfigError(f"THD batch: tokens must be one packed row [1, T] (--micro-batch-size 1), got "
-                            f"{None if tokens is None else tuple(tokens.shape)}")
+        raise CPConfigError(
+            f"THD batch: tokens must be one packed row [1, T] (--micro-batch-size 1), got "
+            f"{None if tokens is None else tuple(tokens.shape)}"
+        )
     T = tokens.shape[1]
     if cu_seqlens is None or max_seqlen is None:
         raise CPConfigError("THD batch: cu_seqlens and max_seqlen are required")
@@ -287,12 +302,20 @@ def get_thd_batch_on_this_cp_rank(original, batch, cu_seqlens, cu_seqlens_padded
         raise CPConfigError(f"THD batch: cu_seqlens {real} (lengths) do not fit cu_seqlens_padded {segments}")
     longest = int(max_seqlen.reshape(-1)[0])
     if max(real) > longest:
-        raise CPConfigError(f"THD batch: max_seqlen {longest} is shorter than a document of {max(real)} tokens "
-                            f"(RoPE's table would not cover it)")
+        raise CPConfigError(
+            f"THD batch: max_seqlen {longest} is shorter than a document of {max(real)} tokens "
+            f"(RoPE's table would not cover it)"
+        )
     _lay_out(batch, Documents([segments], cfg.cp, cfg.ring_size if cfg.uses_zigzag else 1), rank, keep=THD_KEEP)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                             cu_seqlens_q_padded=cu_seqlens_padded, cu_seqlens_kv_padded=cu_seqlens_padded,
-                             max_seqlen_q=longest, max_seqlen_kv=longest)
+    params = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        cu_seqlens_q_padded=cu_seqlens_padded,
+        cu_seqlens_kv_padded=cu_seqlens_padded,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
+    )
     STATE.packed = params
     return batch, params
 
@@ -313,6 +336,10 @@ def apply_rotary_pos_emb(original, t, freqs, config, *args, **kwargs):
 
     rank = (cp_group if cp_group is not None else ps.get_context_parallel_group()).rank()
     idx = docs.rope_index(rank, freqs.shape[0])
-    return _apply_rotary_pos_emb_bshd(t.unsqueeze(1), freqs.index_select(0, idx), mscale=mscale,
-                                      rotary_interleaved=config.rotary_interleaved,
-                                      multi_latent_attention=config.multi_latent_attention).squeeze(1)
+    return _apply_rotary_pos_emb_bshd(
+        t.unsqueeze(1),
+        freqs.index_select(0, idx),
+        mscale=mscale,
+        rotary_interleaved=config.rotary_interleaved,
+        multi_latent_attention=config.multi_latent_attention,
+    ).squeeze(1)

@@ -1,4 +1,5 @@
-"""Megatron glue: the core attention runs the configured CP algorithm (batches and RoPE: :mod:`mindspeed_cp.batch`).
+"""Megatron glue: the core attention runs the configured CP algorithm (batches and RoPE:
+:mod:`mindspeed_cp.megatron.batch`).
 
 Megatron's local-spec ``DotProductAttention`` refuses CP (it asserts ``context_parallel_size == 1``). With CP
 active, the patched constructor builds it as a CP=1 *local* attention and attaches a :class:`CPCoreAttention`
@@ -9,7 +10,7 @@ that the patched ``forward`` hands the call to:
 * ``megatron_cp_algo``: ring attention (zigzag causal or general mask) over the ring group;
 * ``hybrid_cp_algo``: Ulysses over the Ulysses group around ring attention over the ring group.
 
-Process groups come from :data:`mindspeed_cp.state.STATE`, looked up once per module at construction. A
+Process groups come from :data:`mindspeed_cp.megatron.state.STATE`, looked up once per module at construction. A
 packed THD call (``packed_seq_params``, q/k/v ``[t, heads, d]``) runs as a batch of one with the documents its
 batch split recorded there.
 
@@ -21,6 +22,7 @@ Megatron's own seeds), and the local attention runs with that stream in the plac
 model-parallel slot of the tracker (or, with sequence parallelism, where Megatron uses the default generator,
 a fork of it). It lives in the tracker, so activation recompute (full and selective) replays it exactly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,10 +33,14 @@ from typing import Any, Optional
 
 import torch
 
+from ..config import HYBRID, RING, ULYSSES, CPConfig, CPConfigError
+from ..hybrid import gather_mask_rows, hybrid_attention_with
+from ..local import local_attention
+from ..options import CallInputs, RingOptions, UlyssesOptions
+from ..ring import ring_attention_with
+from ..ulysses import GatherSizeCalculator, UlyssesContextAttention
 from .batch import check_packed
-from .config import HYBRID, RING, ULYSSES, CPConfig, CPConfigError
 from .state import STATE
-from .ulysses import GatherSizeCalculator
 
 
 class _StateGatherSize(GatherSizeCalculator):
@@ -54,23 +60,11 @@ class _StateGatherSize(GatherSizeCalculator):
         if isinstance(attention_mask, torch.Tensor) and self.s_local:
             shape = list(attention_mask.shape)
             if len(shape) != 4 or shape[2] not in (self.s_local, seq) or shape[3] != seq:
-                raise ValueError(f"attention_mask {shape} does not fit this rank's {self.s_local} tokens of a "
-                                 f"{seq}-token sequence: expected [b|1, 1, {self.s_local}|{seq}, {seq}]")
+                raise ValueError(
+                    f"attention_mask {shape} does not fit this rank's {self.s_local} tokens of a "
+                    f"{seq}-token sequence: expected [b|1, 1, {self.s_local}|{seq}, {seq}]"
+                )
         return STATE.seq_len
-
-
-def _double_ring_window(cfg: CPConfig):
-    """This rank's Double Ring groups from the CP state (None for a single ring)."""
-    from .ring import DoubleRingWindow
-
-    if not cfg.is_double_ring:
-        return None
-    overlap = cfg.use_cp_send_recv_overlap
-    return DoubleRingWindow(
-        size=cfg.cp_window_size,
-        intra_group=STATE.group("ring_intra_window"), inter_group=STATE.group("ring_inter_window"),
-        intra_overlap_group=STATE.overlap_group("ring_intra_window") if overlap else None,
-        inter_overlap_group=STATE.overlap_group("ring_inter_window") if overlap else None)
 
 
 def _unsupported(module, cfg: CPConfig) -> Optional[str]:
@@ -84,9 +78,14 @@ def _unsupported(module, cfg: CPConfig) -> Optional[str]:
         return f"sliding-window attention (window_size={window})"
     if getattr(config, "softmax_type", "vanilla") != "vanilla":
         return f"softmax_type={config.softmax_type!r}"
-    if cfg.attention_mask_type == "causal" and getattr(module, "attn_mask_type", AttnMaskType.causal) != AttnMaskType.causal:
-        return (f"attn_mask_type={module.attn_mask_type.name} with --attention-mask-type causal (the CP algorithms "
-                f"compute causal attention, or the explicit mask of --attention-mask-type general)")
+    if (
+        cfg.attention_mask_type == "causal"
+        and getattr(module, "attn_mask_type", AttnMaskType.causal) != AttnMaskType.causal
+    ):
+        return (
+            f"attn_mask_type={module.attn_mask_type.name} with --attention-mask-type causal (the CP algorithms "
+            f"compute causal attention, or the explicit mask of --attention-mask-type general)"
+        )
     return None
 
 
@@ -98,11 +97,14 @@ def _megatron_only(module, cfg: CPConfig) -> Optional[str]:
     why = _unsupported(module, cfg)
     if cfg.context_parallel_algo != ULYSSES:
         softmax = getattr(module, "scale_mask_softmax", None)
-        problem = cfg.feature_problem(getattr(module.config, "softmax_type", "vanilla"),
-                                      getattr(softmax, "window_size", None))
+        problem = cfg.feature_problem(
+            getattr(module.config, "softmax_type", "vanilla"), getattr(softmax, "window_size", None)
+        )
         if problem is None and why is not None:  # attn_mask_type: no fallback either
-            problem = (f"--context-parallel-algo {cfg.context_parallel_algo} cannot compute {why}: use "
-                       f"ulysses_cp_algo, which runs Megatron's own attention for it")
+            problem = (
+                f"--context-parallel-algo {cfg.context_parallel_algo} cannot compute {why}: use "
+                f"ulysses_cp_algo, which runs Megatron's own attention for it"
+            )
         if problem is not None:
             raise CPConfigError(problem)
         return None
@@ -117,9 +119,11 @@ _TOLD: set = set()
 def _tell_once(reason: str) -> None:
     if reason not in _TOLD:
         _TOLD.add(reason)
-        warnings.warn(f"mindspeed-cp: Ulysses runs Megatron's own local attention here (S x S scores in memory) "
-                      f"because of {reason}; the plugin's kernels cover vanilla causal / masked attention",
-                      stacklevel=3)
+        warnings.warn(
+            f"mindspeed-cp: Ulysses runs Megatron's own local attention here (S x S scores in memory) "
+            f"because of {reason}; the plugin's kernels cover vanilla causal / masked attention",
+            stacklevel=3,
+        )
 
 
 @dataclass
@@ -130,48 +134,70 @@ class CPCoreAttention:
     whole sequence after its all-to-all), attention dropout included (:mod:`mindspeed_cp.dropout`, seeded from
     Megatron's model-parallel RNG stream), and fully masked rows as the replaced attention gives them
     (``dead_rows``: Megatron's local spec averages V, TE's attention returns 0). Under Ulysses, Megatron's own
-    local attention runs only where the kernels cannot follow it (``megatron_only``, said once).
+    local attention runs only where the kernels cannot follow it (``megatron_only``, said once). The levels'
+    options are built once per module (:class:`mindspeed_cp.options.RingOptions`, ``UlyssesOptions``); each call
+    brings its own inputs (mask, documents, dropout).
     """
 
     config: CPConfig
     softmax_scale: float
-    dead_rows: str = "uniform"
+    ring: RingOptions = RingOptions()
+    ulysses: UlyssesOptions = UlyssesOptions()
     megatron_only: Optional[str] = None
     ulysses_group: Any = None
     ring_group: Any = None
-    ring_overlap_group: Any = None
-    window: Any = None
     agree_group: Any = None  # where every call agrees on its inputs (CPU metadata): STATE.agree_group
-    kv_cache_policy: Optional[str] = None  # this layer's (--context-parallel-cache-interval picks the layers)
+
+    @property
+    def kv_cache_policy(self) -> Optional[str]:
+        """This layer's KV-cache policy (--context-parallel-cache-interval picks the layers)."""
+        return self.ulysses.kv_cache_policy if self.config.ulysses_size > 1 else self.ring.kv_cache_policy
+
+    @property
+    def dead_rows(self) -> str:
+        return self.ring.dead_rows
 
     @classmethod
     def for_module(cls, module, cfg: CPConfig) -> "CPCoreAttention":
         from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-        groups = {}
+        policy = cfg.kv_cache_policy(getattr(module, "layer_number", 1) or 1)
+        dead = "uniform" if isinstance(module, DotProductAttention) else "zero"
+        groups, ring = {}, RingOptions(dead_rows=dead, kv_cache_policy=policy)
         if cfg.ulysses_size > 1:
             groups["ulysses_group"] = STATE.group("ulysses")
         if cfg.ring_size > 1:
             groups["ring_group"] = STATE.group("ring")
-            if cfg.use_cp_send_recv_overlap:
-                groups["ring_overlap_group"] = STATE.overlap_group("ring")
-            groups["window"] = _double_ring_window(cfg)
-        scale = getattr(module, "softmax_scale", None) or module.config.kv_channels ** -0.5
+            ring = RingOptions(
+                bnsd=cfg.megatron_cp_in_bnsd,
+                dead_rows=dead,
+                kv_cache_policy=policy,
+                overlap_group=STATE.overlap_group("ring") if cfg.use_cp_send_recv_overlap else None,
+                window=STATE.double_ring_window(),
+            )
+        scale = getattr(module, "softmax_scale", None) or module.config.kv_channels**-0.5
         # apply_query_key_layer_scaling divides Megatron's softmax_scale by the layer number and its softmax
         # multiplies it back: the effective scale is the product
         scale *= getattr(getattr(module, "scale_mask_softmax", None), "scale", None) or 1.0
-        local = isinstance(module, DotProductAttention)
-        return cls(config=cfg, softmax_scale=scale, dead_rows="uniform" if local else "zero",
-                   megatron_only=_megatron_only(module, cfg), agree_group=STATE.agree_group,
-                   kv_cache_policy=cfg.kv_cache_policy(getattr(module, "layer_number", 1) or 1), **groups)
+        return cls(
+            config=cfg,
+            softmax_scale=scale,
+            ring=ring,
+            ulysses=UlyssesOptions(kv_cache_policy=policy, allgather_kv=cfg.use_ulysses_allgather_kv),
+            megatron_only=_megatron_only(module, cfg),
+            agree_group=STATE.agree_group,
+            **groups,
+        )
 
     def _mask(self, attention_mask):
         """(causal, mask): the explicit mask only under ``--attention-mask-type general``."""
         if self.config.attention_mask_type != "general":
             return True, None
         if attention_mask is None:
-            raise CPConfigError("--attention-mask-type general needs an attention_mask in the batch "
-                                "([b, 1, S, S] bool, True = masked); got None")
+            raise CPConfigError(
+                "--attention-mask-type general needs an attention_mask in the batch "
+                "([b, 1, S, S] bool, True = masked); got None"
+            )
         return False, attention_mask
 
     @staticmethod
@@ -180,17 +206,19 @@ class CPCoreAttention:
         if STATE.documents_from is None:
             return STATE.documents  # None, or a THD batch's documents
         if STATE.documents is None:
-            raise CPConfigError("packed documents (--reset-attention-mask / configure(documents=...)): no batch went "
-                                "through get_batch_on_this_cp_rank, so the document boundaries are unknown")
+            raise CPConfigError(
+                "packed documents (--reset-attention-mask / configure(documents=...)): no batch went "
+                "through get_batch_on_this_cp_rank, so the document boundaries are unknown"
+            )
         return STATE.documents
 
-    def _ring_options(self, attention_mask) -> dict:
+    def _inputs(self, attention_mask, dropout) -> CallInputs:
+        """This call's inputs: the batch's documents, else the mask of ``--attention-mask-type``."""
         docs = self._documents()
         causal, mask = (True, None) if docs is not None else self._mask(attention_mask)
-        return dict(causal=causal, attention_mask=mask, softmax_scale=self.softmax_scale,
-                    bnsd=self.config.megatron_cp_in_bnsd, overlap_group=self.ring_overlap_group,
-                    window=self.window, dead_rows=self.dead_rows, agree_group=self.agree_group, documents=docs,
-                    kv_cache_policy=self.kv_cache_policy)
+        return CallInputs(
+            causal=causal, attention_mask=mask, softmax_scale=self.softmax_scale, dropout=dropout, documents=docs
+        )
 
     @staticmethod
     def _dropout(module, query):
@@ -202,7 +230,7 @@ class CPCoreAttention:
         import torch
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-        from .dropout import AttentionDropout
+        from ..dropout import AttentionDropout
 
         with get_cuda_rng_tracker().fork():
             seed = torch.randint(-(1 << 62), 1 << 62, (), dtype=torch.int64, device=query.device)
@@ -217,54 +245,70 @@ class CPCoreAttention:
         algo = cfg.context_parallel_algo
         if algo == ULYSSES and self.megatron_only is not None:
             if STATE.documents_from is not None or thd:
-                raise CPConfigError(f"packed documents under ulysses_cp_algo need the plugin's kernels, which cannot "
-                                    f"follow this attention ({self.megatron_only})")
+                raise CPConfigError(
+                    f"packed documents under ulysses_cp_algo need the plugin's kernels, which cannot "
+                    f"follow this attention ({self.megatron_only})"
+                )
             _tell_once(self.megatron_only)
             return self._ulysses_megatron(module, local_forward, query, key, value, attention_mask, *args, **kwargs)
-        dropout = self._dropout(module, query)
-        if algo == RING:
-            from .ring import ring_attention
-
-            # [s/cp, b, n, d] -> [s/cp, b, n, d]
-            out = ring_attention(query, key, value, self.ring_group, dropout=dropout,
-                                 **self._ring_options(attention_mask))
+        inputs = self._inputs(attention_mask, self._dropout(module, query))
+        if algo == RING:  # [s/cp, b, n, d] -> [s/cp, b, n, d]
+            out = ring_attention_with(
+                query, key, value, self.ring_group, inputs, self.ring, agree_group=self.agree_group
+            )
         elif algo == HYBRID:
-            from .hybrid import hybrid_attention
-
-            out = hybrid_attention(query, key, value, self.ulysses_group, self.ring_group, dropout=dropout,
-                                   **self._ring_options(attention_mask))
+            out = hybrid_attention_with(
+                query,
+                key,
+                value,
+                self.ulysses_group,
+                self.ring_group,
+                inputs,
+                self.ulysses,
+                self.ring,
+                agree_group=self.agree_group,
+            )
         else:
             assert algo == ULYSSES
-            from .hybrid import gather_mask_rows
-            from .local import local_attention
-            from .ulysses import UlyssesContextAttention
-
-            docs = self._documents()
-            causal, mask = (True, None) if docs is not None else self._mask(attention_mask)
-            seq = STATE.seq_len if STATE.seq_len is not None else s_local * cfg.cp
-            rank = self.ulysses_group.rank()
-
-            def local(q, k, v, mask_rows, drop=None):
-                # the whole sequence, h/(tp*cp) heads: [S, b, h', d] -> [S, b, h', d]
-                return local_attention(q, k, v, causal=causal, softmax_scale=self.softmax_scale,
-                                       attention_mask=gather_mask_rows(mask_rows, self.ulysses_group, seq),
-                                       dropout=None if drop is None else drop.for_rank(rank, q.shape[2]),
-                                       dead_rows=self.dead_rows, documents=docs)
-
-            ulysses = UlyssesContextAttention(local, self.ulysses_group, agree_group=self.agree_group,
-                                              gather_size_calculator=_StateGatherSize(s_local, cfg.cp),
-                                              **self._ulysses_options())
-            out = ulysses(query, key, value, mask, drop=dropout)  # [s/cp, b, h, d]
+            out = self._ulysses(query, key, value, inputs)  # [s/cp, b, h, d]
         return out.reshape(s_local, b, -1)
 
-    def _ulysses_options(self) -> dict:
-        return dict(kv_cache_policy=self.kv_cache_policy, allgather_kv=self.config.use_ulysses_allgather_kv)
+    def _ulysses(self, query, key, value, inputs: CallInputs):
+        """Ulysses around the plugin's kernels on the whole sequence."""
+        s_local = query.shape[0]
+        seq = STATE.seq_len if STATE.seq_len is not None else s_local * self.config.cp
+        rank = self.ulysses_group.rank()
+
+        def local(q, k, v, mask_rows):
+            # the whole sequence, h/(tp*cp) heads: [S, b, h', d] -> [S, b, h', d]
+            drop = inputs.dropout
+            return local_attention(
+                q,
+                k,
+                v,
+                causal=inputs.causal,
+                softmax_scale=inputs.softmax_scale,
+                attention_mask=gather_mask_rows(mask_rows, self.ulysses_group, seq),
+                dropout=None if drop is None else drop.for_rank(rank, q.shape[2]),
+                dead_rows=self.dead_rows,
+                documents=inputs.documents,
+            )
+
+        ulysses = self._ulysses_module(local, s_local)
+        return ulysses(query, key, value, inputs.attention_mask)
+
+    def _ulysses_module(self, local, s_local: int) -> UlyssesContextAttention:
+        return UlyssesContextAttention(
+            local,
+            self.ulysses_group,
+            agree_group=self.agree_group,
+            gather_size_calculator=_StateGatherSize(s_local, self.config.cp),
+            kv_cache_policy=self.ulysses.kv_cache_policy,
+            allgather_kv=self.ulysses.allgather_kv,
+        )
 
     def _ulysses_megatron(self, module, local_forward, query, key, value, attention_mask, *args, **kwargs):
         """Ulysses around Megatron's own attention (which then sees the full sequence and h/(TP*CP) heads)."""
-        from .hybrid import gather_mask_rows
-        from .ulysses import UlyssesContextAttention
-
         s_local, b = query.shape[0], query.shape[1]
         seq = STATE.seq_len if STATE.seq_len is not None else s_local * self.config.cp
 
@@ -273,10 +317,7 @@ class CPCoreAttention:
             with ulysses_dropout_stream(module):
                 return local_forward(q, k, v, gather_mask_rows(mask, self.ulysses_group, seq), *a, **kw)
 
-        ulysses = UlyssesContextAttention(local, self.ulysses_group, agree_group=self.agree_group,
-                                          gather_size_calculator=_StateGatherSize(s_local, self.config.cp),
-                                          **self._ulysses_options())
-        out = ulysses(query, key, value, attention_mask, *args, **kwargs)  # [s/cp, b, h*d]
+        out = self._ulysses_module(local, s_local)(query, key, value, attention_mask, *args, **kwargs)  # [s/cp, b, h*d]
         return out.reshape(s_local, b, -1)
 
 
@@ -314,7 +355,8 @@ def ulysses_dropout_stream(module):
         raise CPConfigError(
             f"--attention-dropout {module.config.attention_dropout} with {STATE.config.context_parallel_algo}: "
             f"each CP rank needs its own dropout stream; call model_parallel_cuda_manual_seed(seed) after "
-            f"parallel_state.initialize_model_parallel (Megatron-LM does)")
+            f"parallel_state.initialize_model_parallel (Megatron-LM does)"
+        )
     if module.config.sequence_parallel:  # Megatron draws from the default generator here
         with tracker.fork(ULYSSES_RNG):
             yield
@@ -341,14 +383,16 @@ def _active_cp_config(transformer_config) -> Optional[CPConfig]:
             # the attention would see only this rank's tokens: a silently wrong model (Megatron-Bridge #2665)
             raise CPConfigError(
                 f"TransformerConfig.context_parallel_size=1 while parallel_state was initialized with "
-                f"--context-parallel-size {cfg.cp}: set context_parallel_size={cfg.cp} in the model config")
+                f"--context-parallel-size {cfg.cp}: set context_parallel_size={cfg.cp} in the model config"
+            )
         return None
     if not STATE.groups_built or cfg.cp != cp:
         raise CPConfigError(
             f"TransformerConfig.context_parallel_size={cp} but mindspeed-cp's groups are "
             f"{'not built' if not STATE.groups_built else f'for --context-parallel-size {cfg.cp}'}: call "
             f"mindspeed_cp.megatron_adaptor.configure(...) and parallel_state.initialize_model_parallel("
-            f"context_parallel_size={cp}) before building the model")
+            f"context_parallel_size={cp}) before building the model"
+        )
     return cfg
 
 
@@ -363,8 +407,9 @@ def local_attention_config(config, cfg: CPConfig):
     heads, kv = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
     changes = dict(context_parallel_size=1)
     if u > 1:
-        changes.update(num_attention_heads=heads // u, num_query_groups=max(kv // (tp * u), 1) * tp,
-                       kv_channels=config.kv_channels)
+        changes.update(
+            num_attention_heads=heads // u, num_query_groups=max(kv // (tp * u), 1) * tp, kv_channels=config.kv_channels
+        )
         if getattr(config, "softmax_type", "vanilla") == "learnable":
             changes.update(perform_initialization=False)
     return dataclasses.replace(config, **changes)
@@ -391,12 +436,16 @@ def _full_softmax_offset(module, config, cfg: CPConfig) -> None:
     Megatron does at CP = 1, drawing the same random numbers) and hand each rank's softmax its heads' slice: the
     gradient of a slice reaches its heads only, so the reduction over DP x CP sums each head's gradient once.
     (``off-by-one`` offsets are zeros, not parameters: Megatron's own of h/U heads is right.)"""
-    if cfg.ulysses_size == 1 or getattr(config, "softmax_type", "vanilla") != "learnable" \
-            or not hasattr(module, "scale_mask_softmax"):  # TE's attention keeps its own (untested here)
+    if (
+        cfg.ulysses_size == 1
+        or getattr(config, "softmax_type", "vanilla") != "learnable"
+        or not hasattr(module, "scale_mask_softmax")
+    ):  # TE's attention keeps its own (untested here)
         return
     heads = config.num_attention_heads // config.tensor_model_parallel_size
     module.softmax_offset = torch.nn.Parameter(
-        torch.empty(heads, device=torch.cuda.current_device(), dtype=config.params_dtype))
+        torch.empty(heads, device=torch.cuda.current_device(), dtype=config.params_dtype)
+    )
     if config.perform_initialization:
         module.softmax_offset = config.init_method(module.softmax_offset)
     local = module.num_attention_heads_per_partition
@@ -420,8 +469,9 @@ def _set_head_sizes(module, channels, scale_given: bool) -> None:
     if k_channels is not None:
         module.hidden_size_per_attention_head = k_channels
         if not scale_given:
-            module.softmax_scale = k_channels ** -0.5 / (module.layer_number if
-                                                         module.config.apply_query_key_layer_scaling else 1)
+            module.softmax_scale = k_channels**-0.5 / (
+                module.layer_number if module.config.apply_query_key_layer_scaling else 1
+            )
     if v_channels is not None:
         module.hidden_size_per_partition = v_channels * module.num_attention_heads_per_partition
 
@@ -435,9 +485,12 @@ def core_attention_init(original, self, config, *args, **kwargs):
     scale_given = inspect.signature(original).bind(self, config, *args, **kwargs).arguments.get("softmax_scale")
     cfg = _active_cp_config(config)
     if cfg is not None:
-        cfg.validate(tensor_model_parallel_size=config.tensor_model_parallel_size,
-                     num_attention_heads=config.num_attention_heads, num_query_groups=config.num_query_groups,
-                     num_layers=getattr(config, "num_layers", None))
+        cfg.validate(
+            tensor_model_parallel_size=config.tensor_model_parallel_size,
+            num_attention_heads=config.num_attention_heads,
+            num_query_groups=config.num_query_groups,
+            num_layers=getattr(config, "num_layers", None),
+        )
     original(self, config if cfg is None else local_attention_config(config, cfg), *args, **kwargs)
     if channels is not None:
         _set_head_sizes(self, channels, scale_given is not None)

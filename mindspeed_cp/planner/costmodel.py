@@ -1,13 +1,13 @@
 """The cost model: every formula of bytes, work, memory and time, in one place (pure arithmetic, no torch).
 
 The benchmarks compare measurements with these formulas (``benchmarks/textbook.py`` re-exports them) and
-``mindspeed-cp plan`` (:mod:`mindspeed_cp.plan`) ranks configurations with them, so a formula the benchmarks
+``mindspeed-cp plan`` (:mod:`mindspeed_cp.planner.plan`) ranks configurations with them, so a formula the benchmarks
 check is the formula the planner uses.
 
 Notation: ``S`` global tokens, ``P`` ranks of a CP level, ``s = S/P`` local tokens, ``b`` micro-batch, ``h``
 query heads, ``hk`` KV heads, ``d`` head dim, ``e`` bytes per element.
 
-**Bytes** one rank sends, forward + backward (DESIGN.md section 3):
+**Bytes** one rank sends, forward + backward (docs/design.md, "Conventions"):
 
 * Ulysses over P: ``2 (P-1)/P s b d (2h + 2hk) e`` - q, k, v, out each cross one all-to-all forward, their
   gradients the inverse one backward. With ``hk < P`` KV heads are replicated to P first.
@@ -35,6 +35,7 @@ gloo's copies run on the same cores); Double Ring's outer hop is hidden
 behind a whole inner ring of compute. Links are classified per group from :func:`mindspeed_cp.topology.
 rank_layout` (intra-node if both ranks share a node of ``gpus_per_node``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,8 +66,9 @@ def hybrid_bytes(S: int, U: int, R: int, b: int, h: int, hk: int, d: int, e: int
     return ulysses_bytes(S / R, U, b, h, hk, d, e, dv) + ring_bytes(S, R, b, hk / U, d, e, dv)
 
 
-def textbook_bytes(algo: str, S: int, cp: int, b: int, h: int, hk: int, d: int, e: int, ulysses: int = 1,
-                   dv: Optional[int] = None) -> float:
+def textbook_bytes(
+    algo: str, S: int, cp: int, b: int, h: int, hk: int, d: int, e: int, ulysses: int = 1, dv: Optional[int] = None
+) -> float:
     """Textbook bytes per rank for ``algo`` in ``ulysses | ring | double_ring | hybrid``."""
     if algo == "ulysses":
         return ulysses_bytes(S, cp, b, h, hk, d, e, dv)
@@ -92,8 +94,19 @@ def _again(policy, d: int, dv: int) -> int:
     return {None: 0, "half": d, "full": d + dv}[policy]
 
 
-def ulysses_kv_cache(S: int, P: int, b: int, h: int, hk: int, d: int, e: int, policy=None, allgather=False,
-                     rank: int = 0, dv: Optional[int] = None) -> dict:
+def ulysses_kv_cache(
+    S: int,
+    P: int,
+    b: int,
+    h: int,
+    hk: int,
+    d: int,
+    e: int,
+    policy=None,
+    allgather=False,
+    rank: int = 0,
+    dv: Optional[int] = None,
+) -> dict:
     """Ulysses over P ranks: q/out all-to-alls, K/V all-to-alls (KV heads replicated to P when hk < P) or
     all-gathers (every KV head, padded to the longest shard) plus reduce-scatters, and the policy's repeats."""
     dv = _dv(d, dv)
@@ -119,12 +132,28 @@ def ring_kv_cache(S: int, P: int, b: int, hk: float, d: int, e: int, policy=None
     head = (S / P) * b * hk * e  # one block per unit of head size
     hops = P - 1
     kept = _again(policy, d, dv)
-    return {"sent": (3 * (d + dv) - kept) * hops * head, "saved": kept * hops * head,
-            "kv": (2 * (d + dv) - kept) * hops * head, "dkv": (d + dv) * hops * head}
+    return {
+        "sent": (3 * (d + dv) - kept) * hops * head,
+        "saved": kept * hops * head,
+        "kv": (2 * (d + dv) - kept) * hops * head,
+        "dkv": (d + dv) * hops * head,
+    }
 
 
-def hybrid_kv_cache(S: int, U: int, R: int, b: int, h: int, hk: int, d: int, e: int, policy=None,
-                    ring_policy="same", rank: int = 0, dv: Optional[int] = None) -> dict:
+def hybrid_kv_cache(
+    S: int,
+    U: int,
+    R: int,
+    b: int,
+    h: int,
+    hk: int,
+    d: int,
+    e: int,
+    policy=None,
+    ring_policy="same",
+    rank: int = 0,
+    dv: Optional[int] = None,
+) -> dict:
     """Ulysses over U on the S/R tokens of a ring rank, Ring over R on h/U, max(hk, U)/U heads."""
     ring_policy = policy if ring_policy == "same" else ring_policy
     u = ulysses_kv_cache(S // R, U, b, h, hk, d, e, policy, rank=rank % U, dv=dv)
@@ -240,7 +269,7 @@ def activation_bytes_per_layer(tokens: int, b: int, H: int, tp: int, recompute: 
 
 @dataclass
 class Device:
-    """A device preset (``mindspeed_cp/devices/*.json``; every number overridable on the plan command line).
+    """A device preset (``mindspeed_cp/planner/devices/*.json``; every number overridable on the plan command line).
 
     Bandwidths are GB/s per device and direction, latencies microseconds. ``attention_efficiency``: the fraction
     of ``peak_tflops`` a flash-attention forward + backward reaches on long blocks, ``attention_half_tokens`` the
@@ -350,8 +379,9 @@ class Attention:
     ring_group: Sequence[int] = ()  # the ring-level ranks in ring order
 
 
-def attention_time(dev: Device, model: Model, S: int, b: int, a: Attention, e: int = 2,
-                   forward_only: bool = False) -> Dict[str, float]:
+def attention_time(
+    dev: Device, model: Model, S: int, b: int, a: Attention, e: int = 2, forward_only: bool = False
+) -> Dict[str, float]:
     """Predicted forward + backward time of one core attention on one rank, and its parts (seconds, bytes).
     ``forward_only``: the forward pass alone (inference; published forward-only microbenchmarks)."""
     h, hk, d, G = model.num_attention_heads / a.tp, max(model.kv_heads / a.tp, 1), model.head_dim, dev.domain
@@ -359,8 +389,15 @@ def attention_time(dev: Device, model: Model, S: int, b: int, a: Attention, e: i
     U = a.cp if a.algo == "ulysses" else a.ulysses if a.algo == "hybrid" else 1
     R = a.cp // U
     # the fixed cost of one attention call beyond its kernel calls (wrappers, checks), whatever the algorithm
-    out = {"compute": dev.oversubscription * dev.attention_call_us * 1e-6, "a2a": 0.0, "ring_exposed": 0.0,
-           "ring_transfer": 0.0, "intra_bytes": 0.0, "inter_bytes": 0.0, "latency": 0.0}
+    out = {
+        "compute": dev.oversubscription * dev.attention_call_us * 1e-6,
+        "a2a": 0.0,
+        "ring_exposed": 0.0,
+        "ring_transfer": 0.0,
+        "intra_bytes": 0.0,
+        "inter_bytes": 0.0,
+        "latency": 0.0,
+    }
     # ---- Ulysses level (U > 1): 4 all-to-alls forward, 4 backward, never overlapped
     if U > 1:
         sent = ulysses_kv_cache(S // R, U, b, h, hk, d, e, a.kv_cache, dv=dv)["sent"]
@@ -375,23 +412,27 @@ def attention_time(dev: Device, model: Model, S: int, b: int, a: Attention, e: i
     hu, hku = h / U, max(hk, U) / U  # heads each rank computes (KV heads replicated to U when fewer)
     if R == 1:
         fl = attention_flops(causal_pairs(S), hu, d, b, dv)
-        out["compute"] += dev.compute_s(fl["forward"] + (0 if forward_only else fl["backward"]), S,
-                                        calls=1 if forward_only else 2)
+        out["compute"] += dev.compute_s(
+            fl["forward"] + (0 if forward_only else fl["backward"]), S, calls=1 if forward_only else 2
+        )
         out["total"] = out["compute"] + out["a2a"]
         return out
     # ---- ring level over R ranks (Double Ring: windows of K)
     K = a.window if a.window > 1 else R
     block = (S / R) * b * hku * (d + dv) * e  # one K+V block
     ring_group = a.ring_group or range(R)  # a sequence (a range from topology.groups_for)
-    inner_cls = "intra" if all(ring_hops(ring_group[x * K:(x + 1) * K], G) == "intra" for x in range(R // K)) \
-        else "inter"
+    inner_cls = (
+        "intra" if all(ring_hops(ring_group[x * K : (x + 1) * K], G) == "intra" for x in range(R // K)) else "inter"
+    )
     outer_cls = ring_hops(ring_group[::K], G) if R > K else inner_cls
     c = S // (2 * R)
     again = 1 - _again(a.kv_cache, d, dv) / (d + dv)  # share of the blocks backward sends again
     # per step: (blocks sent, FLOPs per pair, exchanges posted); backward sends K/V again (policy) and dK/dV
     per_pair = pair_flops(d, dv)
-    phases = {"forward": (1.0, per_pair["forward"], 1),
-              "backward": (again + 1.0, per_pair["backward"], 1 if a.overlap or again == 0 else 2)}
+    phases = {
+        "forward": (1.0, per_pair["forward"], 1),
+        "backward": (again + 1.0, per_pair["backward"], 1 if a.overlap or again == 0 else 2),
+    }
     if forward_only:
         del phases["backward"]
     for blocks, flops, exchanges in phases.values():
@@ -414,8 +455,9 @@ def attention_time(dev: Device, model: Model, S: int, b: int, a: Attention, e: i
     return out
 
 
-def layer_time(dev: Device, model: Model, S: int, b: int, a: Attention, tp_group: Sequence[int] = (),
-               e: int = 2) -> Dict[str, float]:
+def layer_time(
+    dev: Device, model: Model, S: int, b: int, a: Attention, tp_group: Sequence[int] = (), e: int = 2
+) -> Dict[str, float]:
     """One transformer layer forward + backward on one rank: the core attention (:func:`attention_time`), the
     dense layers (``2 x 3`` FLOPs per parameter per token: forward, backward of inputs and of weights) on the
     rank's ``S/CP`` tokens split over TP, and TP's sequence-parallel all-gathers / reduce-scatters (2 each way
@@ -423,8 +465,14 @@ def layer_time(dev: Device, model: Model, S: int, b: int, a: Attention, tp_group
     att = attention_time(dev, model, S, b, a, e)
     tokens = S // a.cp
     dense = 6 * (model.layer_params() - 4 * model.hidden_size) * tokens * b / a.tp
-    out = dict(att, attention=att["total"], dense=dev.compute_s(dense, tokens, kind="dense"), tp_comm=0.0,
-               tp_intra_bytes=0.0, tp_inter_bytes=0.0)
+    out = dict(
+        att,
+        attention=att["total"],
+        dense=dev.compute_s(dense, tokens, kind="dense"),
+        tp_comm=0.0,
+        tp_intra_bytes=0.0,
+        tp_inter_bytes=0.0,
+    )
     if a.tp > 1:
         sent = 4 * 2 * (a.tp - 1) / a.tp * tokens * b * model.hidden_size * e  # 4 collectives x fwd+bwd
         t = all_to_all_s(dev, sent, link_classes(tp_group or range(a.tp), dev.domain), calls=8)
@@ -438,6 +486,7 @@ def layer_time(dev: Device, model: Model, S: int, b: int, a: Attention, tp_group
 
 def rank_correlation(xs: List[float], ys: List[float]) -> float:
     """Spearman's rank correlation (average ranks for ties)."""
+
     def ranks(v):
         order = sorted(range(len(v)), key=lambda i: v[i])
         r = [0.0] * len(v)
@@ -450,6 +499,7 @@ def rank_correlation(xs: List[float], ys: List[float]) -> float:
                 r[order[k]] = (i + j) / 2
             i = j + 1
         return r
+
     rx, ry = ranks(xs), ranks(ys)
     mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
     num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))

@@ -15,6 +15,7 @@ error names the argument and its valid range); an impossible layout, like any ba
 and one line on stderr naming the flags. Megatron's long flag names are accepted next to the short ones
 (``--tp`` = ``--tensor-model-parallel-size`` ...) so the flags named in an error always exist here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,48 +24,103 @@ import json
 import sys
 from typing import Callable, Dict, List, Optional
 
-from . import check, plan
-from .cliargs import OneLineParser, UsageError, integer, output_file, write_text
-from .config import ALGORITHMS, ULYSSES
-from .topology import rank_layout
+from ..cliargs import OneLineParser, UsageError, integer, output_file, write_text
+from ..config import ALGORITHMS, ULYSSES
+from ..planner import plan
+from ..topology import rank_layout
+from . import check
 
 PROG = "mindspeed-cp"
-MAX_WORLD = 2 ** 22  # groups: 4,194,304 ranks (the JSON is ~0.3 GB there; ~2 s per million ranks)
+MAX_WORLD = 2**22  # groups: 4,194,304 ranks (the JSON is ~0.3 GB there; ~2 s per million ranks)
 
 
 # ----------------------------------------------------------------------------- groups
 def _add_groups(sub) -> None:
     p = sub.add_parser(
-        "groups", help="draw the TP/CP/DP/PP and context-parallel sub-groups of a layout",
+        "groups",
+        help="draw the TP/CP/DP/PP and context-parallel sub-groups of a layout",
         description="Print the process groups Megatron + mindspeed-cp create for a layout (order "
-                    "tp-cp-ep-dp-pp, TP fastest), as a text picture, JSON or a self-contained HTML page.")
-    p.add_argument("--world-size", type=integer(1, MAX_WORLD), required=True, metavar="W",
-                   help=f"number of ranks (1 to {MAX_WORLD:,})")
-    p.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=integer(1), default=1, metavar="T",
-                   help="tensor-parallel size (default 1)")
-    p.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=integer(1), default=1, metavar="P",
-                   help="pipeline-parallel size (default 1)")
-    p.add_argument("--cp", "--context-parallel-size", dest="cp", type=integer(1), default=1, metavar="C",
-                   help="context-parallel size (default 1); DP = W / (T x P x C)")
-    p.add_argument("--cp-algo", "--context-parallel-algo", dest="cp_algo", default=ULYSSES, choices=ALGORITHMS,
-                   metavar="A", help=f"one of {', '.join(ALGORITHMS)} (default {ULYSSES})")
-    p.add_argument("--ulysses-degree-in-cp", type=integer(1), default=None, metavar="U",
-                   help="hybrid_cp_algo: ranks per Ulysses group; the ring gets C / U")
-    p.add_argument("--cp-window-size", type=integer(1), default=1, metavar="K",
-                   help="ring/hybrid: K > 1 draws Double Ring windows of K ring ranks (default 1)")
+        "tp-cp-ep-dp-pp, TP fastest), as a text picture, JSON or a self-contained HTML page.",
+    )
+    p.add_argument(
+        "--world-size",
+        type=integer(1, MAX_WORLD),
+        required=True,
+        metavar="W",
+        help=f"number of ranks (1 to {MAX_WORLD:,})",
+    )
+    p.add_argument(
+        "--tp",
+        "--tensor-model-parallel-size",
+        dest="tp",
+        type=integer(1),
+        default=1,
+        metavar="T",
+        help="tensor-parallel size (default 1)",
+    )
+    p.add_argument(
+        "--pp",
+        "--pipeline-model-parallel-size",
+        dest="pp",
+        type=integer(1),
+        default=1,
+        metavar="P",
+        help="pipeline-parallel size (default 1)",
+    )
+    p.add_argument(
+        "--cp",
+        "--context-parallel-size",
+        dest="cp",
+        type=integer(1),
+        default=1,
+        metavar="C",
+        help="context-parallel size (default 1); DP = W / (T x P x C)",
+    )
+    p.add_argument(
+        "--cp-algo",
+        "--context-parallel-algo",
+        dest="cp_algo",
+        default=ULYSSES,
+        choices=ALGORITHMS,
+        metavar="A",
+        help=f"one of {', '.join(ALGORITHMS)} (default {ULYSSES})",
+    )
+    p.add_argument(
+        "--ulysses-degree-in-cp",
+        type=integer(1),
+        default=None,
+        metavar="U",
+        help="hybrid_cp_algo: ranks per Ulysses group; the ring gets C / U",
+    )
+    p.add_argument(
+        "--cp-window-size",
+        type=integer(1),
+        default=1,
+        metavar="K",
+        help="ring/hybrid: K > 1 draws Double Ring windows of K ring ranks (default 1)",
+    )
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--nodes", type=integer(1), default=None, metavar="N",
-                       help="number of nodes (must divide W)")
-    where.add_argument("--devices-per-node", type=integer(1), default=None, metavar="D",
-                       help="devices per node (default 8, or W when W < 8)")
-    p.add_argument("--format", choices=("text", "json", "html"), default="text",
-                   help="text picture (default), JSON {kind: [[rank, ...], ...]}, or one HTML page")
+    where.add_argument("--nodes", type=integer(1), default=None, metavar="N", help="number of nodes (must divide W)")
+    where.add_argument(
+        "--devices-per-node",
+        type=integer(1),
+        default=None,
+        metavar="D",
+        help="devices per node (default 8, or W when W < 8)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("text", "json", "html"),
+        default="text",
+        help="text picture (default), JSON {kind: [[rank, ...], ...]}, or one HTML page",
+    )
     add_output(p)
 
 
 def add_output(p) -> None:
-    p.add_argument("--output", "-o", type=output_file, default=None, metavar="FILE",
-                   help="write to FILE instead of stdout")
+    p.add_argument(
+        "--output", "-o", type=output_file, default=None, metavar="FILE", help="write to FILE instead of stdout"
+    )
 
 
 def cmd_groups(args: argparse.Namespace) -> str:
@@ -83,15 +139,15 @@ def _groups(args: argparse.Namespace) -> str:
     from .visualize import Picture, devices_for, render_html, render_text
 
     try:
-        layout = rank_layout(args.world_size, args.tp, args.pp, args.cp, args.cp_algo,
-                             args.ulysses_degree_in_cp, args.cp_window_size)
+        layout = rank_layout(
+            args.world_size, args.tp, args.pp, args.cp, args.cp_algo, args.ulysses_degree_in_cp, args.cp_window_size
+        )
     except ValueError as e:  # LayoutError / CPConfigError name the flags
         raise UsageError(str(e)) from None
     if args.format == "json":
         return json.dumps(layout) + "\n"
     try:
-        picture = Picture(layout, devices_for(args.world_size, args.nodes, args.devices_per_node),
-                          cp_algo=args.cp_algo)
+        picture = Picture(layout, devices_for(args.world_size, args.nodes, args.devices_per_node), cp_algo=args.cp_algo)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return render_html(picture) if args.format == "html" else render_text(picture)
@@ -99,9 +155,12 @@ def _groups(args: argparse.Namespace) -> str:
 
 # ----------------------------------------------------------------------------- patches
 def _add_patches(sub) -> None:
-    p = sub.add_parser("patches", help="list what the plugin replaces in Megatron, with status",
-                       description="Import mindspeed_cp.megatron_adaptor (which patches Megatron) and list "
-                                   "every patch: target, status, when it acts and why.")
+    p = sub.add_parser(
+        "patches",
+        help="list what the plugin replaces in Megatron, with status",
+        description="Import mindspeed_cp.megatron_adaptor (which patches Megatron) and list "
+        "every patch: target, status, when it acts and why.",
+    )
     p.add_argument("--format", choices=("text", "json"), default="text")
     add_output(p)
 
@@ -111,7 +170,7 @@ def cmd_patches(args: argparse.Namespace) -> str:
 
     with warnings.catch_warnings():  # megatron-core warns about optional TE/Apex at import time
         warnings.simplefilter("ignore")
-        from . import megatron_adaptor
+        from .. import megatron_adaptor
     patches = megatron_adaptor.PATCHES
     if args.format == "json":
         return json.dumps(patches.table(), indent=2) + "\n"
@@ -119,8 +178,12 @@ def cmd_patches(args: argparse.Namespace) -> str:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", add_help=False, help="train a small GPT with each CP algorithm on CPU gloo ranks "
-                       "and compare with CP=1 (`mindspeed-cp demo --help`)")
+    p = sub.add_parser(
+        "demo",
+        add_help=False,
+        help="train a small GPT with each CP algorithm on CPU gloo ranks "
+        "and compare with CP=1 (`mindspeed-cp demo --help`)",
+    )
     p.add_argument("demo_args", nargs=argparse.REMAINDER)
 
 
@@ -155,8 +218,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{PROG} {args.command}: {e}", file=sys.stderr)
         return 2
     except ImportError as e:  # e.g. `patches` (megatron-core) or `check` (torch) in an environment without them
-        print(f"{PROG} {args.command}: cannot import {e.name or e} - install mindspeed-cp's requirements into this "
-              f"environment (torch>=2.1, megatron-core>=0.12: pip install -e <mindspeed-cp checkout>)", file=sys.stderr)
+        print(
+            f"{PROG} {args.command}: cannot import {e.name or e} - install mindspeed-cp's requirements into this "
+            f"environment (torch>=2.1, megatron-core>=0.12: pip install -e <mindspeed-cp checkout>)",
+            file=sys.stderr,
+        )
         return 2
     output = getattr(args, "output", None)
     if output:

@@ -1,6 +1,6 @@
 """``make demo``: a small megatron-core GPT trained with each CP algorithm on gloo ranks, compared with CP=1.
 
-    python -m mindspeed_cp.demo [--ranks 4] [--steps 5] [--seq 512] [--hidden 128] ...
+    python -m mindspeed_cp.tools.demo [--ranks 4] [--steps 5] [--seq 512] [--hidden 128] ...
 
 Every configuration starts from the same weights and trains on the same mock batch (synthetic token
 sequences with learnable structure), so the loss curves must coincide with CP=1 up to float32 rounding.
@@ -8,18 +8,18 @@ Rank 0 prints progress while it runs and a table at the end: loss per step, the 
 CP=1, tokens/s, activations saved for backward per rank and peak RSS per rank. Exits 1 if any algorithm
 differs from CP=1 by more than ``--tolerance``.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import resource
-import socket
 import sys
 import time
-from datetime import timedelta
 from typing import Dict, List
 
-from .cliargs import OneLineParser, UsageError, integer, real
+from ..cliargs import OneLineParser, UsageError, integer, real
+from ..ranks import free_port, init_rank
 
 RUNS = [  # (label, configure() flags); CP comes from --ranks
     ("CP=1 (reference)", None),
@@ -36,8 +36,9 @@ LABELS = [label for label, _ in RUNS]
 def _label(text: str) -> str:
     """argparse ``type`` of ``--only``: a run label (the CP=1 reference always runs)."""
     if text not in LABELS[1:]:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a run label (one of {', '.join(map(repr, LABELS[1:]))}; "
-                                         f"{LABELS[0]} always runs)")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a run label (one of {', '.join(map(repr, LABELS[1:]))}; {LABELS[0]} always runs)"
+        )
     return text
 
 
@@ -54,13 +55,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=integer(2), default=256)
     p.add_argument("--lr", type=real(0.0, open_low=True), default=3e-3)
     p.add_argument("--tolerance", type=real(0.0), default=1e-4, help="largest allowed |loss - loss at CP=1|")
-    p.add_argument("--only", nargs="+", type=_label, metavar="LABEL",
-                   help=f"labels of the CP runs to do (default: all): {', '.join(map(repr, LABELS[1:]))}")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        type=_label,
+        metavar="LABEL",
+        help=f"labels of the CP runs to do (default: all): {', '.join(map(repr, LABELS[1:]))}",
+    )
     return p
 
 
-_NAMES = {"--context-parallel-size": "--ranks", "--num-attention-heads": "--heads", "--num-query-groups": "--kv-heads",
-          "--seq-length": "--seq"}  # Megatron's flag -> the demo's
+_NAMES = {
+    "--context-parallel-size": "--ranks",
+    "--num-attention-heads": "--heads",
+    "--num-query-groups": "--kv-heads",
+    "--seq-length": "--seq",
+}  # Megatron's flag -> the demo's
 
 
 def _demo_names(message: str) -> str:
@@ -87,8 +97,12 @@ def mock_batch(batch: int, seq: int, vocab: int, seed: int = 1234):
     stream = (start + step * torch.arange(seq + 1)) % vocab
     noise = torch.rand(batch, seq + 1, generator=g) < 0.1
     stream = torch.where(noise, torch.randint(0, vocab, (batch, seq + 1), generator=g), stream)
-    return {"tokens": stream[:, :-1].contiguous(), "labels": stream[:, 1:].contiguous(),
-            "loss_mask": torch.ones(batch, seq), "position_ids": torch.arange(seq).expand(batch, seq).contiguous()}
+    return {
+        "tokens": stream[:, :-1].contiguous(),
+        "labels": stream[:, 1:].contiguous(),
+        "loss_mask": torch.ones(batch, seq),
+        "position_ids": torch.arange(seq).expand(batch, seq).contiguous(),
+    }
 
 
 def _saved_bytes():
@@ -134,11 +148,23 @@ def _train(args, label: str, flags, state_dict, log) -> dict:
     ps.initialize_model_parallel(context_parallel_size=cp)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     config = TransformerConfig(
-        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        num_query_groups=args.kv_heads, ffn_hidden_size=4 * args.hidden, hidden_dropout=0.0,
-        attention_dropout=0.0, context_parallel_size=cp, params_dtype=torch.float32)
-    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=args.vocab,
-                     max_sequence_length=args.seq, position_embedding_type="rope")
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        num_attention_heads=args.heads,
+        num_query_groups=args.kv_heads,
+        ffn_hidden_size=4 * args.hidden,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        context_parallel_size=cp,
+        params_dtype=torch.float32,
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=args.vocab,
+        max_sequence_length=args.seq,
+        position_embedding_type="rope",
+    )
     if state_dict is not None:
         model.load_state_dict(state_dict)
     initial = {k: (v.clone() if v is not None else None) for k, v in model.state_dict().items()}
@@ -169,9 +195,15 @@ def _train(args, label: str, flags, state_dict, log) -> dict:
         times.append(time.perf_counter() - t0)
         log(f"  [{label}] step {step + 1}/{args.steps}  loss {losses[-1]:.6f}  ({times[-1]:.2f} s)")
     steady = sorted(times[1:] or times)[len(times[1:] or times) // 2]
-    result = dict(label=label, cp=cp, layout=_layout(flags, cp, dist.get_world_size()),
-                  losses=losses, tokens_per_s=tokens / steady, saved_bytes=saved,
-                  peak_rss=peak_rss)
+    result = dict(
+        label=label,
+        cp=cp,
+        layout=_layout(flags, cp, dist.get_world_size()),
+        losses=losses,
+        tokens_per_s=tokens / steady,
+        saved_bytes=saved,
+        peak_rss=peak_rss,
+    )
     ps.destroy_model_parallel()
     return result, initial
 
@@ -179,7 +211,7 @@ def _train(args, label: str, flags, state_dict, log) -> dict:
 def _layout(flags, cp: int, world: int) -> str:
     if flags is None:
         return f"DP {world}, full sequence each"
-    from .config import CPConfig
+    from ..config import CPConfig
 
     c = CPConfig(context_parallel_size=cp, **flags)
     if c.context_parallel_algo == "ulysses_cp_algo":
@@ -193,15 +225,12 @@ def _layout(flags, cp: int, world: int) -> str:
 
 
 def _rank_main(rank: int, world: int, port: int, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     import warnings
 
     warnings.filterwarnings("ignore")
-    import torch
+    init_rank(rank, world, port, timeout_s=600)
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=600))
     import mindspeed_cp.megatron_adaptor  # noqa: F401  - before Megatron's names are bound
 
     def log(msg):
@@ -232,11 +261,15 @@ def _report(args, world: int, results: List[dict]) -> bool:
     ref = results[0]["losses"]
     mib = 1 / 2**20
     print()
-    print(f"GPT {args.layers} layers, hidden {args.hidden}, {args.heads} heads ({args.kv_heads} KV), RoPE, "
-          f"seq {args.seq}, batch {args.batch}, {world} gloo ranks on CPU, fp32, Adam lr {args.lr}")
+    print(
+        f"GPT {args.layers} layers, hidden {args.hidden}, {args.heads} heads ({args.kv_heads} KV), RoPE, "
+        f"seq {args.seq}, batch {args.batch}, {world} gloo ranks on CPU, fp32, Adam lr {args.lr}"
+    )
     steps = " ".join(f"{'step ' + str(i + 1):>10}" for i in range(args.steps))
-    header = f"{'algorithm':<17} {'layout':<28} {steps} {'max|Δ| vs CP=1':>15} {'tokens/s':>9} " \
-             f"{'saved act/rank':>15} {'peak RSS/rank':>14}"
+    header = (
+        f"{'algorithm':<17} {'layout':<28} {steps} {'max|Δ| vs CP=1':>15} {'tokens/s':>9} "
+        f"{'saved act/rank':>15} {'peak RSS/rank':>14}"
+    )
     print(header)
     print("-" * len(header))
     ok = True
@@ -244,8 +277,10 @@ def _report(args, world: int, results: List[dict]) -> bool:
         diff = max(abs(a - b) for a, b in zip(r["losses"], ref))
         ok &= diff <= args.tolerance
         losses = " ".join(f"{x:>10.6f}" for x in r["losses"])
-        print(f"{r['label']:<17} {r['layout']:<28} {losses} {diff:>15.2e} {r['tokens_per_s']:>9.0f} "
-              f"{r['saved_bytes'] * mib:>11.1f} MiB {r['peak_rss'] * mib:>10.0f} MiB")
+        print(
+            f"{r['label']:<17} {r['layout']:<28} {losses} {diff:>15.2e} {r['tokens_per_s']:>9.0f} "
+            f"{r['saved_bytes'] * mib:>11.1f} MiB {r['peak_rss'] * mib:>10.0f} MiB"
+        )
     print()
     print("saved act/rank: tensors autograd keeps for backward on one rank (its tokens only: ~1/CP of CP=1).")
     print("peak RSS/rank: resident memory after the forward pass, incl. the interpreter, torch and megatron-core;")
@@ -255,23 +290,20 @@ def _report(args, world: int, results: List[dict]) -> bool:
     return ok
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from .config import CPConfig, CPConfigError
+    from ..config import CPConfig, CPConfigError
 
     try:
         _check_model(args)
         for label, flags in RUNS[1:]:
             if not args.only or label in args.only:
                 CPConfig(context_parallel_size=args.ranks, **flags).validate(
-                    num_attention_heads=args.heads, num_query_groups=args.kv_heads, seq_length=args.seq,
-                    world_size=args.ranks)
+                    num_attention_heads=args.heads,
+                    num_query_groups=args.kv_heads,
+                    seq_length=args.seq,
+                    world_size=args.ranks,
+                )
     except CPConfigError as e:
         print(f"mindspeed-cp demo: {label}: {_demo_names(str(e))}", file=sys.stderr)
         return 2
@@ -284,10 +316,12 @@ def main(argv=None) -> int:
 
     with tempfile.NamedTemporaryFile("r", suffix=".status") as status:
         os.environ["MSCP_DEMO_STATUS"] = status.name
-        print(f"mindspeed-cp demo: {args.ranks} gloo ranks, {args.steps} steps per run "
-              f"({len(RUNS) if not args.only else len(set(args.only)) + 1} runs)", flush=True)
-        mp.start_processes(_rank_main, args=(args.ranks, _free_port(), args), nprocs=args.ranks,
-                           start_method="spawn")
+        print(
+            f"mindspeed-cp demo: {args.ranks} gloo ranks, {args.steps} steps per run "
+            f"({len(RUNS) if not args.only else len(set(args.only)) + 1} runs)",
+            flush=True,
+        )
+        mp.start_processes(_rank_main, args=(args.ranks, free_port(), args), nprocs=args.ranks, start_method="spawn")
         return 0 if status.read() == "ok" else 1
 
 

@@ -1,6 +1,10 @@
-"""Start ``world`` gloo ranks on this machine, run one function on every rank, collect the results.
+"""Gloo ranks on this machine: a free port, a rank's process group, and one-shot launches of a function.
 
     results = launch(4, body, arg, timeout=300)        # body(*args) runs as rank 0..3; one result per rank
+
+One helper for the package (``--device cpu-here`` calibration, ``make demo``, ``make demo-megatron-lm``), the
+benchmarks and the tests' persistent pool (``tests/dist.py``): :func:`free_port`, :func:`init_rank` (a rank's
+environment, one intra-op thread, the gloo process group) and :func:`launch`.
 
 Each rank is a fresh ``spawn``ed process with one intra-op thread (what a rank of a CPU job gets; the
 machine's cores are shared by all ranks). ``body`` is a module-level function (pickled by name).
@@ -12,6 +16,7 @@ A rank that raises while its peers wait in a collective would hang them; the lau
 seconds after the first failure, then kills every rank and reports :class:`LaunchResult` with
 ``ok=False`` (the errors of every rank, and whatever rank 0 reported with :func:`progress` before).
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -29,7 +34,7 @@ _CONN = None  # this rank's pipe to the launcher (set in the worker)
 @dataclass
 class LaunchResult:
     ok: bool
-    results: List[Any]                               # per rank: the body's return value, or None
+    results: List[Any]  # per rank: the body's return value, or None
     errors: List[str] = field(default_factory=list)  # "rank r: Type: message" for every failed rank
     progress: List[Any] = field(default_factory=list)  # what rank 0 reported with progress(), in order
     timed_out: bool = False
@@ -37,8 +42,16 @@ class LaunchResult:
 
     @staticmethod
     def is_memory_error(error: str) -> bool:
-        return any(s in error for s in ("MemoryError", "can't allocate memory", "not enough memory",
-                                        "std::bad_alloc", "Cannot allocate memory"))
+        return any(
+            s in error
+            for s in (
+                "MemoryError",
+                "can't allocate memory",
+                "not enough memory",
+                "std::bad_alloc",
+                "Cannot allocate memory",
+            )
+        )
 
     @property
     def out_of_memory(self) -> bool:
@@ -53,17 +66,37 @@ def progress(item: Any) -> None:
         _CONN.send(("progress", item))
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (for MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_rank(rank: int, world: int, port: int, timeout_s: float) -> None:
+    """Become gloo rank ``rank`` of ``world`` on this machine: torchrun's environment variables, one intra-op
+    thread (the machine's cores are shared by all ranks), the default process group."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+
+
 def _worker(rank: int, world: int, port: int, conn, fn: Callable, args: tuple, timeout_s: float) -> None:
     global _CONN
     _CONN = conn
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     try:
-        import torch
-        import torch.distributed as dist
-
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+        init_rank(rank, world, port, timeout_s)
         result = ("ok", fn(*args))
     except BaseException as e:  # noqa: BLE001 - report everything to the launcher
         result = ("err", f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
@@ -73,22 +106,20 @@ def _worker(rank: int, world: int, port: int, conn, fn: Callable, args: tuple, t
         conn.send(("err", f"rank {rank}: cannot return the result: {e}"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(world: int, fn: Callable, *args: Any, timeout: float = 600, grace: float = 10) -> LaunchResult:
     """Run ``fn(*args)`` on ``world`` fresh gloo ranks; never raises for a rank's failure (see ``ok``)."""
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     conns, procs = [], []
     start = time.monotonic()
     for rank in range(world):
         parent, child = ctx.Pipe()
-        p = ctx.Process(target=_worker, args=(rank, world, port, child, fn, args, timeout),
-                        daemon=True, name=f"bench-rank{rank}-of-{world}")
+        p = ctx.Process(
+            target=_worker,
+            args=(rank, world, port, child, fn, args, timeout),
+            daemon=True,
+            name=f"bench-rank{rank}-of-{world}",
+        )
         p.start()
         conns.append(parent)
         procs.append(p)
@@ -141,5 +172,11 @@ def launch(world: int, fn: Callable, *args: Any, timeout: float = 600, grace: fl
         p.join(timeout=5)
     for c in conns:
         c.close()
-    return LaunchResult(ok=not errors, results=results, errors=errors, progress=items, timed_out=timed_out,
-                        wall_s=time.monotonic() - start)
+    return LaunchResult(
+        ok=not errors,
+        results=results,
+        errors=errors,
+        progress=items,
+        timed_out=timed_out,
+        wall_s=time.monotonic() - start,
+    )

@@ -9,7 +9,7 @@ different groups never share hidden state.
 Group kinds (see :mod:`mindspeed_cp.topology`): ``ulysses``, ``ring``, ``ring_intra_window``,
 ``ring_inter_window``. Under ``--use-cp-send-recv-overlap`` each ring kind has a second communicator,
 :meth:`CPState.overlap_group`, so a send and a receive posted together do not serialise.
-:attr:`CPState.agree_group` is where every attention call agrees on its inputs (:mod:`mindspeed_cp.agree`):
+:attr:`CPState.agree_group` is where every attention call agrees on its inputs (:mod:`mindspeed_cp.agreement`):
 the CP group itself when the default backend is gloo, else a gloo twin over the same ranks (as Megatron
 keeps for data parallelism), so the agreement never synchronises the device.
 
@@ -18,12 +18,14 @@ distributed_timeout_minutes=...)``, else Megatron's ``--distributed-timeout-minu
 ``initialize_model_parallel``), the same as Megatron's own CP group, so a stalled peer ends a collective
 with an error after that time on every rank instead of hanging it.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional
 
-from .config import CPConfig
-from .topology import CP_KINDS, RING_KINDS, layout_for
+from ..config import CPConfig
+from ..options import DoubleRingWindow
+from ..topology import CP_KINDS, RING_KINDS, layout_for
 
 
 class CPStateError(RuntimeError):
@@ -47,7 +49,7 @@ class CPState:
         self.seq_len: Optional[int] = None
         self.warned_unsplit: bool = False
         self.timeout_minutes: Optional[float] = None  # configure(distributed_timeout_minutes=...)
-        # Packed documents (mindspeed_cp.packing): where get_batch_on_this_cp_rank reads the boundaries
+        # Packed documents (mindspeed_cp.layout.packing): where get_batch_on_this_cp_rank reads the boundaries
         # ("position_ids": restarts at 0, "eod": after every eod_token), and the Documents of the last batch,
         # which every attention layer of the step uses; ``packed``: the PackedSeqParams get_thd_batch_on_this_cp_rank
         # returned for that batch (a THD batch), which core attention and RoPE then expect.
@@ -71,9 +73,16 @@ class CPState:
     def groups_built(self) -> bool:
         return self.layout is not None
 
-    def build_groups(self, world_size: int, rank: int, tp: int, pp: int,
-                     new_group: Callable[[List[int]], object], cp_group: object,
-                     gloo_group: Optional[Callable[[List[int]], object]] = None) -> None:
+    def build_groups(
+        self,
+        world_size: int,
+        rank: int,
+        tp: int,
+        pp: int,
+        new_group: Callable[[List[int]], object],
+        cp_group: object,
+        gloo_group: Optional[Callable[[List[int]], object]] = None,
+    ) -> None:
         """Create the CP sub-groups on every rank, in the same order everywhere (a collective).
 
         Kinds equal to the CP group itself reuse Megatron's ``cp_group`` instead of a new communicator.
@@ -133,10 +142,12 @@ class CPState:
         if not self.groups_built:
             raise CPStateError(
                 "context-parallel groups are not initialized: call mindspeed_cp.megatron_adaptor.configure(...) "
-                "and then megatron.core.parallel_state.initialize_model_parallel(...)")
+                "and then megatron.core.parallel_state.initialize_model_parallel(...)"
+            )
         if kind not in table:
             raise CPStateError(
-                f"no {kind!r} group for {self.config.describe()} (available: {', '.join(sorted(table)) or 'none'})")
+                f"no {kind!r} group for {self.config.describe()} (available: {', '.join(sorted(table)) or 'none'})"
+            )
         return table[kind]
 
     def group(self, kind: str):
@@ -154,25 +165,18 @@ class CPState:
     def has(self, kind: str) -> bool:
         return kind in self._groups
 
+    def double_ring_window(self) -> Optional[DoubleRingWindow]:
+        """This rank's Double Ring groups (None for a single ring)."""
+        if not self.config.is_double_ring:
+            return None
+        overlap = self.config.use_cp_send_recv_overlap
+        return DoubleRingWindow(
+            size=self.config.cp_window_size,
+            intra_group=self.group("ring_intra_window"),
+            inter_group=self.group("ring_inter_window"),
+            intra_overlap_group=self.overlap_group("ring_intra_window") if overlap else None,
+            inter_overlap_group=self.overlap_group("ring_inter_window") if overlap else None,
+        )
+
 
 STATE = CPState()
-
-
-def get_cp_config() -> CPConfig:
-    return STATE.config
-
-
-def get_ulysses_group():
-    return STATE.group("ulysses")
-
-
-def get_ring_group():
-    return STATE.group("ring")
-
-
-def get_ring_intra_window_group():
-    return STATE.group("ring_intra_window")
-
-
-def get_ring_inter_window_group():
-    return STATE.group("ring_inter_window")

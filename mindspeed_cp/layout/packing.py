@@ -25,6 +25,7 @@ left out of the loss (``Documents.real`` is False there). Coordinates: ``padded`
 tokens of the padded sample ``0..T-1`` (documents in order, each followed by its pads); a block's mask is
 ``ids[q] != ids[k] or pos[k] > pos[q]`` on padded positions.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,8 +35,14 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["Documents", "lengths_from_cu_seqlens", "lengths_from_position_ids", "lengths_from_eod",
-           "layout_work", "computed_scores"]
+__all__ = [
+    "Documents",
+    "lengths_from_cu_seqlens",
+    "lengths_from_position_ids",
+    "lengths_from_eod",
+    "layout_work",
+    "computed_scores",
+]
 
 
 def lengths_from_cu_seqlens(cu_seqlens: Sequence[int]) -> List[int]:
@@ -85,8 +92,9 @@ class Documents:
         if not self.lengths or any(not row or min(row) < 1 for row in self.lengths):
             raise ValueError(f"every sample needs documents of length >= 1, got {self.lengths}")
         if len({sum(row) for row in self.lengths}) != 1:
-            raise ValueError(f"every sample of a batch must have the same length, got "
-                             f"{[sum(row) for row in self.lengths]}")
+            raise ValueError(
+                f"every sample of a batch must have the same length, got {[sum(row) for row in self.lengths]}"
+            )
         if self.cp < 1 or self.ring < 1 or self.cp % self.ring:
             raise ValueError(f"ring size {self.ring} must divide the CP size {self.cp}")
         self.seq_len = sum(self.lengths[0])
@@ -149,12 +157,12 @@ class Documents:
         if self.ring == 1:
             return torch.tensor_split(self.order, self.cp, dim=1)[rank]
         n = self.padded_len // self.cp
-        return self.order[:, rank * n:(rank + 1) * n]
+        return self.order[:, rank * n : (rank + 1) * n]
 
     def ring_positions(self, j: int) -> Tensor:
         """``[b, T/R]`` padded positions of ring position ``j`` (its U Ulysses ranks' tokens, in order)."""
         n = self.padded_len // self.ring
-        return self.order[:, j * n:(j + 1) * n]
+        return self.order[:, j * n : (j + 1) * n]
 
     def rope_index(self, rank: int, table: int) -> Tensor:
         """``[s_local]`` rows of a RoPE table of ``table`` positions for rank ``rank``'s tokens of sample 0, as
@@ -215,7 +223,7 @@ class Documents:
         if key not in self._spans:
             ids, order, _ = self._host
             n = self.padded_len // self.ring
-            qpos, kpos = order[:, qj * n:(qj + 1) * n], order[:, kj * n:(kj + 1) * n]  # each increasing
+            qpos, kpos = order[:, qj * n : (qj + 1) * n], order[:, kj * n : (kj + 1) * n]  # each increasing
             nt, D = -(-n // tile), int(ids.max()) + 1
             t = torch.arange(n) // tile
             first, last = torch.full((nt,), n), torch.full((nt,), -1)
@@ -236,7 +244,7 @@ class Documents:
         return self._spans[key]
 
     def shift_plan(self, rank: int, within_documents: bool):
-        """The :class:`mindspeed_cp.shift.ShiftPlan` of ``rank`` (cached): the one-position shift of multi-token
+        """The :class:`mindspeed_cp.layout.shift.ShiftPlan` of ``rank`` (cached): the one-position shift of multi-token
         prediction by original position, pads taking 0. ``within_documents``: every document's last token takes 0
         too (megatron-core's THD shift); else the shift runs through the whole sample (its ``[b, S]`` shift).
         Every sample must share the layout (Ring/Hybrid refuse different documents per sample; Ulysses keeps the
@@ -247,8 +255,10 @@ class Documents:
         if key not in self._shifts:
             _, order, source = self._host
             if bool((order != order[:1]).any()) or bool((source != source[:1]).any()):
-                raise ValueError("multi-token prediction with packed documents: the samples of the micro-batch are "
-                                 "laid out differently; use --micro-batch-size 1")
+                raise ValueError(
+                    "multi-token prediction with packed documents: the samples of the micro-batch are "
+                    "laid out differently; use --micro-batch-size 1"
+                )
             n = [self.local_len(q) for q in range(self.cp)]
             ranks = torch.split(source[0].gather(0, order[0]), n)  # original position of every rank's tokens
             ends = torch.tensor(self.lengths[0]).cumsum(0) - 1 if within_documents else None
@@ -265,7 +275,8 @@ class Documents:
     def to(self, device) -> "Documents":
         """The same documents with their index tensors on ``device`` (once per batch, not per layer)."""
         self.ids, self.source, self.order, self.inside = (
-            t.to(device) for t in (self.ids, self.source, self.order, self.inside))
+            t.to(device) for t in (self.ids, self.source, self.order, self.inside)
+        )
         self._rope = {}
         return self
 

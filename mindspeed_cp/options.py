@@ -1,0 +1,134 @@
+"""The options of an attention call, as small frozen objects: one per level, and one for the per-call inputs.
+
+The public functions keep their keyword arguments (``ring_attention(q, k, v, group, causal=..., bnsd=...)``); they
+build these objects once, and everything below them - Hybrid's ring level, the agreement, the Megatron glue -
+passes the objects instead of re-spelling every option::
+
+    ring = RingOptions(bnsd=True, window=DoubleRingWindow(2, intra, inter), kv_cache_policy="full")
+    inputs = CallInputs(causal=True, dropout=drop)          # what changes from call to call
+    out = ring_attention_with(q, k, v, ring_group, inputs, ring)
+
+Values are checked where a wrong one would make ranks diverge: the agreement (:mod:`mindspeed_cp.agreement`)
+encodes every option in its row, so one rank's bad value fails every rank. A KV-cache policy outside
+``None | "full" | "half"`` is refused at once (it names no layout at all).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .config import KV_CACHE_POLICIES
+
+__all__ = [
+    "DEAD_ROWS",
+    "KV_CACHE_POLICIES",
+    "CallInputs",
+    "DoubleRingWindow",
+    "RingOptions",
+    "UlyssesOptions",
+    "check_policy",
+    "policy_code",
+]
+
+DEAD_ROWS = ("uniform", "zero")  # a fully masked row: the mean of V (Megatron's local attention), or 0 (flash, TE)
+
+
+def check_policy(policy: Optional[str], where: str) -> Optional[str]:
+    """``policy`` if it is a KV-cache policy (or None), else ValueError naming ``where``."""
+    if policy is not None and policy not in KV_CACHE_POLICIES:
+        raise ValueError(f"{where}: kv_cache_policy must be None, 'full' or 'half', got {policy!r}")
+    return policy
+
+
+def policy_code(policy: Optional[str]) -> int:
+    """The policy as an integer for the input agreement (ranks must agree: else one waits for a message)."""
+    return -1 if policy is None else KV_CACHE_POLICIES.index(policy)
+
+
+@dataclass(frozen=True)
+class DoubleRingWindow:
+    """Double Ring groups of this rank: for the ring list ``Rg`` and window ``size`` K,
+    ``intra_group`` = ``Rg[x*K:(x+1)*K]`` (this rank's window), ``inter_group`` = ``Rg[a::K]`` (the same
+    position in every window); the ``*_overlap_group`` twins (same ranks) enable send/recv overlap."""
+
+    size: int
+    intra_group: Any = None
+    inter_group: Any = None
+    intra_overlap_group: Any = None
+    inter_overlap_group: Any = None
+
+
+@dataclass(frozen=True)
+class RingOptions:
+    """The ring level's options (``ring_attention``'s keywords; Hybrid's ring level).
+
+    ``bnsd``: compute in ``[b, n, s, d]`` (``--megatron-cp-in-bnsd``). ``overlap_group``: a second communicator over
+    the ring's ranks (``--use-cp-send-recv-overlap``). ``window``: Double Ring groups (None or size 1: one ring).
+    ``kernel``: a kernel name, object or None (by device). ``dead_rows``: fully masked rows give ``"zero"`` or
+    ``"uniform"`` (Megatron's local attention). ``kv_cache_policy``: what backward keeps of the received blocks.
+    """
+
+    bnsd: bool = False
+    overlap_group: Any = None
+    window: Optional[DoubleRingWindow] = None
+    kernel: Any = None
+    dead_rows: str = "zero"
+    kv_cache_policy: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check_policy(self.kv_cache_policy, "ring_attention")
+
+    @property
+    def double(self) -> bool:
+        return self.window is not None and self.window.size != 1
+
+    @property
+    def window_size(self) -> int:
+        """K of the Double Ring (1: a single ring)."""
+        return self.window.size if self.double else 1
+
+    @property
+    def overlap(self) -> bool:
+        """Send and receive on two communicators (the Double Ring's twins, or ``overlap_group``)."""
+        return self.window.intra_overlap_group is not None if self.double else self.overlap_group is not None
+
+
+@dataclass(frozen=True)
+class UlyssesOptions:
+    """The Ulysses level's options: ``kv_cache_policy`` (``--context-parallel-kv-cache-policy``) and
+    ``allgather_kv`` (``--use-ulysses-allgather-kv``: K/V by all-gather, GQA with KV heads <= P)."""
+
+    kv_cache_policy: Optional[str] = None
+    allgather_kv: bool = False
+
+    def __post_init__(self) -> None:
+        check_policy(self.kv_cache_policy, "UlyssesContextAttention")
+
+
+@dataclass(frozen=True)
+class CallInputs:
+    """What one attention call brings besides q/k/v: ``causal``; ``attention_mask`` (bool, True = masked; with
+    ``causal=False``); ``softmax_scale`` (None: ``1/sqrt(d)``); ``dropout`` (:class:`mindspeed_cp.dropout.
+    AttentionDropout`; p = 0 is none); ``documents`` (:class:`mindspeed_cp.layout.packing.Documents`:
+    document-causal attention)."""
+
+    causal: bool = True
+    attention_mask: Any = None
+    softmax_scale: Optional[float] = None
+    dropout: Any = None
+    documents: Any = None
+
+    def __post_init__(self) -> None:
+        if self.dropout is not None and self.dropout.p == 0:
+            object.__setattr__(self, "dropout", None)
+
+    def scale(self, head_dim: int) -> float:
+        """The softmax scale for a query/key head size ``head_dim``."""
+        return self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+    def replace(self, **changes: Any) -> "CallInputs":
+        import dataclasses
+
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,1 @@
+"""mindspeed-cp plan."""

@@ -1,0 +1,1 @@
+"""the mindspeed-cp command."""
