@@ -29,13 +29,13 @@ from typing import Any, Iterator, Optional, Tuple
 import torch
 
 from .kernels import acc_dtype, dead_rows, get_kernel, merge_
+from .options import DEAD_ROWS
 from .stats import record_block, record_skip
 
 Tensor = torch.Tensor
 
 __all__ = ["local_attention", "LocalAttentionFunction", "DEAD_ROWS", "uniform_rows", "add_uniform_grad"]
 
-DEAD_ROWS = ("uniform", "zero")
 DEFAULT_TILE = 2048
 
 
