@@ -274,7 +274,7 @@ def _ulysses_paths():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     import mindspeed_cp.megatron_adaptor as adaptor
-    from mindspeed_cp import attention
+    from mindspeed_cp.megatron import attention
     from tests.gpt_helpers import init_parallel
 
     adaptor.configure(context_parallel_size=2, context_parallel_algo="ulysses_cp_algo")

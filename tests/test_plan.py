@@ -10,8 +10,8 @@ import re
 import pytest
 import torch
 
-from mindspeed_cp import costmodel as cm
 from mindspeed_cp.config import CPConfig, CPConfigError
+from mindspeed_cp.planner import costmodel as cm
 from mindspeed_cp.planner.plan import cp_attention_time, device, plan, presets, read_conf
 from mindspeed_cp.tools.cli import main as cli_main
 
