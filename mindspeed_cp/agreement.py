@@ -42,13 +42,22 @@ import torch.distributed as dist
 
 from .comm import peer_failure
 from .layout.sharding import split_sizes
-from .options import DEAD_ROWS, KV_CACHE_POLICIES, CallInputs, RingOptions, UlyssesOptions, policy_code
+from .options import (
+    DEAD_ROWS,
+    KV_CACHE_POLICIES,
+    CallInputs,
+    KVAllGatherOptions,
+    RingOptions,
+    UlyssesOptions,
+    policy_code,
+)
 from .stats import record_bytes
 
 __all__ = [
     "agree",
     "agree_2d",
     "agree_hybrid",
+    "agree_kvallgather",
     "agree_ring",
     "agree_ulysses",
     "Table",
@@ -56,8 +65,10 @@ __all__ = [
     "UlyssesRow",
     "RingRow",
     "HybridRow",
+    "KVAllGatherRow",
     "UlyssesError",
     "RingAttentionError",
+    "KVAllGatherError",
     "kv_head_repeats",
     "allgather_problem",
     "float_bits",
@@ -73,6 +84,10 @@ class UlyssesError(ValueError):
 
 class RingAttentionError(ValueError):
     """Ring attention inputs or options that cannot run (raised on every rank of the ring)."""
+
+
+class KVAllGatherError(ValueError):
+    """All-gather K/V attention inputs or options that cannot run (raised on every rank of the group)."""
 
 
 # ================================================================================================ encoding
@@ -698,6 +713,14 @@ def ring_row(
 
 def ring_problem(row: RingRow, P: int, window_info: dict) -> Optional[str]:
     """What is wrong with one rank's ring inputs (a pure function of its row), or None."""
+    window = _WINDOW_PROBLEMS[row.window_code].format(**window_info) if row.window_code else None
+    return zigzag_problem(row, P) or window
+
+
+def zigzag_problem(row, P: int, rank: str = "ring rank", size: str = "ring size") -> Optional[str]:
+    """What is wrong with one rank's inputs to an algorithm of the zigzag layout (a :class:`RingRow` or a
+    :class:`KVAllGatherRow`: q/k/v/mask signatures, causal, dead_rows, scale, documents), or None. ``rank`` and
+    ``size`` name the level in the messages."""
     q, k, v, m = row.q, row.k, row.v, row.mask
     if row.dead_rows < 0:
         return f"dead_rows must be one of {', '.join(DEAD_ROWS)}"
@@ -715,7 +738,7 @@ def ring_problem(row: RingRow, P: int, window_info: dict) -> Optional[str]:
         )
     if min(s, b, n, d) < 1:
         return (
-            f"q is [{s}, {b}, {n}, {d}]: every ring rank needs a non-empty shard (s_local >= 2 for the "
+            f"q is [{s}, {b}, {n}, {d}]: every {rank} needs a non-empty shard (s_local >= 2 for the "
             f"zigzag layout, batch, heads and head_dim >= 1)"
         )
     scale = bits_float(row.scale)
@@ -723,20 +746,19 @@ def ring_problem(row: RingRow, P: int, window_info: dict) -> Optional[str]:
         return f"softmax_scale must be a positive finite number, got {scale}"
     if k.d2 < 1 or n % k.d2:
         return f"query heads {n} are not a multiple of key/value heads {k.d2} (GQA needs heads % kv_heads == 0)"
-    window = _WINDOW_PROBLEMS[row.window_code].format(**window_info) if row.window_code else None
     if row.doc_tokens >= 0:
         if not row.causal or m.present:
             return "documents= gives document-causal attention: pass causal=True and no attention_mask"
         if s != row.doc_tokens:
             return (
-                f"the documents lay out {row.doc_tokens} tokens per ring rank (Documents.shard), but q holds {s} "
-                f"(every document padded to a multiple of 2 x ring size {P})"
+                f"the documents lay out {row.doc_tokens} tokens per {rank} (Documents.shard), but q holds {s} "
+                f"(every document padded to a multiple of 2 x {size} {P})"
             )
-        return window
+        return None
     if (row.causal or m.present) and s % 2:
         return (
-            f"s_local {s} is odd: the zigzag layout gives each ring rank two equal chunks "
-            f"(--seq-length must be divisible by 2 x ring size {P})"
+            f"s_local {s} is odd: the zigzag layout gives each {rank} two equal chunks "
+            f"(--seq-length must be divisible by 2 x {size} {P})"
         )
     if m.present:
         if row.causal:
@@ -752,7 +774,7 @@ def ring_problem(row: RingRow, P: int, window_info: dict) -> Optional[str]:
                 f"attention_mask must be [b|1, heads|1, s_local|S, S] = [{b}|1, {n}|1, {s}|{S}, {S}] "
                 f"(columns in global token order)"
             )
-    return window
+    return None
 
 
 def ring_check(table: Table) -> Optional[str]:
@@ -787,6 +809,89 @@ def agree_ring(q, k, v, inputs: CallInputs, options: RingOptions, ring_group, sc
         error=RingAttentionError,
         like=q,
         prefix="ring attention inputs rejected on ",
+    )
+
+
+# ================================================================================================ all-gather K/V
+@dataclass(frozen=True)
+class KVAllGatherRow(Row):
+    """An all-gather K/V rank (``kvallgather_cp_algo``): q/k/v/mask, then the options every rank must share (a rank
+    that differs would wait in a collective the others skip, or compute something else). ``groups``: the KV-head
+    groups the gather is split into (1: one gather, not overlapped); the rest as :class:`RingRow`."""
+
+    q: TensorSig
+    k: TensorSig
+    v: TensorSig
+    mask: TensorSig
+    causal: bool
+    groups: int
+    dropout: int
+    dead_rows: int
+    scale: int
+    doc_tokens: int
+    doc_crc: int
+    kv_cache: int
+
+    def describe(self) -> str:
+        parts = [sig.text(n) for n, sig in zip(("q", "k", "v", "attention_mask"), (self.q, self.k, self.v, self.mask))]
+        drop = "none" if self.dropout < 0 else f"{self.dropout / (1 << 24):.4g}"
+        dead = DEAD_ROWS[self.dead_rows] if 0 <= self.dead_rows < len(DEAD_ROWS) else "?"
+        policy = None if self.kv_cache < 0 else repr(KV_CACHE_POLICIES[self.kv_cache])
+        return (
+            ", ".join(parts) + f", causal={self.causal}, gather in {self.groups} KV-head group(s), dropout={drop}, "
+            f"dead_rows={dead}, softmax_scale={bits_float(self.scale):.6g}, kv_cache_policy={policy}"
+            + ("" if self.doc_tokens < 0 else f", documents {self.doc_crc:08x} ({self.doc_tokens} tokens per CP rank)")
+        )
+
+
+def kvallgather_row(q, k, v, inputs: CallInputs, options: KVAllGatherOptions, scale: float) -> KVAllGatherRow:
+    """One rank's :class:`KVAllGatherRow`."""
+    sigs = [TensorSig.of(t) for t in (q, k, v, inputs.attention_mask)]
+    kv_heads = k.shape[2] if isinstance(k, torch.Tensor) and k.dim() == 4 else 1
+    return KVAllGatherRow(
+        *sigs,
+        inputs.causal,
+        options.head_groups(kv_heads),
+        -1 if inputs.dropout is None else inputs.dropout.threshold,
+        DEAD_ROWS.index(options.dead_rows) if options.dead_rows in DEAD_ROWS else -1,
+        float_bits(scale),
+        *_documents_key(inputs.documents),
+        policy_code(options.kv_cache_policy),
+    )
+
+
+def kvallgather_check(table: Table) -> Optional[str]:
+    if any(row != table.rows[0] for row in table.rows):
+        return (
+            f"all-gather K/V attention inputs differ across the {len(table.rows)} ranks (every rank must pass the "
+            f"same shapes, dtypes, devices, grad mode and options; q/k/v are [s_local, b, heads, head_dim]): "
+            + table.listing(KVAllGatherRow.describe)
+        )
+    return None
+
+
+def agree_kvallgather(
+    q, k, v, inputs: CallInputs, options: KVAllGatherOptions, group, scale: float, agree_group=None
+) -> None:
+    """Agree on every rank's all-gather K/V inputs (one all-gather over ``agree_group``, default ``group``), then
+    raise the same :class:`KVAllGatherError` everywhere if any is off."""
+    P = dist.get_world_size(group)
+    mine = kvallgather_row(q, k, v, inputs, options, scale)
+    problem = zigzag_problem(mine, P, rank="CP rank", size="--context-parallel-size")
+    if problem:
+        problem = f"{problem} (got {mine.describe()})"
+    if P == 1 and agree_group is None:
+        if problem:
+            raise KVAllGatherError(f"all-gather K/V attention: {problem}")
+        return
+    agree(
+        group if agree_group is None else agree_group,
+        mine,
+        problem,
+        check=kvallgather_check,
+        error=KVAllGatherError,
+        like=q,
+        prefix="all-gather K/V attention inputs rejected on ",
     )
 
 

@@ -16,6 +16,9 @@ Communication goes through ``torch.distributed.all_to_all_single`` with split si
 all implement it); every exchange reports the bytes it sends to *other* ranks to
 :func:`mindspeed_cp.stats.record_bytes` under the kind ``"all_to_all"`` (or the ``kind`` given).
 
+:func:`start_all_gather` / :func:`start_reduce_scatter` post one asynchronous all-gather / reduce-scatter (the
+all-gather K/V algorithm, :mod:`mindspeed_cp.kvallgather`, overlaps them with its compute); ``wait()`` gives the result.
+
 :func:`all_gather` (``--use-ulysses-allgather-kv``) gathers a sequence-sharded tensor on every rank, uneven
 shards padded to the longest; its backward is the reduce-scatter of the gradient (kinds ``"all_gather"``,
 ``"reduce_scatter"``)::
@@ -267,20 +270,52 @@ TAGS = {"ring_kv": 11, "ring_dkv": 12}
 class PendingExchange:
     """An exchange in flight; :meth:`wait` returns the received tensor (idempotent)."""
 
-    def __init__(self, works: List, received: torch.Tensor, sent: torch.Tensor, group=None) -> None:
+    def __init__(
+        self, works: List, received: torch.Tensor, sent: torch.Tensor, group=None, what: str = "a ring send/recv"
+    ) -> None:
         self._works = works
         self._received = received
         self._sent = sent  # keep the send buffer alive until the message has left
         self._group = group
+        self._what = what
 
     def wait(self) -> torch.Tensor:
         try:
             for w in self._works:
                 w.wait()
         except RuntimeError as e:
-            raise peer_failure(e, self._group, "a ring send/recv") from e
+            raise peer_failure(e, self._group, self._what) from e
         self._works, self._sent = [], None
         return self._received
+
+
+# ------------------------------------------------------------------------------------------ async all-gather
+def start_all_gather(x: torch.Tensor, group, kind: str = "all_gather") -> PendingExchange:
+    """Post the all-gather of ``x`` ``[n, ...]`` (equal on every rank) over ``group``; ``wait()`` gives ``[P*n, ...]``
+    in rank order. Reports ``(P-1) x`` bytes of ``x`` (what this rank sends to the others)."""
+    x = x.contiguous()
+    world = dist.get_world_size(group)
+    recv = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
+    record_bytes(kind, (world - 1) * x.numel() * x.element_size())
+    try:
+        work = _ALL_GATHER(recv, x, group=group, async_op=True)
+    except RuntimeError as e:
+        raise peer_failure(e, group, "the K/V all-gather") from e
+    return PendingExchange([work], recv, x, group, "the K/V all-gather")
+
+
+def start_reduce_scatter(x: torch.Tensor, group, kind: str = "reduce_scatter") -> PendingExchange:
+    """Post the reduce-scatter (sum) of ``x`` ``[P*n, ...]`` over ``group``: ``wait()`` gives this rank's ``[n, ...]``
+    of the sum over ranks. Reports ``(P-1) x`` bytes of the result (the parts this rank sends on)."""
+    x = x.contiguous()
+    world = dist.get_world_size(group)
+    recv = x.new_empty((x.shape[0] // world,) + tuple(x.shape[1:]))
+    record_bytes(kind, (world - 1) * recv.numel() * recv.element_size())
+    try:
+        work = _REDUCE_SCATTER(recv, x, group=group, async_op=True)
+    except RuntimeError as e:
+        raise peer_failure(e, group, "the dK/dV reduce-scatter") from e
+    return PendingExchange([work], recv, x, group, "the dK/dV reduce-scatter")
 
 
 class RingExchanger:

@@ -26,6 +26,7 @@ __all__ = [
     "KV_CACHE_POLICIES",
     "CallInputs",
     "DoubleRingWindow",
+    "KVAllGatherOptions",
     "RingOptions",
     "UlyssesOptions",
     "check_policy",
@@ -105,6 +106,34 @@ class UlyssesOptions:
 
     def __post_init__(self) -> None:
         check_policy(self.kv_cache_policy, "UlyssesContextAttention")
+
+
+@dataclass(frozen=True)
+class KVAllGatherOptions:
+    """The all-gather level's options (``kvallgather_attention``'s keywords).
+
+    ``overlap``: split the gather by KV heads so that computing one group overlaps the gathering of the next (and,
+    in backward, the reduce-scatter of one group's dK/dV the computing of the next); False: one gather waited for
+    before any compute, one reduce-scatter after it (``--no-kv-allgather-overlap``). ``kernel``: a kernel name,
+    object or None (by device). ``dead_rows``: fully masked rows give ``"zero"`` or ``"uniform"`` (Megatron's local
+    attention). ``kv_cache_policy``: None gathers K/V again in backward, ``"full"`` keeps the gathered K/V,
+    ``"half"`` keeps the gathered K and gathers V again.
+    """
+
+    overlap: bool = True
+    kernel: Any = None
+    dead_rows: str = "zero"
+    kv_cache_policy: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check_policy(self.kv_cache_policy, "kvallgather_attention")
+
+    def head_groups(self, kv_heads: int) -> int:
+        """How many KV-head groups the gather is split into: the smallest divisor > 1 of ``kv_heads`` with overlap
+        (8 -> 2, 6 -> 2, 3 -> 3; one KV head cannot be split: 1), else 1."""
+        if not self.overlap:
+            return 1
+        return next((g for g in range(2, kv_heads + 1) if kv_heads % g == 0), 1)
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,7 @@ class Documents:
         self.inside = torch.tensor(inside, dtype=torch.long)  # [b, T] position inside its document (pads count on)
         # CPU copies for planning (spans, the MTP shift), whatever device .to() moves to
         self._host = (self.ids, self.order, self.source)
+        self._host_inside = self.inside
         self._rope, self._spans, self._shifts = {}, {}, {}
 
     def _order(self, row_pad: List[int]) -> List[int]:
@@ -242,6 +243,31 @@ class Documents:
                 last = torch.maximum(last, torch.where(hit, start[:-1] + seen - 1, -1).amax(1))
             self._spans[key] = [(a, e + 1) if e >= 0 else None for a, e in zip(first.tolist(), last.tolist())]
         return self._spans[key]
+
+    def gather_spans(self, qj: int, tile: int) -> List[Tuple[int, int]]:
+        """The keys each row tile of ring position ``qj`` can see once every rank's tokens are gathered in padded
+        order (``kvallgather_cp_algo``): per tile of ``tile`` rows the range ``(a, e)`` of padded positions from the
+        start of the document of its first row to its last row, over all samples. A rank holds its tokens in
+        increasing position, so every (same document, not later) key of the tile's rows lies in that one range.
+        Host work on the CPU copies, cached per (qj, tile)."""
+        key = ("gather", qj, tile)
+        if key not in self._spans:
+            _, order, _ = self._host
+            n = self.padded_len // self.ring
+            qpos = order[:, qj * n : (qj + 1) * n]  # [b, n], increasing per sample
+            starts = torch.arange(0, n, tile)
+            ends = (starts + tile).clamp(max=n) - 1
+            first, last = qpos[:, starts], qpos[:, ends]  # [b, tiles]
+            a = (first - self._host_inside.gather(1, first)).amin(0)  # the first row's document start
+            e = last.amax(0) + 1
+            self._spans[key] = list(zip(a.tolist(), e.tolist()))
+        return self._spans[key]
+
+    @property
+    def same_order(self) -> bool:
+        """Every sample has the same layout (one gather order serves the batch); from the CPU copy."""
+        _, order, _ = self._host
+        return bool((order == order[:1]).all())
 
     def shift_plan(self, rank: int, within_documents: bool):
         """The :class:`mindspeed_cp.layout.shift.ShiftPlan` of ``rank`` (cached): the one-position shift of multi-token

@@ -14,6 +14,10 @@ query heads, ``hk`` KV heads, ``d`` head dim, ``e`` bytes per element.
 * Ring over P (and Double Ring: inner + outer hops add up to the same P-1 per pass): ``3 (P-1) 2 s b hk d e``
   - K+V forward, K+V again and dK+dV backward (KV-cache policies remove some of the backward K/V).
 * Hybrid U x R: Ulysses over U on the S/P local tokens plus Ring over R on ``h/U``, ``hk/U`` heads, S/R tokens.
+* All-gather K/V over P (``kvallgather_cp_algo``): the K/V all-gather ``(P-1) s b hk (d + dv) e`` forward, the
+  same again backward unless a KV-cache policy keeps the gathered K/V, and the dK/dV reduce-scatter as much:
+  ``3 (P-1) s b hk (d + dv) e`` (the ring's volume), ``2 (P-1)/P S b hk (d + dv) e`` with ``full`` (the textbook
+  all-gather + reduce-scatter: 2/3 of the ring's, ``P hk / (h + hk)`` of Ulysses').
 
 **Work**: causal attention computes ``S (S+1) / 2`` query-key pairs per head (a full mask ``S^2``); forward
 ``4 d`` FLOPs per pair (``QK^T`` and ``PV``), backward ``10 d`` (flash attention's backward recomputes the
@@ -69,13 +73,16 @@ def hybrid_bytes(S: int, U: int, R: int, b: int, h: int, hk: int, d: int, e: int
 def textbook_bytes(
     algo: str, S: int, cp: int, b: int, h: int, hk: int, d: int, e: int, ulysses: int = 1, dv: Optional[int] = None
 ) -> float:
-    """Textbook bytes per rank for ``algo`` in ``ulysses | ring | double_ring | hybrid``."""
+    """Textbook bytes per rank for ``algo`` in ``ulysses | ring | double_ring | hybrid | kvallgather`` (no KV-cache
+    policy)."""
     if algo == "ulysses":
         return ulysses_bytes(S, cp, b, h, hk, d, e, dv)
     if algo in ("ring", "double_ring"):
         return ring_bytes(S, cp, b, hk, d, e, dv)
     if algo == "hybrid":
         return hybrid_bytes(S, ulysses, cp // ulysses, b, h, hk, d, e, dv)
+    if algo == "kvallgather":
+        return kvallgather_bytes(S, cp, b, hk, d, e, dv)
     raise ValueError(f"unknown algorithm {algo!r}")
 
 
@@ -138,6 +145,25 @@ def ring_kv_cache(S: int, P: int, b: int, hk: float, d: int, e: int, policy=None
         "kv": (2 * (d + dv) - kept) * hops * head,
         "dkv": (d + dv) * hops * head,
     }
+
+
+def kvallgather_kv_cache(
+    S: int, P: int, b: int, hk: float, d: int, e: int, policy=None, dv: Optional[int] = None
+) -> dict:
+    """All-gather K/V over P ranks holding S/P tokens each (``kvallgather_cp_algo``): the K/V all-gather sends
+    ``(P-1)`` shards of ``(S/P) b hk (d + dv) e``, the dK/dV reduce-scatter as much, and backward gathers again what
+    the policy does not keep (none: K and V; ``half``: V; ``full``: nothing). ``saved``: the gathered K/V kept less
+    the local K/V no longer kept. Policy by policy these are the ring's numbers (:func:`ring_kv_cache`): an
+    all-gather sends each shard to P-1 ranks as the ring's P-1 hops do; without a policy
+    ``3 (P-1)/P S b hk (d + dv) e``, with ``full`` the textbook all-gather + reduce-scatter
+    ``2 (P-1)/P S b hk (d + dv) e``."""
+    ring = ring_kv_cache(S, P, b, hk, d, e, policy, dv)
+    return {"sent": ring["sent"], "saved": ring["saved"], "gather": ring["kv"], "reduce_scatter": ring["dkv"]}
+
+
+def kvallgather_bytes(S: int, P: int, b: int, hk: float, d: int, e: int, dv: Optional[int] = None) -> float:
+    """Bytes per rank of ``kvallgather_cp_algo`` without a KV-cache policy (K/V gathered again in backward)."""
+    return kvallgather_kv_cache(S, P, b, hk, d, e, None, dv)["sent"]
 
 
 def hybrid_kv_cache(
@@ -368,7 +394,7 @@ def all_to_all_s(dev: Device, bytes_sent: float, peers: Dict[str, int], calls: i
 class Attention:
     """One attention configuration to cost: a CP layout for one model layer's core attention on one rank."""
 
-    algo: str  # ulysses | ring | hybrid
+    algo: str  # ulysses | ring | hybrid | kvallgather
     cp: int
     ulysses: int = 1  # U (hybrid); Ulysses = cp, Ring = 1
     window: int = 1  # Double Ring inner window (ring level)
@@ -376,7 +402,7 @@ class Attention:
     kv_cache: Optional[str] = None
     tp: int = 1
     ulysses_group: Sequence[int] = ()
-    ring_group: Sequence[int] = ()  # the ring-level ranks in ring order
+    ring_group: Sequence[int] = ()  # the ring-level ranks in ring order (kvallgather: its all-gather group)
 
 
 def attention_time(
@@ -417,6 +443,8 @@ def attention_time(
         )
         out["total"] = out["compute"] + out["a2a"]
         return out
+    if a.algo == "kvallgather":
+        return _kvallgather_time(dev, S, b, a, (h, hk, d, dv, e), out, forward_only)
     # ---- ring level over R ranks (Double Ring: windows of K)
     K = a.window if a.window > 1 else R
     block = (S / R) * b * hku * (d + dv) * e  # one K+V block
@@ -451,6 +479,54 @@ def attention_time(
             out["ring_transfer"] += count * transfer
             out["latency"] += count * exchanges * lat
             out[f"{cls}_bytes"] += count * blocks * block
+    out["total"] = out["compute"] + out["a2a"] + out["ring_exposed"]
+    return out
+
+
+def head_groups(kv_heads: float, overlap: bool) -> int:
+    """The KV-head groups ``kvallgather_cp_algo`` splits its gather into (:class:`mindspeed_cp.options.
+    KVAllGatherOptions`): the smallest divisor > 1 of the KV heads with overlap, else 1."""
+    hk = int(kv_heads)
+    return next((g for g in range(2, hk + 1) if hk % g == 0), 1) if overlap else 1
+
+
+def _kvallgather_time(dev: Device, S: int, b: int, a: Attention, shape, out: dict, forward_only: bool) -> dict:
+    """The all-gather K/V algorithm over P = cp ranks: every rank computes ``(2P-1) c^2 + c (c+1)`` causal pairs per
+    head (``c = S/2P``, the zigzag), the two diagonal tiles on its own keys among them. The gather of head group 1
+    of G hides behind those own-key tiles, group g+1's behind group g's compute; in backward group g's dK/dV
+    reduce-scatter behind group g+1's compute, the last one exposed. An all-gather / reduce-scatter is costed as
+    NCCL's ring algorithm: the bytes over the slowest hop of the group's ring, P-1 latencies. On a CPU device nothing
+    is hidden (gloo's copies run on the same cores)."""
+    h, hk, d, dv, e = shape
+    P, G = a.cp, head_groups(hk, a.overlap)
+    c = S // (2 * P)
+    pairs, own = (2 * P - 1) * c * c + c * (c + 1), c * (c + 1)
+    bw, lat = dev.link(ring_hops(a.ring_group or range(P), dev.domain))
+    kv = kvallgather_kv_cache(S, P, b, hk, d, e, a.kv_cache, dv)
+    first = (P - 1) * (S / P) * b * hk * (d + dv) * e  # the forward gather
+    per_pair = pair_flops(d, dv)
+    phases = {"forward": (first, 0.0), "backward": (kv["gather"] - first, kv["reduce_scatter"])}
+    if forward_only:
+        del phases["backward"]
+    for phase, (gather, scatter) in phases.items():
+        comp = dev.compute_s(per_pair[phase] * pairs * h * b, 2 * c, calls=4 * G)
+        # the own-key tiles run before the first group arrives (backward: when the local K/V are what it kept)
+        early = comp * own / pairs if a.overlap and (phase == "forward" or a.kv_cache is None) else 0.0
+        t_gather = gather / bw + (P - 1) * lat * G if gather else 0.0
+        t_scatter = scatter / bw + (P - 1) * lat * G if scatter else 0.0
+        rest = (comp - early) / G  # one group's compute
+        hidden = not dev.cores
+        exposed = 0.0
+        if t_gather:
+            exposed += max(0.0, t_gather / G - (early if hidden else 0.0))
+            exposed += (G - 1) * max(0.0, t_gather / G - (rest if hidden else 0.0))
+        if t_scatter:
+            exposed += t_scatter / G + (G - 1) * max(0.0, t_scatter / G - (rest if hidden else 0.0))
+        out["compute"] += comp
+        out["ring_exposed"] += exposed
+        out["ring_transfer"] += t_gather + t_scatter
+        out["latency"] += (P - 1) * lat * G * (bool(gather) + bool(scatter))
+        out[f"{ring_hops(a.ring_group or range(P), dev.domain)}_bytes"] += gather + scatter
     out["total"] = out["compute"] + out["a2a"] + out["ring_exposed"]
     return out
 
