@@ -19,6 +19,9 @@ Per case and rank, one counted pass (forward + backward) gives
   blocks were entirely masked.
 * ``saved``: bytes of the distinct storages autograd saved for backward during the forward
   (``torch.autograd.graph.saved_tensors_hooks``; views of one storage count once).
+* ``held``: the most bytes of the communication layer's buffers alive at once, forward and backward
+  (:func:`mindspeed_cp.stats.count_held`: the ring's blocks in flight, the all-gather's receive buffers, gathered
+  K/V, dK/dV accumulators and reduce-scatter buffers) - the memory beyond ``saved`` an algorithm needs.
 
 then ``reps`` timed passes (wall clock and process CPU time).
 """
@@ -39,6 +42,7 @@ ALGO_FLAGS = {
     "ring": "megatron_cp_algo",
     "double_ring": "megatron_cp_algo",
     "hybrid": "hybrid_cp_algo",
+    "kvallgather": "kvallgather_cp_algo",
 }
 
 
@@ -92,6 +96,7 @@ def build_runner(case: dict, kernel: str = "torch"):
     import torch.distributed as dist
 
     from mindspeed_cp.hybrid import hybrid_attention
+    from mindspeed_cp.kvallgather import kvallgather_attention
     from mindspeed_cp.megatron.state import STATE
     from mindspeed_cp.ring import ring_attention
     from mindspeed_cp.ulysses import UlyssesContextAttention
@@ -103,8 +108,9 @@ def build_runner(case: dict, kernel: str = "torch"):
         dist.get_world_size(), dist.get_rank(), 1, 1, new_group=dist.new_group, cp_group=dist.group.WORLD
     )
     uly = STATE.group("ulysses") if cfg.ulysses_size > 1 else None
-    ring = STATE.group("ring") if cfg.ring_size > 1 else None
-    window = STATE.double_ring_window() if cfg.ring_size > 1 else None
+    gather = STATE.group("allgather") if case["algo"] == "kvallgather" else None
+    ring = STATE.group("ring") if cfg.ring_size > 1 and gather is None else None
+    window = STATE.double_ring_window() if ring is not None else None
     STATE.reset()  # the groups live on in this closure; nothing global is left behind
     algo, policy = case["algo"], case.get("kv_cache_policy")
     if algo == "ulysses":
@@ -112,6 +118,10 @@ def build_runner(case: dict, kernel: str = "torch"):
             KernelAttention(kernel), uly, kv_cache_policy=policy, allgather_kv=case.get("allgather_kv", False)
         )
         return cfg, lambda q, k, v: ulysses(q, k, v)
+    if algo == "kvallgather":
+        return cfg, lambda q, k, v: kvallgather_attention(
+            q, k, v, gather, causal=True, kernel=kernel, kv_cache_policy=policy
+        )
     if algo in ("ring", "double_ring"):
         return cfg, lambda q, k, v: ring_attention(
             q, k, v, ring, causal=True, window=window, kernel=kernel, kv_cache_policy=policy
@@ -145,7 +155,7 @@ def measure_cases(cases: List[dict], reps: int = 3, kernel: str = "torch") -> Li
 
     from mindspeed_cp.layout.sharding import token_indices
     from mindspeed_cp.ring import count_blocks
-    from mindspeed_cp.stats import count_bytes
+    from mindspeed_cp.stats import count_bytes, count_held
 
     out = []
     for i, case in enumerate(cases):
@@ -153,7 +163,7 @@ def measure_cases(cases: List[dict], reps: int = 3, kernel: str = "torch") -> Li
         s_local = int(token_indices(cfg, dist.get_rank(), case["seq"]).numel())
         q, k, v, dout = _inputs(case, s_local, seed=1000 * i + dist.get_rank())
         saved = SavedBytes()
-        with count_bytes() as comm, count_blocks() as blocks:
+        with count_bytes() as comm, count_blocks() as blocks, count_held() as held:
             for t in (q, k, v):
                 t.grad = None
             with saved.hooks():
@@ -180,6 +190,7 @@ def measure_cases(cases: List[dict], reps: int = 3, kernel: str = "torch") -> Li
                 "blocks_computed": int(sum(blocks.blocks[p] for p in phases)),
                 "empty_blocks": int(empty),
                 "saved_bytes": saved.total,
+                "held_peak_bytes": held.peak,
                 "time_s": statistics.median(wall),
                 "cpu_time_s": statistics.median(cpu),
             }

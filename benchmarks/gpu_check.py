@@ -17,6 +17,11 @@ one Markdown page with four tables:
    vs what Megatron's local ``DotProductAttention`` computes (baddbmm, softmax, dropout, bmm: the S x S scores),
    forward + backward time and peak memory; Megatron's runs out of memory first.
 4. **Peak memory** of the kernels per case (``torch.cuda.max_memory_allocated``).
+5. **All-gather K/V on one device.** Every rank of ``kvallgather_cp_algo`` emulated in turn on the gathered
+   sequence: its tiles (``mindspeed_cp.layout.gather.causal_tiles``: rectangular full tiles and square causal
+   diagonals) through the kernel, merged, then backward with the merged out / LSE, dK / dV summed over ranks as
+   the reduce-scatter sums them: out, dq, dk, dv against float64 (fp32, bf16), and the slowest rank's time against
+   one full attention: ``(full / P) / rank``, the all-gather's decomposition efficiency.
 """
 
 from __future__ import annotations
@@ -199,6 +204,84 @@ def ulysses_table(device, quick: bool) -> List[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- 5. the all-gather on one device
+def _allgather_rank(kernel, r: int, P: int, q, k, v, dout, scale: float, grads=None):
+    """Rank ``r`` of ``P`` of the all-gather on ``[b, n|nk, S, d]`` tensors (the gathered K/V, global order): its
+    tiles forward, merged, then backward; dq into its rows, dk / dv added into ``grads`` (the reduce-scatter's sum)."""
+    from mindspeed_cp.kernels import acc_dtype, merge_
+    from mindspeed_cp.layout.gather import causal_tiles
+    from mindspeed_cp.layout.sharding import zigzag_index
+
+    b, n, S = q.shape[:3]
+    rows = zigzag_index(S, P, r, q.device)
+    qr, dr = q[:, :, rows], dout[:, :, rows]
+    tiles = causal_tiles(P, r, S // P)
+    out = torch.zeros(b, n, S // P, v.shape[3], dtype=acc_dtype(q.dtype), device=q.device)
+    lse = torch.full((b, n, S // P), -math.inf, dtype=acc_dtype(q.dtype), device=q.device)
+    for t in tiles:
+        bo, bl = kernel.forward(
+            qr[:, :, t.row_slice], k[:, :, t.key_slice], v[:, :, t.key_slice], scale=scale, causal=t.causal
+        )
+        merge_(out[:, :, t.row_slice], lse[:, :, t.row_slice], bo, bl)
+    out = out.to(q.dtype)
+    dq = torch.zeros_like(out[..., :1].expand(*qr.shape), dtype=acc_dtype(q.dtype))
+    for t in tiles:
+        gq, gk, gv = kernel.backward(
+            dr[:, :, t.row_slice],
+            qr[:, :, t.row_slice],
+            k[:, :, t.key_slice],
+            v[:, :, t.key_slice],
+            out[:, :, t.row_slice],
+            lse[:, :, t.row_slice],
+            scale=scale,
+            causal=t.causal,
+        )
+        dq[:, :, t.row_slice] += gq
+        if grads is not None:
+            grads[0][:, :, t.key_slice] += gk
+            grads[1][:, :, t.key_slice] += gv
+    return rows, out, dq
+
+
+def allgather_table(device, quick: bool) -> List[dict]:
+    from mindspeed_cp.kernels import acc_dtype, get_kernel
+
+    kernel = get_kernel(None, device)
+    rows = []
+    exact = [(256 if quick else 2048, 4)]
+    timing = [] if quick or device.type != "cuda" else [(32768, 8), (65536, 8), (131072, 8)]
+    b, n, nk, d = (1, 4, 2, 32) if quick else (1, 32, 8, 128)
+    for S, P in exact + timing:
+        for dtype in (torch.float32, torch.bfloat16) if (S, P) in exact else (torch.bfloat16,):
+            gen = torch.Generator(device=device).manual_seed(3)
+            q, k, v, dout = (torch.randn(b, h, S, d, generator=gen, device=device).to(dtype) for h in (n, nk, nk, n))
+            scale = d**-0.5
+            row = dict(seq=S, cp=P, dtype=str(dtype)[6:], heads=f"{n}/{nk}")
+            if (S, P) in exact:
+                grads = [torch.zeros(t.shape, dtype=acc_dtype(dtype), device=device) for t in (k, v)]
+                outs, dqs = torch.empty(b, n, S, d, dtype=dtype, device=device), torch.empty(b, n, S, d, device=device)
+                for r in range(P):
+                    idx, out, dq = _allgather_rank(kernel, r, P, q, k, v, dout, scale, grads)
+                    outs[:, :, idx], dqs[:, :, idx] = out, dq.float()
+                want = _ref(q, k, v, dout, True, None, None, 0.0)
+                for label, got, ref in zip(("out", "dq", "dk", "dv"), (outs, dqs, *grads), want):
+                    row[label] = float((got.double() - ref).abs().max() / ref.abs().max())
+            full = _timed(
+                lambda: kernel.backward(
+                    dout, q, k, v, *kernel.forward(q, k, v, scale=scale, causal=True), scale=scale, causal=True
+                ),
+                device,
+                1 if quick else 3,
+            )
+            worst = max(
+                _timed(lambda r=r: _allgather_rank(kernel, r, P, q, k, v, dout, scale), device, 1 if quick else 3)
+                for r in range(P)
+            )
+            row.update(full_ms=full * 1e3, rank_ms=worst * 1e3, efficiency=(full / P) / worst)
+            rows.append(row)
+    return rows
+
+
 # ----------------------------------------------------------------------------- report
 def _fmt(x) -> str:
     if x is None:
@@ -290,6 +373,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "megatron_ms",
                 "megatron_peak_mib",
             ],
+        )
+    )
+    print(parts[-1], flush=True)
+    gather = allgather_table(device, quick)
+    parts.append(
+        markdown(
+            "5. All-gather K/V on one device: every rank's tiles vs float64, the slowest rank vs one full attention",
+            gather,
+            ["seq", "cp", "dtype", "heads", "out", "dq", "dk", "dv", "full_ms", "rank_ms", "efficiency"],
         )
     )
     print(parts[-1], flush=True)

@@ -26,13 +26,24 @@ What each adapter changes in the peer, exactly:
   fixed: ``dq = dq_buffer.to(torch.float32)`` (likewise dk, dv) is the buffer itself for fp32 inputs, so later
   blocks overwrite the accumulated gradient (and the dK/dV being sent). :func:`_fixed_zigzag` compiles yunchang's
   own module source with those three calls made ``.to(torch.float32, copy=True)`` - nothing else.
-* ``torch-ring``: PyTorch's private ring (:func:`benchmarks.ring_overhead.torch_ring`); nothing changed.
+* ``torch-ring``: PyTorch's private ring (:func:`benchmarks.ring_overhead.torch_ring`); nothing changed. (Its K/V
+  exchange follows torch's ``_cp_options.rotate_method``, whose default in torch 2.13 is the all-gather.)
+* ``torch-allgather``: the same private function with ``rotate_method`` set to all-gather explicitly (restored after
+  the call): one all-gather of K/V, then the zigzag ring's steps on its chunks; backward gathers K/V again and passes
+  dK/dV around by all-to-all. Nothing else changed.
+* ``rfa-llama3``: ring-flash-attn's ``llama3_flash_attn_varlen_func`` (Llama 3's all-gather K/V, split by KV heads
+  ``heads_k_stride``; contiguous layout, so causal work grows with the rank) with the two flash-attn calls it makes
+  (``_flash_attn_varlen_forward`` / ``_backward`` from ``flash_attn.flash_attn_interface``) given by a stand-in module
+  running torch's CPU flash op: per sequence, flash-attn's bottom-right causal as a full part and a causal square
+  merged by LSE (:func:`_fa_varlen_forward`). The package's other modules import flash-attn names they are never
+  asked to run here: the stand-in defines them as functions that raise.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import types
 from typing import Callable, Dict
 
@@ -52,7 +63,12 @@ ALGO = {
     "ours-hybrid": "hybrid",
     "usp": "hybrid",
     "usp-fixed": "hybrid",
+    "ours-kvallgather": "kvallgather",
+    "torch-allgather": "kvallgather",
+    "rfa-llama3": "kvallgather",
 }
+LAYOUT = {"rfa-llama3": "ulysses"}  # a system whose token layout is not its algorithm's: contiguous shards
+HEADS_K_STRIDE = 2  # rfa-llama3's KV heads per gather (ours splits its gather into 2 KV-head groups likewise)
 FIXED = {"yunchang-ring-fixed": "yunchang-ring", "usp-fixed": "usp"}  # a peer's fixed copy -> the peer as shipped
 ULYSSES_DEGREE = 2  # Hybrid problems: U = 2 Ulysses x R = P/2 ring
 
@@ -65,7 +81,7 @@ def layout(algo: str, S: int, P: int, r: int) -> torch.Tensor:
 
     if algo == "ulysses":
         return torch.tensor_split(torch.arange(S), P)[r]
-    if algo == "ring":
+    if algo in ("ring", "kvallgather"):
         if S % (2 * P):
             raise ValueError(f"S={S} is not a multiple of 2 x {P} (zigzag)")
         return zigzag_index(S, P, r)
@@ -191,6 +207,126 @@ def _fixed_zigzag() -> types.ModuleType:
     return fixed
 
 
+def _bottom_right(fn, q, k, v, scale, *rest):
+    """Flash-attn's causal for ``sq <= sk`` (bottom-right: query i sees keys ``0 .. sk - sq + i``) on ``[1, h, s, d]``
+    as torch's top-left causal CPU op can do it: the first ``sk - sq`` keys fully, the last ``sq`` causally."""
+    split = k.shape[2] - q.shape[2]
+    parts = [(slice(0, split), False)] if split else []
+    return [
+        fn(q, k[:, :, ks], v[:, :, ks], causal, ks, scale, *rest) for ks, causal in parts + [(slice(split, None), True)]
+    ]
+
+
+def _varlen(cu):
+    cu = [int(x) for x in cu.tolist()]  # the peer's host-side sequence boundaries
+    return list(zip(cu[:-1], cu[1:]))
+
+
+def _fa_varlen_forward(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    return_softmax=False,
+    block_table=None,
+):
+    """flash-attn 2.x's ``_flash_attn_varlen_forward`` contract on torch's CPU flash op: ``[t, h, d]`` in and out,
+    LSE ``[h, t]`` float32, 8 return values (out, q, k, v, out_padded, lse, S_dmask, rng_state)."""
+    bnsd = lambda x: x.transpose(0, 1)[None]  # noqa: E731 - [t, h, d] -> [1, h, t, d]
+    outs, lses = [], []
+    for (qa, qe), (ka, ke) in zip(_varlen(cu_seqlens_q), _varlen(cu_seqlens_k)):
+
+        def part(q_, k_, v_, is_causal, ks, scale):
+            return aten._scaled_dot_product_flash_attention_for_cpu(q_, k_, v_, 0.0, is_causal, scale=scale)[:2]
+
+        qs, ks, vs = bnsd(q[qa:qe]), bnsd(k[ka:ke]), bnsd(v[ka:ke])
+        pieces = (
+            _bottom_right(part, qs, ks, vs, softmax_scale) if causal else [part(qs, ks, vs, False, None, softmax_scale)]
+        )
+        lse = torch.logsumexp(torch.stack([p[1] for p in pieces]), 0)  # [1, h, sq]
+        out = sum(p[0].float() * (p[1] - lse).exp()[..., None] for p in pieces)
+        outs.append(out[0].transpose(0, 1).to(q.dtype))
+        lses.append(lse[0])
+    out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
+    return out, q, k, v, out, lse, None, None
+
+
+def _fa_varlen_backward(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    softmax_lse,
+    dq,
+    dk,
+    dv,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    rng_state=None,
+):
+    """flash-attn's ``_flash_attn_varlen_backward`` contract: gradients written into the given ``[t, h, d]`` buffers."""
+    bnsd = lambda x: x.transpose(0, 1)[None]  # noqa: E731
+    back = lambda x: x[0].transpose(0, 1)  # noqa: E731
+    dq.zero_(), dk.zero_(), dv.zero_()
+    for (qa, qe), (ka, ke) in zip(_varlen(cu_seqlens_q), _varlen(cu_seqlens_k)):
+        lse = softmax_lse[None, :, qa:qe].contiguous()
+        do, qs, os_ = bnsd(dout[qa:qe]), bnsd(q[qa:qe]), bnsd(out[qa:qe])
+
+        def part(q_, k_, v_, is_causal, ks, scale):
+            g = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                do, q_, k_, v_, os_, lse, 0.0, is_causal, scale=scale
+            )
+            dq[qa:qe] += back(g[0])
+            dk[ka:ke][ks] += back(g[1])
+            dv[ka:ke][ks] += back(g[2])
+
+        ks_, vs_ = bnsd(k[ka:ke]), bnsd(v[ka:ke])
+        if causal:
+            _bottom_right(part, qs, ks_, vs_, softmax_scale)
+        else:
+            part(qs, ks_, vs_, False, slice(None), softmax_scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _ring_flash_attn():
+    """ring-flash-attn's llama3 module with flash-attn's interface given by :func:`_fa_varlen_forward` / backward."""
+    if "flash_attn" not in sys.modules:
+
+        def absent(*args, **kwargs):
+            raise NotImplementedError("flash-attn is not installed: only the llama3 varlen calls are stood in for")
+
+        iface = types.ModuleType("flash_attn.flash_attn_interface")
+        iface.__getattr__ = lambda name: absent  # any other name the package imports: never run here
+        iface._flash_attn_varlen_forward, iface._flash_attn_varlen_backward = _fa_varlen_forward, _fa_varlen_backward
+        pkg = types.ModuleType("flash_attn")
+        pkg.__path__ = []
+        pkg.flash_attn_interface = iface
+        pkg.__getattr__ = lambda name: absent
+        sys.modules.update({"flash_attn": pkg, "flash_attn.flash_attn_interface": iface})
+    import ring_flash_attn.llama3_flash_attn_varlen as llama3
+
+    return llama3
+
+
 # ----------------------------------------------------------------------------- the systems
 def _ours_ulysses(groups, q, k, v, dout):
     from mindspeed_cp.local import local_attention
@@ -287,6 +423,43 @@ def _ours_ring(groups, q, k, v, dout):
     return ours_ring(groups.world, q, k, v, dout)
 
 
+def _ours_kvallgather(groups, q, k, v, dout):
+    from mindspeed_cp.kvallgather import kvallgather_attention
+
+    leaves = _leaves(q, k, v)
+    o = kvallgather_attention(*leaves, groups.world, causal=True)
+    o.backward(dout)
+    return o.detach(), [t.grad for t in leaves]
+
+
+def _torch_allgather(groups, q, k, v, dout):
+    from torch.distributed.tensor.experimental._context_parallel import _attention as tcp
+
+    from .ring_overhead import torch_ring
+
+    before = tcp._cp_options.rotate_method
+    tcp._cp_options.rotate_method = tcp._RotateMethod.ALL_GATHER
+    try:
+        return torch_ring(groups.world, q, k, v, dout)
+    finally:
+        tcp._cp_options.rotate_method = before
+
+
+def _rfa_llama3(groups, q, k, v, dout):
+    """ring-flash-attn's Llama 3 all-gather on contiguous shards: ``[s, 1, h, d]`` -> its ``[t, h, d]`` (batch 1)."""
+    llama3 = _ring_flash_attn()
+    P, r = dist.get_world_size(groups.world), dist.get_rank(groups.world)
+    cu = torch.tensor([0, groups.seq_len], dtype=torch.int32)
+    cu_q, cu_k, max_q, max_k, local_k = llama3.llama3_flash_attn_prepare_cu_seqlens(cu, True, r, P)
+    stride = HEADS_K_STRIDE if k.shape[2] % HEADS_K_STRIDE == 0 else k.shape[2]
+    leaves = _leaves(*(t[:, 0] for t in (q, k, v)))
+    o = llama3.llama3_flash_attn_varlen_func(
+        *leaves, cu_q, cu_k, max_q, max_k, stride, local_k, causal=True, group=groups.world
+    )
+    o.backward(dout[:, 0])
+    return o.detach()[:, None], [t.grad[:, None] for t in leaves]
+
+
 SYSTEMS: Dict[str, Callable] = {
     "ours-ulysses": _ours_ulysses,
     "deepspeed-ulysses": _deepspeed_ulysses,
@@ -298,6 +471,9 @@ SYSTEMS: Dict[str, Callable] = {
     "ours-hybrid": _ours_hybrid,
     "usp": _usp(False),
     "usp-fixed": _usp(True),
+    "ours-kvallgather": _ours_kvallgather,
+    "torch-allgather": _torch_allgather,
+    "rfa-llama3": _rfa_llama3,
 }
 assert set(SYSTEMS) == set(ALGO)
 

@@ -9,7 +9,9 @@ yunchang without flash-attn), built on first use (:func:`ensure_venv`); our pack
 Systems (:mod:`benchmarks.peer_systems`, which says exactly what each adapter changes): Ulysses - ours,
 DeepSpeed's ``DistributedAttention``, yunchang's ``UlyssesAttention``; Ring - ours, PyTorch's private ring
 (its public ``context_parallel()`` has no CPU sharding strategy in 2.13), yunchang's zigzag ring (as shipped and
-a fixed copy); Hybrid (P >= 4, U = 2) - ours, yunchang's USP ``LongContextAttention`` (as shipped and fixed).
+a fixed copy); Hybrid (P >= 4, U = 2) - ours, yunchang's USP ``LongContextAttention`` (as shipped and fixed);
+all-gather K/V - ours (``kvallgather_cp_algo``), PyTorch's private function with its all-gather rotater,
+ring-flash-attn's ``llama3_flash_attn_varlen_func`` (its flash-attn calls on the CPU flash op; contiguous shards).
 
 Per problem (P ranks, S tokens, heads / KV heads, dtype, causal):
 
@@ -39,14 +41,15 @@ from typing import List
 
 from mindspeed_cp.ranks import launch
 
-from .peer_systems import ALGO, FIXED, ULYSSES_DEGREE, Groups, layout, system
+from .peer_systems import ALGO, FIXED, LAYOUT, ULYSSES_DEGREE, Groups, layout, system
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "benchmarks")
 VENV = os.path.join(ROOT, ".peers", "venv")
 REF = os.path.join(ROOT, ".peers", "ref")
 TORCH, PEERS = "torch==2.13.0", ["deepspeed==0.19.8"]
-NO_DEPS = ["yunchang==0.6.4"]  # its only dependency besides torch is flash-attn (CUDA); the adapter replaces it
+# their only dependency besides torch is flash-attn (CUDA); the adapters replace the calls they make
+NO_DEPS = ["yunchang==0.6.4", "ring-flash-attn==0.1.8"]
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}  # max |error| / max |float64| beyond which a result is wrong
 
 FULL = (
@@ -164,7 +167,7 @@ def _setup(pb: dict, groups):
     full = _inputs(pb)
 
     def shard(name):
-        idx = layout(ALGO[name], pb["S"], dist.get_world_size(), dist.get_rank())
+        idx = layout(LAYOUT.get(name, ALGO[name]), pb["S"], dist.get_world_size(), dist.get_rank())
         return idx, [t[idx].to(dtype).contiguous() for t in full]
 
     return shard
@@ -468,7 +471,7 @@ def plot(records: List[dict], path: str) -> str:
     import matplotlib.pyplot as plt
 
     rows = [s for s in summary(records) if s["peer"]]
-    colors = {"ulysses": "tab:blue", "ring": "tab:orange", "hybrid": "tab:green"}
+    colors = {"ulysses": "tab:blue", "ring": "tab:orange", "hybrid": "tab:green", "kvallgather": "tab:red"}
     fig, ax = plt.subplots(figsize=(11, 4.2))
     labels = [
         f"{s['problem'].replace(' | ', ' ').replace('float32', 'fp32').replace('bfloat16', 'bf16')}\n{s['algo']}"

@@ -6,8 +6,14 @@ import os
 from typing import List, Optional
 
 GOALS = {"comm": 1.02, "balance": 1.02, "memory": 1.10}
-ALGO_ORDER = ["ulysses", "ring", "double_ring", "hybrid"]
-ALGO_NAME = {"ulysses": "Ulysses", "ring": "Ring", "double_ring": "Double Ring", "hybrid": "Hybrid"}
+ALGO_ORDER = ["ulysses", "ring", "double_ring", "hybrid", "kvallgather"]
+ALGO_NAME = {
+    "ulysses": "Ulysses",
+    "ring": "Ring",
+    "double_ring": "Double Ring",
+    "hybrid": "Hybrid",
+    "kvallgather": "All-gather K/V",
+}
 
 
 def label(r: dict) -> str:
@@ -37,6 +43,10 @@ def _mark(ok: bool) -> str:
     return "" if ok else " ✗"
 
 
+def _peak(r: dict) -> str:
+    return "-" if r.get("memory_peak_ratio") is None else f"{r['memory_peak_ratio']:.3f}"
+
+
 def markdown(
     records: List[dict],
     scale: Optional[List[dict]],
@@ -54,15 +64,17 @@ def markdown(
         "Ratios: **comm** = bytes a rank sends (forward + backward, algorithm traffic) / textbook volume "
         f"(goal <= {GOALS['comm']}); **balance** = max / mean attention work per rank (goal <= {GOALS['balance']}); "
         "**masked** = fully masked blocks computed (goal 0); **memory** = bytes saved for backward per rank / "
-        f"(single-device bytes / CP) (goal <= {GOALS['memory']}); **speed-up** = Megatron's own attention at "
+        f"(single-device bytes / CP) (goal <= {GOALS['memory']}); **peak** = the same with the communication "
+        "buffers alive at once added (the ring's blocks in flight; the all-gather's gathered K/V and dK/dV "
+        "accumulators); **speed-up** = Megatron's own attention at "
         "CP=1 on the full sequence / this rank's forward + backward time (slowest rank); **par. eff.** = (the "
         "plugin's kernel at CP=1 / this time) / min(CP, cores): all ranks share this machine's cores; **CPU eff.** "
         "= the CP=1 kernel's time / the CPU seconds of all ranks together (1 = splitting cost nothing). "
         "✗ = goal not met (see the notes).",
         "",
-        "| algorithm | CP | heads (q/kv) | S | comm | balance | masked | memory | time ms | CP=1 Megatron ms "
+        "| algorithm | CP | heads (q/kv) | S | comm | balance | masked | memory | peak | time ms | CP=1 Megatron ms "
         "| CP=1 kernel ms | speed-up | par. eff. | CPU eff. |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         g = r["goals"]
@@ -72,7 +84,8 @@ def markdown(
             f"| {label(r)}{_mla(r)} | {r['cp']} | {r['heads']}/{r['kv_heads']} | {r['seq']} "
             f"| {comm:.3f}{_mark(g['comm'])} "
             f"| {r['work_imbalance']:.3f}{_mark(g['balance'])} | {r['masked_blocks_computed']}{_mark(g['masked'])} "
-            f"| {r['memory_ratio']:.3f}{_mark(g['memory'])} | {_ms(r['time_s'])} | {_ms(r['time_s_single'])} "
+            f"| {r['memory_ratio']:.3f}{_mark(g['memory'])} | {_peak(r)} | {_ms(r['time_s'])} "
+            f"| {_ms(r['time_s_single'])} "
             f"| {_ms(r['time_s_single_kernel'])} | {speed} | {r['parallel_efficiency']:.2f} "
             f"| {r['cpu_efficiency']:.2f} |"
         )

@@ -25,7 +25,8 @@ from . import report
 from .attention_bench import measure_cases, measure_single
 from .textbook import textbook_bytes
 
-ALGO_KINDS = ("all_to_all", "ring_kv", "ring_dkv")  # the algorithms' traffic; "metadata" is reported apart
+# the algorithms' traffic; "metadata" is reported apart
+ALGO_KINDS = ("all_to_all", "ring_kv", "ring_dkv", "all_gather", "reduce_scatter")
 FIELDS = (
     "algo",
     "cp",
@@ -80,7 +81,7 @@ def variants(cp: int) -> List[dict]:
     out = [dict(algo="ulysses"), dict(algo="ring")]
     out += [dict(algo="double_ring", window=k) for k in (2, 4) if k < cp and cp % k == 0]
     out += [dict(algo="hybrid", ulysses=u) for u in (2, 4) if 1 < u < cp and cp % u == 0]
-    return out
+    return out + [dict(algo="kvallgather")]
 
 
 def plan(cfg: dict) -> Dict[int, List[dict]]:
@@ -88,7 +89,11 @@ def plan(cfg: dict) -> Dict[int, List[dict]]:
     per_cp: Dict[int, List[dict]] = {}
     for cp in cfg["cps"]:
         cases = [dict(shape, cp=cp, seq=S, **v) for S in cfg["seqs"] for v in variants(cp)]
-        main = [v for v in variants(cp) if v["algo"] in ("ulysses", "ring", "hybrid") and v.get("ulysses", 2) == 2]
+        main = [
+            v
+            for v in variants(cp)
+            if v["algo"] in ("ulysses", "ring", "hybrid", "kvallgather") and v.get("ulysses", 2) == 2
+        ]
         if cp in cfg["gqa"]["cps"]:  # grouped-query attention: fewer KV heads than ranks for Ulysses
             cases += [dict(shape, cp=cp, seq=cfg["gqa"]["seq"], kv_heads=cfg["gqa"]["kv_heads"], **v) for v in main]
         mla = cfg["mla"]
@@ -187,6 +192,7 @@ def build_record(c: dict, per_rank: List[dict], single: dict, mach: str) -> dict
         "work_scores_per_rank": work,
         "work_unmasked_imbalance": max(useful) / (sum(useful) / len(useful)),
         "saved_bytes_per_rank": [r["saved_bytes"] for r in per_rank],
+        "held_peak_bytes": max(r["held_peak_bytes"] for r in per_rank),
         "saved_bytes_single_megatron": single["saved_bytes_megatron"],
         "time_s_per_rank": [r["time_s"] for r in per_rank],
         "cpu_time_s_per_rank": [r["cpu_time_s"] for r in per_rank],
@@ -198,6 +204,8 @@ def build_record(c: dict, per_rank: List[dict], single: dict, mach: str) -> dict
     }
     rec["comm_ratio"] = rec["comm_bytes"] / rec["comm_bytes_textbook"]
     rec["memory_ratio"] = rec["saved_bytes"] / (rec["saved_bytes_single"] / rec["cp"])
+    # with the buffers the algorithm holds beyond what autograd keeps (the all-gather: the whole sequence's K/V)
+    rec["memory_peak_ratio"] = (rec["saved_bytes"] + rec["held_peak_bytes"]) / (rec["saved_bytes_single"] / rec["cp"])
     rec["speedup"] = rec["time_s_single"] / rec["time_s"] if rec["time_s_single"] else None
     # against the same kernel at CP=1; P ranks share this machine's cores, so the ideal is min(P, cores)
     rec["speedup_vs_kernel"] = rec["time_s_single_kernel"] / rec["time_s"]

@@ -40,6 +40,7 @@ ALGOS = {
     "ring": dict(context_parallel_algo="megatron_cp_algo"),
     "double_ring": dict(context_parallel_algo="megatron_cp_algo", cp_window_size=2),
     "hybrid": dict(context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2),
+    "kvallgather": dict(context_parallel_algo="kvallgather_cp_algo"),
 }
 
 MODEL = dict(num_layers=2, hidden=64, heads=4, vocab=128, batch=1)

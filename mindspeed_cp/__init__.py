@@ -1,4 +1,4 @@
-"""mindspeed-cp: context parallelism (Ulysses, Ring, Double Ring, Hybrid) for Megatron, as a plugin.
+"""mindspeed-cp: context parallelism (Ulysses, Ring, Double Ring, Hybrid, all-gather K/V) for Megatron, as a plugin.
 
 ``import mindspeed_cp.megatron_adaptor`` patches Megatron; this package root only re-exports the public
 API. The algorithm classes import torch on first access, so the pure parts (config, topology, the
@@ -7,7 +7,7 @@ API. The algorithm classes import torch on first access, so the pure parts (conf
 
 import importlib
 
-from .config import ALGORITHMS, HYBRID, RING, ULYSSES, CPConfig, CPConfigError
+from .config import ALGORITHMS, HYBRID, KVALLGATHER, RING, ULYSSES, CPConfig, CPConfigError
 from .topology import LayoutError, rank_layout
 
 __version__ = "0.1.0"
@@ -21,9 +21,21 @@ _LAZY = {
     "ring_attention": "ring",
     "DoubleRingWindow": "ring",
     "hybrid_attention": "hybrid",
+    "kvallgather_attention": "kvallgather",
 }
 
-__all__ = ["ALGORITHMS", "HYBRID", "RING", "ULYSSES", "CPConfig", "CPConfigError", "LayoutError", "rank_layout", *_LAZY]
+__all__ = [
+    "ALGORITHMS",
+    "HYBRID",
+    "KVALLGATHER",
+    "RING",
+    "ULYSSES",
+    "CPConfig",
+    "CPConfigError",
+    "LayoutError",
+    "rank_layout",
+    *_LAZY,
+]
 
 
 def __getattr__(name):

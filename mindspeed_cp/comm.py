@@ -56,7 +56,7 @@ import torch
 import torch.distributed as dist
 
 from .layout.shift import ShiftPlan
-from .stats import record_bytes
+from .stats import note_held, record_bytes
 
 Tensor = torch.Tensor
 
@@ -295,7 +295,7 @@ def start_all_gather(x: torch.Tensor, group, kind: str = "all_gather") -> Pendin
     in rank order. Reports ``(P-1) x`` bytes of ``x`` (what this rank sends to the others)."""
     x = x.contiguous()
     world = dist.get_world_size(group)
-    recv = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
+    recv = note_held(x.new_empty((world * x.shape[0],) + tuple(x.shape[1:])))
     record_bytes(kind, (world - 1) * x.numel() * x.element_size())
     try:
         work = _ALL_GATHER(recv, x, group=group, async_op=True)
@@ -309,7 +309,7 @@ def start_reduce_scatter(x: torch.Tensor, group, kind: str = "reduce_scatter") -
     of the sum over ranks. Reports ``(P-1) x`` bytes of the result (the parts this rank sends on)."""
     x = x.contiguous()
     world = dist.get_world_size(group)
-    recv = x.new_empty((x.shape[0] // world,) + tuple(x.shape[1:]))
+    recv = note_held(x.new_empty((x.shape[0] // world,) + tuple(x.shape[1:])))
     record_bytes(kind, (world - 1) * recv.numel() * recv.element_size())
     try:
         work = _REDUCE_SCATTER(recv, x, group=group, async_op=True)
@@ -337,7 +337,7 @@ class RingExchanger:
     def start(self, tensor: torch.Tensor, kind: str) -> PendingExchange:
         """Send ``tensor`` to the next position, receive a tensor like it from the previous one."""
         tensor = tensor.contiguous()
-        received = torch.empty_like(tensor)
+        received = note_held(torch.empty_like(tensor))
         tag = TAGS[kind]
         record_bytes(kind, tensor.numel() * tensor.element_size())
         if self._send_group is self._recv_group:

@@ -19,7 +19,8 @@ from typing import Any, Optional
 ULYSSES = "ulysses_cp_algo"
 RING = "megatron_cp_algo"
 HYBRID = "hybrid_cp_algo"
-ALGORITHMS = (ULYSSES, RING, HYBRID)
+KVALLGATHER = "kvallgather_cp_algo"
+ALGORITHMS = (ULYSSES, RING, HYBRID, KVALLGATHER)
 MASK_TYPES = ("causal", "general")
 KV_CACHE_POLICIES = ("full", "half")  # --context-parallel-kv-cache-policy (None: off); mindspeed_cp.kv_cache
 
@@ -45,7 +46,8 @@ class CPConfig:
     """The context-parallel options (MindSpeed's flag names and defaults).
 
     ``context_parallel_size``   ``--context-parallel-size`` (Megatron's own flag): ranks sharing a sequence.
-    ``context_parallel_algo``   ``ulysses_cp_algo`` (default) | ``megatron_cp_algo`` (ring) | ``hybrid_cp_algo``.
+    ``context_parallel_algo``   ``ulysses_cp_algo`` (default) | ``megatron_cp_algo`` (ring) | ``hybrid_cp_algo`` |
+                                ``kvallgather_cp_algo`` (K/V all-gathered, dK/dV reduce-scattered).
     ``ulysses_degree_in_cp``    hybrid only: ranks per Ulysses group (U); the ring then has CP/U ranks.
     ``cp_window_size``          ring/hybrid: >1 selects Double Ring with inner windows of this many ranks.
     ``use_cp_send_recv_overlap``  ring/hybrid: send and receive on two communicators (every exchange is posted
@@ -57,6 +59,8 @@ class CPConfig:
     ``context_parallel_cache_interval``   0 (default): the policy applies to every layer; N > 0: only to layers
                                 with ``layer_number % (N+1) == 1``.
     ``use_ulysses_allgather_kv``  Ulysses: K/V by all-gather (GQA with KV heads <= CP), Q by all-to-all.
+    ``cp_allgather_overlap``    kvallgather: split the gather by KV heads, overlapped with compute (default True;
+                                ``--no-cp-allgather-overlap``: one gather waited for before any compute).
     """
 
     context_parallel_size: int = 1
@@ -69,6 +73,7 @@ class CPConfig:
     context_parallel_kv_cache_policy: Optional[str] = None
     context_parallel_cache_interval: int = 0
     use_ulysses_allgather_kv: bool = False
+    cp_allgather_overlap: bool = True
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -133,7 +138,8 @@ class CPConfig:
 
     @property
     def uses_zigzag(self) -> bool:
-        """Ring and Hybrid shard the sequence in 2*ring zigzag chunks (causal load balance)."""
+        """Ring, Hybrid and the K/V all-gather shard the sequence in 2*ring zigzag chunks (causal load balance;
+        for ``kvallgather_cp_algo`` the "ring" is its all-gather group)."""
         return self.ring_size > 1
 
     def padded_seq_len(self, seq_len: int) -> int:
@@ -185,7 +191,12 @@ class CPConfig:
 
     def _validate_options(self) -> None:
         algo, cp = self.context_parallel_algo, self.context_parallel_size
-        for name in ("use_cp_send_recv_overlap", "megatron_cp_in_bnsd", "use_ulysses_allgather_kv"):
+        for name in (
+            "use_cp_send_recv_overlap",
+            "megatron_cp_in_bnsd",
+            "use_ulysses_allgather_kv",
+            "cp_allgather_overlap",
+        ):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise CPConfigError(
@@ -240,11 +251,16 @@ class CPConfig:
             )
             if on
         ]
-        if cp > 1 and algo == ULYSSES and (ring_only or k > 1):
+        if cp > 1 and algo in (ULYSSES, KVALLGATHER) and (ring_only or k > 1):
             names = [_flag(n) for n in ring_only] + ([f"--cp-window-size {k}"] if k > 1 else [])
             raise CPConfigError(
                 f"{', '.join(names)} only apply to the ring level (megatron_cp_algo or hybrid_cp_algo); "
-                f"--context-parallel-algo ulysses_cp_algo would ignore them"
+                f"--context-parallel-algo {algo} would ignore them"
+            )
+        if cp > 1 and algo != KVALLGATHER and not self.cp_allgather_overlap:
+            raise CPConfigError(
+                f"--no-cp-allgather-overlap only applies to --context-parallel-algo kvallgather_cp_algo "
+                f"(got {algo}, which would ignore it)"
             )
         if k > 1 and cp > 1:  # CP=1 runs no CP algorithm: its options are type-checked only (see the docstring)
             ring = self.ring_size
@@ -395,6 +411,8 @@ class CPConfig:
         for name in ("use_cp_send_recv_overlap", "megatron_cp_in_bnsd", "use_ulysses_allgather_kv"):
             if getattr(self, name):
                 parts.append(name)
+        if not self.cp_allgather_overlap:
+            parts.append("no_cp_allgather_overlap")
         if self.context_parallel_kv_cache_policy:
             parts.append(
                 f"kv_cache={self.context_parallel_kv_cache_policy}"
@@ -418,7 +436,8 @@ ARGUMENTS = (
             default=ULYSSES,
             choices=ALGORITHMS,
             help="context-parallel algorithm: ulysses_cp_algo (default, all-to-all), "
-            "megatron_cp_algo (ring attention), hybrid_cp_algo (Ulysses x ring)",
+            "megatron_cp_algo (ring attention), hybrid_cp_algo (Ulysses x ring), "
+            "kvallgather_cp_algo (K/V all-gathered, dK/dV reduce-scattered)",
         ),
     ),
     (
@@ -466,6 +485,15 @@ ARGUMENTS = (
     (
         "--use-ulysses-allgather-kv",
         dict(action="store_true", help="ulysses_cp_algo with GQA: K/V by all-gather, Q by all-to-all"),
+    ),
+    (
+        "--no-cp-allgather-overlap",
+        dict(
+            action="store_false",
+            dest="cp_allgather_overlap",
+            help="kvallgather_cp_algo: gather every KV head in one collective, waited for before any compute "
+            "(default: the gather split by KV heads, each part overlapping the compute of the previous one)",
+        ),
     ),
 )
 

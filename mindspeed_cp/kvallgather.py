@@ -23,12 +23,14 @@ Decisions
 - Gathered K/V in global order (``[b, hk, S, d]``, placed by :func:`mindspeed_cp.layout.gather.gather_order` or the
   documents' order): a tile's keys are one slice, so a causal chunk needs one full tile and one diagonal tile,
   a document tile one range, and a later sliding window only narrows each range (a sink: one more float32 merge).
-- Overlap: the gather is split by KV heads into G groups (:meth:`KVAllGatherOptions.head_groups`: the smallest
-  divisor > 1 of hk); group g+1 travels while group g computes, and the tiles on the rank's own keys (the two
-  diagonal ones) run before the first group arrives. In backward, group g's dK/dV reduce-scatter travels while
-  group g+1 computes. Async collectives (work handles): the same code overlaps on gloo's threads and on NCCL's
-  stream. ``overlap=False`` (``--no-kv-allgather-overlap``): one gather of every head waited for before any
-  compute, one reduce-scatter after it. One KV head (MQA at TP = hk) cannot be split: then it is one gather.
+- Overlap: the gather is split by KV heads into G groups (:meth:`KVAllGatherOptions.head_groups`: up to 4, a
+  divisor of hk); group g+1 travels while group g computes, and the tiles on the rank's own keys (the two diagonal
+  ones) run before the first group arrives. In backward, group g's dK/dV reduce-scatter travels while group g+1
+  computes. Async collectives (work handles): the same code overlaps on gloo's threads and on NCCL's stream.
+  ``overlap=False`` (``--no-cp-allgather-overlap``): one gather of every head waited for before any compute, one
+  reduce-scatter after it. One KV head (MQA at TP = hk) cannot be split: then it is one gather. (Transformer
+  Engine's and PyTorch's all-gather CP expose their gather; ring-flash-attn's splits it by ``heads_k_stride`` but
+  waits for each part.)
 - KV-cache policies: none gathers K/V again in backward (what Transformer Engine, MindSpeed and ring-flash-attn
   do: autograd keeps only the local q/k/v/out/lse, as the ring's); ``"full"`` keeps the gathered K/V instead of the
   local ones (``(P-1)`` more blocks per layer); ``"half"`` keeps the gathered K and the local V.
@@ -58,7 +60,7 @@ from .layout.gather import Tile, causal_tiles, document_tiles, full_tiles, gathe
 from .layout.sharding import zigzag_index
 from .local import add_uniform_grad, uniform_rows
 from .options import CallInputs, KVAllGatherOptions
-from .stats import record_block
+from .stats import note_held, record_block
 
 Tensor = torch.Tensor
 
@@ -144,7 +146,7 @@ class _Plan:
         out, start = [], 0
         for w in widths:
             part = gathered[..., start : start + w].permute(1, 2, 0, 3)  # [P*s, b, hg, w] -> [b, hg, P*s, w]
-            whole = part.new_empty(part.shape)
+            whole = note_held(part.new_empty(part.shape))
             if self.order.dim() == 1:
                 whole.index_copy_(2, self.order, part)
             else:  # documents laid out differently per sample
@@ -158,7 +160,7 @@ class _Plan:
         """The inverse of :meth:`place`: ``[b, hg, S, w]`` tensors in global order -> ``[P*s, b, hg, sum(w)]`` in rank
         order and ``dtype`` (what the reduce-scatter takes)."""
         b, hg, S = parts[0].shape[:3]
-        out = torch.empty((S, b, hg, sum(p.shape[3] for p in parts)), dtype=dtype, device=parts[0].device)
+        out = note_held(torch.empty((S, b, hg, sum(p.shape[3] for p in parts)), dtype=dtype, device=parts[0].device))
         start = 0
         for p in parts:
             dst = out[..., start : start + p.shape[3]].permute(1, 2, 0, 3)  # [b, hg, P*s, w] view
@@ -181,8 +183,9 @@ class _Gathers:
         self._post(0)
 
     def _post(self, g: int) -> None:
-        if g < len(self.parts) and g not in self.pending:
+        if g < len(self.parts) and self.parts[g] is not None:
             self.pending[g] = start_all_gather(self.parts[g], self.plan.group)
+            self.parts[g] = None  # the pending gather holds it until it has left
 
     def get(self, g: int) -> List[Tensor]:
         self._post(g)
@@ -192,7 +195,7 @@ class _Gathers:
 
 def _pack(k: Tensor, v: Tensor, plan: _Plan) -> List[Tensor]:
     """This rank's K and V per KV-head group, side by side: ``[s, b, hg, d + dv]`` each (what one gather sends)."""
-    return [torch.cat([k[:, :, plan.kv_heads(g)], v[:, :, plan.kv_heads(g)]], -1) for g in range(plan.G)]
+    return [note_held(torch.cat([k[:, :, plan.kv_heads(g)], v[:, :, plan.kv_heads(g)]], -1)) for g in range(plan.G)]
 
 
 def _gathered(t: Tile, kv: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -311,8 +314,8 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, out: Tensor, lse: Tensor, sa
     own = [t for t in plan.tiles if plan.early and t.local is not None]
     scatters: List[PendingExchange] = []
     for g in range(plan.G):
-        dK = torch.zeros((b, plan.hg, plan.S, plan.d), dtype=lse.dtype, device=q.device)
-        dV = torch.zeros((b, plan.hg, plan.S, plan.dv), dtype=lse.dtype, device=q.device)
+        dK = note_held(torch.zeros((b, plan.hg, plan.S, plan.d), dtype=lse.dtype, device=q.device))
+        dV = note_held(torch.zeros((b, plan.hg, plan.S, plan.dv), dtype=lse.dtype, device=q.device))
         for t in own:  # the rank's own keys while the group's gather travels
             _backward_tile(plan, t, g, tensors, source.own(t, g), dq, dK, dV)
         K, V = source.get(g)

@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 DEAD_ROWS = ("uniform", "zero")  # a fully masked row: the mean of V (Megatron's local attention), or 0 (flash, TE)
+GATHER_GROUPS = 4  # kvallgather_cp_algo: at most this many KV-head groups per gather (KVAllGatherOptions.head_groups)
 
 
 def check_policy(policy: Optional[str], where: str) -> Optional[str]:
@@ -129,11 +130,15 @@ class KVAllGatherOptions:
         check_policy(self.kv_cache_policy, "kvallgather_attention")
 
     def head_groups(self, kv_heads: int) -> int:
-        """How many KV-head groups the gather is split into: the smallest divisor > 1 of ``kv_heads`` with overlap
-        (8 -> 2, 6 -> 2, 3 -> 3; one KV head cannot be split: 1), else 1."""
-        if not self.overlap:
+        """How many KV-head groups the gather is split into: with overlap the largest divisor of ``kv_heads`` up to
+        :data:`GATHER_GROUPS` (8 -> 4, 6 -> 3, 2 -> 2), else its smallest divisor (5 -> 5; one KV head cannot be
+        split: 1); without overlap 1. The first group's gather is exposed (but for the tiles on the rank's own
+        keys), each later one travels while the previous group computes: more groups hide more, each costs one
+        collective's latency and makes the kernel calls narrower."""
+        if not self.overlap or kv_heads < 2:
             return 1
-        return next((g for g in range(2, kv_heads + 1) if kv_heads % g == 0), 1)
+        small = [g for g in range(2, min(kv_heads, GATHER_GROUPS) + 1) if kv_heads % g == 0]
+        return small[-1] if small else next(g for g in range(2, kv_heads + 1) if kv_heads % g == 0)
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,13 @@
-"""Instrumentation: what one rank sends, what autograd keeps, which attention blocks it computes.
+"""Instrumentation: what one rank sends, what autograd keeps, which attention blocks it computes, what it holds.
 
-Three counters, each on only inside its ``with`` body (outside it a record costs one list check)::
+Four counters, each on only inside its ``with`` body (outside it a record costs one list check)::
 
-    with count_bytes() as sent, count_saved() as saved, count_blocks() as blocks:
+    with count_bytes() as sent, count_saved() as saved, count_blocks() as blocks, count_held() as held:
         out = attention(q, k, v); out.backward(g)
     sent.total, sent.by_kind      # bytes this rank sent: {'all_to_all': ..., 'ring_kv': ..., 'ring_dkv': ...}
     saved.total                   # bytes of the distinct storages autograd kept for backward
     blocks.work("forward")        # unmasked (query, key) score elements the kernels computed
+    held.peak                     # most bytes of noted buffers alive at once (the all-gather's gathered K/V, ...)
 
 * **bytes** (:func:`record_bytes`): every collective and point-to-point call of the plugin reports what *this
   rank sends* (payload bytes that leave the rank; for an all-to-all, the chunks addressed to other ranks). Tests
@@ -16,11 +17,16 @@ Three counters, each on only inside its ``with`` body (outside it a record costs
   :mod:`mindspeed_cp.kv_cache`) reports what it does keep through :func:`note_saved`, so the count stays exact.
 * **blocks** (:func:`record_block`, :func:`record_skip`): the ring and the whole-sequence attention record every
   block they hand to a kernel - the work counter behind the balance benchmarks.
+* **held** (:func:`note_held`): buffers an algorithm allocates for its communication and holds for a while (the
+  all-gather's receive buffers and gathered K/V, its dK/dV accumulators and reduce-scatter buffers), counted from
+  allocation until the tensor object is freed (``weakref.finalize``); ``peak`` is the most alive at once - the
+  memory beyond what autograd keeps that the all-gather needs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import Counter
 from typing import Dict, Iterator, List, Optional
 
@@ -37,6 +43,9 @@ __all__ = [
     "count_blocks",
     "record_block",
     "record_skip",
+    "HeldStats",
+    "count_held",
+    "note_held",
 ]
 
 
@@ -165,3 +174,37 @@ def record_skip(phase: str, tile: bool = False) -> None:
     """Count one block (``tile=True``: one tile of a block) not computed."""
     for st in _BLOCKS:
         (st.skipped_tiles if tile else st.skipped)[phase] += 1
+
+
+# ------------------------------------------------------------------------------------------ held buffers
+class HeldStats:
+    """Bytes of noted buffers alive now (``current``) and at most (``peak``)."""
+
+    def __init__(self) -> None:
+        self.current = 0
+        self.peak = 0
+
+    def _add(self, nbytes: int) -> None:
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+
+    def _release(self, nbytes: int) -> None:
+        self.current -= nbytes
+
+
+_HELD: List[HeldStats] = []
+
+
+def note_held(t: torch.Tensor) -> torch.Tensor:
+    """Count ``t``'s bytes as held from now until the tensor object is freed (views keep it alive); returns ``t``."""
+    if _HELD:
+        nbytes = t.numel() * t.element_size()
+        for stats in _HELD:
+            stats._add(nbytes)
+            weakref.finalize(t, stats._release, nbytes)
+    return t
+
+
+def count_held() -> contextlib.AbstractContextManager:
+    """Track the buffers noted inside the ``with`` body (:class:`HeldStats`)."""
+    return _counting(_HELD, HeldStats())

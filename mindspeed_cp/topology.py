@@ -18,6 +18,7 @@ Context-parallel sub-groups, for each CP group ``L`` (ranks TP apart):
 
 * ``ulysses_cp_algo``: ``ulysses`` = ``L``.
 * ``megatron_cp_algo``: ``ring`` = ``L``.
+* ``kvallgather_cp_algo``: ``allgather`` = ``L`` (K/V all-gathered, dK/dV reduce-scattered over it).
 * ``hybrid_cp_algo`` with Ulysses degree U: ``ulysses`` = ``L[m*U:(m+1)*U]`` (neighbours: the all-to-all is
   the bandwidth-hungry part), ``ring`` = ``L[m::U]``.
 * Double Ring with window K over each ring list ``Rg``: ``ring_intra_window`` = ``Rg[x*K:(x+1)*K]``,
@@ -29,11 +30,11 @@ from __future__ import annotations
 from math import prod
 from typing import Dict, List, Optional, Sequence
 
-from .config import HYBRID, RING, ULYSSES, CPConfig, CPConfigError
+from .config import HYBRID, KVALLGATHER, RING, ULYSSES, CPConfig, CPConfigError
 
 Groups = List[List[int]]
 
-CP_KINDS = ("ulysses", "ring", "ring_intra_window", "ring_inter_window")
+CP_KINDS = ("ulysses", "ring", "ring_intra_window", "ring_inter_window", "allgather")
 # Kinds whose groups carry ring send/recv traffic (they get a second communicator under overlap).
 RING_KINDS = ("ring", "ring_intra_window", "ring_inter_window")
 
@@ -102,8 +103,8 @@ def rank_layout(
 ) -> Dict[str, Groups]:
     """Every group kind -> list of rank lists, for Megatron's order ``tp-cp-ep-dp-pp``.
 
-    Always returns ``tp, cp, dp, pp, dp_cp``; adds ``ulysses``, ``ring``, ``ring_intra_window`` and
-    ``ring_inter_window`` where the algorithm has them (CP > 1). Raises :class:`LayoutError` (a
+    Always returns ``tp, cp, dp, pp, dp_cp``; adds ``ulysses``, ``ring``, ``ring_intra_window``,
+    ``ring_inter_window`` and ``allgather`` where the algorithm has them (CP > 1). Raises :class:`LayoutError` (a
     ``ValueError``) naming the flags when the layout is impossible.
     """
     return layout_for(_checked(world_size, tp, pp, cp, cp_algo, ulysses_degree, window), world_size, tp, pp)
@@ -186,6 +187,8 @@ def _cp_subgroups(config: CPConfig, cp_groups: Groups, rank: Optional[int] = Non
     own = [list(g) if isinstance(g, list) else g for g in cp_groups]  # the same members, not the same list
     if algo == ULYSSES:
         return {"ulysses": own}
+    if algo == KVALLGATHER:
+        return {"allgather": own}
     out: Dict[str, Groups] = {}
     if algo == HYBRID:
         out["ulysses"] = _split(cp_groups, config.ulysses_size, rank)

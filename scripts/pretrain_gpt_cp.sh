@@ -101,6 +101,7 @@ CP_FLAGS=(--context-parallel-size "$CP" --context-parallel-algo "$CP_ALGO" --cp-
 [[ -n ${CP_KV_CACHE:-} ]] && CP_FLAGS+=(--context-parallel-kv-cache-policy "$CP_KV_CACHE")  # full | half
 [[ -n ${CP_KV_CACHE_INTERVAL:-} ]] && CP_FLAGS+=(--context-parallel-cache-interval "$CP_KV_CACHE_INTERVAL")
 [[ ${ULYSSES_ALLGATHER_KV:-0} == 1 ]] && CP_FLAGS+=(--use-ulysses-allgather-kv)
+[[ ${CP_ALLGATHER_OVERLAP:-1} == 0 ]] && CP_FLAGS+=(--no-cp-allgather-overlap)  # kvallgather_cp_algo
 
 MODEL_FLAGS=(--num-attention-heads "$NUM_ATTENTION_HEADS" --seq-length "$SEQ_LENGTH")
 [[ -n ${NUM_QUERY_GROUPS:-} ]] && MODEL_FLAGS+=(--num-query-groups "$NUM_QUERY_GROUPS")

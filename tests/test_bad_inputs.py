@@ -105,6 +105,18 @@ BAD = [
     (CHECK + ["--cp", "3"], ["world size 8 is not divisible", "--context-parallel-size 3"]),
     (CHECK + ["--cp", "4", "--num-attention-heads", "6"], ["--num-attention-heads 6 is not divisible"]),
     (CHECK + ["--cp", "4", "--seq-length", "3"], ["--seq-length 3 is shorter than --context-parallel-size 4"]),
+    (
+        CHECK + ["--cp", "4", "--context-parallel-algo", "kvallgather_cp_algo", "--cp-window-size", "2"],
+        ["--cp-window-size 2 only apply to the ring level", "kvallgather_cp_algo would ignore them"],
+    ),
+    (
+        CHECK + ["--cp", "4", "--context-parallel-algo", "megatron_cp_algo", "--no-cp-allgather-overlap"],
+        ["--no-cp-allgather-overlap only applies to --context-parallel-algo kvallgather_cp_algo"],
+    ),
+    (
+        CHECK + ["--cp", "4", "--context-parallel-algo", "kvallgather_cp_algo", "--ulysses-degree-in-cp", "2"],
+        ["--ulysses-degree-in-cp 2 only applies to --context-parallel-algo hybrid_cp_algo"],
+    ),
     # demo (refused before any rank starts)
     (["demo", "--steps", "0"], ["argument --steps", ">= 1"]),
     (["demo", "--only", "bogus"], ["argument --only", "'bogus' is not a run label", "'double ring'"]),

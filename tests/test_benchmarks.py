@@ -70,7 +70,7 @@ def _design_textbook(r):
 
     if r["algo"] == "ulysses":
         return uly(S, P, h, hk)
-    if r["algo"] in ("ring", "double_ring"):
+    if r["algo"] in ("ring", "double_ring", "kvallgather"):  # the all-gather without a policy: the ring's volume
         return ring(S, P, hk)
     U = r["ulysses_degree"]
     R = P // U
@@ -86,8 +86,13 @@ def test_every_field_and_variant(quick):
         assert r["comm_bytes_textbook"] == pytest.approx(_design_textbook(r), rel=1e-12)
     seen = {(r["algo"], r["cp"]) for r in records}
     assert {("ulysses", 2), ("ring", 2), ("ulysses", 4), ("ring", 4), ("double_ring", 4), ("hybrid", 4)} <= seen
+    assert {("kvallgather", 2), ("kvallgather", 4)} <= seen
     mla = {r["algo"] for r in records if r["v_head_dim"] != r["head_dim"]}  # MLA: the value head size its own
-    assert mla == {"ulysses", "ring", "hybrid"}, mla
+    assert mla == {"ulysses", "ring", "hybrid", "kvallgather"}, mla
+    for r in records:  # the all-gather holds the whole sequence's K/V (one KV-head group at a time at least)
+        if r["algo"] == "kvallgather":
+            gathered = r["seq"] * r["batch"] * r["kv_heads"] * (r["head_dim"] + r["v_head_dim"]) * r["dtype_bytes"]
+            assert r["held_peak_bytes"] >= gathered, r
     for name in ("cpu.md", "ratios_vs_cp.png", "ratios_vs_seq.png", "scale_cp4.png"):
         assert (out / name).stat().st_size > 0, name
 
@@ -116,7 +121,7 @@ def test_ratios_meet_goals(quick):
 
 def test_scale_search_smoke(quick):
     _, _, scale = quick
-    assert {s["algo"] for s in scale} == {"ulysses", "ring", "double_ring", "hybrid"}
+    assert {s["algo"] for s in scale} == {"ulysses", "ring", "double_ring", "hybrid", "kvallgather"}
     for s in scale:
         assert s["max_seq"] >= 64 and s["stopped_by"], s
         ok = [a for a in s["attempts"] if "failed" not in a]

@@ -7,7 +7,7 @@ import pytest
 
 from mindspeed_cp.config import CPConfig, CPConfigError
 
-U, R, H = "ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo"
+U, R, H, KV = "ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo", "kvallgather_cp_algo"
 
 # (config kwargs, validate kwargs, regex the message must match)
 BAD = [
@@ -194,6 +194,22 @@ BAD = [
         r"--context-parallel-size 4 \(= 8\)",
     ),
     (dict(context_parallel_size=2), dict(tensor_model_parallel_size=0), r"--tensor-model-parallel-size 0 must be"),
+    # kvallgather_cp_algo: the ring-only options are refused by name, its own switch elsewhere too
+    (
+        dict(context_parallel_size=4, context_parallel_algo=KV, megatron_cp_in_bnsd=True),
+        dict(),
+        r"^--megatron-cp-in-bnsd only apply to the ring level .* kvallgather_cp_algo would ignore them$",
+    ),
+    (
+        dict(context_parallel_size=4, context_parallel_algo=R, cp_allgather_overlap=False),
+        dict(),
+        r"^--no-cp-allgather-overlap only applies to --context-parallel-algo kvallgather_cp_algo",
+    ),
+    (
+        dict(context_parallel_size=4, context_parallel_algo=KV, cp_allgather_overlap="no"),
+        dict(),
+        r"^--cp-allgather-overlap must be True or False, got 'no'",
+    ),
 ]
 
 
@@ -235,6 +251,13 @@ GOOD = [
     # CP=1 runs no CP algorithm: every CP option is type-checked only (a script's CP=1 baseline keeps its flags)
     (dict(context_parallel_kv_cache_policy="full", context_parallel_cache_interval=1), dict(num_layers=4)),
     (dict(use_ulysses_allgather_kv=True, context_parallel_algo=R), dict(num_attention_heads=8)),
+    # kvallgather: any heads (GQA, MQA: K/V are gathered as they are), any length (padded per batch as Ring)
+    (
+        dict(context_parallel_size=8, context_parallel_algo=KV, context_parallel_kv_cache_policy="full"),
+        dict(num_attention_heads=6, num_query_groups=1, seq_length=1000, world_size=16),
+    ),
+    (dict(context_parallel_size=4, context_parallel_algo=KV, cp_allgather_overlap=False), dict(num_attention_heads=3)),
+    (dict(context_parallel_algo=R, cp_allgather_overlap=False), dict()),  # CP=1: type checks only
 ]
 
 
@@ -262,6 +285,14 @@ def test_derived_sizes():
     assert (ring.ulysses_size, ring.ring_size, ring.is_double_ring, ring.uses_zigzag) == (1, 8, True, True)
     hyb = CPConfig(context_parallel_size=8, context_parallel_algo=H, ulysses_degree_in_cp=2)
     assert (hyb.ulysses_size, hyb.ring_size, hyb.uses_zigzag) == (2, 4, True)
+    kv = CPConfig(context_parallel_size=8, context_parallel_algo=KV)  # the zigzag over its all-gather group
+    assert (kv.ulysses_size, kv.ring_size, kv.uses_zigzag, kv.is_double_ring, kv.padded_seq_len(1000)) == (
+        1,
+        8,
+        True,
+        False,
+        1008,
+    )
 
 
 def test_from_namespace_and_flags():

@@ -22,6 +22,7 @@ def _cases(cases):
     import mindspeed_cp.megatron_adaptor as adaptor
     from mindspeed_cp.dropout import AttentionDropout
     from mindspeed_cp.hybrid import hybrid_attention
+    from mindspeed_cp.kvallgather import kvallgather_attention
     from mindspeed_cp.layout.sharding import token_indices
     from mindspeed_cp.local import local_attention
     from mindspeed_cp.megatron.state import STATE
@@ -49,7 +50,7 @@ def _cases(cases):
         if case.get("lengths"):  # packed documents: the dense document-causal mask for the reference only
             from mindspeed_cp.layout.packing import Documents
 
-            ring = 1 if algo == "ulysses_cp_algo" else case["cp"] // case.get("u", 1)
+            ring = 1 if algo == ULYSSES else case["cp"] // case.get("u", 1)
             docs = Documents(case["lengths"], case["cp"], ring)
             ids = [torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in case["lengths"]]
             pos = torch.arange(S)
@@ -83,6 +84,8 @@ def _cases(cases):
             o = hybrid_attention(
                 *local, STATE.group("ulysses"), STATE.group("ring"), window=STATE.double_ring_window(), **opts
             )
+        elif algo == KVALLGATHER:
+            o = kvallgather_attention(*local, STATE.group("allgather"), kv_cache_policy=case.get("policy"), **opts)
         else:
             group = STATE.group("ulysses")
 
@@ -119,6 +122,7 @@ def _documents_case(case, algo, cfg, docs, qkv, dout, spec, ref, leaves):
     from megatron.core import parallel_state as ps
 
     from mindspeed_cp.hybrid import hybrid_attention
+    from mindspeed_cp.kvallgather import kvallgather_attention
     from mindspeed_cp.local import local_attention
     from mindspeed_cp.megatron.state import STATE
     from mindspeed_cp.ring import ring_attention
@@ -133,6 +137,8 @@ def _documents_case(case, algo, cfg, docs, qkv, dout, spec, ref, leaves):
         o = hybrid_attention(
             *local, STATE.group("ulysses"), STATE.group("ring"), window=STATE.double_ring_window(), **opts
         )
+    elif algo == KVALLGATHER:
+        o = kvallgather_attention(*local, STATE.group("allgather"), **opts)
     else:
         group = STATE.group("ulysses")
 
@@ -161,7 +167,7 @@ def _documents_case(case, algo, cfg, docs, qkv, dout, spec, ref, leaves):
     return errs
 
 
-RING, HYBRID, ULYSSES = "megatron_cp_algo", "hybrid_cp_algo", "ulysses_cp_algo"
+RING, HYBRID, ULYSSES, KVALLGATHER = "megatron_cp_algo", "hybrid_cp_algo", "ulysses_cp_algo", "kvallgather_cp_algo"
 DOCS = [[1, 17, 3, 11], [20, 12]]  # two samples, different documents; S = 32
 CASES = {
     2: [
@@ -174,6 +180,8 @@ CASES = {
         dict(algo=RING, cp=2, seq=32, general=True, dead="zero", p=0.5),
         dict(algo=RING, cp=2, seq=32, lengths=DOCS),
         dict(algo=ULYSSES, cp=2, seq=32, lengths=DOCS, tile=8),
+        dict(algo=KVALLGATHER, cp=2, seq=32),
+        dict(algo=KVALLGATHER, cp=2, seq=32, general=True, dead="uniform", policy="full"),
     ],
     4: [
         dict(algo=RING, cp=4, seq=32, p=0.1),
@@ -184,6 +192,8 @@ CASES = {
         dict(algo=RING, cp=4, seq=32, lengths=DOCS, window=2),
         dict(algo=HYBRID, cp=4, u=2, seq=32, lengths=DOCS),
         dict(algo=ULYSSES, cp=4, seq=32, lengths=DOCS),
+        dict(algo=KVALLGATHER, cp=4, seq=32, kv_heads=1, general=True, dead="zero", p=0.5, policy="half"),
+        dict(algo=KVALLGATHER, cp=4, seq=32, lengths=DOCS),
     ],
 }
 

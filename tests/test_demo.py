@@ -14,7 +14,7 @@ def test_demo_small_matches_cp1():
     r = _demo("--steps", "2", "--seq", "64", "--hidden", "64", "--layers", "1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
-    for label in ("CP=1 (reference)", "ulysses", "ring", "double ring", "hybrid"):
+    for label in ("CP=1 (reference)", "ulysses", "ring", "double ring", "hybrid", "kv all-gather"):
         assert f"\n{label} " in out, label
     assert "[hybrid] step 2/2" in out  # progress is printed while it runs
     assert "Every CP run matches CP=1" in out

@@ -37,6 +37,10 @@ def test_tables_on_the_cpu(tmp_path):
         cells = [c.strip() for c in r.split("|")]
         assert all(float(x) < 1e-5 for x in cells[4:8]), r
         assert "forward:" in cells[9] and "backward:" in cells[9], r
+    assert "### 5. All-gather K/V on one device" in page
+    gathered = [line for line in page.splitlines() if line.startswith("| 256 | 4 | float32 |")]
+    assert len(gathered) == 1, page  # every rank's tiles emulated: out, dq, dk, dv against float64
+    assert all(float(x) < 1e-5 for x in [c.strip() for c in gathered[0].split("|")][5:9]), gathered
 
 
 def test_kernel_table_names_the_routes():

@@ -1,6 +1,7 @@
 """KV-cache policies (``--context-parallel-kv-cache-policy``, ``--use-ulysses-allgather-kv``) at the attention level.
 
-For every algorithm (Ulysses aligned and unaligned, with the K/V all-gather; Ring; Double Ring; Hybrid) x policy
+For every algorithm (Ulysses aligned and unaligned, with the K/V all-gather; Ring; Double Ring; Hybrid;
+kvallgather_cp_algo, its gather overlapped or not) x policy
 (None, half, full) x {MHA, GQA, MLA (a value head size of its own)}, on gloo ranks with the runtime's groups:
 
 * out, dq, dk, dv equal float64 full attention (1e-5 relative to the largest reference value, fp32 inputs), and
@@ -22,6 +23,7 @@ def _run(case, q, k, v, policy):
     import torch.distributed as dist
 
     from mindspeed_cp.hybrid import hybrid_attention
+    from mindspeed_cp.kvallgather import kvallgather_attention
     from mindspeed_cp.local import local_attention
     from mindspeed_cp.megatron.state import STATE
     from mindspeed_cp.ring import ring_attention
@@ -43,6 +45,10 @@ def _run(case, q, k, v, policy):
             kv_cache_policy=policy,
             allgather_kv=case.get("allgather", False),
         )(q, k, v)
+    if algo == "kvallgather":
+        return kvallgather_attention(
+            q, k, v, STATE.group("allgather"), kv_cache_policy=policy, overlap=cfg.cp_allgather_overlap
+        )
     overlap = STATE.overlap_group("ring") if cfg.use_cp_send_recv_overlap else None
     if algo == "hybrid":
         return hybrid_attention(
@@ -79,6 +85,8 @@ def _expected(case, rank):
         return textbook.ulysses_kv_cache(S, cp, b, h, hk, d, e, policy, case.get("allgather", False), rank, dv=dv)
     if algo == "ring":
         return textbook.ring_kv_cache(S, cp, b, hk, d, e, policy, dv=dv)
+    if algo == "kvallgather":
+        return textbook.kvallgather_kv_cache(S, cp, b, hk, d, e, policy, dv=dv)
     return textbook.hybrid_kv_cache(S, case["u"], cp // case["u"], b, h, hk, d, e, policy, rank=rank, dv=dv)
 
 
@@ -93,13 +101,20 @@ def _kv_cases(cases):
 
     out, built = [], None
     for case in cases:
-        algo = {"ulysses": "ulysses_cp_algo", "ring": "megatron_cp_algo", "hybrid": "hybrid_cp_algo"}[case["algo"]]
+        algo = {
+            "ulysses": "ulysses_cp_algo",
+            "ring": "megatron_cp_algo",
+            "hybrid": "hybrid_cp_algo",
+            "kvallgather": "kvallgather_cp_algo",
+        }[case["algo"]]
+        gather = case["algo"] == "kvallgather"
         flags = dict(
             context_parallel_size=case["cp"],
             context_parallel_algo=algo,
             ulysses_degree_in_cp=case.get("u"),
             cp_window_size=case.get("window", 1),
-            use_cp_send_recv_overlap=case.get("overlap", False),
+            use_cp_send_recv_overlap=case.get("overlap", False) and not gather,
+            cp_allgather_overlap=case.get("overlap", True) or not gather,
         )
         if flags != built:  # groups once per layout: the cases of one layout run on the same groups
             if built is not None:
@@ -183,6 +198,12 @@ SETTINGS_4 = {  # name: cases of one group layout (heads, KV heads, options), ea
         dict(algo="hybrid", heads=8, kv_heads=2, u=2, dv=12),
     ],
     "hybrid-overlap": [dict(algo="hybrid", heads=8, kv_heads=2, u=2, overlap=True)],
+    "kvallgather": [
+        dict(algo="kvallgather", heads=4),
+        dict(algo="kvallgather", heads=8, kv_heads=2, dv=12),
+        dict(algo="kvallgather", heads=4, kv_heads=1, dv=4),
+    ],
+    "kvallgather-no-overlap": [dict(algo="kvallgather", heads=8, kv_heads=2, overlap=False)],
 }
 
 
@@ -197,6 +218,7 @@ CASES_8 = [
     dict(algo="ring", cp=8, seq=32, heads=4, policy="half", window=4, overlap=True),
     dict(algo="hybrid", cp=8, seq=32, heads=4, policy="full", u=2, window=2),
     dict(algo="hybrid", cp=8, seq=32, heads=8, kv_heads=2, policy="half", u=4),
+    dict(algo="kvallgather", cp=8, seq=32, heads=4, kv_heads=2, policy="full"),
 ]
 
 
@@ -239,6 +261,7 @@ ALGOS = {  # name: (world, flags)
     "ring": (4, dict(tp=1, cp=4, seq=32, context_parallel_algo="megatron_cp_algo", use_cp_send_recv_overlap=True)),
     "double-ring": (4, dict(tp=1, cp=4, seq=32, context_parallel_algo="megatron_cp_algo", cp_window_size=2)),
     "hybrid": (4, dict(tp=1, cp=4, seq=32, context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2)),
+    "kvallgather": (4, dict(tp=1, cp=4, seq=32, context_parallel_algo="kvallgather_cp_algo")),
 }
 
 

@@ -252,6 +252,8 @@ def test_options_agree_with_each_other(kvag_run):
 
 def _expected_bytes(case, P):
     """(kind -> bytes, kind -> messages) of one rank, forward + backward, from the formula."""
+    from mindspeed_cp.options import KVAllGatherOptions
+
     data = case["data"]
     e = torch.tensor([], dtype=getattr(torch, case["dtype"])).element_size()
     d, dv = data["d"], data.get("dv", data["d"])
@@ -262,9 +264,7 @@ def _expected_bytes(case, P):
         s = Documents(data["lengths"], P, P).padded_len // P
     head = (P - 1) * s * data["b"] * data["nk"] * e  # one head size of K or V, (P-1) shards
     again = {None: d + dv, "half": dv, "full": 0}[case.get("policy")]
-    groups = (
-        1 if not case.get("overlap", True) else next((g for g in range(2, data["nk"] + 1) if data["nk"] % g == 0), 1)
-    )
+    groups = KVAllGatherOptions(overlap=case.get("overlap", True)).head_groups(data["nk"])  # the runtime's rule
     gathers = groups * (1 if case.get("policy") == "full" else 2)
     return {"all_gather": head * (d + dv + again), "reduce_scatter": head * (d + dv)}, {
         "all_gather": gathers,

@@ -68,6 +68,7 @@ def _gpt_case(case):
             "context_parallel_kv_cache_policy",
             "context_parallel_cache_interval",
             "use_ulysses_allgather_kv",
+            "cp_allgather_overlap",
         )
         if k in case
     }
@@ -207,6 +208,24 @@ def test_hybrid_gpt_matches_cp1(world, case):
     _check(world, dict(case, context_parallel_algo="hybrid_cp_algo"))
 
 
+KVALLGATHER_CASES = [
+    pytest.param(2, dict(tp=1, cp=2, seq=32), id="cp2"),
+    pytest.param(4, dict(tp=1, cp=4, seq=32), id="cp4"),
+    pytest.param(4, dict(tp=2, cp=2, seq=32, heads=8, kv_heads=2), id="tp2-cp2-gqa"),
+    pytest.param(4, dict(tp=1, cp=4, seq=32, heads=8, kv_heads=2, cp_allgather_overlap=False), id="cp4-gqa-no-overlap"),
+    pytest.param(4, dict(tp=1, cp=4, seq=32, attention_mask_type="general"), id="cp4-general-mask"),
+    pytest.param(
+        4, dict(tp=1, cp=4, seq=32, attention_mask_type="general", dead_rows=(5, 20)), id="cp4-general-dead-rows"
+    ),
+]
+
+
+@pytest.mark.parametrize("world,case", KVALLGATHER_CASES)
+def test_kvallgather_gpt_matches_cp1(world, case):
+    results = _check(world, dict(case, context_parallel_algo="kvallgather_cp_algo"))
+    assert all(set(r["sent"]) == {"metadata", "all_gather", "reduce_scatter"} for r in results)
+
+
 def _cp1_untouched():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
@@ -312,7 +331,7 @@ def test_ulysses_uses_megatron_attention_only_where_the_kernels_cannot_follow():
         assert "softmax_type='off-by-one'" in r["off_by_one"][0]
 
 
-def _ring_with_window():
+def _ring_with_window(algo):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -320,7 +339,7 @@ def _ring_with_window():
     import mindspeed_cp.megatron_adaptor as adaptor
     from tests.gpt_helpers import init_parallel
 
-    adaptor.configure(context_parallel_size=2, context_parallel_algo="megatron_cp_algo")
+    adaptor.configure(context_parallel_size=2, context_parallel_algo=algo)
     init_parallel(cp=2)
     cfg = TransformerConfig(
         num_layers=1,
@@ -335,6 +354,8 @@ def _ring_with_window():
 
 
 @pytest.mark.skipif(not features.local_sliding_window(), reason=features.WHY["local_sliding_window"])
-def test_ring_refuses_what_it_cannot_compute():
-    """The ring has no fallback: a sliding window would silently become full causal attention."""
-    expect_error_on_every_rank(2, _ring_with_window, match="megatron_cp_algo cannot compute sliding-window")
+@pytest.mark.parametrize("algo", ["megatron_cp_algo", "kvallgather_cp_algo"])
+def test_ring_refuses_what_it_cannot_compute(algo):
+    """The ring and the K/V all-gather have no fallback: a sliding window would silently become full causal
+    attention."""
+    expect_error_on_every_rank(2, _ring_with_window, algo, match=f"{algo} cannot compute sliding-window")

@@ -503,7 +503,7 @@ def test_launcher_runs_real_pretrain_gpt_from_megatron_lm_path(megatron_lm, tmp_
     )
     assert res.returncode == 0, res.stderr[-4000:]
     for flag in (
-        "--context-parallel-algo {ulysses_cp_algo,megatron_cp_algo,hybrid_cp_algo}",
+        "--context-parallel-algo {ulysses_cp_algo,megatron_cp_algo,hybrid_cp_algo,kvallgather_cp_algo}",
         "--ulysses-degree-in-cp",
         "--cp-window-size",
         "--use-cp-send-recv-overlap",
@@ -513,6 +513,7 @@ def test_launcher_runs_real_pretrain_gpt_from_megatron_lm_path(megatron_lm, tmp_
         "--context-parallel-kv-cache-policy {full,half}",
         "--context-parallel-cache-interval",
         "--use-ulysses-allgather-kv",
+        "--no-cp-allgather-overlap",
     ):
         assert flag in res.stdout, flag
     # Megatron's own --context-parallel-size, not registered a second time

@@ -33,6 +33,7 @@ ITERS = 5
 RING = ["--context-parallel-algo", "megatron_cp_algo"]
 ULYSSES = ["--context-parallel-algo", "ulysses_cp_algo"]
 HYBRID = ["--context-parallel-algo", "hybrid_cp_algo", "--ulysses-degree-in-cp", "2"]
+KVAG = ["--context-parallel-algo", "kvallgather_cp_algo"]
 DIST_OPT = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
 VPP = ["--num-layers", "4", "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]
 RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
@@ -51,6 +52,19 @@ RUNS = {
         ["--context-parallel-size", "4", *RING, "--cp-window-size", "2", "--use-cp-send-recv-overlap"],
     ),
     "hybrid4": (4, ["--context-parallel-size", "4", *HYBRID]),
+    "kvallgather4": (4, ["--context-parallel-size", "4", *KVAG]),
+    "kvallgather4_no_overlap_kv_full": (
+        4,
+        [
+            "--context-parallel-size",
+            "4",
+            *KVAG,
+            "--no-cp-allgather-overlap",
+            "--context-parallel-kv-cache-policy",
+            "full",
+        ],
+    ),
+    "tp2_kvallgather2": (4, ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2", *KVAG]),
     "cp1_distopt": (4, ["--context-parallel-size", "1", *DIST_OPT]),
     "ring2_distopt": (4, ["--context-parallel-size", "2", *RING, *DIST_OPT]),
     "tp2_cp1": (4, ["--tensor-model-parallel-size", "2", "--context-parallel-size", "1"]),
@@ -72,6 +86,7 @@ RUNS = {
     "docs_ring4": (4, [*DOCS, "--context-parallel-size", "4", *RING]),
     "docs_ring4_window2": (4, [*DOCS, "--context-parallel-size", "4", *RING, "--cp-window-size", "2"]),
     "docs_hybrid4": (4, [*DOCS, "--context-parallel-size", "4", *HYBRID]),
+    "docs_kvallgather4": (4, [*DOCS, "--context-parallel-size", "4", *KVAG]),
     "docs_ring4_eod": (
         4,
         [
@@ -87,6 +102,10 @@ RUNS = {
     "seq510_cp1": (4, [*SEQ510, "--context-parallel-size", "1"]),
     "seq510_ring4": (4, [*SEQ510, "--context-parallel-size", "4", *RING]),
     "seq510_hybrid4": (4, [*SEQ510, "--context-parallel-size", "4", *HYBRID]),
+    "seq510_kvallgather4_general": (
+        4,
+        [*SEQ510, "--context-parallel-size", "4", *KVAG, "--attention-mask-type", "general"],
+    ),
     "seq510_ring4_general": (4, [*SEQ510, "--context-parallel-size", "4", *RING, "--attention-mask-type", "general"]),
     # KV-cache policies (MindSpeed's flags): kept blocks / rebuilt all-to-alls, with activation recompute too
     "ring4_kv_full": (4, ["--context-parallel-size", "4", *RING, "--context-parallel-kv-cache-policy", "full"]),
@@ -163,6 +182,9 @@ def assert_same(got, want, iterations=None):
         ("ring4_overlap", "cp1"),
         ("ring4_window2", "cp1"),
         ("hybrid4", "cp1"),
+        ("kvallgather4", "cp1"),
+        ("kvallgather4_no_overlap_kv_full", "cp1"),
+        ("tp2_kvallgather2", "tp2_cp1"),
         ("ring2_distopt", "cp1_distopt"),
         ("tp2_ulysses2", "tp2_cp1"),
         ("pp2_ring2", "pp2_cp1"),
@@ -174,9 +196,11 @@ def assert_same(got, want, iterations=None):
         ("docs_ring4", "docs_cp1"),
         ("docs_ring4_window2", "docs_cp1"),
         ("docs_hybrid4", "docs_cp1"),
+        ("docs_kvallgather4", "docs_cp1"),
         ("docs_ring4_eod", "docs_cp1"),
         ("seq510_ring4", "seq510_cp1"),
         ("seq510_hybrid4", "seq510_cp1"),
+        ("seq510_kvallgather4_general", "seq510_cp1"),
         ("seq510_ring4_general", "seq510_cp1"),
         ("ring4_kv_full", "cp1"),
         ("recompute_ring4_kv_half", "recompute_cp1"),
@@ -231,6 +255,7 @@ PRESET_RUNS = {  # preset -> CP runs (4 ranks) compared with its CP=1 run
         "ring4": [*RING, "--use-cp-send-recv-overlap"],
         "double_ring4": [*RING, "--cp-window-size", "2"],
         "hybrid4": HYBRID,
+        "kvallgather4": KVAG,
     },
     "gpt-oss-tiny": {"ulysses4": ULYSSES},
 }
@@ -268,6 +293,7 @@ def test_preset_equals_cp1(name, run_name):
     )
 
 
-def test_gpt_oss_preset_refused_on_the_ring():
-    with pytest.raises(PretrainError, match="megatron_cp_algo cannot compute softmax_type='learnable'"):
-        run_preset("gpt-oss-tiny", 4, RING)
+@pytest.mark.parametrize("algo", [RING, KVAG], ids=["ring", "kvallgather"])
+def test_gpt_oss_preset_refused_where_sinks_cannot_be_computed(algo):
+    with pytest.raises(PretrainError, match=f"{algo[1]} cannot compute softmax_type='learnable'"):
+        run_preset("gpt-oss-tiny", 4, algo)

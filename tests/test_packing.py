@@ -46,9 +46,11 @@ def _cases(world, cases):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    import mindspeed_cp.kvallgather as kvag_module
     import mindspeed_cp.megatron_adaptor as adaptor
     import mindspeed_cp.ring as ring_module
     from mindspeed_cp.hybrid import hybrid_attention
+    from mindspeed_cp.kvallgather import kvallgather_attention
     from mindspeed_cp.local import local_attention
     from mindspeed_cp.megatron.state import STATE
     from mindspeed_cp.ring import ring_attention
@@ -57,7 +59,7 @@ def _cases(world, cases):
 
     rank, out, tile = dist.get_rank(), [], ring_module.TILE
     for case in cases:
-        ring_module.TILE = case.get("tile", tile)  # row tiles of masked blocks (small here: several per block)
+        ring_module.TILE = kvag_module.TILE = case.get("tile", tile)  # row tiles of masked blocks (several per block)
         algo, lengths = case["algo"], case["lengths"]
         u, window = case.get("u", 1), case.get("window", 1)
         ring = 1 if algo == "ulysses" else world // u
@@ -65,6 +67,7 @@ def _cases(world, cases):
             ulysses=dict(context_parallel_algo="ulysses_cp_algo"),
             ring=dict(context_parallel_algo="megatron_cp_algo", cp_window_size=window),
             hybrid=dict(context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=u, cp_window_size=window),
+            kvallgather=dict(context_parallel_algo="kvallgather_cp_algo"),
         )[algo]
         adaptor.configure(context_parallel_size=world, **flags)
         ps.initialize_model_parallel(context_parallel_size=world)
@@ -113,6 +116,8 @@ def _cases(world, cases):
             continue
         elif algo == "ring":
             o = ring_attention(*local, STATE.group("ring"), documents=docs, window=STATE.double_ring_window())
+        elif algo == "kvallgather":
+            o = kvallgather_attention(*local, STATE.group("allgather"), documents=docs)
         else:
             o = hybrid_attention(
                 *local, STATE.group("ulysses"), STATE.group("ring"), documents=docs, window=STATE.double_ring_window()
@@ -133,7 +138,7 @@ def _cases(world, cases):
         errs["s_local"] = o.shape[0]
         out.append(errs)
         ps.destroy_model_parallel()
-    ring_module.TILE = tile
+    ring_module.TILE = kvag_module.TILE = tile
     return out
 
 
@@ -141,6 +146,8 @@ def _plan(world):
     cases = []
     for i, lengths in enumerate(LENGTHS if world < 8 else LENGTHS[2:3]):  # 8 ranks on 2 cores: fewer
         cases += [dict(algo="ulysses", lengths=lengths, seed=i), dict(algo="ring", lengths=lengths, seed=i)]
+        if i in (0, 2):  # the all-gather: one sample with a length-1 document, two samples of different documents
+            cases.append(dict(algo="kvallgather", lengths=lengths, seed=i))
         if world in (4, 8):
             cases += [
                 dict(algo="ring", lengths=lengths, window=2, seed=i),
@@ -152,11 +159,13 @@ def _plan(world):
                 dict(algo="hybrid", lengths=lengths, u=2, window=2, seed=i),
             ]
     cases.append(dict(algo="ring", lengths=[[13, 1, 30, 6]], heads=8, kv_heads=2, seed=9))  # GQA
+    cases.append(dict(algo="kvallgather", lengths=[[13, 1, 30, 6]], heads=8, kv_heads=2, seed=9))
     if world == 4:
         cases.append(dict(algo="hybrid", lengths=[[13, 1, 30, 6]], u=2, heads=8, kv_heads=2, seed=9))
         # masked blocks cut into row tiles of 4 (documents and a general mask), ragged last tile
         cases += [
             dict(algo="ring", lengths=[[1, 17, 3, 29]], tile=4, seed=3),
+            dict(algo="kvallgather", lengths=[[1, 17, 3, 29]], tile=4, seed=3),
             dict(algo="hybrid", lengths=[[1, 17, 3, 29]], u=2, tile=4, seed=3),
             dict(algo="ring", lengths=[[16, 24, 8]], dense=True, tile=5, seed=4),
             dict(algo="ring", lengths=[[16, 24, 8]], dense=True, seed=4),
@@ -288,7 +297,13 @@ def _gpt_documents(case):
 
     flags = {
         k: case[k]
-        for k in ("context_parallel_algo", "ulysses_degree_in_cp", "cp_window_size", "use_cp_send_recv_overlap")
+        for k in (
+            "context_parallel_algo",
+            "ulysses_degree_in_cp",
+            "cp_window_size",
+            "use_cp_send_recv_overlap",
+            "context_parallel_kv_cache_policy",
+        )
         if k in case
     }
     if case.get("general"):
@@ -378,6 +393,22 @@ GPT_DOC_CASES = [
     ),
     pytest.param(
         4,
+        dict(cp=4, lengths=[7, 1, 30, 12], context_parallel_algo="kvallgather_cp_algo", before=[33, 17], batch=2),
+        id="kvallgather-cp4-after-another-batch",
+    ),
+    pytest.param(
+        3,
+        dict(
+            cp=3,
+            lengths=[1000 // 40, 15],
+            context_parallel_algo="kvallgather_cp_algo",
+            heads=6,
+            context_parallel_kv_cache_policy="full",
+        ),
+        id="kvallgather-cp3-one-long-document-unaligned-kv-full",
+    ),
+    pytest.param(
+        4,
         dict(cp=4, lengths=[62], context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2),
         id="hybrid-cp4-single-document-unaligned",
     ),
@@ -397,6 +428,11 @@ GPT_DOC_CASES = [
         dict(cp=4, lengths=[254], plain=True, context_parallel_algo="megatron_cp_algo", cp_window_size=2),
         id="double-ring-cp4-S254",
     ),
+    pytest.param(
+        3,
+        dict(cp=3, lengths=[100], plain=True, context_parallel_algo="kvallgather_cp_algo", heads=6),
+        id="kvallgather-cp3-S100",
+    ),
     # general masks at unaligned lengths: pad columns masked, pad rows see themselves only
     pytest.param(
         3,
@@ -409,6 +445,11 @@ GPT_DOC_CASES = [
             cp=4, lengths=[62], plain=True, general=True, context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2
         ),
         id="hybrid-cp4-S62-general",
+    ),
+    pytest.param(
+        4,
+        dict(cp=4, lengths=[62], plain=True, general=True, context_parallel_algo="kvallgather_cp_algo", batch=2),
+        id="kvallgather-cp4-S62-general",
     ),
 ]
 
@@ -581,6 +622,11 @@ THD_CASES = [
         3,
         dict(cp=3, lengths=[20, 5, 25], context_parallel_algo="megatron_cp_algo", max_seqlen=50),
         id="ring-cp3-rope-through-the-row",
+    ),
+    pytest.param(
+        4,
+        dict(cp=4, lengths=[7, 1, 30, 12], context_parallel_algo="kvallgather_cp_algo", pad_to=8),
+        id="kvallgather-cp4-cu_seqlens_padded",
     ),
 ]
 

@@ -76,6 +76,7 @@ def _measured_bytes(algo, S, h, hk, d, U, policy):
     import torch.distributed as dist
 
     from mindspeed_cp.hybrid import hybrid_attention
+    from mindspeed_cp.kvallgather import kvallgather_attention
     from mindspeed_cp.layout.sharding import token_indices
     from mindspeed_cp.local import local_attention
     from mindspeed_cp.ring import ring_attention, zigzag_index
@@ -87,7 +88,7 @@ def _measured_bytes(algo, S, h, hk, d, U, policy):
     q, k, v = (torch.randn(S, 1, n, d, generator=g) for n in (h, hk, hk))
     if algo == "ulysses":
         idx = torch.tensor_split(torch.arange(S), P)[r]
-    elif algo == "ring":
+    elif algo in ("ring", "kvallgather"):
         idx = zigzag_index(S, P, r)
     else:
         idx = token_indices(
@@ -101,6 +102,8 @@ def _measured_bytes(algo, S, h, hk, d, U, policy):
             )(*leaves)
         elif algo == "ring":
             out = ring_attention(*leaves, dist.group.WORLD, kv_cache_policy=policy)
+        elif algo == "kvallgather":
+            out = kvallgather_attention(*leaves, dist.group.WORLD, kv_cache_policy=policy)
         else:
             groups = [dist.new_group(list(range(i * U, (i + 1) * U))) for i in range(P // U)]
             rings = [dist.new_group(list(range(j, P, U))) for j in range(U)]
@@ -119,6 +122,9 @@ def _measured_bytes(algo, S, h, hk, d, U, policy):
         ("ring", 4, 1, "full"),
         ("hybrid", 4, 2, None),
         ("hybrid", 2, 2, "full"),
+        ("kvallgather", 4, 1, None),
+        ("kvallgather", 2, 1, "half"),
+        ("kvallgather", 1, 1, "full"),
     ],
 )
 def test_the_bytes_the_model_charges_are_the_bytes_sent(algo, hk, U, policy):
@@ -126,8 +132,38 @@ def test_the_bytes_the_model_charges_are_the_bytes_sent(algo, hk, U, policy):
     S, h, d, P = 64, 4, 8, 4
     sent = max(run_on_ranks(P, _measured_bytes, algo, S, h, hk, d, U, policy))
     model = cm.Model(num_layers=1, hidden_size=h * d, num_attention_heads=h, num_query_groups=hk)
-    t = cp_attention_time(device("h100"), model, S, 1, P, P if algo == "ulysses" else U, kv_cache=policy, e=4)
+    if algo == "kvallgather":
+        t = cm.attention_time(device("h100"), model, S, 1, cm.Attention("kvallgather", P, kv_cache=policy), e=4)
+    else:
+        t = cp_attention_time(device("h100"), model, S, 1, P, P if algo == "ulysses" else U, kv_cache=policy, e=4)
     assert t["intra_bytes"] + t["inter_bytes"] == pytest.approx(sent, rel=1e-9)
+
+
+def test_the_all_gather_against_ring_and_ulysses():
+    """kvallgather_cp_algo's bytes: the ring's without a policy; with the gathered K/V kept, 2/3 of the ring's and
+    P hk / (h + hk) of Ulysses' (GQA 8:1 at CP 4: 4/9); the planner ranks it, counting the gathered K/V's memory."""
+    S, b, d, e = 32768, 1, 128, 2
+    for P, h, hk in ((4, 8, 1), (8, 32, 8), (16, 64, 8)):
+        kept = cm.kvallgather_kv_cache(S, P, b, hk, d, e, "full")["sent"]
+        assert cm.kvallgather_bytes(S, P, b, hk, d, e) == cm.ring_bytes(S, P, b, hk, d, e)
+        assert 3 * kept == pytest.approx(2 * cm.ring_bytes(S, P, b, hk, d, e))
+        assert kept / cm.ulysses_bytes(S, P, b, h, hk, d, e) == pytest.approx(P * hk / (h + hk))
+    model = cm.Model(num_layers=24, hidden_size=4096, num_attention_heads=32, num_query_groups=8)
+    res = plan(model, device("h100"), 65536, 16, tp=1, cp=16)
+    rows = {
+        e["config"].context_parallel_kv_cache_policy: e
+        for e in res["ranked"]
+        if e["config"].context_parallel_algo == "kvallgather_cp_algo"
+    }
+    assert set(rows) == {None, "half", "full"}
+    groups = cm.head_groups(8, True)  # one layer's gathered K/V (bf16), plus one head group's fp32 dK/dV
+    for r in rows.values():
+        assert r["memory"]["gathered_kv"] == pytest.approx(65536 * 8 * 256 * e + 65536 * 8 / groups * 256 * 4)
+    sent = {p: r["predicted"]["intra_bytes"] + r["predicted"]["inter_bytes"] for p, r in rows.items()}
+    assert sent["full"] == pytest.approx(2 / 3 * sent[None]) and sent["half"] == pytest.approx(5 / 6 * sent[None])
+    assert (
+        rows["full"]["memory"]["kv_cache"] > rows["half"]["memory"]["kv_cache"] > 0 == rows[None]["memory"]["kv_cache"]
+    )
 
 
 def test_link_classes_follow_the_rank_layout():

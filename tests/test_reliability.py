@@ -337,6 +337,7 @@ def _raise_mid_forward(algo, minutes, stay):
 
     import mindspeed_cp.megatron_adaptor as adaptor
     from mindspeed_cp.hybrid import hybrid_attention
+    from mindspeed_cp.kvallgather import kvallgather_attention
     from mindspeed_cp.megatron.state import STATE
     from mindspeed_cp.ring import ring_attention
     from mindspeed_cp.ulysses import UlyssesContextAttention
@@ -363,6 +364,10 @@ def _raise_mid_forward(algo, minutes, stay):
             if r == 1:
                 raise Boom("rank 1 failed before its ring attention")
             ring_attention(q, k, v, STATE.group("ring"), agree_group=STATE.agree_group)
+        elif algo == "kvallgather_cp_algo":
+            if r == 1:
+                raise Boom("rank 1 failed before its all-gather K/V attention")
+            kvallgather_attention(q, k, v, STATE.group("allgather"), agree_group=STATE.agree_group)
         else:
             if r == 1:
                 raise Boom("rank 1 failed before its hybrid attention")
@@ -383,6 +388,7 @@ def _raise_mid_forward(algo, minutes, stay):
         ("ulysses_cp_algo", False),
         ("megatron_cp_algo", False),
         ("hybrid_cp_algo", False),
+        ("kvallgather_cp_algo", False),
     ],
 )
 def test_a_rank_raising_mid_forward_stops_every_rank_within_the_timeout(algo, stay):

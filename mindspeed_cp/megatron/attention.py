@@ -8,7 +8,8 @@ that the patched ``forward`` hands the call to:
 * ``ulysses_cp_algo``: ``UlyssesContextAttention`` around Megatron's own attention, which now sees the full
   sequence and ``heads / (TP*CP)`` heads (its per-partition head counts are set for that);
 * ``megatron_cp_algo``: ring attention (zigzag causal or general mask) over the ring group;
-* ``hybrid_cp_algo``: Ulysses over the Ulysses group around ring attention over the ring group.
+* ``hybrid_cp_algo``: Ulysses over the Ulysses group around ring attention over the ring group;
+* ``kvallgather_cp_algo``: all-gather K/V attention over the all-gather group (the CP group).
 
 Process groups come from :data:`mindspeed_cp.megatron.state.STATE`, looked up once per module at construction. A
 packed THD call (``packed_seq_params``, q/k/v ``[t, heads, d]``) runs as a batch of one with the documents its
@@ -33,10 +34,11 @@ from typing import Any, Optional
 
 import torch
 
-from ..config import HYBRID, RING, ULYSSES, CPConfig, CPConfigError
+from ..config import HYBRID, KVALLGATHER, RING, ULYSSES, CPConfig, CPConfigError
 from ..hybrid import gather_mask_rows, hybrid_attention_with
+from ..kvallgather import kvallgather_attention_with
 from ..local import local_attention
-from ..options import CallInputs, RingOptions, UlyssesOptions
+from ..options import CallInputs, KVAllGatherOptions, RingOptions, UlyssesOptions
 from ..ring import ring_attention_with
 from ..ulysses import GatherSizeCalculator, UlyssesContextAttention
 from .batch import check_packed
@@ -143,14 +145,18 @@ class CPCoreAttention:
     softmax_scale: float
     ring: RingOptions = RingOptions()
     ulysses: UlyssesOptions = UlyssesOptions()
+    kvallgather: KVAllGatherOptions = KVAllGatherOptions()
     megatron_only: Optional[str] = None
     ulysses_group: Any = None
     ring_group: Any = None
+    gather_group: Any = None  # kvallgather_cp_algo's all-gather group
     agree_group: Any = None  # where every call agrees on its inputs (CPU metadata): STATE.agree_group
 
     @property
     def kv_cache_policy(self) -> Optional[str]:
         """This layer's KV-cache policy (--context-parallel-cache-interval picks the layers)."""
+        if self.config.context_parallel_algo == KVALLGATHER:
+            return self.kvallgather.kv_cache_policy
         return self.ulysses.kv_cache_policy if self.config.ulysses_size > 1 else self.ring.kv_cache_policy
 
     @property
@@ -166,7 +172,9 @@ class CPCoreAttention:
         groups, ring = {}, RingOptions(dead_rows=dead, kv_cache_policy=policy)
         if cfg.ulysses_size > 1:
             groups["ulysses_group"] = STATE.group("ulysses")
-        if cfg.ring_size > 1:
+        if cfg.context_parallel_algo == KVALLGATHER:
+            groups["gather_group"] = STATE.group("allgather")
+        elif cfg.ring_size > 1:
             groups["ring_group"] = STATE.group("ring")
             ring = RingOptions(
                 bnsd=cfg.megatron_cp_in_bnsd,
@@ -184,6 +192,7 @@ class CPCoreAttention:
             softmax_scale=scale,
             ring=ring,
             ulysses=UlyssesOptions(kv_cache_policy=policy, allgather_kv=cfg.use_ulysses_allgather_kv),
+            kvallgather=KVAllGatherOptions(overlap=cfg.cp_allgather_overlap, dead_rows=dead, kv_cache_policy=policy),
             megatron_only=_megatron_only(module, cfg),
             agree_group=STATE.agree_group,
             **groups,
@@ -255,6 +264,10 @@ class CPCoreAttention:
         if algo == RING:  # [s/cp, b, n, d] -> [s/cp, b, n, d]
             out = ring_attention_with(
                 query, key, value, self.ring_group, inputs, self.ring, agree_group=self.agree_group
+            )
+        elif algo == KVALLGATHER:  # [s/cp, b, n, d] -> [s/cp, b, n, d]
+            out = kvallgather_attention_with(
+                query, key, value, self.gather_group, inputs, self.kvallgather, agree_group=self.agree_group
             )
         elif algo == HYBRID:
             out = hybrid_attention_with(

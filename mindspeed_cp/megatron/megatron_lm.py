@@ -64,8 +64,8 @@ def _megatron_conflicts(args: Any, config: CPConfig) -> None:
     if list(comm) != ["p2p"]:
         raise CPConfigError(
             f"--cp-comm-type {' '.join(comm)} selects Transformer Engine's context parallelism; with mindspeed-cp "
-            f"choose --context-parallel-algo (a2a ~ ulysses_cp_algo, p2p ~ megatron_cp_algo, a2a+p2p ~ "
-            f"hybrid_cp_algo with --ulysses-degree-in-cp)"
+            f"choose --context-parallel-algo (a2a ~ ulysses_cp_algo, p2p ~ megatron_cp_algo, all_gather ~ "
+            f"kvallgather_cp_algo, a2a+p2p ~ hybrid_cp_algo with --ulysses-degree-in-cp)"
         )
     if getattr(args, "hierarchical_context_parallel_sizes", None):
         raise CPConfigError(

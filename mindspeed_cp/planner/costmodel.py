@@ -47,6 +47,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+from ..options import KVAllGatherOptions
+
 # ============================================================================ bytes (textbook)
 
 
@@ -484,10 +486,9 @@ def attention_time(
 
 
 def head_groups(kv_heads: float, overlap: bool) -> int:
-    """The KV-head groups ``kvallgather_cp_algo`` splits its gather into (:class:`mindspeed_cp.options.
-    KVAllGatherOptions`): the smallest divisor > 1 of the KV heads with overlap, else 1."""
-    hk = int(kv_heads)
-    return next((g for g in range(2, hk + 1) if hk % g == 0), 1) if overlap else 1
+    """The KV-head groups ``kvallgather_cp_algo`` splits its gather into: the runtime's rule
+    (:meth:`mindspeed_cp.options.KVAllGatherOptions.head_groups`)."""
+    return KVAllGatherOptions(overlap=overlap).head_groups(int(kv_heads))
 
 
 def _kvallgather_time(dev: Device, S: int, b: int, a: Attention, shape, out: dict, forward_only: bool) -> dict:

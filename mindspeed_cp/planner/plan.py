@@ -23,10 +23,13 @@ Decisions
   efficiencies. What it gets right and wrong against published comparisons is in docs/planner.md.
 - Row order (:func:`order`): tiers by speed - the fastest remaining configuration and every one within 1 % of
   its time - each tier listed simplest first: the enumeration order (smaller TP, smaller CP, no KV-cache policy
-  before half before full, Ulysses before Hybrid before Ring, no window, no overlap first).
+  before half before full, Ulysses before Hybrid before Ring before the K/V all-gather, no window, no overlap
+  first).
 - What the memory check assumes is part of every row's flags and of ``--write-preset`` (micro-batch, sequence
   parallelism under TP, distributed optimizer, recomputation), so a written preset runs as planned.
-- Ring and Hybrid are costed at the length they pad a batch to (the next multiple of 2 x CP).
+- Ring, Hybrid and the K/V all-gather are costed at the length they pad a batch to (the next multiple of 2 x CP).
+- ``kvallgather_cp_algo`` is enumerated with its gather overlapped (``--no-cp-allgather-overlap`` is never faster in
+  the model); its memory counts one layer's gathered K/V (:func:`memory`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from collections import Counter
 from typing import Any, Dict, List, Optional
 
 from ..cliargs import UsageError, integer, output_file, real, write_text
-from ..config import HYBRID, RING, ULYSSES, CPConfig, CPConfigError
+from ..config import HYBRID, KVALLGATHER, RING, ULYSSES, CPConfig, CPConfigError
 from ..topology import groups_for
 from .costmodel import (
     Attention,
@@ -48,6 +51,8 @@ from .costmodel import (
     Model,
     activation_bytes_per_layer,
     attention_time,
+    head_groups,
+    kvallgather_kv_cache,
     layer_time,
     ring_kv_cache,
     weight_bytes,
@@ -261,22 +266,32 @@ def candidates(
                                         context_parallel_kv_cache_policy=policy,
                                     ),
                                 )
+                yield (
+                    t,
+                    CPConfig(
+                        context_parallel_size=cp,
+                        context_parallel_algo=KVALLGATHER,
+                        context_parallel_kv_cache_policy=policy,
+                    ),
+                )
 
 
 def _attention(config: CPConfig, tp: int, groups: Dict[str, List[int]]) -> Attention:
     """The cost model's view of ``config``: its algorithm, degrees and ``groups`` (global rank 0's, from
     :func:`mindspeed_cp.topology.groups_for`: the runtime's rules for that one rank, linear in the group sizes)."""
-    algo = {ULYSSES: "ulysses", RING: "ring", HYBRID: "hybrid"}[config.context_parallel_algo]
+    algo = {ULYSSES: "ulysses", RING: "ring", HYBRID: "hybrid", KVALLGATHER: "kvallgather"}[
+        config.context_parallel_algo
+    ]
     if config.cp == 1:
         return Attention(algo="ulysses", cp=1, tp=tp)
-    ring = groups.get("ring", groups["cp"]) if algo != "ulysses" else ()
-    uly = groups.get("ulysses", groups["cp"]) if algo != "ring" else ()
+    ring = groups.get("ring", groups.get("allgather", groups["cp"])) if algo != "ulysses" else ()
+    uly = groups.get("ulysses", groups["cp"]) if algo in ("ulysses", "hybrid") else ()
     return Attention(
         algo=algo,
         cp=config.cp,
         ulysses=config.ulysses_size,
         window=config.cp_window_size,
-        overlap=config.use_cp_send_recv_overlap,
+        overlap=config.cp_allgather_overlap if algo == "kvallgather" else config.use_cp_send_recv_overlap,
         kv_cache=config.context_parallel_kv_cache_policy,
         tp=tp,
         ulysses_group=uly,
@@ -285,7 +300,7 @@ def _attention(config: CPConfig, tp: int, groups: Dict[str, List[int]]) -> Atten
 
 
 def _groups(config: CPConfig, tp: int, pp: int, world: int) -> Dict[str, List[int]]:
-    return groups_for(config, world, tp, pp, rank=0, kinds=("tp", "cp", "ulysses", "ring"))
+    return groups_for(config, world, tp, pp, rank=0, kinds=("tp", "cp", "ulysses", "ring", "allgather"))
 
 
 def cp_attention_time(
@@ -338,7 +353,9 @@ def memory(
     e: int = 2,
 ) -> Dict[str, float]:
     """Bytes per device: weights + gradients + optimizer, activations of the layers in flight (1F1B: the first
-    stage holds ``pp`` micro-batches of ``L/pp`` layers = L layers), what a KV-cache policy keeps, the logits."""
+    stage holds ``pp`` micro-batches of ``L/pp`` layers = L layers), what a KV-cache policy keeps, the logits, and
+    for ``kvallgather_cp_algo`` the gathered K/V of the layer at hand (``S b hk (d + dv) e``) with its head group's
+    float32 dK/dV accumulators in backward."""
     cp = config.cp
     dp = world // (tp * pp * cp)
     weights = weight_bytes(model.params() / (tp * pp), dp * cp, distributed_optimizer)  # optimizer over DP x CP
@@ -346,19 +363,23 @@ def memory(
     act = model.num_layers * activation_bytes_per_layer(tokens, b, model.hidden_size, tp, recompute)
     if recompute == "full":  # one layer's whole activations while it is recomputed
         act += activation_bytes_per_layer(tokens, b, model.hidden_size, tp, "none")
-    kv = 0.0
-    if config.context_parallel_kv_cache_policy and cp > 1 and config.ring_size > 1:
-        hk = max(model.kv_heads / tp, config.ulysses_size) / config.ulysses_size
-        per_layer = ring_kv_cache(
-            S, config.ring_size, b, hk, model.head_dim, e, config.context_parallel_kv_cache_policy, dv=model.v_dim
-        )["saved"]
+    kv, gathered = 0.0, 0.0
+    hk = max(model.kv_heads / tp, config.ulysses_size) / config.ulysses_size
+    policy, gather = config.context_parallel_kv_cache_policy, config.context_parallel_algo == KVALLGATHER
+    if policy and cp > 1 and config.ring_size > 1:
+        cache = kvallgather_kv_cache if gather else ring_kv_cache
+        per_layer = cache(S, config.ring_size, b, hk, model.head_dim, e, policy, dv=model.v_dim)["saved"]
         kv = per_layer * (1 if recompute == "full" else model.num_layers)
+    if gather and cp > 1:
+        heads = S * b * hk * (model.head_dim + model.v_dim)
+        gathered = heads * e + heads * 4 / head_groups(hk, config.cp_allgather_overlap)
     logits = 4 * tokens * b * model.vocab_size / tp  # fp32 logits of the last stage
-    total = weights + act + kv + logits
+    total = weights + act + kv + gathered + logits
     return {
         "weights": weights,
         "activations": act,
         "kv_cache": kv,
+        "gathered_kv": gathered,
         "logits": logits,
         "total": total,
         "fits": total <= USABLE_HBM * dev.hbm_gb * 1e9,
@@ -465,6 +486,8 @@ def _settings(entry: dict) -> List[tuple]:
         out.append((f"--cp-window-size {c.cp_window_size}", f"CP_WINDOW={c.cp_window_size}"))
     if c.use_cp_send_recv_overlap:
         out.append(("--use-cp-send-recv-overlap", "CP_OVERLAP=1"))
+    if not c.cp_allgather_overlap:
+        out.append(("--no-cp-allgather-overlap", "CP_ALLGATHER_OVERLAP=0"))
     if c.context_parallel_kv_cache_policy:
         policy = c.context_parallel_kv_cache_policy
         out.append((f"--context-parallel-kv-cache-policy {policy}", f"CP_KV_CACHE={policy}"))

@@ -21,7 +21,7 @@ import sys
 from typing import List, Optional
 
 from ..cliargs import OneLineParser, UsageError, integer
-from ..config import ALGORITHMS, CPConfigError, add_arguments
+from ..config import ALGORITHMS, KVALLGATHER, CPConfigError, add_arguments
 
 PROG = "mindspeed-cp check"
 
@@ -113,7 +113,8 @@ def summary(args: argparse.Namespace) -> dict:
         "dp": args.world_size // (tp * pp * cp),
         "context_parallel_algo": config.context_parallel_algo,
         "ulysses_size": config.ulysses_size,
-        "ring_size": config.ring_size,
+        "ring_size": 1 if config.context_parallel_algo == KVALLGATHER else config.ring_size,
+        "allgather_size": config.ring_size if config.context_parallel_algo == KVALLGATHER else 1,
         "cp_window_size": config.cp_window_size,
         "config": config.describe(),
     }
@@ -140,7 +141,11 @@ def _text(s: dict) -> str:
     lines = [
         f"ok: {s['config']}",
         f"  world {s['world_size']} = TP {s['tp']} x PP {s['pp']} x CP {s['cp']} x DP {s['dp']}",
-        f"  Ulysses group {s['ulysses_size']} rank(s), ring {s['ring_size']} rank(s)"
+        (
+            f"  K/V all-gathered over {s['allgather_size']} rank(s), dK/dV reduce-scattered"
+            if s["allgather_size"] > 1
+            else f"  Ulysses group {s['ulysses_size']} rank(s), ring {s['ring_size']} rank(s)"
+        )
         + (f", Double Ring windows of {s['cp_window_size']}" if s["cp_window_size"] > 1 else ""),
     ]
     if "attention_heads_per_rank" in s:

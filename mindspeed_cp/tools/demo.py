@@ -27,6 +27,7 @@ RUNS = [  # (label, configure() flags); CP comes from --ranks
     ("ring", dict(context_parallel_algo="megatron_cp_algo", use_cp_send_recv_overlap=True)),
     ("double ring", dict(context_parallel_algo="megatron_cp_algo", cp_window_size=2)),
     ("hybrid", dict(context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2)),
+    ("kv all-gather", dict(context_parallel_algo="kvallgather_cp_algo")),
 ]
 
 
@@ -216,6 +217,8 @@ def _layout(flags, cp: int, world: int) -> str:
     c = CPConfig(context_parallel_size=cp, **flags)
     if c.context_parallel_algo == "ulysses_cp_algo":
         return f"Ulysses {cp}"
+    if c.context_parallel_algo == "kvallgather_cp_algo":
+        return f"K/V all-gathered over {cp}"
     text = f"Ulysses {c.ulysses_size} x ring {c.ring_size}" if c.ulysses_size > 1 else f"ring {c.ring_size}"
     if c.cp_window_size > 1:
         text += f", window {c.cp_window_size}"

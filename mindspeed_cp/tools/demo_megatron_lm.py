@@ -97,6 +97,7 @@ RUNS = [  # (label, pretrain_gpt.py flags); CP = --ranks for every run but the r
     ("ring", ["--context-parallel-algo", "megatron_cp_algo", "--use-cp-send-recv-overlap"]),
     ("double ring", ["--context-parallel-algo", "megatron_cp_algo", "--cp-window-size", "2"]),
     ("hybrid", ["--context-parallel-algo", "hybrid_cp_algo", "--ulysses-degree-in-cp", "2"]),
+    ("kv all-gather", ["--context-parallel-algo", "kvallgather_cp_algo"]),
 ]
 
 

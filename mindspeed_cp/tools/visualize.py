@@ -41,9 +41,10 @@ KINDS: Dict[str, KindInfo] = {
         "context parallel",
         "ranks that share one sequence",
         "The ranks of a CP group split one sequence: each holds the Q, K and V of its own tokens. Everything "
-        "outside attention is token-local; attention exchanges K/V (ring) or re-shards heads (Ulysses) "
-        "inside this group, see the ulysses / ring kinds. CP cuts activation memory, which grows with "
-        "sequence length; the weights are the same on every CP rank, so CP only shrinks the DP size.",
+        "outside attention is token-local; attention exchanges K/V (ring, all-gather) or re-shards heads "
+        "(Ulysses) inside this group, see the ulysses / ring / allgather kinds. CP cuts activation memory, "
+        "which grows with sequence length; the weights are the same on every CP rank, so CP only shrinks the DP "
+        "size.",
     ),
     "dp": KindInfo(
         "data parallel",
@@ -88,6 +89,14 @@ KINDS: Dict[str, KindInfo] = {
         "K/V passed around inside windows of --cp-window-size neighbouring ring ranks",
         "Double Ring splits each ring into windows of --cp-window-size neighbouring ranks (typically one "
         "node). K/V circulate inside a window over fast intra-node links.",
+    ),
+    "allgather": KindInfo(
+        "all-gather K/V",
+        "K/V all-gathered, dK/dV reduce-scattered (kvallgather_cp_algo)",
+        "Each rank keeps its queries and all-gathers every rank's K/V once per layer (split by KV heads so the "
+        "gather overlaps compute), attends to exactly the keys its queries may see, and reduce-scatters dK/dV in "
+        "the backward pass. The sequence is cut in 2 x CP zigzag chunks so causal work is balanced; with few KV "
+        "heads (GQA) this moves less than Ulysses, which also moves Q and the output.",
     ),
     "ring_inter_window": KindInfo(
         "Double Ring: outer ring",
