@@ -15,7 +15,10 @@ Reported: work imbalance (max / mean over ranks; goal <= 1.05) and padding overh
 tokens; goal <= 2 %), worst sample and mean over samples. For the plugin's layout also what the ring really
 hands its kernels (``mindspeed_cp.layout.packing.computed_scores``, row tiles of ``ring.TILE``): score elements
 computed (the key columns each tile's documents reach) against the useful ones and against whole blocks,
-their imbalance over ranks, and the row tiles skipped because they reach no key of an owner.
+their imbalance over ranks, and the row tiles skipped because they reach no key of an owner; and the same for the
+all-gather (``kvallgather_cp_algo``, :func:`mindspeed_cp.layout.gather.document_scores`: one sample, so one
+layout: the run tiles of :func:`mindspeed_cp.layout.gather.document_tiles`, each run of a document's chunk against
+its document's keys before it and itself causally, no mask), with its kernel calls per rank against the ring's.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ def _work_by_owner(lengths: List[int], owner) -> List[int]:
 
 
 def measure(seq: int = 32768, cp: int = 8, samples: int = 20, seed: int = 0) -> dict:
+    from mindspeed_cp.kvallgather import TILE as GATHER_TILE
+    from mindspeed_cp.layout.gather import document_scores
     from mindspeed_cp.layout.packing import Documents, computed_scores, layout_work
     from mindspeed_cp.ring import TILE
 
@@ -68,6 +73,8 @@ def measure(seq: int = 32768, cp: int = 8, samples: int = 20, seed: int = 0) -> 
         cont = _work_by_owner(lengths, lambda t: t // (seq // cp))
         imb = lambda w: max(w) / (sum(w) / len(w))  # noqa: E731
         tiles = computed_scores(docs, TILE)
+        gathered = document_scores(docs, GATHER_TILE)
+        ring_calls = cp * cp * -(-(docs.padded_len // cp) // TILE) - sum(tiles["skipped_tiles"])
         rows.append(
             dict(
                 documents=len(lengths),
@@ -83,6 +90,9 @@ def measure(seq: int = 32768, cp: int = 8, samples: int = 20, seed: int = 0) -> 
                 computed_imbalance=imb(tiles["computed"]),
                 skipped_tiles=sum(tiles["skipped_tiles"]),
                 tiles=cp * cp * -(-(docs.padded_len // cp) // TILE),
+                gather_computed_over_useful=sum(gathered["computed"]) / sum(mine),
+                gather_computed_imbalance=imb(gathered["computed"]),
+                gather_calls_over_ring=sum(gathered["calls"]) / ring_calls,
             )
         )
     keys = (
@@ -94,6 +104,9 @@ def measure(seq: int = 32768, cp: int = 8, samples: int = 20, seed: int = 0) -> 
         "computed_over_full_blocks",
         "computed_imbalance",
         "skipped_tiles",
+        "gather_computed_over_useful",
+        "gather_computed_imbalance",
+        "gather_calls_over_ring",
     )
     summary = {k: {"worst": max(r[k] for r in rows), "mean": statistics.mean(r[k] for r in rows)} for k in keys}
     return dict(
@@ -126,7 +139,10 @@ def main(argv=None) -> int:
         f"{s['computed_over_useful']['mean']:.2f}x the useful scores = "
         f"{100 * s['computed_over_full_blocks']['mean']:.1f} % "
         f"of whole blocks (imbalance {s['computed_imbalance']['worst']:.3f} worst), "
-        f"{s['skipped_tiles']['mean']:.0f} row tiles skipped per sample -> {args.out}"
+        f"{s['skipped_tiles']['mean']:.0f} row tiles skipped per sample; the all-gather computes "
+        f"{s['gather_computed_over_useful']['mean']:.2f}x the useful scores (imbalance "
+        f"{s['gather_computed_imbalance']['worst']:.3f} worst) in {s['gather_calls_over_ring']['mean']:.2f}x the "
+        f"ring's kernel calls -> {args.out}"
     )
     return 0
 

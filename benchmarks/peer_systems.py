@@ -35,13 +35,15 @@ What each adapter changes in the peer, exactly:
   ``heads_k_stride``; contiguous layout, so causal work grows with the rank) with the two flash-attn calls it makes
   (``_flash_attn_varlen_forward`` / ``_backward`` from ``flash_attn.flash_attn_interface``) given by a stand-in module
   running torch's CPU flash op: per sequence, flash-attn's bottom-right causal as a full part and a causal square
-  merged by LSE (:func:`_fa_varlen_forward`). The package's other modules import flash-attn names they are never
-  asked to run here: the stand-in defines them as functions that raise.
+  merged by LSE (:func:`_fa_varlen_forward`); the module is imported without the package's ``__init__`` (its
+  Hugging Face adapter needs transformers). ring-flash-attn 0.1.8 gathers K and V (two all-gathers per stride)
+  of the next stride while computing this one; backward gathers again and reduce-scatters dK, dV synchronously.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 import sys
 import types
@@ -322,6 +324,11 @@ def _ring_flash_attn():
         pkg.flash_attn_interface = iface
         pkg.__getattr__ = lambda name: absent
         sys.modules.update({"flash_attn": pkg, "flash_attn.flash_attn_interface": iface})
+    if "ring_flash_attn" not in sys.modules:  # the package without its __init__ (its HF adapter needs transformers)
+        found = importlib.util.find_spec("ring_flash_attn")
+        rfa = types.ModuleType("ring_flash_attn")
+        rfa.__path__ = list(found.submodule_search_locations)
+        sys.modules["ring_flash_attn"] = rfa
     import ring_flash_attn.llama3_flash_attn_varlen as llama3
 
     return llama3

@@ -1,6 +1,7 @@
 """``make bench-peers``: our algorithms next to what a user would pick instead, on the same gloo ranks and problems.
 
     python -m benchmarks.peers [--quick]   # -> benchmarks/results/peers.json, peers.md (quick: test-artifacts/)
+    python -m benchmarks.peers --algo kvallgather --out DIR   # one algorithm's systems only
 
 Runs in its own venv (``.peers/venv``: torch 2.13.0 from the local CPU wheel, DeepSpeed with ``DS_BUILD_OPS=0``,
 yunchang without flash-attn), built on first use (:func:`ensure_venv`); our package comes from this checkout
@@ -293,13 +294,13 @@ def _timed(name: str, probed: dict) -> bool:
     return shipped is None or "failed" in probed.get(shipped, {"failed": "not run"})
 
 
-def _inside(problems, rounds, out_dir) -> int:
+def _inside(problems, rounds, out_dir, algos=None) -> int:
     sys.path[:0] = [ROOT]
     records = []
     for pb in problems:
         t0 = time.monotonic()
         reference(pb)  # once, here (2 threads), before any rank needs it
-        names = systems_for(pb)
+        names = [n for n in systems_for(pb) if not algos or ALGO[n] in algos]
         probed = _probe_all(pb, names)
         rows = [dict(pb, system=n, algo=ALGO[n], **probed[n]) for n in names]
         live = [n for n in names if _timed(n, probed)]
@@ -446,13 +447,15 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--out", default=None, help="default: benchmarks/results (quick: test-artifacts)")
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--algo", action="append", choices=sorted(set(ALGO.values())), help="only these (repeatable)")
     args = ap.parse_args(argv)
     problems, rounds = (QUICK, args.rounds or 1) if args.quick else (FULL, args.rounds or 9)
     args.out = args.out or os.path.join(ROOT, "test-artifacts" if args.quick else os.path.join("benchmarks", "results"))
     if args.inside:
-        return _inside(problems, rounds, args.out)
+        return _inside(problems, rounds, args.out, args.algo)
     python = ensure_venv()
     cmd = [python, "-m", "benchmarks.peers", "--inside", "--rounds", str(rounds), "--out", args.out]
+    cmd += [f"--algo={a}" for a in args.algo or []]
     if args.quick:
         cmd.append("--quick")
     env = dict(os.environ, PYTHONPATH=ROOT, DS_BUILD_OPS="0", DS_ACCELERATOR="cpu")

@@ -3,6 +3,7 @@
     python -m benchmarks.run                      # the full run -> benchmarks/results/cpu.json, cpu.md, *.png
     python -m benchmarks.run --quick --out DIR    # tiny sizes (CI smoke run, tests/test_benchmarks.py)
     python -m benchmarks.run --no-scale           # skip the tiny-GPT scale search
+    python -m benchmarks.run --algo kvallgather --algo ring --name cpu_kvallgather   # the attention table only
 
 Each CP size runs in its own set of fresh gloo ranks (world = CP, one thread per rank, all on this
 machine's cores); the CP=1 references run alone in one rank. See docs/performance.md for what each
@@ -84,10 +85,13 @@ def variants(cp: int) -> List[dict]:
     return out + [dict(algo="kvallgather")]
 
 
-def plan(cfg: dict) -> Dict[int, List[dict]]:
+def plan(cfg: dict, algos=None) -> Dict[int, List[dict]]:
     shape = dict(cfg["shape"], dtype="float32")
     per_cp: Dict[int, List[dict]] = {}
     for cp in cfg["cps"]:
+        if algos:  # only these algorithms' rows (the attention table alone)
+            per_cp[cp] = [c for c in plan(cfg)[cp] if c["algo"] in algos]
+            continue
         cases = [dict(shape, cp=cp, seq=S, **v) for S in cfg["seqs"] for v in variants(cp)]
         main = [
             v
@@ -253,6 +257,12 @@ def main(argv=None) -> int:
         help="output directory (default benchmarks/results)",
     )
     ap.add_argument("--name", default="cpu", help="file stem of the JSON / markdown (default cpu)")
+    ap.add_argument(
+        "--algo",
+        action="append",
+        choices=["ulysses", "ring", "double_ring", "hybrid", "kvallgather"],
+        help="only these algorithms' rows, and only the attention table (repeatable)",
+    )
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     os.makedirs(args.out, exist_ok=True)
@@ -261,7 +271,7 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()[0]
     print(f"benchmarks: {mach}; load average {load0:.1f}", flush=True)
 
-    per_cp = plan(cfg)
+    per_cp = plan(cfg, args.algo)
     jobs = {}
     for cases in per_cp.values():
         for c in cases:
@@ -294,6 +304,14 @@ def main(argv=None) -> int:
             records.append(build_record(c, [r[i] for r in res.results], singles[_shape_key(c)], mach))
         print(f"  CP={cp}: {len(cases)} cases ({res.wall_s:.0f} s)", flush=True)
 
+    if args.algo:  # the attention table alone
+        stem = os.path.join(args.out, args.name)
+        with open(stem + ".json", "w") as f:
+            json.dump(records, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(report.markdown(records, None, mach, time.monotonic() - t_start, notes_for(records)))
+        print(f"benchmarks: {len(records)} records; wrote {stem}.json, {stem}.md", flush=True)
+        return 0
     scale = None
     if not args.no_scale:
         from .scale import run_scale

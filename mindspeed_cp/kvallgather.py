@@ -22,15 +22,17 @@ Decisions
   padding to any length and the per-document zigzag of packed documents are the ring's, unchanged.
 - Gathered K/V in global order (``[b, hk, S, d]``, placed by :func:`mindspeed_cp.layout.gather.gather_order` or the
   documents' order): a tile's keys are one slice, so a causal chunk needs one full tile and one diagonal tile,
-  a document tile one range, and a later sliding window only narrows each range (a sink: one more float32 merge).
+  and so does each run of a packed document's chunk when every sample has the same layout (no mask at all);
+  layouts differing per sample: one range per row tile, masked by document ids. A later sliding window only
+  narrows each range (a sink: one more float32 merge).
 - Overlap: the gather is split by KV heads into G groups (:meth:`KVAllGatherOptions.head_groups`: up to 4, a
   divisor of hk); group g+1 travels while group g computes, and the tiles on the rank's own keys (the two diagonal
   ones) run before the first group arrives. In backward, group g's dK/dV reduce-scatter travels while group g+1
   computes. Async collectives (work handles): the same code overlaps on gloo's threads and on NCCL's stream.
   ``overlap=False`` (``--no-cp-allgather-overlap``): one gather of every head waited for before any compute, one
   reduce-scatter after it. One KV head (MQA at TP = hk) cannot be split: then it is one gather. (Transformer
-  Engine's and PyTorch's all-gather CP expose their gather; ring-flash-attn's splits it by ``heads_k_stride`` but
-  waits for each part.)
+  Engine's and PyTorch's all-gather CP expose their gather; ring-flash-attn 0.1.8's splits it by
+  ``heads_k_stride`` and gathers the next stride during this one's compute, its reduce-scatters synchronous.)
 - KV-cache policies: none gathers K/V again in backward (what Transformer Engine, MindSpeed and ring-flash-attn
   do: autograd keeps only the local q/k/v/out/lse, as the ring's); ``"full"`` keeps the gathered K/V instead of the
   local ones (``(P-1)`` more blocks per layer); ``"half"`` keeps the gathered K and the local V.
@@ -56,7 +58,7 @@ import torch.distributed as dist
 from .agreement import KVAllGatherError, agree_kvallgather
 from .comm import PendingExchange, start_all_gather, start_reduce_scatter
 from .kernels import acc_dtype, get_kernel, merge_
-from .layout.gather import Tile, causal_tiles, document_tiles, full_tiles, gather_order
+from .layout.gather import Tile, causal_tiles, document_span_tiles, document_tiles, full_tiles, gather_order
 from .layout.sharding import zigzag_index
 from .local import add_uniform_grad, uniform_rows
 from .options import CallInputs, KVAllGatherOptions
@@ -92,14 +94,17 @@ class _Plan:
         self.dropout, self.documents, self.mask = inputs.dropout, inputs.documents, inputs.attention_mask
         self.device = q.device
         docs = self.documents
+        blocked = self.dropout is not None or getattr(self.kernel, "name", None) == "math"
+        self.doc_masks = False  # documents laid out differently per sample: masked span tiles
         if docs is not None:
-            self.tiles = document_tiles(docs, r, TILE)
             self.qpos = docs.ring_positions(r)  # [b, s] padded positions of this rank's rows
-            self.order = docs.order[0] if docs.same_order else docs.order  # [T] or [b, T]
+            if docs.same_layout:  # one order, mask-free run tiles
+                self.tiles, self.order = document_tiles(docs, r, TILE if blocked else None), docs.order[0]
+            else:
+                self.tiles, self.order, self.doc_masks = document_span_tiles(docs, r, TILE), docs.order, True
         else:
             self.qpos = zigzag_index(self.S, P, r, q.device)  # [s]
             self.order = gather_order(self.S, P, q.device)
-            blocked = self.dropout is not None or getattr(self.kernel, "name", None) == "math"
             if self.mask is not None:
                 if self.mask.shape[-2] != s:  # the full [.., S, S] mask: this rank's rows
                     self.mask = self.mask.index_select(-2, self.qpos)
@@ -125,7 +130,7 @@ class _Plan:
 
     def tile_mask(self, t: Tile, g: int, b: int) -> Optional[Tensor]:
         """The tile's mask (bool, True = masked): a slice of the general mask, or from document ids."""
-        if self.documents is not None:
+        if self.doc_masks:
             keys = torch.arange(*t.keys, device=self.device).expand(b, -1)
             return self.documents.block_mask(self.qpos[:, t.row_slice], keys)  # [b, 1, rows, keys]
         return self._heads(None if self.mask is None else self.mask[..., t.row_slice, t.key_slice], g)

@@ -15,13 +15,19 @@ chunks of c = 4: rank 0 holds positions 0-3 and 12-15, rank 1 holds 4-7 and 8-11
 Every rank computes the same number of pairs - rank r: ``r c^2 + (2P-1-r) c^2`` full plus two triangles,
 ``(2P-1) c^2 + c (c+1)``, independent of r - so no rank waits for another at the reduce-scatter.
 
-* :func:`causal_tiles` - causal attention in the zigzag layout (above); ``rows`` cuts tiles to at most that many rows
-  (where a per-score object is built: dropout masks, the math kernel), a diagonal tile becoming a full part and a
-  smaller diagonal.
+* :func:`run_tiles` - the rule behind both causal plans: a rank's tokens are runs of consecutive positions inside
+  one chunk of one document; a run's rows see the keys of their document before the run fully and the run itself
+  causally.
+  ``rows`` cuts tiles to at most that many rows (where a per-score object is built: dropout masks, the math
+  kernel), a diagonal tile becoming a full part and a smaller diagonal.
+* :func:`causal_tiles` - causal attention in the zigzag layout (above: one document, two runs per rank).
+* :func:`document_tiles` - packed documents (the per-document zigzag: two runs per document per rank), when every
+  sample has the same layout: no mask at all, only full and diagonal tiles, and every rank the same tiles' sizes.
+* :func:`document_span_tiles` - packed documents laid out differently per sample: each row tile sees one range, from
+  the start of the document of its first row to its last row in any sample (:meth:`Documents.gather_spans`); the
+  block mask inside it comes from document ids.
 * :func:`full_tiles` - every row tile against every key (a general mask: its columns are global, so a tile's mask
   is a slice of it; no mask and not causal: full attention).
-* :func:`document_tiles` - packed documents: each row tile sees one contiguous range, from the start of the document
-  of its first row to its last row (:meth:`Documents.gather_spans`); the block mask inside it comes from document ids.
 * :func:`gather_order` - where each rank's tokens go in the gathered sequence (rank order -> global positions).
 
 A tile whose keys are exactly a run of the rank's own tokens says where they are locally (``local``): it can be
@@ -33,13 +39,23 @@ the gather to the ranks a window reaches), a sink is one more term of the float3
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from .sharding import zigzag_index
 
-__all__ = ["Tile", "causal_tiles", "full_tiles", "document_tiles", "gather_order", "tile_pairs"]
+__all__ = [
+    "Tile",
+    "run_tiles",
+    "causal_tiles",
+    "document_tiles",
+    "document_span_tiles",
+    "full_tiles",
+    "gather_order",
+    "tile_pairs",
+    "document_scores",
+]
 
 
 @dataclass(frozen=True)
@@ -90,31 +106,55 @@ def _cut(tile: Tile, rows: Optional[int]) -> List[Tile]:
     return out
 
 
+def run_tiles(
+    positions: Sequence[int], starts: Sequence[int], chunks: Sequence, rows: Optional[int] = None
+) -> List[Tile]:
+    """Causal tiles of a rank whose row ``i`` is the token at global position ``positions[i]``, in a document starting
+    at ``starts[i]``, in the layout's chunk ``chunks[i]``: per run of consecutive positions inside one chunk (rows
+    ``a..e``, positions ``p..p+e-a``), a full tile on the document's keys before it (``starts .. p``, if any) and a
+    diagonal tile on the run itself (its own keys: ``local`` = a). Runs stop at chunk borders even where the next
+    chunk follows (the middle rank's two chunks): every rank then gets tiles of the same sizes."""
+    tiles, a, n = [], 0, len(positions)
+    for e in range(1, n + 1):
+        if e < n and positions[e] == positions[e - 1] + 1 and chunks[e] == chunks[a]:
+            continue
+        p = positions[a]
+        if p > starts[a]:
+            tiles.append(Tile((a, e), (starts[a], p)))
+        tiles.append(Tile((a, e), (p, p + e - a), True, a))
+        a = e
+    return [piece for t in tiles for piece in _cut(t, rows)]
+
+
 def causal_tiles(P: int, r: int, s: int, rows: Optional[int] = None) -> List[Tile]:
     """Causal attention of rank ``r`` of ``P`` holding ``s`` tokens in the zigzag layout (chunks ``r`` and
     ``2P-1-r`` of ``c = s/2``): per chunk ``x``, its rows see keys ``0 .. x c`` fully and their own chunk causally."""
     c = s // 2
-    tiles = []
-    for half, x in enumerate((r, 2 * P - 1 - r)):
-        rows_ = (half * c, (half + 1) * c)
-        if x:
-            tiles.append(Tile(rows_, (0, x * c)))
-        tiles.append(Tile(rows_, (x * c, (x + 1) * c), True, half * c))
-    return [piece for t in tiles for piece in _cut(t, rows)]
+    return run_tiles(zigzag_index(s * P, P, r).tolist(), [0] * s, [0] * c + [1] * (s - c), rows)
+
+
+def document_tiles(documents, j: int, rows: Optional[int] = None) -> List[Tile]:
+    """Packed documents of one layout for every sample (:attr:`Documents.same_layout`), ring position ``j``: the runs
+    of the per-document zigzag (each document's chunks ``j`` and ``2R-1-j``) by :func:`run_tiles` - no mask; pads sit
+    at their document's end and are a part of it, as :meth:`Documents.block_mask` has them."""
+    positions, inside, chunk = documents.host_positions(j)
+    starts = [p - i for p, i in zip(positions, inside)]
+    return run_tiles(positions, starts, list(zip(starts, chunk)), rows)
+
+
+def document_span_tiles(documents, j: int, rows: int) -> List[Tile]:
+    """Packed documents laid out differently per sample, ring position ``j`` (its ``T/R`` tokens): tiles of ``rows``
+    rows, each against the one key range its documents reach in any sample (:meth:`Documents.gather_spans`), with the
+    block mask from document ids."""
+    n = documents.padded_len // documents.ring
+    spans = documents.gather_spans(j, rows)
+    return [Tile((i * rows, min((i + 1) * rows, n)), span) for i, span in enumerate(spans)]
 
 
 def full_tiles(s: int, S: int, rows: Optional[int] = None) -> List[Tile]:
     """Every row (in tiles of ``rows``, default all) against all ``S`` keys."""
     step = rows or s
     return [Tile((i, min(i + step, s)), (0, S)) for i in range(0, s, step)]
-
-
-def document_tiles(documents, j: int, rows: int) -> List[Tile]:
-    """Packed documents, ring position ``j`` (its ``T/R`` tokens): tiles of ``rows`` rows, each against the one key
-    range its documents reach (:meth:`mindspeed_cp.layout.packing.Documents.gather_spans`)."""
-    n = documents.padded_len // documents.ring
-    spans = documents.gather_spans(j, rows)
-    return [Tile((i * rows, min((i + 1) * rows, n)), span) for i, span in enumerate(spans)]
 
 
 def gather_order(S: int, P: int, device=None) -> torch.Tensor:
@@ -130,3 +170,19 @@ def tile_pairs(tiles: List[Tile]) -> int:
         n, m = t.rows[1] - t.rows[0], t.keys[1] - t.keys[0]
         total += n * (n + 1) // 2 if t.causal else n * m
     return total
+
+
+def document_scores(documents, tile: int) -> dict:
+    """What the all-gather hands its kernels with packed documents, per ring position: ``computed`` score elements
+    (each tile's rows x its key range; a diagonal tile its triangle, as causal kernels skip the rest) and ``calls``
+    (tiles, one kernel call each), with the
+    tiles the algorithm uses (:func:`document_tiles`, or :func:`document_span_tiles` of ``tile`` rows when the
+    samples' layouts differ). Per head; pads included. (The ring's: :func:`mindspeed_cp.layout.packing.
+    computed_scores`.)"""
+    computed, calls = [], []
+    for r in range(documents.ring):
+        same = documents.same_layout
+        tiles = document_tiles(documents, r) if same else document_span_tiles(documents, r, tile)
+        computed.append(tile_pairs(tiles))
+        calls.append(len(tiles))
+    return {"computed": computed, "calls": calls}

@@ -264,10 +264,27 @@ class Documents:
         return self._spans[key]
 
     @property
-    def same_order(self) -> bool:
-        """Every sample has the same layout (one gather order serves the batch); from the CPU copy."""
-        _, order, _ = self._host
-        return bool((order == order[:1]).all())
+    def same_layout(self) -> bool:
+        """Every sample has the same documents' layout (one gather order and one set of tiles serve the batch);
+        from the CPU copies, once per batch."""
+        if "same" not in self._spans:
+            ids, order, _ = self._host
+            self._spans["same"] = bool((order == order[:1]).all()) and bool((ids == ids[:1]).all())
+        return self._spans["same"]
+
+    def host_positions(self, j: int) -> Tuple[List[int], List[int], List[int]]:
+        """Ring position ``j``'s padded positions (sample 0), each one's position inside its document and the
+        layout's chunk of its document it lies in (``0 .. 2R-1``), as host lists (planning, once per batch)."""
+        key = ("host", j)
+        if key not in self._spans:
+            ids, order, _ = self._host
+            n = self.padded_len // self.ring
+            pos = order[0, j * n : (j + 1) * n]
+            inside = self._host_inside[0].gather(0, pos)
+            length = torch.tensor(self.padded[0])[ids[0].gather(0, pos).long()]  # padded length of each one's document
+            chunk = inside // (length // (2 * self.ring)).clamp(min=1)
+            self._spans[key] = (pos.tolist(), inside.tolist(), chunk.tolist())
+        return self._spans[key]
 
     def shift_plan(self, rank: int, within_documents: bool):
         """The :class:`mindspeed_cp.layout.shift.ShiftPlan` of ``rank`` (cached): the one-position shift of multi-token
