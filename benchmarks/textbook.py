@@ -7,6 +7,12 @@ benchmarks check against measurements; this module only re-exports them for the 
 
 from __future__ import annotations
 
-from mindspeed_cp.planner.costmodel import (
-    textbook_bytes,  # noqa: F401
+from mindspeed_cp.planner.costmodel import (  # noqa: F401
+    hybrid_bytes,
+    hybrid_kv_cache,
+    ring_bytes,
+    ring_kv_cache,
+    textbook_bytes,
+    ulysses_bytes,
+    ulysses_kv_cache,
 )

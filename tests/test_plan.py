@@ -430,9 +430,9 @@ def test_plan_command_errors_are_one_line_and_status_2(argv, match, capsys):
 
 
 def test_plan_keeps_to_what_the_model_build_accepts():
-    """A model conf with sinks (gpt-oss-tiny: --softmax-type learnable) gets no Ring / Hybrid row: the model build
-    would refuse them, with the same sentence the plan gives as the reason (CPConfig.feature_problem); MLA's head
-    sizes come from the conf's flags (deepseek-tiny: qk 24 + 8, v 16)."""
+    """A model conf with sinks and sliding windows (gpt-oss-tiny: --softmax-type learnable --window-size 16,0
+    --window-attn-skip-freq 2) gets every algorithm (each computes them; CPConfig.feature_problem is the one rule the
+    model build and the plan share); MLA's head sizes come from the conf's flags (deepseek-tiny: qk 24 + 8, v 16)."""
     import argparse
 
     from mindspeed_cp.planner.plan import device, model_from, plan
@@ -448,11 +448,9 @@ def test_plan_keeps_to_what_the_model_build_accepts():
         vocab_size=None,
     )
     model = model_from(args)
-    assert model.softmax_type == "learnable"
+    assert model.softmax_type == "learnable" and model.window_size == "16,0"
     res = plan(model, device("h100"), 8192, 8)
     algos = {e["config"].context_parallel_algo for e in res["ranked"] if e["config"].cp > 1}
-    assert algos == {"ulysses_cp_algo"}, algos
-    why = {e["why"] for e in res["rejected"] if e["config"].ring_size > 1}
-    assert any("cannot compute softmax_type='learnable'" in w for w in why), why
+    assert algos == {"ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo"}, algos
     deepseek = model_from(argparse.Namespace(**dict(vars(args), model="deepseek-tiny")))
     assert (deepseek.head_dim, deepseek.v_dim) == (32, 16)
