@@ -44,7 +44,7 @@ from .agreement import RingAttentionError, agree_window_ring
 from .blocks import PlannedBlocks, add_sink, sink_grad, sink_logits
 from .comm import KVPair, PairExchanger
 from .kernels import acc_dtype, get_kernel
-from .layout.window import HaloPlan, Run, Window, layout_runs, plan_halo, window_blocks
+from .layout.window import HaloPlan, Run, Window, layout_runs, plan_halo, window_blocks, zigzag_layout
 from .local import DEFAULT_TILE, window_tile
 from .options import CallInputs, RingOptions
 
@@ -62,13 +62,6 @@ def _sbhd(x: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ plan
-@functools.lru_cache(maxsize=256)
-def zigzag_layout(seq_len: int, P: int) -> Tuple[Tuple[Run, ...], ...]:
-    """Megatron's zigzag of ``seq_len`` tokens over ``P`` ranks as runs: rank r holds chunks r and 2P-1-r."""
-    c = seq_len // (2 * P)
-    return tuple((Run(0, r * c, c), Run(c, (2 * P - 1 - r) * c, c)) for r in range(P))
-
-
 def documents_layout(documents, ring: bool) -> Tuple[Tuple[Run, ...], ...]:
     """The runs of packed documents: per ring position (``ring``: Ring/Hybrid's ring level) or per CP rank."""
     _, order, source = documents._host

@@ -239,3 +239,56 @@ def test_windows_and_sinks_match_float64(world):
         if not worst <= TOL:
             bad.append(f"{case}: {errs}")
     assert not bad, "\n".join(bad)
+
+
+# ------------------------------------------------------------------------------------------ the plans (pure)
+def _positions(runs):
+    return [p for x in sorted(runs, key=lambda x: x.index) for p in range(x.pos, x.pos + x.n)]
+
+
+def test_layouts_in_closed_form_are_the_runtimes():
+    """zigzag / contiguous / hybrid layouts built in O(P) for the planner hold exactly the tokens token_indices
+    gives every CP rank (the batch split the runtime uses)."""
+    from mindspeed_cp.config import CPConfig
+    from mindspeed_cp.layout.sharding import token_indices
+    from mindspeed_cp.layout.window import contiguous_layout, hybrid_layout, zigzag_layout
+
+    for S, U, R in ((48, 2, 2), (96, 3, 2), (64, 4, 2), (120, 3, 4)):
+        cfg = CPConfig(context_parallel_size=U * R, context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=U)
+        for r in range(U * R):
+            assert _positions(hybrid_layout(S, U, R)[r]) == token_indices(cfg, r, S).tolist(), (S, U, R, r)
+    for S, P in ((30, 4), (32, 4), (7, 3)):
+        cfg = CPConfig(context_parallel_size=P)
+        for r in range(P):
+            assert _positions(contiguous_layout(S, P)[r]) == token_indices(cfg, r, S).tolist()
+    for S, P in ((32, 4), (24, 3)):
+        cfg = CPConfig(context_parallel_size=P, context_parallel_algo="megatron_cp_algo")
+        for r in range(P):
+            assert _positions(zigzag_layout(S, P)[r]) == token_indices(cfg, r, S).tolist()
+
+
+def test_halo_and_pairs_in_closed_form_equal_the_plans():
+    """halo_tokens (the planner's H) = what plan_halo's steps bring a rank, and run_pairs = the window's pairs of
+    the rank's queries counted from positions, for every layout, causal, two-sided and unbounded windows."""
+    from mindspeed_cp.layout.window import (
+        UNBOUNDED,
+        Window,
+        contiguous_layout,
+        halo_tokens,
+        hybrid_layout,
+        plan_halo,
+        run_pairs,
+        zigzag_layout,
+    )
+
+    for P, c in ((2, 5), (3, 4), (4, 6), (8, 2)):
+        S = 2 * P * c
+        for left, right in ((0, 0), (1, 0), (3, 0), (c, 0), (2 * c + 1, 0), (5, 2), (UNBOUNDED, 0), (4, UNBOUNDED)):
+            w = Window(left, right)
+            for layout in (zigzag_layout(S, P), contiguous_layout(S + 1, P), hybrid_layout(2 * S, 2, P)):
+                n = sum(x.n for rank in layout for x in rank)
+                for r, runs in enumerate(layout):
+                    got = halo_tokens(runs, w, n)
+                    assert got == plan_halo(layout, r, w).bytes_per_token()["received"], (P, c, w, r)
+                    q = torch.tensor(_positions(runs))
+                    assert run_pairs(runs, w, n) == int(w.seen(q, torch.arange(n)).sum()), (P, c, w, r)

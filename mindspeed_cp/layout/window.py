@@ -18,8 +18,10 @@ Every tile of ``t <= left + right`` rows decomposes exactly into at most three b
 block at ``i - left`` (row ``r`` sees columns ``>= r``), a *full* block (every pair seen; empty here) and a
 *causal* ``t x t`` block at ``i + right`` (row ``r`` sees columns ``<= r``). A fused causal kernel computes only the
 seen half of each edge block (the anti-causal one on the tiles reversed), so the score elements computed equal the
-pairs in the window: ``t (left + right + 1)`` per tile. Where a block is cut by the end of a run of keys (a rank
-boundary, a document, the sequence start) it becomes a *masked* block, its mask built from positions.
+pairs in the window: ``t (left + right + 1)`` per tile. Where an edge block is cut by the end of a run of keys (a
+rank boundary, a document, the sequence start) it splits exactly again, into a smaller square of its shape and a
+full block (:func:`_edge`): still no mask, still only seen pairs. Only a tile wider than the window (``t >
+left + right``, tiny windows) is one *masked* block, its mask built from positions.
 
 ``Run`` is the unit every plan works on: ``n`` tokens of a buffer, from index ``index``, holding the consecutive
 positions ``pos .. pos + n - 1`` of one document. A rank's tokens are a few runs (Ulysses: one; Megatron's zigzag:
@@ -48,6 +50,11 @@ __all__ = [
     "HaloPlan",
     "plan_halo",
     "window_pairs",
+    "zigzag_layout",
+    "contiguous_layout",
+    "hybrid_layout",
+    "halo_tokens",
+    "run_pairs",
 ]
 
 UNBOUNDED = 1 << 62  # a side without limit: larger than any sequence
@@ -152,12 +159,28 @@ def layout_positions(layout: Tuple[Tuple[Run, ...], ...]) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
-def _edge(shape: Shape, lo: int, hi: int, klo: int, khi: int) -> Optional[Tuple[int, int, Shape]]:
-    """The segment ``[lo, hi)`` of key positions clipped to the run ``[klo, khi)``; a clipped edge block is masked."""
+def _edge(shape: Shape, t: int, lo: int, hi: int, klo: int, khi: int) -> List[Tuple[int, int, int, int, Shape]]:
+    """The segment ``[lo, hi)`` of key positions of a tile of ``t`` rows, clipped to the run ``[klo, khi)``, as
+    ``(row_lo, row_hi, key_lo, key_hi, shape)`` pieces (rows relative to the tile). A clipped edge stays exact, no
+    mask: with columns ``[x, y)`` of a causal square left, rows ``< x`` see none of them, rows ``x .. y-1`` a causal
+    square and rows ``>= y`` all of them (a full block); an anti-causal square mirrors it.
+
+    >>> _edge(Shape.CAUSAL, 4, 10, 14, 12, 20)      # keys 12, 13 of a causal square at 10..13
+    [(2, 4, 12, 14, <Shape.CAUSAL: 'causal'>)]
+    >>> _edge(Shape.ANTI, 4, 10, 14, 0, 12)         # keys 10, 11 of an anti-causal square at 10..13
+    [(0, 2, 10, 12, <Shape.ANTI: 'anti'>)]
+    """
     a, b = max(lo, klo), min(hi, khi)
     if a >= b:
-        return None
-    return a, b, shape if (a, b) == (lo, hi) or shape is Shape.FULL else Shape.MASKED
+        return []
+    if shape in (Shape.FULL, Shape.MASKED) or (a, b) == (lo, hi):
+        return [(0, t, a, b, shape)]
+    x, y = a - lo, b - lo  # the columns left, relative to the square
+    if shape is Shape.CAUSAL:
+        pieces = [(x, y, a, b, Shape.CAUSAL), (y, t, a, b, Shape.FULL)]
+    else:
+        pieces = [(0, x, a, b, Shape.FULL), (x, y, a, b, Shape.ANTI)]
+    return [p for p in pieces if p[0] < p[1]]
 
 
 def _segments(w: Window, a: int, t: int) -> List[Tuple[int, int, Shape]]:
@@ -185,20 +208,17 @@ def window_blocks(q_runs: Sequence[Run], k_runs: Sequence[Run], window: Window, 
         for off in range(0, qr.n, tile):
             t = min(tile, qr.n - off)
             a = qr.pos + off
-            rows = slice(qr.index + off, qr.index + off + t)
             for kr in k_runs:
                 if kr.doc != qr.doc:
                     continue
                 for seg in _segments(window, a, t):
-                    piece = _edge(seg[2], seg[0], seg[1], kr.pos, kr.pos + kr.n)
-                    if piece is None:
-                        continue
-                    lo, hi, shape = piece
-                    step = wide if shape is Shape.FULL else hi - lo
-                    for c in range(lo, hi, step):
-                        e = min(hi, c + step)
-                        cols = slice(kr.index + c - kr.pos, kr.index + e - kr.pos)
-                        out.append(Block(rows, cols, shape))
+                    for r0, r1, lo, hi, shape in _edge(seg[2], t, seg[0], seg[1], kr.pos, kr.pos + kr.n):
+                        rows = slice(qr.index + off + r0, qr.index + off + r1)
+                        step = wide if shape is Shape.FULL else hi - lo
+                        for c in range(lo, hi, step):
+                            e = min(hi, c + step)
+                            cols = slice(kr.index + c - kr.pos, kr.index + e - kr.pos)
+                            out.append(Block(rows, cols, shape))
     return out
 
 
@@ -307,3 +327,92 @@ def plan_halo(rank_runs: Sequence[Sequence[Run]], rank: int, window: Window) -> 
         recv = _runs_at(rank_runs[src], send[src])
         steps.append(HaloStep(t, tuple(send[rank]), tuple(recv)))
     return HaloPlan(rank, P, tuple(rank_runs[rank]), tuple(steps))
+
+
+# ------------------------------------------------------------------------------------------ layouts in closed form
+# The layouts the algorithms shard a sequence in, as runs, built in O(P) (the planner costs thousands of ranks).
+
+
+@functools.lru_cache(maxsize=256)
+def zigzag_layout(seq_len: int, P: int) -> Tuple[Tuple[Run, ...], ...]:
+    """Megatron's zigzag of ``seq_len`` tokens over ``P`` ranks as runs: rank r holds chunks r and 2P-1-r.
+
+    >>> zigzag_layout(8, 2)[0]
+    (Run(index=0, pos=0, n=2, doc=0), Run(index=2, pos=6, n=2, doc=0))
+    """
+    c = seq_len // (2 * P)
+    return tuple((Run(0, r * c, c), Run(c, (2 * P - 1 - r) * c, c)) for r in range(P))
+
+
+@functools.lru_cache(maxsize=256)
+def contiguous_layout(seq_len: int, P: int) -> Tuple[Tuple[Run, ...], ...]:
+    """Ulysses' contiguous split (``torch.tensor_split``: the first ``seq_len % P`` ranks one token more)."""
+    base, extra = divmod(seq_len, P)
+    out, at = [], 0
+    for r in range(P):
+        n = base + (1 if r < extra else 0)
+        out.append((Run(0, at, n),) if n else ())
+        at += n
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=256)
+def hybrid_layout(seq_len: int, U: int, R: int) -> Tuple[Tuple[Run, ...], ...]:
+    """Hybrid's layout over its ``U x R`` CP ranks (CP rank ``j U + u``: ring position ``j``, Ulysses rank ``u``):
+    ring position ``j``'s zigzag pair split contiguously into ``U`` parts."""
+    out = []
+    for ring_runs in zigzag_layout(seq_len, R):
+        held = sum(x.n for x in ring_runs)
+        sizes = [held // U + (1 if u < held % U else 0) for u in range(U)]  # torch.chunk of equal parts
+        lo = 0
+        for n in sizes:
+            hi, mine = lo + n, []
+            for x in ring_runs:
+                a, b = max(lo, x.index), min(hi, x.index + x.n)
+                if a < b:
+                    mine.append(Run(a - lo, x.pos + a - x.index, b - a))
+            out.append(tuple(mine))
+            lo = hi
+    return tuple(out)
+
+
+def halo_tokens(runs: Sequence[Run], window: Window, seq_len: int) -> int:
+    """Keys a rank holding ``runs`` (one document) receives for its queries' windows: the union of what they
+    reach, minus what it holds - what :func:`plan_halo`'s steps bring it, in closed form.
+
+    >>> halo_tokens(zigzag_layout(2048, 4)[1], Window(64, 0), 2048)     # 64 of chunk 0, 64 of chunk 5
+    128
+    """
+    spans = sorted(
+        (max(0, lo), min(seq_len, hi)) for lo, hi in (window.reach(x.pos, x.pos + x.n - 1) for x in runs if x.n)
+    )
+    total, end = 0, 0
+    for a, b in spans:
+        a = max(a, end)
+        if b > a:
+            total, end = total + b - a, b
+    return total - sum(x.n for x in runs)
+
+
+def _clipped_sum(x: int, cap: int) -> int:
+    """``sum(min(i, cap) for i in range(x))``."""
+    if x <= cap + 1:
+        return x * (x - 1) // 2
+    return cap * (cap + 1) // 2 + (x - cap - 1) * cap
+
+
+def run_pairs(runs: Sequence[Run], window: Window, seq_len: int) -> int:
+    """(query, key) pairs the queries of ``runs`` see in a sequence of ``seq_len`` tokens (one document): the work
+    of a windowed layer on that rank, in closed form (:func:`window_pairs` counts it from positions).
+
+    >>> run_pairs(contiguous_layout(8, 1)[0], Window(2, 0), 8) == window_pairs(range(8), Window(2, 0))
+    True
+    """
+    left, right = min(window.left, seq_len), min(window.right, seq_len)
+    total = 0
+    for x in runs:
+        a, b = x.pos, x.pos + x.n
+        before = _clipped_sum(b, left) - _clipped_sum(a, left)  # sum of min(i, left)
+        after = _clipped_sum(seq_len - a, right) - _clipped_sum(seq_len - b, right)  # sum of min(S-1-i, right)
+        total += x.n + before + after
+    return total
