@@ -16,12 +16,16 @@ one Markdown page with four tables:
 3. **Ulysses' local attention vs Megatron's.** ``mindspeed_cp.local.local_attention`` on S tokens and h/P heads
    vs what Megatron's local ``DotProductAttention`` computes (baddbmm, softmax, dropout, bmm: the S x S scores),
    forward + backward time and peak memory; Megatron's runs out of memory first.
-4. **Peak memory** of the kernels per case (``torch.cuda.max_memory_allocated``).
+4. **Sliding windows and sinks.** ``local_attention`` with ``window_size`` (causal 128, two-sided 64/64) and
+   sinks (off-by-one, learnable, and with a window) vs float64 (out, dq, dk, dv, d sink), bf16 and fp32, and its
+   peak memory next to the causal call's (a window keeps it linear in S).
 5. **All-gather K/V on one device.** Every rank of ``kvallgather_cp_algo`` emulated in turn on the gathered
    sequence: its tiles (``mindspeed_cp.layout.gather.causal_tiles``: rectangular full tiles and square causal
    diagonals) through the kernel, merged, then backward with the merged out / LSE, dK / dV summed over ranks as
    the reduce-scatter sums them: out, dq, dk, dv against float64 (fp32, bf16), and the slowest rank's time against
    one full attention: ``(full / P) / rank``, the all-gather's decomposition efficiency.
+
+Peak memory of the kernels per case (``torch.cuda.max_memory_allocated``) is in tables 1 and 4.
 """
 
 from __future__ import annotations
@@ -282,6 +286,84 @@ def allgather_table(device, quick: bool) -> List[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- 4. windows and sinks
+WINDOW_CASES = {  # name -> (window_size, softmax type)
+    "window": ((128, 0), None),
+    "two-sided": ((64, 64), None),
+    "off-by-one": (None, "off-by-one"),
+    "learnable": (None, "learnable"),
+    "window+learnable": ((128, 0), "learnable"),
+}
+
+
+def _window_ref(q, k, v, dout, window, sink):
+    """float64 dense attention on [s, b, h, d] with Megatron's window mask and a sink logit per head."""
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    sk = None if sink is None else sink.detach().double().requires_grad_(True)
+    qq, kk, vv = (t.permute(1, 2, 0, 3) for t in leaves)  # [b, h, s, d]
+    g = qq.shape[1] // kk.shape[1]
+    kk, vv = kk.repeat_interleave(g, 1), vv.repeat_interleave(g, 1)
+    scores = qq @ kk.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    S = scores.shape[-1]
+    i, j = torch.arange(S, device=q.device)[:, None], torch.arange(S, device=q.device)[None, :]
+    left, right = window if window is not None else (S, 0)
+    scores = scores.masked_fill((j < i - left) | (j > i + right), -math.inf)
+    if sk is not None:
+        col = sk.view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        probs = torch.softmax(torch.cat([scores, col], -1), -1)[..., :S]
+    else:
+        probs = torch.softmax(scores, -1)
+    out = (probs @ vv).permute(2, 0, 1, 3)
+    out.backward(dout.double())
+    return [out.detach()] + [t.grad for t in leaves] + ([sk.grad] if sk is not None else [])
+
+
+def window_table(device, quick: bool) -> List[dict]:
+    """``local_attention`` (Ulysses' kernel on the whole sequence) with sliding windows and sinks vs float64, and its
+    peak memory against the causal call's (a window keeps memory linear in S: no S x S scores)."""
+    from mindspeed_cp.local import local_attention
+
+    s, b, n, nk, d = (512, 1, 8, 2, 64) if quick else (8192, 1, 8, 2, 128)
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        gen = torch.Generator(device=device).manual_seed(3)
+        rnd = lambda *shape: torch.randn(*shape, generator=gen, device=device).to(dtype)  # noqa: E731
+        q, k, v, dout = rnd(s, b, n, d), rnd(s, b, nk, d), rnd(s, b, nk, d), rnd(s, b, n, d)
+        for case, (window, softmax) in WINDOW_CASES.items():
+            sink = None
+            if softmax == "learnable":
+                sink = torch.randn(n, generator=gen, device=device).float().requires_grad_(True)
+            elif softmax == "off-by-one":
+                sink = torch.zeros(n, device=device, requires_grad=True)
+            leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                out = local_attention(*leaves, causal=True, window_size=window, softmax_offset=sink)
+                out.backward(dout)
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                rows.append(dict(dtype=str(dtype)[6:], case=case, error=f"{type(e).__name__}: {e}"))
+                continue
+            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+            got = [out] + [t.grad for t in leaves] + ([sink.grad] if sink is not None else [])
+            want = _window_ref(q, k, v, dout, window, sink)
+            labels = ("out", "dq", "dk", "dv", "dsink")
+            errs = {
+                lab: float((g.double() - w).abs().max() / w.abs().max().clamp_min(1e-30))
+                for lab, g, w in zip(labels, got, want)
+            }
+            rows.append(dict(dtype=str(dtype)[6:], case=case, seq=s, **errs, peak_mib=peak))
+        if device.type == "cuda":  # the causal call's peak, for the memory comparison
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+            local_attention(*leaves, causal=True).backward(dout)
+            rows.append(dict(dtype=str(dtype)[6:], case="causal (memory reference)", seq=s,
+                             peak_mib=torch.cuda.max_memory_allocated(device) / 2**20))  # fmt: skip
+    return rows
+
+
 # ----------------------------------------------------------------------------- report
 def _fmt(x) -> str:
     if x is None:
@@ -376,6 +458,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     )
     print(parts[-1], flush=True)
+    windows = window_table(device, quick)
+    parts.append(
+        markdown(
+            "4. Sliding windows and sinks: local_attention vs float64 (max error / max |reference|), peak memory",
+            windows,
+            ["dtype", "case", "seq", "out", "dq", "dk", "dv", "dsink", "peak_mib", "error"],
+        )
+    )
+    print(parts[-1], flush=True)
     gather = allgather_table(device, quick)
     parts.append(
         markdown(
@@ -391,15 +482,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(out, "w", encoding="utf-8") as f:
             f.write("\n".join(parts))
         print(f"gpu-check: wrote {out}")
-    worst = max(
-        (
-            max(r.get(c, 0.0) or 0.0 for c in ("out", "dq", "dk", "dv"))
-            for r in kernels
-            if r["dtype"] == "float32" and "error" not in r
-        ),
-        default=0.0,
-    )
-    return 0 if worst < 1e-4 and not any("error" in r for r in kernels) else 1
+    checked = [r for r in kernels + windows + gather if r.get("dtype") == "float32" and "error" not in r]
+    worst = max((max(r.get(c) or 0.0 for c in ("out", "dq", "dk", "dv", "dsink")) for r in checked), default=0.0)
+    return 0 if worst < 1e-4 and not any("error" in r for r in kernels + windows) else 1
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def markdown(
     notes: List[str],
     packed: Optional[List[dict]] = None,
     kv_cache: Optional[List[dict]] = None,
+    windows: Optional[dict] = None,
 ) -> str:
     lines = [
         "# CPU benchmark (gloo ranks, one thread each)",
@@ -136,6 +137,10 @@ def markdown(
         from .bench_kv_cache import markdown as kv_markdown
 
         lines += kv_markdown(kv_cache)
+    if windows:
+        from .bench_windows import markdown as windows_markdown
+
+        lines += windows_markdown(windows)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

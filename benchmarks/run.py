@@ -58,6 +58,7 @@ FULL = dict(
     megatron_max_seq=4096,
     scale=dict(start=4096, cap_s=60.0, mem_gib=4.0),
     kv_cache=dict(seq=4096, cp=4, reps=5),
+    windows=dict(seq=2048, cp=4),
 )
 QUICK = dict(
     cps=[2, 4],
@@ -73,6 +74,7 @@ QUICK = dict(
     agreement_calls=20,
     packing=[dict(seq=4096, cp=4, samples=3)],
     kv_cache=dict(seq=128, cp=4, reps=1, heads=4, head_dim=16),
+    windows=dict(seq=512, cp=4, windows=[(16, 0), (150, 0), (16, 16)]),
 )
 
 
@@ -378,6 +380,14 @@ def main(argv=None) -> int:
     ) as f:
         json.dump(kv, f, indent=1)
 
+    t0 = time.monotonic()
+    from .bench_windows import measure as bench_windows
+
+    windows = bench_windows(**cfg["windows"])
+    with open(os.path.join(args.out, "windows.json" if args.name == "cpu" else f"{args.name}_windows.json"), "w") as f:
+        json.dump(windows, f, indent=1)
+    print(f"  sliding windows: bytes, score elements, balance, memory ({time.monotonic() - t0:.0f} s)", flush=True)
+
     runtime = time.monotonic() - t_start
     notes = notes_for(records) + [
         f"Load average at the start of the run: {load0:.1f} "
@@ -390,7 +400,7 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "scale.json" if args.name == "cpu" else f"{args.name}_scale.json"), "w") as f:
             json.dump(scale, f, indent=1)
     with open(stem + ".md", "w") as f:
-        f.write(report.markdown(records, scale, mach, runtime, notes, packed, kv))
+        f.write(report.markdown(records, scale, mach, runtime, notes, packed, kv, windows))
     pngs = report.plots(records, scale, args.out)
     from .planner_check import run as planner_check  # the cost model against what was just measured
 

@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from .comm import peer_failure
 from .layout.sharding import split_sizes
+from .layout.window import UNBOUNDED
 from .options import (
     DEAD_ROWS,
     KV_CACHE_POLICIES,
@@ -60,15 +61,17 @@ __all__ = [
     "agree_kvallgather",
     "agree_ring",
     "agree_ulysses",
+    "agree_window_ring",
+    "WindowRow",
     "Table",
     "TensorSig",
     "UlyssesRow",
     "RingRow",
-    "HybridRow",
     "KVAllGatherRow",
+    "KVAllGatherError",
+    "HybridRow",
     "UlyssesError",
     "RingAttentionError",
-    "KVAllGatherError",
     "kv_head_repeats",
     "allgather_problem",
     "float_bits",
@@ -607,9 +610,16 @@ class RingRow(Row):
     doc_tokens: int
     doc_crc: int
     kv_cache: int
+    sink: TensorSig
+    swa_left: int
+    swa_right: int
 
     def describe(self) -> str:
         parts = [sig.text(n) for n, sig in zip(("q", "k", "v", "attention_mask"), (self.q, self.k, self.v, self.mask))]
+        if self.sink.present:
+            parts.append(self.sink.text("softmax_offset"))
+        if self.swa_left != NO_WINDOW:
+            parts.append(f"window_size={_window_text(self.swa_left, self.swa_right)}")
         drop = "none" if self.dropout < 0 else f"{self.dropout / (1 << 24):.4g}"
         dead = DEAD_ROWS[self.dead_rows] if 0 <= self.dead_rows < len(DEAD_ROWS) else "?"
         policy = None if self.kv_cache < 0 else repr(KV_CACHE_POLICIES[self.kv_cache])
@@ -690,8 +700,10 @@ def ring_row(
     options: RingOptions,
     scale: float,
     code: int,
+    sink: Optional[TensorSig] = None,
 ) -> RingRow:
-    """One rank's :class:`RingRow` (``code``: its :func:`window_code`)."""
+    """One rank's :class:`RingRow` (``code``: its :func:`window_code`; ``sink``: the signature of the sink logits
+    when they do not exist yet - Hybrid's ring level)."""
     window = options.window_size
     return RingRow(
         q,
@@ -708,22 +720,33 @@ def ring_row(
         float_bits(scale),
         *_documents_key(inputs.documents),
         policy_code(options.kv_cache_policy),
+        TensorSig.of(inputs.softmax_offset) if sink is None else sink,
+        *window_code_of(inputs),
     )
 
 
-def ring_problem(row: RingRow, P: int, window_info: dict) -> Optional[str]:
-    """What is wrong with one rank's ring inputs (a pure function of its row), or None."""
-    window = _WINDOW_PROBLEMS[row.window_code].format(**window_info) if row.window_code else None
-    return zigzag_problem(row, P) or window
+NO_WINDOW = -2  # a row's window sides when the call has no window (-1: an unbounded side)
 
 
-def zigzag_problem(row, P: int, rank: str = "ring rank", size: str = "ring size") -> Optional[str]:
-    """What is wrong with one rank's inputs to an algorithm of the zigzag layout (a :class:`RingRow` or a
-    :class:`KVAllGatherRow`: q/k/v/mask signatures, causal, dead_rows, scale, documents), or None. ``rank`` and
-    ``size`` name the level in the messages."""
-    q, k, v, m = row.q, row.k, row.v, row.mask
-    if row.dead_rows < 0:
-        return f"dead_rows must be one of {', '.join(DEAD_ROWS)}"
+def _window_text(left: int, right: int) -> str:
+    return "None" if left == NO_WINDOW else "contradicting causal" if left == -3 else f"({left}, {right})"
+
+
+def window_code_of(inputs: CallInputs) -> Tuple[int, int]:
+    """(left, right) of the call's window as ints for a row (-1 unbounded; NO_WINDOW without a window)."""
+    try:
+        w = inputs.window
+    except ValueError:
+        return -3, -3  # contradicts causal: every rank sees it, window_problem names it
+    if w is None:
+        return NO_WINDOW, NO_WINDOW
+    return tuple(-1 if x >= UNBOUNDED else x for x in (w.left, w.right))
+
+
+def qkv_problem(
+    q: TensorSig, k: TensorSig, v: TensorSig, m: TensorSig, scale_bits: int, rank: str = "ring rank"
+) -> Optional[str]:
+    """What is wrong with one rank's q/k/v (and mask, scale) whatever the algorithm's layout, or None."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         return "q, k, v must be 4-D [s_local, b, heads, head_dim] (sbhd)"
     if not (q.dtype == k.dtype == v.dtype and q.is_float):
@@ -741,11 +764,56 @@ def zigzag_problem(row, P: int, rank: str = "ring rank", size: str = "ring size"
             f"q is [{s}, {b}, {n}, {d}]: every {rank} needs a non-empty shard (s_local >= 2 for the "
             f"zigzag layout, batch, heads and head_dim >= 1)"
         )
-    scale = bits_float(row.scale)
+    scale = bits_float(scale_bits)
     if not math.isfinite(scale) or scale <= 0:
         return f"softmax_scale must be a positive finite number, got {scale}"
     if k.d2 < 1 or n % k.d2:
         return f"query heads {n} are not a multiple of key/value heads {k.d2} (GQA needs heads % kv_heads == 0)"
+    return None
+
+
+def sink_problem(sink: TensorSig, heads: int) -> Optional[str]:
+    """A softmax offset (sink logits) must be ``[heads]``, floating, or absent."""
+    if sink.present and (sink.ndim != 1 or sink.d0 != heads or not sink.is_float):
+        got = sink.text("")
+        return f"softmax_offset (sink logits) must be a floating [{heads}] tensor (one per query head), got {got}"
+    return None
+
+
+def swa_problem(left: int, right: int, mask: bool, documents: bool) -> Optional[str]:
+    """What is wrong with a call's sliding window (sides as :func:`window_code_of` encodes them), or None."""
+    if left == -3:
+        return "window_size contradicts causal (an unbounded window is causal exactly when its right side is 0)"
+    if left == NO_WINDOW:
+        return None
+    if mask:
+        return "window_size with an attention_mask: a window replaces the mask (as in Megatron's attention)"
+    if documents and right != 0:
+        return f"window_size ({left}, {right}) with packed documents must look back only (right side 0)"
+    return None
+
+
+def ring_problem(row: RingRow, P: int, window_info: dict) -> Optional[str]:
+    """What is wrong with one rank's ring inputs (a pure function of its row), or None."""
+    window = _WINDOW_PROBLEMS[row.window_code].format(**window_info) if row.window_code else None
+    return zigzag_problem(row, P) or window
+
+
+def zigzag_problem(row, P: int, rank: str = "ring rank", size: str = "ring size") -> Optional[str]:
+    """What is wrong with one rank's inputs to an algorithm of the zigzag layout (a :class:`RingRow` or a
+    :class:`KVAllGatherRow`: q/k/v/mask signatures, sinks, window, causal, dead_rows, scale, documents), or None.
+    ``rank`` and ``size`` name the level in the messages."""
+    q, k, v, m = row.q, row.k, row.v, row.mask
+    if row.dead_rows < 0:
+        return f"dead_rows must be one of {', '.join(DEAD_ROWS)}"
+    problem = (
+        qkv_problem(q, k, v, m, row.scale, rank)
+        or sink_problem(row.sink, q.d2)
+        or swa_problem(row.swa_left, row.swa_right, m.present, row.doc_tokens >= 0)
+    )
+    if problem:
+        return problem
+    s, b, n, d = q.shape
     if row.doc_tokens >= 0:
         if not row.causal or m.present:
             return "documents= gives document-causal attention: pass causal=True and no attention_mask"
@@ -823,6 +891,9 @@ class KVAllGatherRow(Row):
     k: TensorSig
     v: TensorSig
     mask: TensorSig
+    sink: TensorSig
+    swa_left: int
+    swa_right: int
     causal: bool
     groups: int
     dropout: int
@@ -833,12 +904,14 @@ class KVAllGatherRow(Row):
     kv_cache: int
 
     def describe(self) -> str:
-        parts = [sig.text(n) for n, sig in zip(("q", "k", "v", "attention_mask"), (self.q, self.k, self.v, self.mask))]
+        names = ("q", "k", "v", "attention_mask", "softmax_offset")
+        parts = [sig.text(n) for n, sig in zip(names, (self.q, self.k, self.v, self.mask, self.sink))]
         drop = "none" if self.dropout < 0 else f"{self.dropout / (1 << 24):.4g}"
         dead = DEAD_ROWS[self.dead_rows] if 0 <= self.dead_rows < len(DEAD_ROWS) else "?"
         policy = None if self.kv_cache < 0 else repr(KV_CACHE_POLICIES[self.kv_cache])
         return (
-            ", ".join(parts) + f", causal={self.causal}, gather in {self.groups} KV-head group(s), dropout={drop}, "
+            ", ".join(parts) + f", window_size={_window_text(self.swa_left, self.swa_right)}, causal={self.causal}, "
+            f"gather in {self.groups} KV-head group(s), dropout={drop}, "
             f"dead_rows={dead}, softmax_scale={bits_float(self.scale):.6g}, kv_cache_policy={policy}"
             + ("" if self.doc_tokens < 0 else f", documents {self.doc_crc:08x} ({self.doc_tokens} tokens per CP rank)")
         )
@@ -846,10 +919,11 @@ class KVAllGatherRow(Row):
 
 def kvallgather_row(q, k, v, inputs: CallInputs, options: KVAllGatherOptions, scale: float) -> KVAllGatherRow:
     """One rank's :class:`KVAllGatherRow`."""
-    sigs = [TensorSig.of(t) for t in (q, k, v, inputs.attention_mask)]
+    sigs = [TensorSig.of(t) for t in (q, k, v, inputs.attention_mask, inputs.softmax_offset)]
     kv_heads = k.shape[2] if isinstance(k, torch.Tensor) and k.dim() == 4 else 1
     return KVAllGatherRow(
         *sigs,
+        *window_code_of(inputs),
         inputs.causal,
         options.head_groups(kv_heads),
         -1 if inputs.dropout is None else inputs.dropout.threshold,
@@ -895,6 +969,95 @@ def agree_kvallgather(
     )
 
 
+# ================================================================================================ window ring
+@dataclass(frozen=True)
+class WindowRow(Row):
+    """A rank of the window-aware ring under an explicit layout: its q/k/v (``s_local`` may differ across ranks,
+    as the layout says), sink logits, the window, and what every rank must share (``layout_crc``: a checksum of
+    every rank's runs)."""
+
+    q: TensorSig
+    k: TensorSig
+    v: TensorSig
+    sink: TensorSig
+    swa_left: int
+    swa_right: int
+    dropout: int
+    scale: int
+    kv_cache: int
+    layout_crc: int
+    doc_crc: int
+
+    def shared(self) -> "WindowRow":
+        """The row without its own token count: what every rank's must equal."""
+        return dataclasses.replace(
+            self,
+            q=dataclasses.replace(self.q, d0=0),
+            k=dataclasses.replace(self.k, d0=0),
+            v=dataclasses.replace(self.v, d0=0),
+        )
+
+    def describe(self) -> str:
+        sigs = [sig.text(n) for n, sig in zip(("q", "k", "v", "softmax_offset"), (self.q, self.k, self.v, self.sink))]
+        drop = "none" if self.dropout < 0 else f"{self.dropout / (1 << 24):.4g}"
+        policy = None if self.kv_cache < 0 else repr(KV_CACHE_POLICIES[self.kv_cache])
+        return (
+            ", ".join(sigs) + f", window_size={_window_text(self.swa_left, self.swa_right)}, dropout={drop}, "
+            f"softmax_scale={bits_float(self.scale):.6g}, kv_cache_policy={policy}, layout {self.layout_crc:08x}"
+        )
+
+
+def _window_check(table: Table) -> Optional[str]:
+    if any(row.shared() != table.rows[0].shared() for row in table.rows):
+        return (
+            f"windowed attention inputs differ across the {len(table.rows)} ranks (every rank must pass the same "
+            f"heads, head sizes, dtypes, devices, grad mode, window, options and layout): "
+            + table.listing(WindowRow.describe)
+        )
+    return None
+
+
+def agree_window_ring(q, k, v, inputs: CallInputs, options: RingOptions, layout, group, agree_group=None) -> None:
+    """Agree on every rank's inputs to :func:`mindspeed_cp.window_ring.window_ring_attention_with` (one all-gather),
+    then raise the same error everywhere if any is off. ``layout``: every rank's runs."""
+    P, r = dist.get_world_size(group), dist.get_rank(group)
+    sigs = [TensorSig.of(t) for t in (q, k, v, inputs.softmax_offset)]
+    scale = float_bits(inputs.scale(q.shape[-1]))
+    left, right = window_code_of(inputs)
+    crc = zlib.crc32(repr(tuple(tuple((x.pos, x.n, x.doc) for x in rank) for rank in layout)).encode())
+    mine = WindowRow(
+        *sigs,
+        left,
+        right,
+        -1 if inputs.dropout is None else inputs.dropout.threshold,
+        scale,
+        policy_code(options.kv_cache_policy),
+        crc,
+        _documents_key(inputs.documents)[1],
+    )
+    problem = (
+        qkv_problem(sigs[0], sigs[1], sigs[2], TensorSig.none(), scale)
+        or sink_problem(sigs[3], q.shape[2])
+        or swa_problem(left, right, inputs.attention_mask is not None, inputs.documents is not None)
+        or (None if left != NO_WINDOW else "window_ring_attention needs a bounded window_size")
+    )
+    if problem is None and len(layout) != P:
+        problem = f"the layout describes {len(layout)} ranks, the group has {P}"
+    if problem is None and sum(x.n for x in layout[r]) != q.shape[0]:
+        problem = f"the layout gives this rank {sum(x.n for x in layout[r])} tokens, q holds {q.shape[0]}"
+    if problem:
+        problem = f"{problem} (got {mine.describe()})"
+    agree(
+        group if agree_group is None else agree_group,
+        mine,
+        problem,
+        check=_window_check,
+        error=RingAttentionError,
+        like=q,
+        prefix="windowed attention inputs rejected on ",
+    )
+
+
 # ================================================================================================ Hybrid
 @dataclass(frozen=True)
 class HybridRow(Row):
@@ -913,7 +1076,7 @@ def hybrid_mask_problem(mask, s_local: int, b: int, S: int) -> Optional[str]:
     if len(shape) != 4 or shape[0] not in (1, b) or shape[1] != 1 or shape[2] not in (s_local, S) or shape[3] != S:
         return (
             f"attention_mask must be [b|1, 1, s/CP|S, S] = [{b}|1, 1, {s_local}|{S}, {S}] (rows: this rank's "
-            f"tokens or all, columns in global token order)"
+            f"tokens or all, columns in global token order), got {list(shape)}"
         )
     return None
 
@@ -965,7 +1128,12 @@ def agree_hybrid(
     if problem is None:
         sigs, mask_sig, problem = _ring_level(q, k, v, mask, inputs, U, R)
     code, info = window_code(ring, ring_group, R, dist.get_rank(ring_group))
-    r_row = ring_row(*sigs, mask_sig, inputs.replace(causal=inputs.causal and mask is None), ring, scale, code)
+    sink, sink_sig = inputs.softmax_offset, TensorSig.of(inputs.softmax_offset)
+    if problem is None and sink is not None:  # [h] at the Hybrid level, [h/U] at the ring level
+        problem = sink_problem(sink_sig, q.shape[2])
+        sink_sig = TensorSig.meta((q.shape[2] // U,), sink.dtype, sink.requires_grad, sink.device)
+    level_inputs = inputs.replace(causal=inputs.causal and mask is None)
+    r_row = ring_row(*sigs, mask_sig, level_inputs, ring, scale, code, sink_sig)
     if problem is None:
         level = ring_problem(r_row, R, info)
         problem = None if level is None else f"ring level ({R} ranks, [S/R, b, h/U, d] per rank): {level}"

@@ -50,7 +50,7 @@ Every message is reported to :func:`mindspeed_cp.stats.record_bytes` with its ki
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -264,7 +264,7 @@ def all_gather(x: torch.Tensor, group, dim: int, sizes: Sequence[int], kind: str
 
 
 # ------------------------------------------------------------------------------------------ ring send/recv
-TAGS = {"ring_kv": 11, "ring_dkv": 12}
+TAGS = {"ring_kv": 11, "ring_dkv": 12, "halo_kv": 13, "halo_dkv": 14}
 
 
 class PendingExchange:
@@ -352,6 +352,83 @@ class RingExchanger:
                 dist.irecv(received, self.prev, group=self._recv_group, tag=tag),
             ]
         return PendingExchange([w for w in works if w is not None], received, tensor, self.group)
+
+
+class PairExchanger:
+    """Any distance in ``group``: :meth:`start` sends to the rank ``t`` positions after this one and receives from
+    the one ``t`` before (mod P; a negative ``t`` reverses the direction) - the halo exchange of a windowed layer
+    (:mod:`mindspeed_cp.window_ring`). Message sizes come from a plan every rank shares, so an empty side posts
+    nothing and its partner expects nothing."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.pos = dist.get_rank(group)
+
+    def start(self, send: Optional[Tensor], t: int, recv_numel: int, like: Tensor, kind: str) -> PendingExchange:
+        """Post ``send`` (None: nothing) to position ``pos + t`` and a receive of ``recv_numel`` elements (dtype and
+        device of ``like``) from ``pos - t``."""
+        received = like.new_empty(recv_numel)
+        ops = []
+        if send is not None and send.numel():
+            send = send.contiguous()
+            record_bytes(kind, send.numel() * send.element_size())
+            dst = dist.get_global_rank(self.group, (self.pos + t) % self.size)
+            ops.append(dist.P2POp(dist.isend, send, dst, self.group, TAGS[kind]))
+        if recv_numel:
+            src = dist.get_global_rank(self.group, (self.pos - t) % self.size)
+            ops.append(dist.P2POp(dist.irecv, received, src, self.group, TAGS[kind]))
+        works = dist.batch_isend_irecv(ops) if ops else []
+        return PendingExchange([w for w in works if w is not None], received, send, self.group)
+
+
+# ------------------------------------------------------------------------------------------ K/V in flight
+class KVPair:
+    """K and V as they travel around the ring: one flat buffer, K's elements then V's, each in the travel layout
+    (``[s, b, hk, d]``, or ``[b, hk, s, d]`` with ``bnsd``); V has its own head size (MLA: ``d_v != d``). dK/dV
+    accumulators use the same layout, and the KV-cache policies keep parts of it (``half``: the K part)."""
+
+    def __init__(self, k_shape, v_shape, bnsd: bool) -> None:
+        order = (1, 2, 0, 3) if bnsd else (0, 1, 2, 3)
+        self.bnsd = bnsd
+        self.k_shape = tuple(k_shape[i] for i in order)
+        self.v_shape = tuple(v_shape[i] for i in order)
+        self.nk = math.prod(self.k_shape)
+        self.numel = self.nk + math.prod(self.v_shape)
+
+    def empty(self, dtype, device) -> Tensor:
+        return torch.empty(self.numel, dtype=dtype, device=device)
+
+    def pack(self, k: Tensor, v: Tensor) -> Tensor:
+        """``[s, b, hk, d]`` K and ``[s, b, hk, dv]`` V -> the flat travel buffer (one copy of each)."""
+        buf = self.empty(k.dtype, k.device)
+        self.k_part(buf).view(self.k_shape).copy_(k.permute(1, 2, 0, 3) if self.bnsd else k)
+        self.v_part(buf).view(self.v_shape).copy_(v.permute(1, 2, 0, 3) if self.bnsd else v)
+        return buf
+
+    def k_part(self, buf: Tensor) -> Tensor:
+        return buf[: self.nk]
+
+    def v_part(self, buf: Tensor) -> Tensor:
+        return buf[self.nk :]
+
+    def k_view(self, part: Tensor) -> Tensor:
+        """A K part (flat) -> its ``[b, hk, s, d]`` view."""
+        x = part.view(self.k_shape)
+        return x if self.bnsd else x.permute(1, 2, 0, 3)  # [s, b, h, d] -> [b, h, s, d]
+
+    def v_view(self, part: Tensor) -> Tensor:
+        x = part.view(self.v_shape)
+        return x if self.bnsd else x.permute(1, 2, 0, 3)  # [s, b, h, d] -> [b, h, s, d]
+
+    def views(self, buf: Tensor) -> Tuple[Tensor, Tensor]:
+        """The buffer -> (K ``[b, hk, s, d]``, V ``[b, hk, s, dv]``) views."""
+        return self.k_view(self.k_part(buf)), self.v_view(self.v_part(buf))
+
+    def unpack(self, buf: Tensor) -> Tuple[Tensor, Tensor]:
+        """The buffer -> (K ``[s, b, hk, d]``, V ``[s, b, hk, dv]``) views."""
+        k, v = self.views(buf)
+        return k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)  # [b, h, s, d] -> [s, b, h, d]
 
 
 # ------------------------------------------------------------------------------------------ the MTP shift

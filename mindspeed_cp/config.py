@@ -61,6 +61,11 @@ class CPConfig:
     ``use_ulysses_allgather_kv``  Ulysses: K/V by all-gather (GQA with KV heads <= CP), Q by all-to-all.
     ``cp_allgather_overlap``    kvallgather: split the gather by KV heads, overlapped with compute (default True;
                                 ``--no-cp-allgather-overlap``: one gather waited for before any compute).
+    ``window_attn_cp_algo``     the algorithm of the sliding-window layers (``--window-size``, the layers
+                                ``--window-attn-skip-freq`` leaves windowed); None (default): the same as the others.
+                                ``megatron_cp_algo`` runs the window-aware ring over the CP group on whatever layout
+                                the batch has; ``ulysses_cp_algo`` an all-to-all over the CP group; ``hybrid_cp_algo``
+                                only under ``--context-parallel-algo hybrid_cp_algo`` (its groups).
     """
 
     context_parallel_size: int = 1
@@ -74,6 +79,7 @@ class CPConfig:
     context_parallel_cache_interval: int = 0
     use_ulysses_allgather_kv: bool = False
     cp_allgather_overlap: bool = True
+    window_attn_cp_algo: Optional[str] = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -135,6 +141,10 @@ class CPConfig:
         if self.cp == 1 or (n and layer_number % (n + 1) != 1):
             return None
         return self.context_parallel_kv_cache_policy
+
+    def layer_algo(self, windowed: bool) -> str:
+        """The algorithm of a layer: a sliding-window one runs ``--window-attn-cp-algo`` when it is set."""
+        return self.window_attn_cp_algo if windowed and self.window_attn_cp_algo else self.context_parallel_algo
 
     @property
     def uses_zigzag(self) -> bool:
@@ -217,6 +227,14 @@ class CPConfig:
         u = self.ulysses_degree_in_cp
         if u is not None and (not isinstance(u, int) or isinstance(u, bool) or u < 1):
             raise CPConfigError(f"--ulysses-degree-in-cp {u!r} must be a positive integer")
+        w = self.window_attn_cp_algo
+        if w is not None and (not isinstance(w, str) or w not in ALGORITHMS):
+            raise CPConfigError(f"--window-attn-cp-algo {w!r} is not one of {', '.join(ALGORITHMS)} (or unset)")
+        if w == HYBRID and algo != HYBRID and cp > 1:
+            raise CPConfigError(
+                f"--window-attn-cp-algo hybrid_cp_algo needs --context-parallel-algo hybrid_cp_algo (its Ulysses "
+                f"and ring groups; got {algo}): use ulysses_cp_algo or megatron_cp_algo for the windowed layers"
+            )
 
         if algo == HYBRID and cp > 1:
             if u is None:
@@ -343,6 +361,11 @@ class CPConfig:
             raise CPConfigError(f"--num-query-groups {kv} does not divide --num-attention-heads {heads}")
         if kv % tp:
             raise CPConfigError(f"--num-query-groups {kv} is not divisible by --tensor-model-parallel-size {tp}")
+        if self.window_attn_cp_algo == ULYSSES and algo != ULYSSES and cp > 1 and heads % (tp * cp):
+            raise CPConfigError(
+                f"--window-attn-cp-algo ulysses_cp_algo: --num-attention-heads {heads} is not divisible by "
+                f"--tensor-model-parallel-size {tp} x --context-parallel-size {cp} (the windowed layers' all-to-all)"
+            )
         u = self.ulysses_size
         if u == 1:
             return
@@ -380,22 +403,14 @@ class CPConfig:
     # ------------------------------------------------------------------ model features
     def feature_problem(self, softmax_type: Optional[str] = "vanilla", window_size: Any = None) -> Optional[str]:
         """Why this configuration cannot compute a model's attention feature exactly, or None: the one rule the
-        model build, Megatron-LM's ``validate_args`` and ``mindspeed-cp plan`` refuse by. Ulysses runs Megatron's
-        own attention for sliding windows and sinks; the ring level has no such term yet."""
-        if self.cp == 1 or self.ring_size == 1:
-            return None
-        what = (
-            f"sliding-window attention (window_size={window_size})"
-            if window_size is not None
-            else f"softmax_type={softmax_type!r}"
-            if softmax_type not in (None, "vanilla")
-            else None
-        )
-        if what is None:
+        model build, Megatron-LM's ``validate_args`` and ``mindspeed-cp plan`` refuse by. Every algorithm computes
+        sliding windows and sinks (``softmax_type`` off-by-one / learnable); a window replaces the attention mask
+        in Megatron's attention, so it does not combine with an explicit one."""
+        if self.cp == 1 or window_size is None or self.attention_mask_type != "general":
             return None
         return (
-            f"--context-parallel-algo {self.context_parallel_algo} cannot compute {what}: use ulysses_cp_algo, "
-            f"which runs Megatron's own attention for it"
+            f"sliding-window attention (window_size={window_size}) with --attention-mask-type general: a window "
+            f"replaces the mask in Megatron's attention; use --attention-mask-type causal"
         )
 
     # ------------------------------------------------------------------ misc
@@ -413,6 +428,8 @@ class CPConfig:
                 parts.append(name)
         if not self.cp_allgather_overlap:
             parts.append("no_cp_allgather_overlap")
+        if self.window_attn_cp_algo and self.window_attn_cp_algo != self.context_parallel_algo:
+            parts.append(f"window-layers={self.window_attn_cp_algo}")
         if self.context_parallel_kv_cache_policy:
             parts.append(
                 f"kv_cache={self.context_parallel_kv_cache_policy}"
@@ -493,6 +510,16 @@ ARGUMENTS = (
             dest="cp_allgather_overlap",
             help="kvallgather_cp_algo: gather every KV head in one collective, waited for before any compute "
             "(default: the gather split by KV heads, each part overlapping the compute of the previous one)",
+        ),
+    ),
+    (
+        "--window-attn-cp-algo",
+        dict(
+            type=str,
+            default=None,
+            choices=ALGORITHMS,
+            help="the CP algorithm of the sliding-window layers (--window-size); default: --context-parallel-algo. "
+            "megatron_cp_algo: the window-aware ring, only the keys a window reaches travel",
         ),
     ),
 )

@@ -67,7 +67,10 @@ class _RingLevel:
         dropout = self.inputs.dropout
         if dropout is not None:  # this Ulysses rank computes global heads u*h/U .. (u+1)*h/U - 1
             dropout = dropout.for_rank(dist.get_rank(self.ulysses_group), q.shape[2])
-        inputs = self.inputs.replace(attention_mask=mask, dropout=dropout)
+        sink = self.inputs.softmax_offset
+        if sink is not None:  # the sink logits of the same heads
+            sink = sink.narrow(0, dist.get_rank(self.ulysses_group) * q.shape[2], q.shape[2])
+        inputs = self.inputs.replace(attention_mask=mask, dropout=dropout, softmax_offset=sink)
         return ring_attention_with(q, k, v, self.ring_group, inputs, self.options, check_inputs=False)
 
 
@@ -92,6 +95,8 @@ def hybrid_attention(
     documents=None,
     kv_cache_policy: Optional[str] = None,
     ring_kv_cache_policy: Optional[str] = "same",
+    window_size=None,
+    softmax_offset: Optional[Tensor] = None,
 ) -> Tensor:
     """Ulysses over ``ulysses_group`` around ring attention over ``ring_group``.
 
@@ -106,13 +111,21 @@ def hybrid_attention(
     :class:`mindspeed_cp.layout.packing.Documents` with ``ring`` = the ring size (document-causal attention).
     ``kv_cache_policy``: None, ``"full"`` or ``"half"`` at the Ulysses level and, unless
     ``ring_kv_cache_policy`` says otherwise (default ``"same"``), at the ring level (:mod:`mindspeed_cp.kv_cache`).
+    ``window_size``: a sliding window; the ring level runs the window-aware ring (:mod:`mindspeed_cp.window_ring`).
+    ``softmax_offset``: ``[h]`` sink logits; each Ulysses rank merges those of its heads.
     """
     if ring_kv_cache_policy == "same":
         ring_kv_cache_policy = kv_cache_policy
     check_policy(kv_cache_policy, "hybrid_attention")
     check_policy(ring_kv_cache_policy, "hybrid_attention (ring level)")
     inputs = CallInputs(
-        causal=causal, attention_mask=attention_mask, softmax_scale=softmax_scale, dropout=dropout, documents=documents
+        causal=causal,
+        attention_mask=attention_mask,
+        softmax_scale=softmax_scale,
+        dropout=dropout,
+        documents=documents,
+        window_size=window_size,
+        softmax_offset=softmax_offset,
     )
     ring = RingOptions(
         bnsd=bnsd,

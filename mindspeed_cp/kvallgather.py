@@ -23,8 +23,12 @@ Decisions
 - Gathered K/V in global order (``[b, hk, S, d]``, placed by :func:`mindspeed_cp.layout.gather.gather_order` or the
   documents' order): a tile's keys are one slice, so a causal chunk needs one full tile and one diagonal tile,
   and so does each run of a packed document's chunk when every sample has the same layout (no mask at all);
-  layouts differing per sample: one range per row tile, masked by document ids. A later sliding window only
-  narrows each range (a sink: one more float32 merge).
+  layouts differing per sample: one range per row tile, masked by document ids.
+- A sliding window (``window_size``): the rank needs only the keys its windows reach - the halo exchange of
+  :mod:`mindspeed_cp.window_ring` (each key from its owner, dK/dV straight back), which is what an all-gather
+  restricted to the reach of the windows amounts to; the layer runs it on the same zigzag layout. Sinks
+  (``softmax_offset``): one more term of every row's float32 merge, after the last tile (:func:`mindspeed_cp.
+  blocks.add_sink`), its gradient summed over the rank's rows.
 - Overlap: the gather is split by KV heads into G groups (:meth:`KVAllGatherOptions.head_groups`: up to 4, a
   divisor of hk); group g+1 travels while group g computes, and the tiles on the rank's own keys (the two diagonal
   ones) run before the first group arrives. In backward, group g's dK/dV reduce-scatter travels while group g+1
@@ -56,13 +60,15 @@ import torch
 import torch.distributed as dist
 
 from .agreement import KVAllGatherError, agree_kvallgather
+from .blocks import add_sink, sink_grad, sink_logits
 from .comm import PendingExchange, start_all_gather, start_reduce_scatter
 from .kernels import acc_dtype, get_kernel, merge_
 from .layout.gather import Tile, causal_tiles, document_span_tiles, document_tiles, full_tiles, gather_order
 from .layout.sharding import zigzag_index
 from .local import add_uniform_grad, uniform_rows
-from .options import CallInputs, KVAllGatherOptions
+from .options import CallInputs, KVAllGatherOptions, RingOptions
 from .stats import note_held, record_block
+from .window_ring import window_ring_attention_with
 
 Tensor = torch.Tensor
 
@@ -93,6 +99,7 @@ class _Plan:
         self.kernel = get_kernel(options.kernel, q.device)
         self.dropout, self.documents, self.mask = inputs.dropout, inputs.documents, inputs.attention_mask
         self.device = q.device
+        self.sink = sink_logits(inputs.softmax_offset, n, acc_dtype(q.dtype), q.device)  # [1, n, 1] or None
         docs = self.documents
         blocked = self.dropout is not None or getattr(self.kernel, "name", None) == "math"
         self.doc_masks = False  # documents laid out differently per sample: masked span tiles
@@ -255,6 +262,8 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tens
         if plan.dead is not None:  # Megatron's mean of V over every key on fully masked rows
             out[:, qs] = uniform_rows(out[:, qs], plan.dead_rows(g), V.sum(2), plan.S)
         kept += {"full": [K, V], "half": [K]}.get(plan.kv_cache, [])
+    if plan.sink is not None:  # the sink's term, once per row (mindspeed_cp.blocks)
+        out, lse = add_sink(out, lse, plan.sink)
     return out, lse, kept
 
 
@@ -338,22 +347,28 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, out: Tensor, lse: Tensor, sa
 
 # ------------------------------------------------------------------------------------------ autograd
 class KVAllGatherFunction(torch.autograd.Function):
-    """``apply(q, k, v, plan)``; build the plan with :func:`kvallgather_attention` (which validates)."""
+    """``apply(q, k, v, sink, plan)`` (``sink``: ``[n]`` logits or None); build the plan with
+    :func:`kvallgather_attention` (which validates)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan):
+    def forward(ctx, q, k, v, sink, plan):
         out, lse, kept = _forward(plan, q, k, v)
         out = out.permute(2, 0, 1, 3).to(q.dtype).contiguous()  # [b, n, s, dv] -> [s, b, n, dv], once
         ctx.plan = plan
         local = {None: [k, v], "half": [v], "full": []}[plan.kv_cache]  # what backward gathers again
-        ctx.save_for_backward(q, out, lse, *local, *kept)
+        ctx.save_for_backward(q, out, lse, sink, *local, *kept)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, out, lse, *saved = ctx.saved_tensors
-        dq, dk, dv = _backward(ctx.plan, dout, q, out, lse, saved)
-        return dq.permute(2, 0, 1, 3).to(q.dtype).contiguous(), dk, dv, None
+        q, out, lse, sink, *saved = ctx.saved_tensors
+        plan = ctx.plan
+        dsink = None
+        if plan.sink is not None and ctx.needs_input_grad[3]:
+            bnsd = lambda x: x.permute(1, 2, 0, 3)  # noqa: E731 - [s, b, n, d] -> [b, n, s, d]
+            dsink = sink_grad(bnsd(dout), bnsd(out).to(lse.dtype), lse, plan.sink).to(sink.dtype)
+        dq, dk, dv = _backward(plan, dout, q, out, lse, saved)
+        return dq.permute(2, 0, 1, 3).to(q.dtype).contiguous(), dk, dv, dsink, None
 
 
 def kvallgather_attention(
@@ -373,6 +388,8 @@ def kvallgather_attention(
     agree_group=None,
     documents=None,
     kv_cache_policy: Optional[str] = None,
+    window_size=None,
+    softmax_offset: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention over the sequence shared by the ranks of ``group`` (zigzag layout), K/V all-gathered.
 
@@ -387,9 +404,18 @@ def kvallgather_attention(
     first (:mod:`mindspeed_cp.agreement`); ``agree_group``: where (default ``group``; a gloo twin keeps it off the
     device). ``documents``: a :class:`mindspeed_cp.layout.packing.Documents` with ``ring`` = the group's size
     (document-causal attention, ``causal=True``, no mask). ``kv_cache_policy``: None, ``"full"`` or ``"half"``.
+    ``window_size``: Megatron's ``(left, right)`` sliding window - only the keys the windows reach are gathered, from
+    their owners (the halo exchange of :mod:`mindspeed_cp.window_ring`). ``softmax_offset``: ``[n]`` sink logits
+    (off-by-one: zeros; learnable: the parameter), one more term of every row's softmax.
     """
     inputs = CallInputs(
-        causal=causal, attention_mask=attention_mask, softmax_scale=softmax_scale, dropout=dropout, documents=documents
+        causal=causal,
+        attention_mask=attention_mask,
+        softmax_scale=softmax_scale,
+        dropout=dropout,
+        documents=documents,
+        window_size=window_size,
+        softmax_offset=softmax_offset,
     )
     options = KVAllGatherOptions(overlap=overlap, kernel=kernel, dead_rows=dead_rows, kv_cache_policy=kv_cache_policy)
     return kvallgather_attention_with(
@@ -416,4 +442,7 @@ def kvallgather_attention_with(
     scale = inputs.scale(q.shape[-1])
     if check_inputs:
         agree_kvallgather(q, k, v, inputs, options, group, scale, agree_group)
-    return KVAllGatherFunction.apply(q, k, v, _Plan(group, inputs, options, q, k, v, scale))
+    if inputs.window is not None:  # gather only what the windows reach: the halo exchange, from each key's owner
+        ring = RingOptions(kernel=options.kernel, dead_rows=options.dead_rows, kv_cache_policy=options.kv_cache_policy)
+        return window_ring_attention_with(q, k, v, group, inputs, ring, check_inputs=False)
+    return KVAllGatherFunction.apply(q, k, v, inputs.softmax_offset, _Plan(group, inputs, options, q, k, v, scale))

@@ -28,7 +28,9 @@ from typing import Any, Iterator, Optional, Tuple
 
 import torch
 
+from .blocks import PlannedBlocks, add_sink, sink_grad, sink_logits
 from .kernels import acc_dtype, dead_rows, get_kernel, merge_
+from .layout.window import Window, runs_of, window_blocks
 from .options import DEAD_ROWS
 from .stats import record_block, record_skip
 
@@ -51,6 +53,8 @@ class _Plan:
     documents: Any = None  # mindspeed_cp.layout.packing.Documents: document-causal masks per block
     positions: Optional[Tensor] = None  # [b, s] padded positions of the sequence's tokens (with documents)
     keyed: Optional[Tensor] = None  # [s] or [b, s]: the positions attention dropout is keyed by
+    planned: Optional[PlannedBlocks] = None  # a sliding window: its blocks (layout.window) instead of tiles
+    window_blocks: Any = None
 
     def blocks(self, s: int, phase: str) -> Iterator[Tuple[slice, slice, bool]]:
         """(query rows, key cols, causal) of every block to compute. With documents a row tile starts at the
@@ -114,6 +118,11 @@ def add_uniform_grad(dv: Tensor, dout: Tensor, dead: Optional[Tensor], keys: int
 def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     """q/k ``[b, n|nk, s, d]``, v ``[b, nk, s, dv]`` -> out ``[b, n, s, dv]`` and lse ``[b, n, s]`` (float32/64)."""
     b, n, s, d = q.shape[:3] + v.shape[3:]
+    if plan.planned is not None:
+        out = torch.zeros((b, n, s, d), dtype=acc_dtype(q.dtype), device=q.device)
+        lse = torch.full((b, n, s), -math.inf, dtype=acc_dtype(q.dtype), device=q.device)
+        plan.planned.forward(q, k, v, plan.window_blocks, out, lse)
+        return out, lse
     if plan.tile is None:
         args = plan.block_args(slice(None), slice(None), s, q.device)
         record_block("forward", b * n, s, s, plan.causal, args["mask"])
@@ -135,6 +144,10 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tens
 def _backward(plan: _Plan, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
     b, n, s, d = q.shape
     dt = lse.dtype
+    if plan.planned is not None:
+        dq, dk, dv = (torch.zeros(x.shape, dtype=dt, device=q.device) for x in (q, k, v))
+        plan.planned.backward(dout, q, k, v, out, lse, plan.window_blocks, dq, dk, dv)
+        return dq, dk, dv
     if plan.tile is None:
         args = plan.block_args(slice(None), slice(None), s, q.device)
         record_block("backward", b * n, s, s, plan.causal, args["mask"])
@@ -165,24 +178,33 @@ def _backward(plan: _Plan, dout, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Ten
 
 
 class LocalAttentionFunction(torch.autograd.Function):
-    """``apply(q, k, v, plan)`` on ``[s, b, n, d]``; build the plan with :func:`local_attention`."""
+    """``apply(q, k, v, sink, plan)`` on ``[s, b, n, d]`` (``sink``: ``[n]`` or None); build the plan with
+    :func:`local_attention`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan):
+    def forward(ctx, q, k, v, sink, plan):
         out, lse = _forward(plan, _bnsd(q), _bnsd(k), _bnsd(v))
+        logits = sink_logits(sink, q.shape[2], lse.dtype, q.device)
+        if logits is not None:  # the sink's term, once per row (mindspeed_cp.blocks)
+            out, lse = add_sink(out, lse, logits)
         out = _sbhd(out).to(q.dtype).contiguous()  # [b, n, s, d] -> [s, b, n, d], once
-        ctx.plan = plan
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.sink = plan, logits
+        ctx.save_for_backward(q, k, v, out, lse, sink)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(ctx.plan, _bnsd(dout), _bnsd(q), _bnsd(k), _bnsd(v), _bnsd(out), lse)
+        q, k, v, out, lse, sink = ctx.saved_tensors
+        dob, ob = _bnsd(dout), _bnsd(out)
+        dsink = None
+        if ctx.sink is not None and ctx.needs_input_grad[3]:
+            dsink = sink_grad(dob, ob.to(lse.dtype), lse, ctx.sink).to(sink.dtype)
+        dq, dk, dv = _backward(ctx.plan, dob, _bnsd(q), _bnsd(k), _bnsd(v), ob, lse)
         return (
             _sbhd(dq).to(q.dtype).contiguous(),
             _sbhd(dk).to(k.dtype).contiguous(),
             _sbhd(dv).to(v.dtype).contiguous(),
+            dsink,
             None,
         )
 
@@ -200,6 +222,9 @@ def local_attention(
     tile: Optional[int] = None,
     dead_rows: str = "zero",
     documents=None,
+    window_size=None,
+    softmax_offset: Optional[Tensor] = None,
+    positions: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention of ``q`` ``[s, b, n, d]`` over ``k`` ``[s, b, nk, d]`` / ``v`` ``[s, b, nk, dv]`` (``n % nk == 0``;
     MLA: ``dv`` its own) -> ``[s, b, n, dv]``.
@@ -211,6 +236,12 @@ def local_attention(
     (Megatron's local attention), see the module docstring. ``documents``: a
     :class:`mindspeed_cp.layout.packing.Documents` whose whole (padded) sequence this is, in its rank order (what the
     Ulysses all-to-all assembles): document-causal attention, each tile's mask built from document ids.
+    ``window_size``: Megatron's sliding window ``(left, right)`` (``-1``: unbounded side); it replaces ``causal``
+    (query i sees keys i-left .. i+right; with documents, of its document) and is computed block by block, only
+    inside the window (:mod:`mindspeed_cp.layout.window`). ``softmax_offset``: ``[n]`` sink logits
+    (``softmax_type`` off-by-one: zeros, learnable: the parameter; gradients flow to it), see
+    :mod:`mindspeed_cp.blocks`. ``positions``: ``[s]`` global positions of the sequence's tokens when they are
+    not ``0..s-1`` in order (a Ulysses all-to-all over a zigzag layout); with a window only.
     """
     if (
         q.dim() != 4
@@ -236,11 +267,13 @@ def local_attention(
             )
     if dropout is not None and dropout.p == 0:
         dropout = None
-    positions = None
+    given, positions = positions, None
+    if given is not None and (window_size is None or documents is not None or len(given) != s):
+        raise ValueError(f"positions= ([{s}] global positions) goes with window_size, without documents")
     if documents is not None:
         if not causal or mask is not None:
             raise ValueError("documents= gives document-causal attention: causal=True and no attention_mask")
-        if documents.ring != 1:
+        if documents.ring != 1 and window_size is None:
             raise ValueError(
                 f"local_attention takes the Ulysses layout of documents (ring 1), got ring {documents.ring}"
             )
@@ -248,6 +281,9 @@ def local_attention(
             raise ValueError(f"documents describe a sequence of {documents.padded_len} tokens, q has {s}")
         positions = documents.order.to(q.device)  # rank order = padded order for Ulysses (ring = 1)
     kern = get_kernel(kernel, q.device)
+    window = Window.of(window_size, causal) if window_size is not None else None
+    if window is not None and mask is not None:
+        raise ValueError("local_attention: window_size with an attention_mask (a window replaces the mask)")
     blocked = mask is not None or dropout is not None or documents is not None or getattr(kern, "name", None) == "math"
     plan = _Plan(
         causal=causal,
@@ -262,4 +298,38 @@ def local_attention(
     )
     if dropout is not None:  # keyed by position in the unpadded sample (documents: pads numbered after it)
         plan.keyed = torch.arange(s, device=q.device) if documents is None else documents.original(positions)
-    return LocalAttentionFunction.apply(q, k, v, plan)
+    if documents is None and window is not None:
+        given = torch.arange(s) if given is None else torch.as_tensor(given, dtype=torch.long).cpu()
+        if dropout is not None:
+            plan.keyed = given.to(q.device)
+    if softmax_offset is not None:  # a row that sees nothing gives 0: all its weight goes to the sink
+        plan.dead = "zero"
+    if window is not None:
+        _plan_window(plan, window, given, documents, tile, q.device)
+    return LocalAttentionFunction.apply(q, k, v, softmax_offset, plan)
+
+
+WINDOW_TILE = 256  # rows per block of a windowed layer at most (fewer when the window is narrower)
+
+
+def window_tile(window: Window, tile: Optional[int] = None) -> int:
+    """Rows per block: the window's width (its edges then split exactly, see layout.window), within bounds."""
+    return max(1, min(tile or WINDOW_TILE, window.width - 1))
+
+
+def _plan_window(plan: _Plan, window: Window, given: Optional[Tensor], documents, tile: Optional[int], device) -> None:
+    """The blocks of a windowed call on the whole sequence (positions ``given``, or the documents' order)."""
+    if documents is None:
+        pos, docs = given, None
+    else:
+        _, order, source = documents._host
+        if bool((order != order[:1]).any()) or bool((source != source[:1]).any()):
+            raise ValueError("window_size with packed documents laid out differently per sample: micro-batch 1")
+        if window.right:
+            raise ValueError(f"window_size with documents must look back only (right = 0), got {window}")
+        pos, docs = order[0], documents._host[0][0].gather(0, order[0])
+    runs = runs_of(pos.tolist(), None if docs is None else docs.tolist())
+    t = window_tile(window, tile)
+    plan.window_blocks = window_blocks(runs, runs, window, t, max(t, tile or DEFAULT_TILE))
+    pos, keyed = pos.to(device), plan.keyed  # once per call: masks are built on the device
+    plan.planned = PlannedBlocks(plan.kernel, plan.scale, window, pos, pos, plan.dropout, keyed, keyed)

@@ -146,17 +146,36 @@ class CallInputs:
     """What one attention call brings besides q/k/v: ``causal``; ``attention_mask`` (bool, True = masked; with
     ``causal=False``); ``softmax_scale`` (None: ``1/sqrt(d)``); ``dropout`` (:class:`mindspeed_cp.dropout.
     AttentionDropout`; p = 0 is none); ``documents`` (:class:`mindspeed_cp.layout.packing.Documents`:
-    document-causal attention)."""
+    document-causal attention); ``window_size`` (Megatron's sliding window ``(left, right)``, ``-1`` unbounded;
+    it replaces ``causal``); ``softmax_offset`` (``[n]`` sink logits of the call's query heads, softmax_type
+    off-by-one / learnable: :mod:`mindspeed_cp.blocks`)."""
 
     causal: bool = True
     attention_mask: Any = None
     softmax_scale: Optional[float] = None
     dropout: Any = None
     documents: Any = None
+    window_size: Any = None
+    softmax_offset: Any = None
 
     def __post_init__(self) -> None:
         if self.dropout is not None and self.dropout.p == 0:
             object.__setattr__(self, "dropout", None)
+
+    @property
+    def window(self):
+        """The sliding window as a :class:`mindspeed_cp.layout.window.Window`, or None (no window, or one that
+        bounds no side: plain causal / full attention)."""
+        from .layout.window import Window
+
+        if self.window_size is None:
+            return None
+        w = Window.of(self.window_size, self.causal)
+        if w.bounded:
+            return w
+        if (w.right == 0) != bool(self.causal):
+            raise ValueError(f"window_size {tuple(self.window_size)} contradicts causal={self.causal}")
+        return None
 
     def scale(self, head_dim: int) -> float:
         """The softmax scale for a query/key head size ``head_dim``."""

@@ -49,12 +49,14 @@ import torch
 import torch.distributed as dist
 
 from .agreement import RingAttentionError, agree_ring
-from .comm import RingExchanger
+from .blocks import add_sink, sink_grad, sink_logits
+from .comm import KVPair, RingExchanger
 from .kernels import acc_dtype, get_kernel, merge_
 from .layout.sharding import zigzag_index
 from .local import add_uniform_grad, uniform_rows
 from .options import CallInputs, DoubleRingWindow, RingOptions
 from .stats import BlockStats, count_blocks, record_block, record_skip
+from .window_ring import window_ring_attention_with
 
 Tensor = torch.Tensor
 
@@ -147,8 +149,11 @@ class _Plan:
         self.P, self.r, self.causal, self.bnsd, self.scale, self.masks = P, r, causal, options.bnsd, scale, masks
         self.kernel = get_kernel(options.kernel, q.device)
         self.dropout, self.seq_len = inputs.dropout, s_local * P
-        # fully masked rows (general masks only) averaging V over all keys: Megatron's local attention
-        self.dead = masks.dead if options.dead_rows == "uniform" and masks is not None else None
+        # fully masked rows (general masks only) averaging V over all keys: Megatron's local attention (with a sink
+        # such a row gives 0: all its weight goes to the sink)
+        uniform = options.dead_rows == "uniform" and inputs.softmax_offset is None
+        self.dead = masks.dead if uniform and masks is not None else None
+        self.sink = sink_logits(inputs.softmax_offset, q.shape[2], acc_dtype(q.dtype), q.device)
         # global positions of every ring position's tokens (dropout masks are keyed by them): [s_local], or
         # [b, s_local] with documents (their positions in the unpadded sample)
         self.positions = None
@@ -216,54 +221,6 @@ class _Plan:
             else:
                 yield tile, cols, False, masks.block(j, tile), first
             first = False
-
-
-class KVPair:
-    """K and V as they travel around the ring: one flat buffer, K's elements then V's, each in the travel layout
-    (``[s, b, hk, d]``, or ``[b, hk, s, d]`` with ``bnsd``); V has its own head size (MLA: ``d_v != d``). dK/dV
-    accumulators use the same layout, and the KV-cache policies keep parts of it (``half``: the K part)."""
-
-    def __init__(self, k_shape, v_shape, bnsd: bool) -> None:
-        order = (1, 2, 0, 3) if bnsd else (0, 1, 2, 3)
-        self.bnsd = bnsd
-        self.k_shape = tuple(k_shape[i] for i in order)
-        self.v_shape = tuple(v_shape[i] for i in order)
-        self.nk = math.prod(self.k_shape)
-        self.numel = self.nk + math.prod(self.v_shape)
-
-    def empty(self, dtype, device) -> Tensor:
-        return torch.empty(self.numel, dtype=dtype, device=device)
-
-    def pack(self, k: Tensor, v: Tensor) -> Tensor:
-        """``[s, b, hk, d]`` K and ``[s, b, hk, dv]`` V -> the flat travel buffer (one copy of each)."""
-        buf = self.empty(k.dtype, k.device)
-        self.k_part(buf).view(self.k_shape).copy_(_bnsd(k) if self.bnsd else k)
-        self.v_part(buf).view(self.v_shape).copy_(_bnsd(v) if self.bnsd else v)
-        return buf
-
-    def k_part(self, buf: Tensor) -> Tensor:
-        return buf[: self.nk]
-
-    def v_part(self, buf: Tensor) -> Tensor:
-        return buf[self.nk :]
-
-    def k_view(self, part: Tensor) -> Tensor:
-        """A K part (flat) -> its ``[b, hk, s, d]`` view."""
-        x = part.view(self.k_shape)
-        return x if self.bnsd else _bnsd(x)
-
-    def v_view(self, part: Tensor) -> Tensor:
-        x = part.view(self.v_shape)
-        return x if self.bnsd else _bnsd(x)
-
-    def views(self, buf: Tensor) -> Tuple[Tensor, Tensor]:
-        """The buffer -> (K ``[b, hk, s, d]``, V ``[b, hk, s, dv]``) views."""
-        return self.k_view(self.k_part(buf)), self.v_view(self.v_part(buf))
-
-    def unpack(self, buf: Tensor) -> Tuple[Tensor, Tensor]:
-        """The buffer -> (K ``[s, b, hk, d]``, V ``[s, b, hk, dv]``) views."""
-        k, v = self.views(buf)
-        return _sbhd(k), _sbhd(v)
 
 
 def _as_bnsd(x: Tensor, bnsd: bool) -> Tensor:
@@ -337,7 +294,10 @@ def _ring_forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor,
                 kv = inner_next.wait()
         if not last_outer:
             outer_kv = outer_next.wait()
-    return (uniform_rows(out, plan.dead, v_sum, plan.seq_len) if v_sum is not None else out), lse, kept
+    out = uniform_rows(out, plan.dead, v_sum, plan.seq_len) if v_sum is not None else out
+    if plan.sink is not None:  # the sink's term, once per row (mindspeed_cp.blocks)
+        out, lse = add_sink(out, lse, plan.sink)
+    return out, lse, kept
 
 
 # ------------------------------------------------------------------------------------------ backward
@@ -465,24 +425,28 @@ def _ring_backward(
 
 # ------------------------------------------------------------------------------------------ autograd
 class RingAttentionFunction(torch.autograd.Function):
-    """``apply(q, k, v, plan)``; build the plan with :func:`ring_attention` (which validates)."""
+    """``apply(q, k, v, sink, plan)`` (``sink``: ``[n]`` logits or None); build the plan with
+    :func:`ring_attention` (which validates)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan):
+    def forward(ctx, q, k, v, sink, plan):
         out, lse, kept = _ring_forward(plan, q, k, v)
         out = _sbhd(out).to(q.dtype).contiguous()  # [b, n, s, dv] -> [s, b, n, dv], once
         ctx.plan = plan
-        ctx.save_for_backward(q, k, v, out, lse, *kept)  # kept blocks: autograd's own bookkeeping and hooks
+        ctx.save_for_backward(q, k, v, out, lse, sink, *kept)  # kept blocks: autograd's own bookkeeping and hooks
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, *kept = ctx.saved_tensors
+        q, k, v, out, lse, sink, *kept = ctx.saved_tensors
         plan = ctx.plan
+        dsink = None
+        if plan.sink is not None and ctx.needs_input_grad[3]:
+            dsink = sink_grad(_bnsd(dout), _bnsd(out).to(lse.dtype), lse, plan.sink).to(sink.dtype)
         dq, dkv = _ring_backward(plan, dout, q, k, v, out, lse, kept)
         dq = _sbhd(dq).to(q.dtype).contiguous()
         dk, dv = (x.to(k.dtype).contiguous() for x in plan.pair.unpack(dkv))
-        return dq, dk, dv, None
+        return dq, dk, dv, dsink, None
 
 
 def ring_attention(
@@ -504,6 +468,8 @@ def ring_attention(
     agree_group=None,
     documents=None,
     kv_cache_policy: Optional[str] = None,
+    window_size=None,
+    softmax_offset: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention over the sequence shared by the ranks of ``ring_group`` (zigzag layout).
 
@@ -523,9 +489,18 @@ def ring_attention(
     :class:`mindspeed_cp.layout.packing.Documents` (packed documents, per-document zigzag; its ``ring`` is this
     ring's size): document-causal attention from document boundaries, ``causal=True``, no mask.
     ``kv_cache_policy``: None, ``"full"`` or ``"half"`` (see the module docstring; every rank must agree).
+    ``window_size``: Megatron's sliding window ``(left, right)``: the call runs the window-aware ring
+    (:mod:`mindspeed_cp.window_ring`: only the keys a window reaches travel). ``softmax_offset``: ``[n]`` sink
+    logits (softmax_type off-by-one / learnable), merged once per row after every block; gradients flow to them.
     """
     inputs = CallInputs(
-        causal=causal, attention_mask=attention_mask, softmax_scale=softmax_scale, dropout=dropout, documents=documents
+        causal=causal,
+        attention_mask=attention_mask,
+        softmax_scale=softmax_scale,
+        dropout=dropout,
+        documents=documents,
+        window_size=window_size,
+        softmax_offset=softmax_offset,
     )
     options = RingOptions(
         bnsd=bnsd,
@@ -557,4 +532,7 @@ def ring_attention_with(
     scale = inputs.scale(q.shape[-1])
     if check_inputs:
         agree_ring(q, k, v, inputs, options, ring_group, scale, agree_group)
-    return RingAttentionFunction.apply(q, k, v, _Plan(ring_group, inputs, options, q, k, v, scale))
+    if inputs.window is not None:  # a windowed layer: only the keys its windows reach travel
+        return window_ring_attention_with(q, k, v, ring_group, inputs, options, check_inputs=False)
+    plan = _Plan(ring_group, inputs, options, q, k, v, scale)
+    return RingAttentionFunction.apply(q, k, v, inputs.softmax_offset, plan)

@@ -130,6 +130,7 @@ class BlockStats:
         self.blocks: Counter = Counter()  # blocks handed to the kernel
         self.scores: Counter = Counter()  # (query, key) score elements of those blocks, b*n*sq*sk summed
         self.masked: Counter = Counter()  # of which masked (causal triangle, mask)
+        self.computed: Counter = Counter()  # score elements a kernel computes: causal blocks skip their triangle
         self.skipped: Counter = Counter()  # blocks not computed because the mask hides all of them
         self.skipped_tiles: Counter = Counter()  # row tiles of a documents block that reach no key of it
         self.empty: Counter = Counter()  # blocks computed although every score was masked (should be 0)
@@ -139,7 +140,10 @@ class BlockStats:
         return self.scores[phase] - self.masked[phase]
 
     def as_dict(self) -> dict:
-        return {k: dict(getattr(self, k)) for k in ("blocks", "scores", "masked", "skipped", "skipped_tiles", "empty")}
+        return {
+            k: dict(getattr(self, k))
+            for k in ("blocks", "scores", "masked", "computed", "skipped", "skipped_tiles", "empty")
+        }
 
 
 _BLOCKS: List[BlockStats] = []
@@ -167,6 +171,7 @@ def record_block(
         st.blocks[phase] += int(new_block)
         st.scores[phase] += scores
         st.masked[phase] += masked
+        st.computed[phase] += scores - (masked if causal else 0)
         st.empty[phase] += int(masked == scores and new_block)
 
 

@@ -18,7 +18,7 @@
 #                      checked first: without it the script says so in one line and exits 2
 #   MODEL=NAME         configs/models/NAME.conf replaces the script's model size, keeping its sequence length
 #                      (MODEL=tiny: a 2-layer GPT to debug the launch on a laptop or in CI; deepseek-tiny: MLA +
-#                      MoE + MTP; gpt-oss-tiny: GQA + learnable sinks + MoE). A model conf may set NUM_QUERY_GROUPS
+#                      MoE + MTP; gpt-oss-tiny: GQA + learnable sinks + sliding windows + MoE). A model conf may set NUM_QUERY_GROUPS
 #                      (GQA), EP (--expert-model-parallel-size) and MODEL_ARGS (its other Megatron-LM flags).
 #   DEVICE [auto]      auto: an accelerator if torch sees one, else the CPU; gpu; cpu. On the CPU the command
 #                      uses gloo ranks and fp32 (one line says so) - Megatron-LM then trains through
@@ -102,6 +102,7 @@ CP_FLAGS=(--context-parallel-size "$CP" --context-parallel-algo "$CP_ALGO" --cp-
 [[ -n ${CP_KV_CACHE_INTERVAL:-} ]] && CP_FLAGS+=(--context-parallel-cache-interval "$CP_KV_CACHE_INTERVAL")
 [[ ${ULYSSES_ALLGATHER_KV:-0} == 1 ]] && CP_FLAGS+=(--use-ulysses-allgather-kv)
 [[ ${CP_ALLGATHER_OVERLAP:-1} == 0 ]] && CP_FLAGS+=(--no-cp-allgather-overlap)  # kvallgather_cp_algo
+[[ -n ${WINDOW_CP_ALGO:-} ]] && CP_FLAGS+=(--window-attn-cp-algo "$WINDOW_CP_ALGO")  # the sliding-window layers'
 
 MODEL_FLAGS=(--num-attention-heads "$NUM_ATTENTION_HEADS" --seq-length "$SEQ_LENGTH")
 [[ -n ${NUM_QUERY_GROUPS:-} ]] && MODEL_FLAGS+=(--num-query-groups "$NUM_QUERY_GROUPS")

@@ -209,6 +209,27 @@ def test_kv_cache_records(quick):
     assert "## KV-cache policies" in (out / "cpu.md").read_text()
 
 
+def test_windows_record(quick):
+    """Sliding windows (S=512, CP=4: the goal's proportions, W = S/(8 CP)): every rank's bytes equal the halo
+    formula, a fraction of the full causal ring's; the kernels compute only pairs in the window; balanced while the
+    window is inside a shard; Ulysses keeps what it keeps without a window (no S x S)."""
+    out, _, _ = quick
+    with open(out / "windows.json") as f:
+        res = json.load(f)
+    rows = {(r["algo"], tuple(r["window"])): r for r in res["rows"]}
+    assert len(rows) == 9
+    for (algo, window), r in rows.items():
+        assert r["computed_vs_pairs"] <= res["goals"]["computed_vs_pairs"], r
+        if algo != "ulysses":
+            assert r["bytes_exact"], r
+        if window != (150, 0):  # inside a shard of 128: balanced (a window of 150 leaves the first tokens short)
+            assert r["work_max_over_mean"] <= res["goals"]["work_max_over_mean"], r
+        if algo == "ulysses":
+            assert r["saved_vs_causal"] <= 1.02, r
+    assert rows[("ring", (16, 0))]["bytes_vs_ring"] <= res["goals"]["bytes_vs_ring"]
+    assert "## Sliding windows" in (out / "cpu.md").read_text()
+
+
 def test_ring_overhead_runs_and_matches_torchs_ring():
     """benchmarks/ring_overhead.py at a tiny size: our ring and PyTorch's private ring (same zigzag shards, fp32)
     give the same output and gradients, and both are timed."""

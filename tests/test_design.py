@@ -81,16 +81,24 @@ DOCUMENTED = [
     ("mindspeed_cp.tools.demo_megatron_lm", ["run_pretrain_gpt", "TINY_GPT"]),
 ]
 
-# the layers, lowest first: a module imports only from its own layer or lower ones (docs/design.md)
-LAYERS = [
-    ("common", ["config", "cliargs", "topology", "options", "stats", "layout", "planner.costmodel"]),
-    ("kernel", ["kernels", "dropout", "local", "kv_cache"]),
-    ("comm", ["comm", "agreement", "ranks"]),
-    ("algorithm", ["ulysses", "ring", "hybrid", "kvallgather"]),
-    ("integration", ["megatron", "device", "megatron_adaptor", "launch"]),
-    ("planner", ["planner"]),
-    ("tools", ["tools", "__main__", ""]),
-]
+
+def _layers_of_the_design_page() -> List[tuple]:
+    """The layers table of docs/design.md, lowest first: ``[(layer, [module prefixes])]`` (``layout/`` ->
+    ``layout``, ``planner/costmodel`` -> ``planner.costmodel``, "the package root" -> ``""``)."""
+    import re
+
+    page = open(os.path.join(os.path.dirname(ROOT), "docs", "design.md"), encoding="utf-8").read()
+    table = page.split("| layer | modules | may use |", 1)[1].split("\n\n", 1)[0]
+    layers = []
+    for row in table.strip().splitlines()[1:]:
+        _, layer, modules, _ = (c.strip() for c in row.split("|", 3))
+        names = [m.strip("/").replace("/", ".") for m in re.findall(r"`([^`]+)`", modules)]
+        layers.append((layer, names + ([""] if "package root" in modules else [])))
+    return layers
+
+
+# the layers, lowest first: a module imports only from its own layer or lower ones (read from docs/design.md)
+LAYERS = _layers_of_the_design_page()
 
 
 @pytest.mark.parametrize("module,names", DOCUMENTED, ids=[m for m, _ in DOCUMENTED])

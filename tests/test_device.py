@@ -352,7 +352,9 @@ def test_device_patches_listed_and_undone():
         assert adaptor.PATCHES[p.target] is p
         # with CUDA / NPU they are skipped; a few also need a megatron-core defect to be there (no TE)
         assert p.when_doc.startswith("no accelerator") and p.why
-        assert p.status.startswith("applied") is p.when(), (p.target, p.status)
+        # Megatron-LM's own patches wait for megatron.training, which megatron-core alone does not ship
+        absent = p in device.megatron_lm.PATCHES and p.status.startswith("skipped (target absent")
+        assert absent or p.status.startswith("applied") is p.when(), (p.target, p.status)
         assert p.when() is (not device.has_accelerator()) or p.when_doc != "no accelerator"
     # (values set by a patch - te_general_gemm = None - are not objects one can trace by identity)
     patches = [
@@ -399,6 +401,7 @@ def test_device_patches_listed_and_undone():
     finally:
         adaptor.apply()
     for p in device.PATCHES:
-        assert p.status.startswith("applied")
+        absent = p in device.megatron_lm.PATCHES and p.status.startswith("skipped (target absent")
+        assert absent or p.status.startswith("applied"), (p.target, p.status)
     assert torch._C._len_torch_function_stack() == 1
     assert tutils.get_default_causal_mask(3).device.type == "cpu"

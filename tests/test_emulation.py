@@ -160,6 +160,8 @@ print("GATED", len(device.PATCHES))
 def test_nothing_applies_with_an_accelerator():
     res = subprocess.run([sys.executable, "-c", _GATED], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "GATED" in res.stdout, res.stdout + res.stderr[-3000:]
-    assert int(res.stdout.split("GATED")[1]) == len(emulation.PATCHES) + len(
-        __import__("mindspeed_cp.device.megatron_core", fromlist=["PATCHES"]).PATCHES
+    from mindspeed_cp.device import megatron_core, megatron_lm
+
+    assert int(res.stdout.split("GATED")[1]) == len(emulation.PATCHES) + len(megatron_core.PATCHES) + len(
+        megatron_lm.PATCHES
     )

@@ -41,6 +41,15 @@ def test_tables_on_the_cpu(tmp_path):
     gathered = [line for line in page.splitlines() if line.startswith("| 256 | 4 | float32 |")]
     assert len(gathered) == 1, page  # every rank's tiles emulated: out, dq, dk, dv against float64
     assert all(float(x) < 1e-5 for x in [c.strip() for c in gathered[0].split("|")][5:9]), gathered
+    # 4. windows and sinks: every case, fp32 out/dq/dk/dv/dsink below 1e-5 (dsink only where there is a sink)
+    assert "### 4. Sliding windows and sinks" in page
+    rows = [line for line in page.splitlines() if line.startswith("| float32 |")]
+    cases = {r.split("|")[2].strip(): [c.strip() for c in r.split("|")] for r in rows}
+    assert set(cases) == {"window", "two-sided", "off-by-one", "learnable", "window+learnable"}, set(cases)
+    for case, cells in cases.items():
+        errs = [float(x) for x in cells[4:9] if x != "-"]
+        assert len(errs) == (5 if case in ("off-by-one", "learnable", "window+learnable") else 4), cells
+        assert all(e < 1e-5 for e in errs), cells
 
 
 def test_kernel_table_names_the_routes():

@@ -303,10 +303,9 @@ def test_gpt_matches_cp1_ulysses_allgather_kv():
 
 
 @pytest.mark.skipif(not features.local_sliding_window(), reason=features.WHY["local_sliding_window"])
-def test_gpt_matches_cp1_ulysses_around_megatrons_attention():
-    """A sliding window makes Ulysses run Megatron's own attention (megatron_only): the KV cache's hooks rebuild
-    the views of K/V that Megatron's baddbmm / bmm saved. With GQA Megatron saves its own repeated copies, so there
-    is nothing to rebuild (and nothing is kept for it)."""
+def test_gpt_matches_cp1_ulysses_with_a_window():
+    """A sliding window runs in the plugin's windowed kernel under Ulysses (not Megatron's S x S attention): the
+    policies apply as without a window - the K/V all-to-all runs again in backward, MHA and GQA alike."""
     cases = [
         dict(
             tp=1,
@@ -323,7 +322,8 @@ def test_gpt_matches_cp1_ulysses_around_megatrons_attention():
     per_rank = _gpt_check(4, cases)
     for results in per_rank:
         for case, r in zip(cases, results):
-            assert (r["sent"].get("all_to_all_again", 0) > 0) == ("kv_heads" not in case), (case, r["sent"])
+            assert r["sent"].get("all_to_all_again", 0) > 0, (case, r["sent"])
+            assert r["kv_cache_policies"] == [case["context_parallel_kv_cache_policy"]] * 2, r
 
 
 def test_cache_interval_picks_the_layers():

@@ -644,6 +644,7 @@ def _loss_case(n, per_token_loss):
 
     import mindspeed_cp.megatron_adaptor as ad
     from mindspeed_cp.layout.sharding import token_indices
+    from mindspeed_cp.megatron.state import STATE
 
     ad.configure(context_parallel_size=n)
     ps.initialize_model_parallel(context_parallel_size=n)
@@ -652,7 +653,7 @@ def _loss_case(n, per_token_loss):
     losses = torch.linspace(0.5, 4.0, seq, dtype=torch.float64)  # per-token losses of the whole sequence
     mask = torch.ones(seq, dtype=torch.float64)
     mask[[1, 2, 3]] = 0  # rank 0 loses three loss tokens: 4 vs 6 counted tokens
-    idx = token_indices(ad.STATE.config, rank, seq)
+    idx = token_indices(STATE.config, rank, seq)
     local = losses[idx].clone().requires_grad_(True)
 
     def loss_func(output_tensor):

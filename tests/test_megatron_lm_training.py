@@ -20,7 +20,7 @@ import shutil
 
 import pytest
 
-from mindspeed_cp.tools.demo_megatron_lm import TINY_GPT, PretrainError, run_pretrain_gpt
+from mindspeed_cp.tools.demo_megatron_lm import TINY_GPT, run_pretrain_gpt
 from tests.megatron_loop import step_tolerance
 
 MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
@@ -257,7 +257,7 @@ PRESET_RUNS = {  # preset -> CP runs (4 ranks) compared with its CP=1 run
         "hybrid4": HYBRID,
         "kvallgather4": KVAG,
     },
-    "gpt-oss-tiny": {"ulysses4": ULYSSES},
+    "gpt-oss-tiny": {"ulysses4": ULYSSES, "ring4": RING, "kvallgather4": KVAG},  # windowed layers: the conf's window-aware ring
 }
 
 
@@ -284,16 +284,10 @@ def run_preset(name, cp, flags=()):
 @pytest.mark.parametrize("name,run_name", [(n, r) for n in PRESET_RUNS for r in PRESET_RUNS[n]])
 def test_preset_equals_cp1(name, run_name):
     """configs/models/deepseek-tiny.conf (MLA + MoE over EP 2 + MTP) and gpt-oss-tiny.conf (GQA + learnable sinks
-    + MoE) through pretrain_gpt.py with the flags scripts/pretrain_gpt_cp.sh passes: every algorithm they allow
-    equals their CP=1 run."""
+    + windows on every second layer + MoE) through pretrain_gpt.py with the flags scripts/pretrain_gpt_cp.sh
+    passes: every algorithm equals their CP=1 run."""
     assert_same(
         run_preset(name, 4, PRESET_RUNS[name][run_name]),
         run_preset(name, 1),
         iterations=list(range(1, PRESET_ITERS + 1)),
     )
-
-
-@pytest.mark.parametrize("algo", [RING, KVAG], ids=["ring", "kvallgather"])
-def test_gpt_oss_preset_refused_where_sinks_cannot_be_computed(algo):
-    with pytest.raises(PretrainError, match=f"{algo[1]} cannot compute softmax_type='learnable'"):
-        run_preset("gpt-oss-tiny", 4, algo)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests import features
-from tests.dist import expect_error_on_every_rank, run_on_ranks
+from tests.dist import run_on_ranks
 
 LOSS_TOL = 1e-5  # per-token losses ~5: measured max 9.5e-7
 GRAD_TOL = 1e-4  # relative to the largest reference gradient: measured max 3.3e-7
@@ -44,6 +44,8 @@ FLAGS = (
     "megatron_cp_in_bnsd",
     "context_parallel_kv_cache_policy",
     "use_ulysses_allgather_kv",
+    "window_attn_cp_algo",
+    "cp_allgather_overlap",
 )
 
 
@@ -384,25 +386,43 @@ SINK_VARIANTS = [
 def test_softmax_offsets_under_ulysses_match_cp1(kind):
     """gpt-oss sinks under Ulysses: every CP rank keeps the whole ``[h]`` offset, so a CP=1 checkpoint loads (the
     variants load the reference's state dict, strict) and three SGD steps reach the same weights; each rank's
-    softmax applies its heads' slice. (Ring and Hybrid refuse sinks by name: test_sinks_refused_on_the_ring.)"""
+    softmax applies its heads' slice. (Every algorithm: test_windows_and_sinks_match_cp1.)"""
     _check(4, dict(seq=32, steps=3, model=dict(heads=8, kv_heads=2, softmax_type=kind), variants=SINK_VARIANTS))
 
 
-def _ring_with_sinks(algo):
-    import mindspeed_cp.megatron_adaptor as adaptor
-    from tests.gpt_helpers import build_gpt, init_parallel
+# ----------------------------------------------------------------------------------------------- windows and sinks
+WINDOW_VARIANTS = [
+    dict(cp=4, context_parallel_algo=U),
+    dict(cp=4, context_parallel_algo=R),
+    dict(cp=4, context_parallel_algo=R, cp_window_size=2, use_cp_send_recv_overlap=True),
+    dict(cp=4, context_parallel_algo=H, ulysses_degree_in_cp=2),
+    dict(cp=4, context_parallel_algo=U, window_attn_cp_algo=R),
+    dict(cp=4, context_parallel_algo=R, window_attn_cp_algo=U, context_parallel_kv_cache_policy="full"),
+    dict(cp=4, context_parallel_algo=H, ulysses_degree_in_cp=2, window_attn_cp_algo=R),
+    dict(cp=4, context_parallel_algo="kvallgather_cp_algo"),
+    dict(cp=4, context_parallel_algo="kvallgather_cp_algo", window_attn_cp_algo=U, cp_allgather_overlap=False),
+]
+WINDOWED = dict(heads=8, kv_heads=2, window_attn_skip_freq=2)  # layer 1 windowed, layer 2 full
 
-    adaptor.configure(
-        context_parallel_size=4, context_parallel_algo=algo, ulysses_degree_in_cp=2 if algo == H else None
-    )
-    init_parallel(cp=4)
-    build_gpt(seq=32, heads=8, kv_heads=2, softmax_type="learnable")
+
+@pytest.mark.parametrize(
+    "kind,window,steps",
+    [("vanilla", (5, 0), 1), ("off-by-one", (12, 0), 1), ("learnable", (5, 0), 3), ("learnable", (12, 3), 1)],
+)
+def test_windows_and_sinks_match_cp1(kind, window, steps):
+    """A sliding window on every second layer (shorter than a shard of 8 tokens, longer, two-sided), with and
+    without sinks, under every algorithm and per-layer algorithm (``--window-attn-cp-algo``): per-token losses and
+    gradients equal CP=1 (Megatron's own attention with its window mask and ``SoftmaxOne``); learnable sinks keep
+    one whole ``[h]`` offset on every rank (the CP=1 checkpoint loads) and three SGD steps reach the same weights."""
+    model = dict(WINDOWED, softmax_type=kind, window_size=window)
+    _check(4, dict(seq=32, steps=steps, model=model, variants=WINDOW_VARIANTS))
 
 
-@pytest.mark.parametrize("algo", [R, H])
-def test_sinks_refused_on_the_ring(algo):
-    """Ring kernels have no softmax offset yet: refused by name at model build, on every rank."""
-    expect_error_on_every_rank(4, _ring_with_sinks, algo, match=f"{algo} cannot compute softmax_type='learnable'")
+def test_windows_unaligned_under_ulysses_with_the_window_ring():
+    """An unaligned length under Ulysses (uneven contiguous shards), the windowed layers on the window-aware ring."""
+    model = dict(WINDOWED, softmax_type="learnable", window_size=(9, 0))
+    variants = [dict(cp=4, context_parallel_algo=U, window_attn_cp_algo=R), dict(cp=4, context_parallel_algo=U)]
+    _check(4, dict(seq=30, model=model, variants=variants))
 
 
 def _init_with_the_same_seed(cp):
@@ -430,14 +450,16 @@ def test_learnable_offsets_initialise_as_at_cp1():
 @pytest.mark.parametrize(
     "algo,extra,refused",
     [
-        ("megatron_cp_algo", dict(softmax_type="learnable"), "--softmax-type 'learnable'"),
-        ("hybrid_cp_algo", dict(window_size=(128, 0)), "--window-size (128, 0)"),
+        ("megatron_cp_algo", dict(softmax_type="learnable"), None),
+        ("hybrid_cp_algo", dict(window_size=(128, 0)), None),
         ("ulysses_cp_algo", dict(softmax_type="learnable", window_size=(128, 0)), None),
+        ("megatron_cp_algo", dict(window_size=(128, 0), attention_mask_type="general"), "--window-size (128, 0)"),
     ],
 )
-def test_megatron_lm_arguments_refuse_what_the_ring_cannot_compute(algo, extra, refused):
-    """Megatron-LM's validate_args (mindspeed_cp.megatron.megatron_lm.check_args) refuses sinks and windows on the
-    ring level before anything starts, with the sentence the model build would raise."""
+def test_megatron_lm_arguments_refuse_what_no_algorithm_can_compute(algo, extra, refused):
+    """Megatron-LM's validate_args (mindspeed_cp.megatron.megatron_lm.check_args) accepts windows and sinks on
+    every algorithm and refuses, before anything starts and with the sentence the model build would raise, what
+    Megatron's attention itself does not define: a window and an explicit mask together."""
     import argparse
 
     from mindspeed_cp.config import CPConfigError
@@ -456,5 +478,5 @@ def test_megatron_lm_arguments_refuse_what_the_ring_cannot_compute(algo, extra, 
     if refused is None:
         check_args(args)
         return
-    with pytest.raises(CPConfigError, match=f"{algo} cannot compute .*{__import__('re').escape(refused)}"):
+    with pytest.raises(CPConfigError, match=__import__("re").escape(f"{refused}) with --attention-mask-type general")):
         check_args(args)

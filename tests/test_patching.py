@@ -139,8 +139,8 @@ def test_transformer_engine_takeover_is_announced_once_on_rank_0(capsys):
     """With Transformer Engine importable the plugin runs its algorithm inside TE's attention instead of TE's own
     CP: initialize_model_parallel says so once per process, on global rank 0 (announce_te; TE itself needs CUDA,
     so the gate - megatron.core's HAVE_TE - is not exercised here)."""
-    import mindspeed_cp.megatron_adaptor as adaptor
     from mindspeed_cp.config import CPConfig
+    from mindspeed_cp.megatron import compat as adaptor
 
     config = CPConfig(context_parallel_size=8, context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2)
     adaptor._TE_ANNOUNCED.clear()

@@ -466,9 +466,9 @@ def test_plan_command_errors_are_one_line_and_status_2(argv, match, capsys):
 
 
 def test_plan_keeps_to_what_the_model_build_accepts():
-    """A model conf with sinks (gpt-oss-tiny: --softmax-type learnable) gets no Ring / Hybrid row: the model build
-    would refuse them, with the same sentence the plan gives as the reason (CPConfig.feature_problem); MLA's head
-    sizes come from the conf's flags (deepseek-tiny: qk 24 + 8, v 16)."""
+    """A model conf with sinks and sliding windows (gpt-oss-tiny: --softmax-type learnable --window-size 16,0
+    --window-attn-skip-freq 2) gets every algorithm (each computes them; CPConfig.feature_problem is the one rule the
+    model build and the plan share); MLA's head sizes come from the conf's flags (deepseek-tiny: qk 24 + 8, v 16)."""
     import argparse
 
     from mindspeed_cp.planner.plan import device, model_from, plan
@@ -484,11 +484,49 @@ def test_plan_keeps_to_what_the_model_build_accepts():
         vocab_size=None,
     )
     model = model_from(args)
-    assert model.softmax_type == "learnable"
+    assert model.softmax_type == "learnable" and model.window_size == "16,0"
     res = plan(model, device("h100"), 8192, 8)
     algos = {e["config"].context_parallel_algo for e in res["ranked"] if e["config"].cp > 1}
-    assert algos == {"ulysses_cp_algo"}, algos
-    why = {e["why"] for e in res["rejected"] if e["config"].ring_size > 1}
-    assert any("cannot compute softmax_type='learnable'" in w for w in why), why
+    assert algos == {"ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo"}, algos
     deepseek = model_from(argparse.Namespace(**dict(vars(args), model="deepseek-tiny")))
     assert (deepseek.head_dim, deepseek.v_dim) == (32, 16)
+
+
+def test_windowed_layers_cost_by_their_halo():
+    """A sliding-window model: the windowed layers cost by the halo (CPConfig's --window-attn-cp-algo or the
+    configured algorithm), the full ones as before; the plan offers the per-layer algorithm and writes it."""
+    import dataclasses
+
+    from mindspeed_cp.layout.window import Window, plan_halo, zigzag_layout
+    from mindspeed_cp.planner.costmodel import (
+        Attention,
+        Model,
+        attention_time,
+        ring_kv_cache,
+        window_attention_time,
+        window_halo,
+        window_ring_kv_cache,
+    )
+    from mindspeed_cp.planner.plan import device, plan
+
+    gptoss = Model(
+        num_layers=4, hidden_size=512, num_attention_heads=8, num_query_groups=2, window_size="64,0",
+        window_attn_skip_freq="2",
+    )  # fmt: skip
+    assert gptoss.windowed_layers() == 2 and gptoss.window == Window(64, 0)
+    assert dataclasses.replace(gptoss, window_attn_skip_freq="[1,1,0]+[0]").windowed_layers() == 2
+    S, P, d, e = 2048, 4, 64, 2
+    halo = window_halo("ring", S, P, 1, Window(64, 0))
+    assert halo["halo"] == max(
+        plan_halo(zigzag_layout(S, P), r, Window(64, 0)).bytes_per_token()["received"] for r in range(P)
+    )
+    windowed = window_ring_kv_cache(halo["halo"], halo["halo"], 1, 2, d, e)["sent"]
+    ring = ring_kv_cache(S, P, 1, 2, d, e)["sent"]
+    assert halo["halo"] == 128 and windowed / ring == 128 / 1536  # the goal: <= 0.25 of the ring's
+    dev = device("h100")
+    a = Attention(algo="ring", cp=P)
+    win, full = window_attention_time(dev, gptoss, S, 1, a, "ring"), attention_time(dev, gptoss, S, 1, a)
+    assert win["intra_bytes"] == windowed and win["compute"] < full["compute"]
+    res = plan(gptoss, dev, 16384, 8)
+    flags = {e["config"].window_attn_cp_algo for e in res["ranked"]}
+    assert {None, "megatron_cp_algo", "ulysses_cp_algo"} <= flags, flags

@@ -1,5 +1,6 @@
 """The model presets people copy from (``configs/models/deepseek-tiny.conf``: MLA + MoE + MTP; ``gpt-oss-tiny.conf``:
-GQA + learnable sinks + MoE) train on gloo ranks under every CP algorithm they allow, equal to CP=1.
+GQA + learnable sinks + a sliding window on every second layer + MoE) train on gloo ranks under every CP algorithm,
+equal to CP=1.
 
 Each preset is read from its ``.conf`` (the file ``scripts/pretrain_gpt_cp.sh`` reads): its keys and its Megatron-LM
 flags (``MODEL_ARGS``) become megatron-core ``TransformerConfig`` fields - every flag of a preset must be one this
@@ -16,7 +17,7 @@ import os
 
 import pytest
 
-from tests.dist import expect_error_on_every_rank, run_on_ranks
+from tests.dist import run_on_ranks
 from tests.megatron_loop import step_tolerance, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +48,7 @@ KEYS = {
     "INIT_METHOD_STD": "init_method_std",
     "VOCAB_SIZE": "vocab",
 }
-IGNORED = {"LR", "MIN_LR", "EVAL_ITERS", "EP", "MODEL_ARGS"}  # the optimizer's, the loop's, or read apart
+IGNORED = {"LR", "MIN_LR", "EVAL_ITERS", "EP", "MODEL_ARGS", "WINDOW_CP_ALGO"}  # optimizer, loop, or read apart
 FLAGS = {  # Megatron-LM flag -> TransformerConfig field ("--swiglu" and "--num-experts" renamed by Megatron-LM)
     "--multi-latent-attention": "multi_latent_attention",
     "--kv-lora-rank": "kv_lora_rank",
@@ -68,6 +69,8 @@ FLAGS = {  # Megatron-LM flag -> TransformerConfig field ("--swiglu" and "--num-
     "--mtp-num-layers": "mtp_num_layers",
     "--mtp-loss-scaling-factor": "mtp_loss_scaling_factor",
     "--softmax-type": "softmax_type",
+    "--window-size": "window_size",
+    "--window-attn-skip-freq": "window_attn_skip_freq",
 }
 
 
@@ -93,13 +96,17 @@ def preset(name: str):
         else:
             assert flag in FLAGS, f"{name}.conf: MODEL_ARGS flag {flag} unknown to tests/test_presets.py"
             value = True if not takes else _moe_freq(args[i + 1]) if flag == "--moe-layer-freq" else _value(args[i + 1])
+            if flag == "--window-size":  # Megatron-LM's tuple_type
+                value = tuple(int(x) for x in args[i + 1].strip("()").split(","))
             fields[FLAGS[flag]] = value
         i += 2 if takes else 1
-    return fields, int(conf.get("EP", 1))
+    return fields, int(conf.get("EP", 1)), conf.get("WINDOW_CP_ALGO")
 
 
 def _run(name, cp, flags):
-    fields, ep = preset(name)
+    fields, ep, window_algo = preset(name)
+    if window_algo and "window_attn_cp_algo" not in flags:  # the conf's choice, as the script passes it
+        flags = dict(flags, window_attn_cp_algo=window_algo)
     return train(dict(cp=cp, ep=ep, steps=3, seq=64, model=fields, flags=flags))
 
 
@@ -113,10 +120,15 @@ RUNS = {  # preset -> {name: (CP, flags)}
         "hybrid4": (4, dict(context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2)),
         "ring4-kv-full": (4, dict(RING, context_parallel_kv_cache_policy="full")),
     },
-    "gpt-oss-tiny": {
-        "ulysses2": (2, U),
+    "gpt-oss-tiny": {  # windowed layers on the window-aware ring (the conf's WINDOW_CP_ALGO), full ones on CP_ALGO
         "ulysses4": (4, U),
-        "ulysses4-kv-half": (4, dict(U, context_parallel_kv_cache_policy="half")),
+        "ulysses4-windows-ulysses-kv-half": (
+            4,
+            dict(U, window_attn_cp_algo="ulysses_cp_algo", context_parallel_kv_cache_policy="half"),
+        ),
+        "ring4": (4, dict(RING, use_cp_send_recv_overlap=True)),
+        "hybrid4": (4, dict(context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2)),
+        "kvallgather4": (4, dict(context_parallel_algo="kvallgather_cp_algo")),
     },
 }
 
@@ -131,13 +143,6 @@ def test_preset_trains_equal_to_cp1(name):
                 loss_tol, norm_tol = step_tolerance(step)  # measured: 9.5e-7 / 1.0e-7 at most, AVX-512 and AVX2
                 assert abs(a - b) <= loss_tol * abs(b) and abs(x - y) <= norm_tol * abs(y), (name, run, step, g, w)
     assert want[0]["losses"][-1] < want[0]["losses"][0]  # it trains
-
-
-@pytest.mark.parametrize("algo", ["megatron_cp_algo", "hybrid_cp_algo"])
-def test_gpt_oss_preset_refused_on_the_ring(algo):
-    """Sinks have no ring kernel yet: gpt-oss-tiny under Ring or Hybrid stops at model build, naming them."""
-    flags = dict(context_parallel_algo=algo, ulysses_degree_in_cp=2 if algo == "hybrid_cp_algo" else None)
-    expect_error_on_every_rank(4, _run, "gpt-oss-tiny", 4, flags, match="cannot compute softmax_type='learnable'")
 
 
 def megatron_lm_flags(name: str):
@@ -160,4 +165,6 @@ def megatron_lm_flags(name: str):
         flags += ["--group-query-attention", "--num-query-groups", conf["NUM_QUERY_GROUPS"]]
     if "EP" in conf:
         flags += ["--expert-model-parallel-size", conf["EP"]]
+    if "WINDOW_CP_ALGO" in conf:
+        flags += ["--window-attn-cp-algo", conf["WINDOW_CP_ALGO"]]
     return flags + conf.get("MODEL_ARGS", "").split()

@@ -31,9 +31,9 @@ Every rank computes the same number of pairs - rank r: ``r c^2 + (2P-1-r) c^2`` 
 * :func:`gather_order` - where each rank's tokens go in the gathered sequence (rank order -> global positions).
 
 A tile whose keys are exactly a run of the rank's own tokens says where they are locally (``local``): it can be
-computed before the gather arrives. Sliding windows and sinks (not yet supported by this algorithm, see
-:meth:`mindspeed_cp.config.CPConfig.feature_problem`) fit this shape: a window restricts each tile's key range (and
-the gather to the ranks a window reaches), a sink is one more term of the float32 merge of a row.
+computed before the gather arrives. A sliding window does not come here: a windowed layer gathers only what its
+windows reach, which is the halo exchange of :mod:`mindspeed_cp.window_ring` (its plan: :func:`mindspeed_cp.layout.
+window.plan_halo`); a sink is one more term of the float32 merge of a row (:mod:`mindspeed_cp.blocks`).
 """
 
 from __future__ import annotations

@@ -37,11 +37,13 @@ import torch
 from ..config import HYBRID, KVALLGATHER, RING, ULYSSES, CPConfig, CPConfigError
 from ..hybrid import gather_mask_rows, hybrid_attention_with
 from ..kvallgather import kvallgather_attention_with
+from ..layout.window import layout_positions
 from ..local import local_attention
 from ..options import CallInputs, KVAllGatherOptions, RingOptions, UlyssesOptions
 from ..ring import ring_attention_with
 from ..ulysses import GatherSizeCalculator, UlyssesContextAttention
-from .batch import check_packed
+from ..window_ring import window_ring_attention_with
+from .batch import batch_layout, check_packed
 from .state import STATE
 
 
@@ -73,13 +75,6 @@ def _unsupported(module, cfg: CPConfig) -> Optional[str]:
     """What of this attention's semantics the plugin's kernels cannot compute, or None."""
     from megatron.core.transformer.enums import AttnMaskType
 
-    config = module.config
-    softmax = getattr(module, "scale_mask_softmax", None)
-    window = getattr(softmax, "window_size", None) if softmax is not None else getattr(config, "window_size", None)
-    if window is not None:
-        return f"sliding-window attention (window_size={window})"
-    if getattr(config, "softmax_type", "vanilla") != "vanilla":
-        return f"softmax_type={config.softmax_type!r}"
     if (
         cfg.attention_mask_type == "causal"
         and getattr(module, "attn_mask_type", AttnMaskType.causal) != AttnMaskType.causal
@@ -97,12 +92,11 @@ def _megatron_only(module, cfg: CPConfig) -> Optional[str]:
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     why = _unsupported(module, cfg)
+    problem = cfg.feature_problem(getattr(module.config, "softmax_type", "vanilla"), layer_window(module))
+    if problem is not None:
+        raise CPConfigError(problem)
     if cfg.context_parallel_algo != ULYSSES:
-        softmax = getattr(module, "scale_mask_softmax", None)
-        problem = cfg.feature_problem(
-            getattr(module.config, "softmax_type", "vanilla"), getattr(softmax, "window_size", None)
-        )
-        if problem is None and why is not None:  # attn_mask_type: no fallback either
+        if why is not None:  # attn_mask_type: no fallback either
             problem = (
                 f"--context-parallel-algo {cfg.context_parallel_algo} cannot compute {why}: use "
                 f"ulysses_cp_algo, which runs Megatron's own attention for it"
@@ -113,6 +107,24 @@ def _megatron_only(module, cfg: CPConfig) -> Optional[str]:
     if why is None and not isinstance(module, DotProductAttention):
         why = f"{type(module).__name__} is not Megatron's local DotProductAttention (its own kernels run)"
     return why
+
+
+def layer_window(module):
+    """The sliding window of this attention layer (Megatron's ``window_size`` where ``--window-attn-skip-freq``
+    leaves the layer windowed), or None."""
+    softmax = getattr(module, "scale_mask_softmax", None)
+    if softmax is not None and hasattr(softmax, "window_size"):
+        return softmax.window_size  # the local spec: Megatron decided it per layer
+    config = module.config
+    window = getattr(config, "window_size", None)
+    if window is None:
+        return None
+    try:
+        from megatron.core.transformer.utils import is_layer_window_attention
+    except ImportError:  # releases without the skip pattern: every layer is windowed
+        return window
+    windowed = is_layer_window_attention(window, getattr(config, "window_attn_skip_freq", None), module.layer_number)
+    return window if windowed else None
 
 
 _TOLD: set = set()
@@ -151,6 +163,10 @@ class CPCoreAttention:
     ring_group: Any = None
     gather_group: Any = None  # kvallgather_cp_algo's all-gather group
     agree_group: Any = None  # where every call agrees on its inputs (CPU metadata): STATE.agree_group
+    algo: str = ULYSSES  # this layer's algorithm (--window-attn-cp-algo for a windowed one)
+    window_size: Any = None  # this layer's sliding window, or None
+    softmax_type: str = "vanilla"  # off-by-one / learnable: sinks (the module's softmax_offset)
+    cp_group: Any = None  # the whole CP group: a windowed layer's algorithm other than the configured one
 
     @property
     def kv_cache_policy(self) -> Optional[str]:
@@ -169,6 +185,14 @@ class CPCoreAttention:
 
         policy = cfg.kv_cache_policy(getattr(module, "layer_number", 1) or 1)
         dead = "uniform" if isinstance(module, DotProductAttention) else "zero"
+        window = layer_window(module)
+        algo = cfg.layer_algo(window is not None)
+        if algo != cfg.context_parallel_algo:
+            from megatron.core import parallel_state
+
+            groups_cp = dict(cp_group=parallel_state.get_context_parallel_group())
+        else:
+            groups_cp = {}
         groups, ring = {}, RingOptions(dead_rows=dead, kv_cache_policy=policy)
         if cfg.ulysses_size > 1:
             groups["ulysses_group"] = STATE.group("ulysses")
@@ -195,7 +219,11 @@ class CPCoreAttention:
             kvallgather=KVAllGatherOptions(overlap=cfg.cp_allgather_overlap, dead_rows=dead, kv_cache_policy=policy),
             megatron_only=_megatron_only(module, cfg),
             agree_group=STATE.agree_group,
+            algo=algo,
+            window_size=None if window is None else tuple(window),
+            softmax_type=getattr(module.config, "softmax_type", "vanilla") or "vanilla",
             **groups,
+            **groups_cp,
         )
 
     def _mask(self, attention_mask):
@@ -261,7 +289,10 @@ class CPCoreAttention:
             _tell_once(self.megatron_only)
             return self._ulysses_megatron(module, local_forward, query, key, value, attention_mask, *args, **kwargs)
         inputs = self._inputs(attention_mask, self._dropout(module, query))
-        if algo == RING:  # [s/cp, b, n, d] -> [s/cp, b, n, d]
+        inputs = inputs.replace(window_size=self.window_size, softmax_offset=self._sink(module, query))
+        if self.algo != algo:  # a windowed layer under its own algorithm, over the whole CP group
+            out = self._other_algorithm(query, key, value, inputs)
+        elif algo == RING:  # [s/cp, b, n, d] -> [s/cp, b, n, d]
             out = ring_attention_with(
                 query, key, value, self.ring_group, inputs, self.ring, agree_group=self.agree_group
             )
@@ -286,39 +317,70 @@ class CPCoreAttention:
             out = self._ulysses(query, key, value, inputs)  # [s/cp, b, h, d]
         return out.reshape(s_local, b, -1)
 
-    def _ulysses(self, query, key, value, inputs: CallInputs):
-        """Ulysses around the plugin's kernels on the whole sequence."""
+    def _sink(self, module, query):
+        """This call's sink logits ``[h/TP]`` (None for vanilla softmax): the learnable parameter (whole on every CP
+        rank, :func:`_full_softmax_offset`), or zeros for off-by-one."""
+        if self.softmax_type == "learnable":
+            return module.softmax_offset
+        if self.softmax_type == "off-by-one":
+            zeros = getattr(self, "_zeros", None)
+            if zeros is None or zeros.shape[0] != query.shape[2] or zeros.device != query.device:
+                zeros = self._zeros = torch.zeros(query.shape[2], device=query.device)
+            return zeros
+        return None
+
+    def _ulysses(self, query, key, value, inputs: CallInputs, group=None, positions=None):
+        """Ulysses around the plugin's kernels on the whole sequence (``group``: default the Ulysses group;
+        ``positions``: the gathered sequence's global positions when the layout is not contiguous)."""
+        allgather_kv = self.ulysses.allgather_kv and group is None  # (the CP group: a layer's own algorithm)
+        group = self.ulysses_group if group is None else group
         s_local = query.shape[0]
         seq = STATE.seq_len if STATE.seq_len is not None else s_local * self.config.cp
-        rank = self.ulysses_group.rank()
+        rank = group.rank()
 
         def local(q, k, v, mask_rows):
             # the whole sequence, h/(tp*cp) heads: [S, b, h', d] -> [S, b, h', d]
-            drop = inputs.dropout
+            drop, sink = inputs.dropout, inputs.softmax_offset
             return local_attention(
                 q,
                 k,
                 v,
                 causal=inputs.causal,
                 softmax_scale=inputs.softmax_scale,
-                attention_mask=gather_mask_rows(mask_rows, self.ulysses_group, seq),
+                attention_mask=gather_mask_rows(mask_rows, group, seq),
                 dropout=None if drop is None else drop.for_rank(rank, q.shape[2]),
                 dead_rows=self.dead_rows,
                 documents=inputs.documents,
+                window_size=inputs.window_size,
+                softmax_offset=None if sink is None else sink.narrow(0, rank * q.shape[2], q.shape[2]),
+                positions=positions,
             )
 
-        ulysses = self._ulysses_module(local, s_local)
+        ulysses = self._ulysses_module(local, s_local, group, allgather_kv)
         return ulysses(query, key, value, inputs.attention_mask)
 
-    def _ulysses_module(self, local, s_local: int) -> UlyssesContextAttention:
+    def _ulysses_module(self, local, s_local: int, group=None, allgather_kv=None) -> UlyssesContextAttention:
         return UlyssesContextAttention(
             local,
-            self.ulysses_group,
+            self.ulysses_group if group is None else group,
             agree_group=self.agree_group,
             gather_size_calculator=_StateGatherSize(s_local, self.config.cp),
             kv_cache_policy=self.ulysses.kv_cache_policy,
-            allgather_kv=self.ulysses.allgather_kv,
+            allgather_kv=self.ulysses.allgather_kv if allgather_kv is None else allgather_kv,
         )
+
+    def _other_algorithm(self, query, key, value, inputs: CallInputs):
+        """A windowed layer whose ``--window-attn-cp-algo`` differs from the batch's algorithm: over the whole CP
+        group, on the layout the batch has (every CP rank's positions)."""
+        layout = batch_layout(self.config, query.shape[0])
+        if self.algo in (RING, KVALLGATHER):  # a windowed layer's all-gather is the halo exchange
+            options = RingOptions(kv_cache_policy=self.kv_cache_policy)
+            return window_ring_attention_with(
+                query, key, value, self.cp_group, inputs, options, layout, agree_group=self.agree_group
+            )
+        assert self.algo == ULYSSES
+        positions = None if inputs.documents is not None else layout_positions(layout)
+        return self._ulysses(query, key, value, inputs, self.cp_group, positions)
 
     def _ulysses_megatron(self, module, local_forward, query, key, value, attention_mask, *args, **kwargs):
         """Ulysses around Megatron's own attention (which then sees the full sequence and h/(TP*CP) heads)."""

@@ -257,6 +257,25 @@ def _layout_shift_plan(cfg: CPConfig, rank: int, seq_len: int):
     return plan_shift([token_indices(cfg, q, seq_len) for q in range(cfg.cp)], rank, seq_len)
 
 
+# ------------------------------------------------------------------------------------ the layout as runs
+def batch_layout(cfg: CPConfig, s_local: int):
+    """Every CP rank's tokens of the current batch as runs (:func:`mindspeed_cp.layout.window.layout_runs`): what a
+    windowed layer running over the whole CP group plans its halo from. Cached per layout, never per layer."""
+    from ..window_ring import documents_layout
+
+    docs = STATE.documents
+    if docs is not None:
+        return documents_layout(docs, ring=False)
+    return _token_layout(cfg, STATE.seq_len if STATE.seq_len is not None else s_local * cfg.cp)
+
+
+@functools.lru_cache(maxsize=64)
+def _token_layout(cfg: CPConfig, seq_len: int):
+    from ..layout.window import layout_runs
+
+    return layout_runs([token_indices(cfg, q, seq_len) for q in range(cfg.cp)])
+
+
 # ------------------------------------------------------------------------------------ THD
 def get_thd_batch_on_this_cp_rank(original, batch, cu_seqlens, cu_seqlens_padded, max_seqlen, *args, **kwargs):
     """A packed THD batch -> this rank's tokens of the per-document layout, and the ``PackedSeqParams``.

@@ -18,6 +18,10 @@ query heads, ``hk`` KV heads, ``d`` head dim, ``e`` bytes per element.
   same again backward unless a KV-cache policy keeps the gathered K/V, and the dK/dV reduce-scatter as much:
   ``3 (P-1) s b hk (d + dv) e`` (the ring's volume), ``2 (P-1)/P S b hk (d + dv) e`` with ``full`` (the textbook
   all-gather + reduce-scatter: 2/3 of the ring's, ``P hk / (h + hk)`` of Ulysses').
+* A sliding-window layer on the window-aware ring (:func:`window_ring_kv_cache`): ``(2 T_s + T_r) b hk (d + dv) e``
+  with ``T_s`` the tokens a rank sends and ``T_r`` those it receives (its halo: K/V forward, K/V again and dK/dV
+  backward); in the zigzag layout ``T_s = T_r = H``, ``3 H b hk (d + dv) e`` - e.g. S = 2048, P = 4, window 64:
+  H = 128 of the ring's ``(P-1) s = 1536``.
 
 **Work**: causal attention computes ``S (S+1) / 2`` query-key pairs per head (a full mask ``S^2``); forward
 ``4 d`` FLOPs per pair (``QK^T`` and ``PV``), backward ``10 d`` (flash attention's backward recomputes the
@@ -43,10 +47,19 @@ rank_layout` (intra-node if both ranks share a node of ``gpus_per_node``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+from ..layout.window import (
+    Window,
+    contiguous_layout,
+    halo_tokens,
+    hybrid_layout,
+    run_pairs,
+    zigzag_layout,
+)
 from ..options import KVAllGatherOptions
 
 # ============================================================================ bytes (textbook)
@@ -189,6 +202,54 @@ def hybrid_kv_cache(
     return {"sent": u["sent"] + r["sent"], "saved": u["saved"] + r["saved"]}
 
 
+def window_ring_kv_cache(
+    sent: int, received: int, b: int, hk: float, d: int, e: int, policy=None, dv: Optional[int] = None
+) -> dict:
+    """The window-aware ring's bytes for one rank that sends ``sent`` and receives ``received`` K/V tokens per pass
+    (:meth:`mindspeed_cp.layout.window.HaloPlan.bytes_per_token`): K/V forward, the K/V again backward (less what
+    ``policy`` keeps: the receiver keeps them), dK/dV of what it received. ``saved``: bytes kept for backward."""
+    dv = _dv(d, dv)
+    unit = b * hk * e
+    kept = _again(policy, d, dv)
+    kv = (sent * (d + dv) + sent * (d + dv - kept)) * unit
+    dkv = received * (d + dv) * unit
+    return {"sent": kv + dkv, "kv": kv, "dkv": dkv, "saved": kept * received * unit}
+
+
+@functools.lru_cache(maxsize=1024)
+def window_halo(algo: str, S: int, cp: int, ulysses: int, window: Window) -> Dict[str, int]:
+    """:func:`halo_of` the layout ``algo`` gives the batch (:func:`window_layout`), cached: O(CP) once."""
+    return halo_of(window_layout(algo, S, cp, ulysses), window, S)
+
+
+def window_layout(algo: str, S: int, cp: int, ulysses: int = 1):
+    """The runs every rank of a windowed layer's halo group holds: the layout the batch has (``algo``: the
+    configured algorithm's - Ring: zigzag over CP, Ulysses: contiguous, Hybrid: its ``U x R`` layout)."""
+    if algo in ("ring", "kvallgather"):
+        return zigzag_layout(S, cp)
+    if algo == "ulysses":
+        return contiguous_layout(S, cp)
+    return hybrid_layout(S, ulysses, cp // ulysses)
+
+
+def halo_of(layout, window: Window, S: int) -> Dict[str, int]:
+    """The busiest rank of a layout under a window: its halo ``H`` (tokens received), its pairs (work per head) and
+    the ranks it receives from (exchanges per pass)."""
+    heavy = max(range(len(layout)), key=lambda r: (halo_tokens(layout[r], window, S), run_pairs(layout[r], window, S)))
+    runs = layout[heavy]
+    starts = sorted((x.pos, x.pos + x.n, r) for r, rank in enumerate(layout) for x in rank if x.n)
+    sources = set()
+    for x in runs:
+        lo, hi = window.reach(x.pos, x.pos + x.n - 1)
+        sources |= {r for a, b, r in starts if a < hi and b > lo and r != heavy}
+    return {
+        "halo": halo_tokens(runs, window, S),
+        "pairs": max(run_pairs(rank, window, S) for rank in layout),
+        "sources": len(sources),
+        "tokens": sum(x.n for x in runs),
+    }
+
+
 # ============================================================================ work
 
 
@@ -250,7 +311,8 @@ class Model:
     kv_channels: Optional[int] = None  # the query / key head size; None = hidden / heads (MLA: qk + rope dims)
     v_head_dim: Optional[int] = None  # the value head size; None = the query / key one (MLA: its own)
     softmax_type: str = "vanilla"  # --softmax-type (sinks): not every algorithm computes it (CPConfig.feature_problem)
-    window_size: Optional[str] = None  # --window-size (sliding windows): likewise
+    window_size: Optional[str] = None  # --window-size "left,right" (sliding windows)
+    window_attn_skip_freq: Optional[str] = None  # --window-attn-skip-freq: N (every N-th layer full) or a list
 
     @property
     def kv_heads(self) -> int:
@@ -276,6 +338,30 @@ class Model:
 
     def params(self) -> int:
         return self.num_layers * self.layer_params() + 2 * self.vocab_size * self.hidden_size  # untied in/out
+
+    @property
+    def window(self) -> Optional[Window]:
+        """The sliding window (``--window-size``), or None."""
+        if self.window_size is None:
+            return None
+        return Window.of(tuple(int(x) for x in str(self.window_size).strip("()").split(",")))
+
+    def windowed_layers(self) -> int:
+        """Layers with the window: Megatron's ``is_layer_window_attention`` (``--window-attn-skip-freq N``: every
+        N-th layer full; a list ``[1, 0, ...]``: 1 = windowed)."""
+        if self.window is None:
+            return 0
+        freq = self.window_attn_skip_freq
+        if freq is None:
+            return self.num_layers
+        text = str(freq).strip()
+        if set(text) - set("0123456789[]*+, "):
+            raise ValueError(f"--window-attn-skip-freq {text!r}: an integer or a list such as [1,0]*2")
+        if text.startswith("["):
+            flags = eval(text, {"__builtins__": {}})  # noqa: S307 - Megatron-LM's moe_freq_type list expression
+            return sum(bool(x) for x in flags[: self.num_layers])
+        n = int(text)
+        return sum(1 for layer in range(1, self.num_layers + 1) if layer % n)
 
 
 def weight_bytes(params_per_device: float, dp: int, distributed_optimizer: bool) -> float:
@@ -405,6 +491,7 @@ class Attention:
     tp: int = 1
     ulysses_group: Sequence[int] = ()
     ring_group: Sequence[int] = ()  # the ring-level ranks in ring order (kvallgather: its all-gather group)
+    cp_group: Sequence[int] = ()  # the whole CP group (a windowed layer's algorithm over it)
 
 
 def attention_time(
@@ -532,14 +619,75 @@ def _kvallgather_time(dev: Device, S: int, b: int, a: Attention, shape, out: dic
     return out
 
 
+def window_attention_time(
+    dev: Device, model: Model, S: int, b: int, a: Attention, algo: str, e: int = 2
+) -> Dict[str, float]:
+    """:func:`attention_time` of a sliding-window layer run by ``algo`` (``--window-attn-cp-algo``, default the
+    configured one) on the layout ``a``'s algorithm gives the batch.
+
+    Ulysses (over the CP group, or Hybrid's Ulysses level): the same all-to-alls, the window's pairs instead of the
+    causal ones. The window-aware ring (over the CP group, or Hybrid's ring level on ``h/U`` heads): the busiest
+    rank's halo (:func:`halo_of`, :func:`window_ring_kv_cache`) in one exchange per source rank and direction,
+    posted before the rank's own block, whose compute hides it (not on a CPU: gloo's copies share its cores)."""
+    window = model.window
+    algo = "ring" if algo == "kvallgather" else algo  # a windowed layer's all-gather is the halo exchange
+    h, hk, d, dv = model.num_attention_heads / a.tp, max(model.kv_heads / a.tp, 1), model.head_dim, model.v_dim
+    if algo == "hybrid" and a.algo != "hybrid":
+        raise ValueError("--window-attn-cp-algo hybrid_cp_algo needs --context-parallel-algo hybrid_cp_algo")
+    U = {"ulysses": a.cp, "hybrid": a.ulysses, "ring": 1}[algo]
+    R = a.cp // U
+    out = {k: 0.0 for k in ("a2a", "ring_exposed", "ring_transfer", "intra_bytes", "inter_bytes", "latency")}
+    out["compute"] = dev.oversubscription * dev.attention_call_us * 1e-6
+    per_pair = pair_flops(d, dv)
+    if U > 1:  # the all-to-alls of the Ulysses level
+        sent = ulysses_kv_cache(S // R, U, b, h, hk, d, e, a.kv_cache, dv=dv)["sent"]
+        group = a.ulysses_group if algo == "hybrid" else a.cp_group
+        t = all_to_all_s(dev, sent, link_classes(group or range(U), dev.domain), calls=8 + _AGAIN[a.kv_cache])
+        out["a2a"], out["intra_bytes"], out["inter_bytes"] = t["time"], t["intra"], t["inter"]
+    hu, hku = h / U, max(hk, U) / U
+    if R == 1:
+        pairs = run_pairs(contiguous_layout(S, 1)[0], window, S)
+        out["compute"] += dev.compute_s((per_pair["forward"] + per_pair["backward"]) * pairs * hu * b, S, calls=2)
+        out["total"] = out["compute"] + out["a2a"]
+        return out
+    halo = window_halo("ring", S, R, 1, window) if algo == "hybrid" else window_halo(a.algo, S, a.cp, a.ulysses, window)
+    flops = (per_pair["forward"] + per_pair["backward"]) * halo["pairs"] * hu * b
+    out["compute"] += dev.compute_s(flops, halo["tokens"], calls=2 * (1 + halo["sources"]))
+    sent = window_ring_kv_cache(halo["halo"], halo["halo"], b, hku, d, e, a.kv_cache, dv=dv)["sent"]
+    group = a.ring_group if algo == "hybrid" else a.cp_group
+    cls = ring_hops(group or range(R), dev.domain)
+    bw, lat = dev.link(cls)
+    calls = 3 * halo["sources"]  # forward K/V, backward K/V and dK/dV, per source
+    transfer = sent / bw + calls * lat
+    width = min(window.width, S)
+    own = max(0.0, 1 - halo["halo"] * width / max(halo["pairs"], 1))  # the share of pairs on the rank's own keys
+    hide = 0.0 if dev.cores else out["compute"] * own
+    out["ring_exposed"], out["ring_transfer"], out["latency"] = max(0.0, transfer - hide), transfer, calls * lat
+    out[f"{cls}_bytes"] += sent
+    out["total"] = out["compute"] + out["a2a"] + out["ring_exposed"]
+    return out
+
+
 def layer_time(
-    dev: Device, model: Model, S: int, b: int, a: Attention, tp_group: Sequence[int] = (), e: int = 2
+    dev: Device,
+    model: Model,
+    S: int,
+    b: int,
+    a: Attention,
+    tp_group: Sequence[int] = (),
+    e: int = 2,
+    window_algo: Optional[str] = None,
 ) -> Dict[str, float]:
     """One transformer layer forward + backward on one rank: the core attention (:func:`attention_time`), the
     dense layers (``2 x 3`` FLOPs per parameter per token: forward, backward of inputs and of weights) on the
     rank's ``S/CP`` tokens split over TP, and TP's sequence-parallel all-gathers / reduce-scatters (2 each way
-    per layer forward, the same backward; not overlapped)."""
-    att = attention_time(dev, model, S, b, a, e)
+    per layer forward, the same backward; not overlapped). ``window_algo``: a sliding-window layer run by that
+    algorithm (:func:`window_attention_time`)."""
+    att = (
+        attention_time(dev, model, S, b, a, e)
+        if window_algo is None
+        else window_attention_time(dev, model, S, b, a, window_algo, e)
+    )
     tokens = S // a.cp
     dense = 6 * (model.layer_params() - 4 * model.hidden_size) * tokens * b / a.tp
     out = dict(

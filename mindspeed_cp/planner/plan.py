@@ -191,6 +191,7 @@ def _model_args(model_args: str) -> Dict[str, Any]:
     out: Dict[str, Any] = {
         "softmax_type": value("--softmax-type", "vanilla"),
         "window_size": value("--window-size", None),
+        "window_attn_skip_freq": value("--window-attn-skip-freq", None),
     }
     if "--multi-latent-attention" in flags:
         qk = int(value("--qk-head-dim", 128)) + int(value("--qk-pos-emb-head-dim", 64))  # Megatron-LM's defaults
@@ -232,7 +233,17 @@ def candidates(
     fixed_cp: Optional[int] = None,
 ):
     """Every (tp, CPConfig) of the layout, valid or not (the caller validates): the enumeration order is the
-    tie-break order (simplest first)."""
+    tie-break order (simplest first). A model with sliding-window layers also gets each configuration with its
+    windowed layers on another algorithm (``--window-attn-cp-algo``: the window-aware ring under Ulysses or
+    Hybrid, Ulysses under Ring)."""
+    for t, config in _layouts(model, S, world, gpus_per_node, tp, pp, kv_policies, fixed_cp):
+        yield t, config
+        if config.cp > 1 and model.windowed_layers():
+            other = ULYSSES if config.context_parallel_algo in (RING, KVALLGATHER) else RING
+            yield t, dataclasses.replace(config, window_attn_cp_algo=other)
+
+
+def _layouts(model, S, world, gpus_per_node, tp, pp, kv_policies, fixed_cp):
     tps = tp_sizes(model, gpus_per_node, tp)
     for t in tps:
         if world % (t * pp):
@@ -276,12 +287,13 @@ def candidates(
                 )
 
 
+_ALGO = {ULYSSES: "ulysses", RING: "ring", HYBRID: "hybrid", KVALLGATHER: "kvallgather"}  # the cost model's names
+
+
 def _attention(config: CPConfig, tp: int, groups: Dict[str, List[int]]) -> Attention:
     """The cost model's view of ``config``: its algorithm, degrees and ``groups`` (global rank 0's, from
     :func:`mindspeed_cp.topology.groups_for`: the runtime's rules for that one rank, linear in the group sizes)."""
-    algo = {ULYSSES: "ulysses", RING: "ring", HYBRID: "hybrid", KVALLGATHER: "kvallgather"}[
-        config.context_parallel_algo
-    ]
+    algo = _ALGO[config.context_parallel_algo]
     if config.cp == 1:
         return Attention(algo="ulysses", cp=1, tp=tp)
     ring = groups.get("ring", groups.get("allgather", groups["cp"])) if algo != "ulysses" else ()
@@ -296,6 +308,7 @@ def _attention(config: CPConfig, tp: int, groups: Dict[str, List[int]]) -> Atten
         tp=tp,
         ulysses_group=uly,
         ring_group=ring,
+        cp_group=groups["cp"],
     )
 
 
@@ -440,6 +453,8 @@ def _evaluate(entry: dict, model: Model, dev: Device, S: int, world: int, rank_b
     feature = config.feature_problem(model.softmax_type, model.window_size)
     if feature is not None:  # what the model build would refuse
         return feature
+    if config.window_attn_cp_algo and not model.windowed_layers():
+        return "--window-attn-cp-algo without sliding-window layers (--window-size)"
     padded, b = config.padded_seq_len(S), a["micro_batch_size"]  # Ring/Hybrid compute, send and keep the padding
     entry["memory"] = mem = memory(
         model, dev, padded, b, t, pp, world, config, a["recompute"], a["distributed_optimizer"]
@@ -448,6 +463,13 @@ def _evaluate(entry: dict, model: Model, dev: Device, S: int, world: int, rank_b
         return f"needs {mem['total'] / 1e9:.1f} GB of {dev.hbm_gb:g} GB (x {USABLE_HBM} usable)"
     groups = _groups(config, t, pp, world)
     pred = layer_time(dev, model, padded, b, _attention(config, t, groups), groups["tp"] if t > 1 else ())
+    windowed = model.windowed_layers()
+    if windowed and config.cp > 1:  # the average layer: full ones and windowed ones (by their halo)
+        algo = _ALGO[config.layer_algo(True)]
+        win = layer_time(dev, model, padded, b, _attention(config, t, groups), groups["tp"] if t > 1 else (), 2, algo)
+        share = windowed / model.num_layers
+        pred = {k: (1 - share) * v + share * win[k] for k, v in pred.items()}
+        pred["windowed_attention"] = win["attention"]
     entry.update(
         predicted=pred,
         rank_time=pred["total" if rank_by == "layer" else "attention"] * t * config.cp,
@@ -488,6 +510,8 @@ def _settings(entry: dict) -> List[tuple]:
         out.append(("--use-cp-send-recv-overlap", "CP_OVERLAP=1"))
     if not c.cp_allgather_overlap:
         out.append(("--no-cp-allgather-overlap", "CP_ALLGATHER_OVERLAP=0"))
+    if c.window_attn_cp_algo:
+        out.append((f"--window-attn-cp-algo {c.window_attn_cp_algo}", f"WINDOW_CP_ALGO={c.window_attn_cp_algo}"))
     if c.context_parallel_kv_cache_policy:
         policy = c.context_parallel_kv_cache_policy
         out.append((f"--context-parallel-kv-cache-policy {policy}", f"CP_KV_CACHE={policy}"))
