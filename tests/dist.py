@@ -23,6 +23,18 @@ from typing import Any, Callable, Dict, List, Optional
 from mindspeed_cp.ranks import free_port, init_rank
 
 DEFAULT_TIMEOUT = float(os.environ.get("MSCP_TEST_TIMEOUT", "300"))
+# gloo's process groups keep their threads (2 run loops and a TCP loop each) in a long-lived rank even when
+# destroyed; past this many OS threads in a worker the kernel spends most of its time scheduling them (80 % system
+# time measured with ~750 threads per rank), so the pool is restarted instead (a few seconds)
+MAX_THREADS = int(os.environ.get("MSCP_TEST_MAX_THREADS", "400"))
+
+
+def _threads() -> int:
+    """OS threads of this process (gloo's native threads included)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:  # not Linux: never recycle
+        return 0
 
 
 @dataclass
@@ -92,9 +104,9 @@ def _worker(rank: int, world_size: int, port: int, conn) -> None:
         finally:
             _cleanup_rank()
         try:
-            conn.send(result)
+            conn.send(result + (_threads(),))
         except Exception as e:  # noqa: BLE001 - e.g. an unpicklable result
-            conn.send(("err", RankError(rank, type(e).__name__, f"cannot return the result: {e}", "")))
+            conn.send(("err", RankError(rank, type(e).__name__, f"cannot return the result: {e}", ""), _threads()))
 
 
 class Pool:
@@ -102,6 +114,7 @@ class Pool:
         ctx = mp.get_context("spawn")
         port = free_port()
         self.world_size = world_size
+        self.threads = 0  # the most OS threads a worker reported after its last task
         self.conns, self.procs = [], []
         for rank in range(world_size):
             parent, child = ctx.Pipe()
@@ -130,6 +143,7 @@ class Pool:
         """
         for c in self.conns:
             c.send((fn, tuple(args), dict(kwargs or {})))
+        self.threads = 0
         results: List[Any] = [None] * self.world_size
         pending = set(range(self.world_size))
         deadline = time.monotonic() + timeout
@@ -157,8 +171,9 @@ class Pool:
                 time.sleep(0.005)
                 continue
             for r in ready:
-                status, value = self.conns[r].recv()
+                status, value, threads = self.conns[r].recv()
                 results[r] = value
+                self.threads = max(self.threads, threads)
                 pending.discard(r)
         return results
 
@@ -209,6 +224,7 @@ def run_outcomes(
     try:
         return pool.run(fn, args, kwargs, timeout=timeout, grace=grace)
     finally:
+        restart = restart or pool.threads > MAX_THREADS
         if restart:
             pool.close()
         if restart or not pool.alive:

@@ -3,11 +3,12 @@
 1. The plugin's kernels (every algorithm): masks are keyed by global positions and heads, so the same model
    with the same seed gives the same losses and gradients whatever the algorithm and CP size; activation
    recompute (full, selective) replays them; another seed changes them.
-2. Megatron's own local attention under Ulysses (kept where the kernels cannot follow it - here a sliding
-   window, forced on purpose): after the all-to-all CP rank r of P computes global heads r*h/P .. (r+1)*h/P-1
-   (TP = 1). Megatron draws dropout from its model-parallel RNG stream, seeded per TP rank only: without a
-   stream per CP rank, global heads j and j + h/P would drop the same positions. The masks are read off
-   Megatron's ``attention_dropout`` module (a forward hook: output == 0 where the input probability was > 0).
+2. Megatron's own local attention under Ulysses (kept where the kernels cannot follow it - Transformer Engine's
+   attention, an ``attn_mask_type`` the configured mask type does not cover; forced here on purpose): after the
+   all-to-all CP rank r of P computes global heads r*h/P .. (r+1)*h/P-1 (TP = 1). Megatron draws dropout from its
+   model-parallel RNG stream, seeded per TP rank only: without a stream per CP rank, global heads j and j + h/P
+   would drop the same positions. The masks are read off Megatron's ``attention_dropout`` module (a forward hook:
+   output == 0 where the input probability was > 0).
 
 Tolerances (fp32): losses 2e-6 absolute, gradients 1e-5 relative to the largest, across layouts; bit-identical
 for the same layout and seed.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests import features
 from tests.dist import run_on_ranks
 
 LOSS_TOL = 2e-6  # GPT loss ~5 against the reference run, absolute
@@ -30,9 +30,6 @@ HEADS = 4
 CP = 2
 
 
-needs_window = pytest.mark.skipif(not features.local_sliding_window(), reason=features.WHY["local_sliding_window"])
-
-
 def _masks(recompute: dict, seed: int = SEED):
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -42,8 +39,10 @@ def _masks(recompute: dict, seed: int = SEED):
 
     adaptor.configure(context_parallel_size=CP, context_parallel_algo="ulysses_cp_algo")
     init_parallel(cp=CP, seed=seed)
-    # a window as long as the sequence (= causal) selects Megatron's own attention under Ulysses
-    model = build_gpt(heads=HEADS, seq=SEQ, seed=seed, attention_dropout=0.5, window_size=(SEQ, 0), **recompute)
+    model = build_gpt(heads=HEADS, seq=SEQ, seed=seed, attention_dropout=0.5, **recompute)
+    for m in model.modules():  # Megatron's own attention under Ulysses, as for an attention the kernels cannot follow
+        if isinstance(m, DotProductAttention):
+            m._mindspeed_cp.megatron_only = "forced by tests/test_dropout.py"
     seen = []  # one [b, h/P, S, S] mask per attention call, in call order (forward, then recompute)
 
     def hook(module, inputs, output):
@@ -75,7 +74,6 @@ def _global_heads(results, call):
     return out
 
 
-@needs_window
 def test_ulysses_dropout_masks_differ_across_cp_ranks():
     results = run_on_ranks(CP, _masks, {})
     for call in range(len(results[0]["forward"])):  # one per layer
@@ -91,7 +89,6 @@ def test_ulysses_dropout_masks_differ_across_cp_ranks():
     assert not torch.equal(results[0]["forward"][0], results[0]["forward"][1])
 
 
-@needs_window
 def test_ulysses_dropout_is_deterministic_for_a_seed():
     first = run_on_ranks(CP, _masks, {})
     again = run_on_ranks(CP, _masks, {})
@@ -101,7 +98,6 @@ def test_ulysses_dropout_is_deterministic_for_a_seed():
         assert not all(torch.equal(x, z) for x, z in zip(a["forward"], c["forward"]))
 
 
-@needs_window
 @pytest.mark.parametrize(
     "name, recompute",
     [

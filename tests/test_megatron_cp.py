@@ -324,14 +324,15 @@ def _ulysses_paths():
 
 
 @pytest.mark.skipif(not features.local_sliding_window(), reason=features.WHY["local_sliding_window"])
-def test_ulysses_uses_megatron_attention_only_where_the_kernels_cannot_follow():
+def test_ulysses_runs_windows_and_sinks_in_the_kernels():
+    """Sliding windows and sinks no longer send Ulysses to Megatron's S x S attention: the plugin's kernels compute
+    them (nothing is said, nothing falls back)."""
     for r in run_on_ranks(2, _ulysses_paths):
-        assert r["plain"][0] is None and not r["plain"][1]
-        assert "sliding-window" in r["window"][0] and any("sliding-window" in w for w in r["window"][1])
-        assert "softmax_type='off-by-one'" in r["off_by_one"][0]
+        for name in ("plain", "window", "off_by_one"):
+            assert r[name][0] is None and not r[name][1], (name, r[name])
 
 
-def _ring_with_window(algo):
+def _window_with_a_general_mask(algo):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -339,7 +340,7 @@ def _ring_with_window(algo):
     import mindspeed_cp.megatron_adaptor as adaptor
     from tests.gpt_helpers import init_parallel
 
-    adaptor.configure(context_parallel_size=2, context_parallel_algo=algo)
+    adaptor.configure(context_parallel_size=2, context_parallel_algo=algo, attention_mask_type="general")
     init_parallel(cp=2)
     cfg = TransformerConfig(
         num_layers=1,
@@ -355,7 +356,7 @@ def _ring_with_window(algo):
 
 @pytest.mark.skipif(not features.local_sliding_window(), reason=features.WHY["local_sliding_window"])
 @pytest.mark.parametrize("algo", ["megatron_cp_algo", "kvallgather_cp_algo"])
-def test_ring_refuses_what_it_cannot_compute(algo):
-    """The ring and the K/V all-gather have no fallback: a sliding window would silently become full causal
-    attention."""
-    expect_error_on_every_rank(2, _ring_with_window, algo, match=f"{algo} cannot compute sliding-window")
+def test_a_window_with_a_general_mask_is_refused_at_build(algo):
+    """A window replaces the mask in Megatron's attention: with --attention-mask-type general the model build stops
+    on every rank, naming both (never a window silently dropped or a mask silently ignored)."""
+    expect_error_on_every_rank(2, _window_with_a_general_mask, algo, match="with --attention-mask-type general")

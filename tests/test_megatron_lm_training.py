@@ -257,7 +257,11 @@ PRESET_RUNS = {  # preset -> CP runs (4 ranks) compared with its CP=1 run
         "hybrid4": HYBRID,
         "kvallgather4": KVAG,
     },
-    "gpt-oss-tiny": {"ulysses4": ULYSSES, "ring4": RING, "kvallgather4": KVAG},  # windowed layers: the conf's window-aware ring
+    "gpt-oss-tiny": {
+        "ulysses4": ULYSSES,
+        "ring4": RING,
+        "kvallgather4": KVAG,
+    },  # windowed layers: the conf's window-aware ring
 }
 
 

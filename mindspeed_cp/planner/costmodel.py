@@ -52,7 +52,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from ..layout.window import (
+from ..layout.runs import (
     Window,
     contiguous_layout,
     halo_tokens,
