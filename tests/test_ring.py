@@ -263,6 +263,8 @@ def test_causal_as_general_mask_equals_causal(ring_run):
 
 
 def test_bytes_equal_textbook_volume(ring_run):
+    from mindspeed_cp.agreement import RingRow
+
     P, cases, results = ring_run
     for case, per_rank in zip(cases, results):
         data = case["data"]
@@ -270,8 +272,10 @@ def test_bytes_equal_textbook_volume(ring_run):
         s = data["S"] // P
         block = 2 * s * data["b"] * data["nk"] * data["d"] * e  # one K+V block
         for r, res in enumerate(per_rank):
-            meta = res["bytes"].pop("metadata")  # the input agreement: one all-gather of 45 ints per rank
-            assert meta == (P - 1) * 8 * 45 and res["messages"].pop("metadata") == 1, (meta, res["messages"])
+            # the input agreement: one all-gather of the ring row (RingRow.width() ints) + problem length + rank
+            meta = res["bytes"].pop("metadata")
+            assert meta == (P - 1) * 8 * (RingRow.width() + 2) == (P - 1) * 8 * 55, (meta, res["messages"])
+            assert res["messages"].pop("metadata") == 1, res["messages"]
             assert res["bytes"] == {"ring_kv": 2 * (P - 1) * block, "ring_dkv": (P - 1) * block}, (P, r, case)
             assert sum(res["bytes"].values()) == 3 * (P - 1) * block
             assert res["messages"] == {"ring_kv": 2 * (P - 1), "ring_dkv": P - 1}
