@@ -68,7 +68,7 @@ QUICK = dict(
     mla=dict(seq=128, head_dim=24, v_head_dim=16, cps=[4]),
     reps=1,
     megatron_max_seq=None,
-    scale=dict(start=64, cap_s=30.0, mem_gib=2.0, max_seq=128),
+    scale=dict(start=64, cap_s=30.0, mem_gib=2.0, max_seq=64),
     ulysses_paths_seqs=[256],
     agreement_seqs=[128],
     agreement_calls=20,

@@ -64,8 +64,9 @@ class CPConfig:
     ``window_attn_cp_algo``     the algorithm of the sliding-window layers (``--window-size``, the layers
                                 ``--window-attn-skip-freq`` leaves windowed); None (default): the same as the others.
                                 ``megatron_cp_algo`` runs the window-aware ring over the CP group on whatever layout
-                                the batch has; ``ulysses_cp_algo`` an all-to-all over the CP group; ``hybrid_cp_algo``
-                                only under ``--context-parallel-algo hybrid_cp_algo`` (its groups).
+                                the batch has (``kvallgather_cp_algo``: the same halo exchange - the all-gather of
+                                what the windows reach); ``ulysses_cp_algo`` an all-to-all over the CP group;
+                                ``hybrid_cp_algo`` only under ``--context-parallel-algo hybrid_cp_algo`` (its groups).
     """
 
     context_parallel_size: int = 1

@@ -1,7 +1,7 @@
 """Smoke run of the benchmarks at tiny sizes: every JSON field is there and the ratios meet their goals.
 
 ``python -m benchmarks.run --quick`` measures Ulysses, Ring, Double Ring and Hybrid on real gloo ranks
-(CP 2 and 4, S = 64 and 128) plus a tiny-GPT scale search at S = 64 and 128; ``benchmarks.gpu_decomposition
+(CP 2 and 4, S = 64 and 128) plus a tiny-GPT scale search at S = 64; ``benchmarks.gpu_decomposition
 --dry-run`` runs the GPU script on the CPU. Goals (docs/performance.md): bytes sent / textbook <= 1.02,
 work max / mean <= 1.02, no fully masked block computed, saved-for-backward bytes / (single / CP) <= 1.10.
 Where the textbook's assumption does not hold (fewer KV heads than Ulysses ranks: KV heads must be

@@ -487,7 +487,7 @@ def test_plan_keeps_to_what_the_model_build_accepts():
     assert model.softmax_type == "learnable" and model.window_size == "16,0"
     res = plan(model, device("h100"), 8192, 8)
     algos = {e["config"].context_parallel_algo for e in res["ranked"] if e["config"].cp > 1}
-    assert algos == {"ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo"}, algos
+    assert algos == {"ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo", "kvallgather_cp_algo"}, algos
     deepseek = model_from(argparse.Namespace(**dict(vars(args), model="deepseek-tiny")))
     assert (deepseek.head_dim, deepseek.v_dim) == (32, 16)
 

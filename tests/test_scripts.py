@@ -24,6 +24,13 @@ EXPECTED = {
     "pretrain_gpt_1.3b_32k_ulysses.sh": (8, 1, 8, "ulysses_cp_algo", []),
     "pretrain_gpt_1.3b_32k_ring.sh": (8, 1, 8, "megatron_cp_algo", ["--use-cp-send-recv-overlap"]),
     "pretrain_gpt_1.3b_32k_hybrid.sh": (8, 1, 8, "hybrid_cp_algo", ["--ulysses-degree-in-cp 4"]),
+    "pretrain_gpt_1.3b_32k_kvallgather.sh": (
+        8,
+        1,
+        8,
+        "kvallgather_cp_algo",
+        ["--context-parallel-kv-cache-policy full"],
+    ),
     "pretrain_gpt_30b_32k_ulysses.sh": (32, 8, 4, "ulysses_cp_algo", ["--sequence-parallel"]),
     "pretrain_gpt_30b_32k_double_ring.sh": (
         32,
