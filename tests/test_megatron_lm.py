@@ -33,6 +33,8 @@ OUR_FLAGS = (
     "context_parallel_kv_cache_policy",
     "context_parallel_cache_interval",
     "use_ulysses_allgather_kv",
+    "cp_allgather_overlap",
+    "window_attn_cp_algo",
 )
 # A tiny GPT that Megatron-LM 0.16.1 accepts on the CPU; cases append their own flags (argparse: last wins).
 BASE = [
@@ -69,10 +71,12 @@ SUBPROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "CUDA_DEVICE_MAX_CONNECTIONS":
 def _run_cases(cases):
     """Parse + validate each case with Megatron-LM's own functions; one JSON line per case."""
     sys.path.append(os.environ["MEGATRON_LM_PATH"])  # after site-packages: the installed megatron-core wins
+    import mindspeed_cp.megatron_adaptor  # noqa: F401  (first, as the launcher / the diff do)
+
+    # isort: split
     import megatron.core
     from megatron.training.arguments import parse_args, validate_args
 
-    import mindspeed_cp.megatron_adaptor  # noqa: F401  (first, as the launcher / the diff do)
     from mindspeed_cp.megatron.state import STATE
 
     results = []
@@ -175,6 +179,8 @@ CASES = [
             "half",
             "--context-parallel-cache-interval",
             "1",
+            "--window-attn-cp-algo",
+            "megatron_cp_algo",
         ],
     ),
     dict(
@@ -350,6 +356,8 @@ def test_defaults(results):
         "context_parallel_kv_cache_policy": None,
         "context_parallel_cache_interval": 0,
         "use_ulysses_allgather_kv": False,
+        "cp_allgather_overlap": True,
+        "window_attn_cp_algo": None,
     }
     assert r["configured"] == r["parsed"]  # configure(args) ran with the parsed namespace
 
@@ -368,6 +376,8 @@ def test_all_flags_together(results):
         "context_parallel_kv_cache_policy": "half",
         "context_parallel_cache_interval": 1,
         "use_ulysses_allgather_kv": False,
+        "cp_allgather_overlap": True,
+        "window_attn_cp_algo": "megatron_cp_algo",
     }
     assert r["parsed"] == want and r["configured"] == want
 
