@@ -143,3 +143,12 @@ def sink_grad(dout: Tensor, out: Tensor, lse: Tensor, sink: Tensor) -> Tensor:
     of the sink is ``exp(sink - lse')`` and d out'/d sink = -p_sink out'."""
     delta = (dout.to(out.dtype) * out).sum(-1)  # [b, n, s]
     return -(torch.exp(sink - lse) * delta).sum((0, 2))
+
+
+def sink_input_grad(sink: Optional[Tensor], logits: Optional[Tensor], dout, out, lse, needed: bool) -> Optional[Tensor]:
+    """What an autograd ``backward`` returns for the sink input: :func:`sink_grad` (``dout`` / ``out``
+    ``[b, n, s, dv]``, ``logits`` from :func:`sink_logits`) in the sink's dtype, or None without a sink or its
+    gradient."""
+    if logits is None or not needed:
+        return None
+    return sink_grad(dout, out.to(lse.dtype), lse, logits).to(sink.dtype)

@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 
 from .agreement import KVAllGatherError, agree_kvallgather
-from .blocks import add_sink, sink_grad, sink_logits
+from .blocks import add_sink, sink_input_grad, sink_logits
 from .comm import PendingExchange, start_all_gather, start_reduce_scatter
 from .kernels import acc_dtype, get_kernel, merge_
 from .layout.gather import Tile, causal_tiles, document_span_tiles, document_tiles, full_tiles, gather_order
@@ -363,10 +363,8 @@ class KVAllGatherFunction(torch.autograd.Function):
     def backward(ctx, dout):
         q, out, lse, sink, *saved = ctx.saved_tensors
         plan = ctx.plan
-        dsink = None
-        if plan.sink is not None and ctx.needs_input_grad[3]:
-            bnsd = lambda x: x.permute(1, 2, 0, 3)  # noqa: E731 - [s, b, n, d] -> [b, n, s, d]
-            dsink = sink_grad(bnsd(dout), bnsd(out).to(lse.dtype), lse, plan.sink).to(sink.dtype)
+        bnsd = (x.permute(1, 2, 0, 3) for x in (dout, out))  # [s, b, n, d] -> [b, n, s, d] views
+        dsink = sink_input_grad(sink, plan.sink, *bnsd, lse, ctx.needs_input_grad[3])
         dq, dk, dv = _backward(plan, dout, q, out, lse, saved)
         return dq.permute(2, 0, 1, 3).to(q.dtype).contiguous(), dk, dv, dsink, None
 

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Optional, Tuple
 
 import torch
 
-from .blocks import PlannedBlocks, add_sink, sink_grad, sink_logits
+from .blocks import PlannedBlocks, add_sink, sink_input_grad, sink_logits
 from .kernels import acc_dtype, dead_rows, get_kernel, merge_
 from .layout.window import Window, runs_of, window_blocks
 from .options import DEAD_ROWS
@@ -196,9 +196,7 @@ class LocalAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, sink = ctx.saved_tensors
         dob, ob = _bnsd(dout), _bnsd(out)
-        dsink = None
-        if ctx.sink is not None and ctx.needs_input_grad[3]:
-            dsink = sink_grad(dob, ob.to(lse.dtype), lse, ctx.sink).to(sink.dtype)
+        dsink = sink_input_grad(sink, ctx.sink, dob, ob, lse, ctx.needs_input_grad[3])
         dq, dk, dv = _backward(ctx.plan, dob, _bnsd(q), _bnsd(k), _bnsd(v), ob, lse)
         return (
             _sbhd(dq).to(q.dtype).contiguous(),

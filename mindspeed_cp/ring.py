@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from .agreement import RingAttentionError, agree_ring
-from .blocks import add_sink, sink_grad, sink_logits
+from .blocks import add_sink, sink_input_grad, sink_logits
 from .comm import KVPair, RingExchanger
 from .kernels import acc_dtype, get_kernel, merge_
 from .layout.sharding import zigzag_index
@@ -440,9 +440,7 @@ class RingAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, sink, *kept = ctx.saved_tensors
         plan = ctx.plan
-        dsink = None
-        if plan.sink is not None and ctx.needs_input_grad[3]:
-            dsink = sink_grad(_bnsd(dout), _bnsd(out).to(lse.dtype), lse, plan.sink).to(sink.dtype)
+        dsink = sink_input_grad(sink, plan.sink, _bnsd(dout), _bnsd(out), lse, ctx.needs_input_grad[3])
         dq, dkv = _ring_backward(plan, dout, q, k, v, out, lse, kept)
         dq = _sbhd(dq).to(q.dtype).contiguous()
         dk, dv = (x.to(k.dtype).contiguous() for x in plan.pair.unpack(dkv))

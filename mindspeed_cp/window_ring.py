@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from .agreement import RingAttentionError, agree_window_ring
-from .blocks import PlannedBlocks, add_sink, sink_grad, sink_logits
+from .blocks import PlannedBlocks, add_sink, sink_input_grad, sink_logits
 from .comm import KVPair, PairExchanger
 from .kernels import acc_dtype, get_kernel
 from .layout.window import HaloPlan, Run, Window, layout_runs, plan_halo, window_blocks, zigzag_layout
@@ -226,9 +226,7 @@ class WindowRingFunction(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, sink, *kept = ctx.saved_tensors
         plan = ctx.plan
-        dsink = None
-        if plan.sink is not None and ctx.needs_input_grad[3]:
-            dsink = sink_grad(_bnsd(dout), _bnsd(out).to(lse.dtype), lse, plan.sink).to(sink.dtype)
+        dsink = sink_input_grad(sink, plan.sink, _bnsd(dout), _bnsd(out), lse, ctx.needs_input_grad[3])
         dq, dk, dv = _backward(plan, dout.contiguous(), q, k, v, out, lse, kept)
         return (*(_sbhd(g).to(x.dtype).contiguous() for g, x in ((dq, q), (dk, k), (dv, v))), dsink, None)
 
