@@ -20,7 +20,7 @@ one Markdown page with four tables:
    sinks (off-by-one, learnable, and with a window) vs float64 (out, dq, dk, dv, d sink), bf16 and fp32, and its
    peak memory next to the causal call's (a window keeps it linear in S).
 5. **All-gather K/V on one device.** Every rank of ``kvallgather_cp_algo`` emulated in turn on the gathered
-   sequence: its tiles (``mindspeed_cp.layout.gather.causal_tiles``: rectangular full tiles and square causal
+   sequence: its tiles (``mindspeed_cp.layout.gather.block_tiles``: rectangular full tiles and square causal
    diagonals) through the kernel, merged, then backward with the merged out / LSE, dK / dV summed over ranks as
    the reduce-scatter sums them: out, dq, dk, dv against float64 (fp32, bf16), and the slowest rank's time against
    one full attention: ``(full / P) / rank``, the all-gather's decomposition efficiency.
@@ -210,31 +210,35 @@ def ulysses_table(device, quick: bool) -> List[dict]:
 
 # ----------------------------------------------------------------------------- 5. the all-gather on one device
 def _allgather_rank(kernel, r: int, P: int, q, k, v, dout, scale: float, grads=None):
-    """Rank ``r`` of ``P`` of the all-gather on ``[b, n|nk, S, d]`` tensors (the gathered K/V, global order): its
-    tiles forward, merged, then backward; dq into its rows, dk / dv added into ``grads`` (the reduce-scatter's sum)."""
+    """Rank ``r`` of ``P`` of the all-gather on ``[b, n|nk, S, d]`` tensors (global order): every rank's K/V block as
+    the gather delivers it (its zigzag tokens, contiguous), its tiles (own block first) forward, merged, then
+    backward; dq into its rows, dk / dv added into ``grads`` (the reduce-scatter's sum) at the blocks' positions."""
     from mindspeed_cp.kernels import acc_dtype, merge_
-    from mindspeed_cp.layout.gather import causal_tiles
+    from mindspeed_cp.layout.gather import block_tiles
     from mindspeed_cp.layout.sharding import zigzag_index
 
     b, n, S = q.shape[:3]
-    rows = zigzag_index(S, P, r, q.device)
+    pos = [zigzag_index(S, P, j, q.device) for j in range(P)]
+    blocks = [(k[:, :, p].contiguous(), v[:, :, p].contiguous()) for p in pos]  # what the gather delivers
+    rows = pos[r]
     qr, dr = q[:, :, rows], dout[:, :, rows]
-    tiles = causal_tiles(P, r, S // P)
+    tiles = block_tiles(P, r, S // P)
+    src = [r if t.own else t.block for t in tiles]
     out = torch.zeros(b, n, S // P, v.shape[3], dtype=acc_dtype(q.dtype), device=q.device)
     lse = torch.full((b, n, S // P), -math.inf, dtype=acc_dtype(q.dtype), device=q.device)
-    for t in tiles:
-        bo, bl = kernel.forward(
-            qr[:, :, t.row_slice], k[:, :, t.key_slice], v[:, :, t.key_slice], scale=scale, causal=t.causal
-        )
+    for t, j in zip(tiles, src):
+        kb, vb = (x[:, :, t.key_slice] for x in blocks[j])
+        bo, bl = kernel.forward(qr[:, :, t.row_slice], kb, vb, scale=scale, causal=t.causal)
         merge_(out[:, :, t.row_slice], lse[:, :, t.row_slice], bo, bl)
     out = out.to(q.dtype)
     dq = torch.zeros_like(out[..., :1].expand(*qr.shape), dtype=acc_dtype(q.dtype))
-    for t in tiles:
+    for t, j in zip(tiles, src):
+        kb, vb = (x[:, :, t.key_slice] for x in blocks[j])
         gq, gk, gv = kernel.backward(
             dr[:, :, t.row_slice],
             qr[:, :, t.row_slice],
-            k[:, :, t.key_slice],
-            v[:, :, t.key_slice],
+            kb,
+            vb,
             out[:, :, t.row_slice],
             lse[:, :, t.row_slice],
             scale=scale,
@@ -242,8 +246,9 @@ def _allgather_rank(kernel, r: int, P: int, q, k, v, dout, scale: float, grads=N
         )
         dq[:, :, t.row_slice] += gq
         if grads is not None:
-            grads[0][:, :, t.key_slice] += gk
-            grads[1][:, :, t.key_slice] += gv
+            keys = pos[j][t.key_slice]
+            grads[0][:, :, keys] += gk
+            grads[1][:, :, keys] += gv
     return rows, out, dq
 
 

@@ -35,7 +35,7 @@ import struct
 import typing
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -144,6 +144,7 @@ class Row:
         return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
 
     @classmethod
+    @functools.lru_cache(maxsize=None)
     def width(cls) -> int:
         return sum(kind.width() if isinstance(kind, type) and issubclass(kind, Row) else 1 for _, kind in cls._kinds())
 
@@ -310,11 +311,20 @@ def agree(
     got = _gather_ints(group, [len(text.encode()), dist.get_rank()] + row.encode(), device)
     longest = max(r[0] for r in got)
     texts = _gather_text(group, text, longest, device) if longest else [""] * len(got)
-    table = Table([type(row).decode(r[2:]) for r in got], [r[1] for r in got], texts)
+    table = Table(_decode_rows(type(row), [r[2:] for r in got]), [r[1] for r in got], texts)
     verdict = _verdict(table, check, prefix)
     if verdict:
         raise error(verdict)
     return table
+
+
+def _decode_rows(cls, rows: List[List[int]]) -> List[Row]:
+    """Every rank's row, each distinct one decoded once (the usual case: all ranks alike, one decode)."""
+    seen: Dict[Tuple[int, ...], Row] = {}
+    for r in rows:
+        if tuple(r) not in seen:
+            seen[tuple(r)] = cls.decode(r)
+    return [seen[tuple(r)] for r in rows]
 
 
 def agree_2d(
@@ -347,7 +357,7 @@ def agree_2d(
         texts = [""] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: rows[i][1])  # by global rank, for readable messages
     table = Table(
-        [type(row).decode(rows[i][2:]) for i in order], [rows[i][1] for i in order], [texts[i] for i in order]
+        _decode_rows(type(row), [rows[i][2:] for i in order]), [rows[i][1] for i in order], [texts[i] for i in order]
     )
     verdict = _verdict(table, check, prefix)
     if verdict:
@@ -925,7 +935,7 @@ def kvallgather_row(q, k, v, inputs: CallInputs, options: KVAllGatherOptions, sc
         *sigs,
         *window_code_of(inputs),
         inputs.causal,
-        options.head_groups(kv_heads),
+        options.head_groups(kv_heads, q.device.type if isinstance(q, torch.Tensor) else "cpu"),
         -1 if inputs.dropout is None else inputs.dropout.threshold,
         DEAD_ROWS.index(options.dead_rows) if options.dead_rows in DEAD_ROWS else -1,
         float_bits(scale),
@@ -952,6 +962,8 @@ def agree_kvallgather(
     P = dist.get_world_size(group)
     mine = kvallgather_row(q, k, v, inputs, options, scale)
     problem = zigzag_problem(mine, P, rank="CP rank", size="--context-parallel-size")
+    if not problem and mine.groups == 0:
+        problem = f"gather_groups={options.gather_groups} does not divide the {k.shape[2]} KV heads of k"
     if problem:
         problem = f"{problem} (got {mine.describe()})"
     if P == 1 and agree_group is None:

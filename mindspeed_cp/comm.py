@@ -264,20 +264,27 @@ def all_gather(x: torch.Tensor, group, dim: int, sizes: Sequence[int], kind: str
 
 
 # ------------------------------------------------------------------------------------------ ring send/recv
-TAGS = {"ring_kv": 11, "ring_dkv": 12, "halo_kv": 13, "halo_dkv": 14}
+TAGS = {"ring_kv": 11, "ring_dkv": 12, "halo_kv": 13, "halo_dkv": 14, "all_gather": 15, "reduce_scatter": 16}
 
 
 class PendingExchange:
     """An exchange in flight; :meth:`wait` returns the received tensor (idempotent)."""
 
     def __init__(
-        self, works: List, received: torch.Tensor, sent: torch.Tensor, group=None, what: str = "a ring send/recv"
+        self,
+        works: List,
+        received: torch.Tensor,
+        sent: torch.Tensor,
+        group=None,
+        what: str = "a ring send/recv",
+        finish=None,
     ) -> None:
         self._works = works
         self._received = received
         self._sent = sent  # keep the send buffer alive until the message has left
         self._group = group
         self._what = what
+        self._finish = finish  # received -> result, once every message is in (a reduce-scatter's sum)
 
     def wait(self) -> torch.Tensor:
         try:
@@ -285,37 +292,72 @@ class PendingExchange:
                 w.wait()
         except RuntimeError as e:
             raise peer_failure(e, self._group, self._what) from e
+        if self._finish is not None:
+            self._received, self._finish = self._finish(self._received), None
         self._works, self._sent = [], None
         return self._received
 
 
 # ------------------------------------------------------------------------------------------ async all-gather
+# Note [gloo collectives as point-to-point]: on CPU tensors (gloo) the all-gather and reduce-scatter of
+# kvallgather_cp_algo are posted as one batch of isend/irecv with every other rank: the same bytes on the wire, but
+# gloo's own all-gather / reduce-scatter cost 1.5-2.2x the CPU time and 1.5-2.1x the wall time of that batch
+# (measured on 2 cores, 1 thread per rank: 4 MB per rank at P = 2: all-gather 7.1 ms of CPU vs 3.2; 1 MB at P = 4:
+# 2.5 vs 1.8, wall 7.8 vs 3.7 ms; reduce-scatter of 8 MB at P = 2: 9.5 ms vs 5.4 with the sum). Device tensors keep
+# the backend's collectives (NCCL/HCCL run them as rings on their own streams). The reduce-scatter sums the P parts
+# in rank order in float32 (float64 for float64), then casts: every rank's sum in one fixed order.
+def _p2p_all(group, sends: Sequence[Tensor], recvs: Sequence[Tensor], kind: str) -> List:
+    """``sends[j]`` to group rank ``j`` and ``recvs[j]`` from it, for every ``j`` but this rank: one batch."""
+    me, ops = dist.get_rank(group), []
+    for j in range(len(recvs)):
+        if j != me:
+            peer = dist.get_global_rank(group, j)
+            ops.append(dist.P2POp(dist.isend, sends[j], peer, group, TAGS[kind]))
+            ops.append(dist.P2POp(dist.irecv, recvs[j], peer, group, TAGS[kind]))
+    return [w for w in dist.batch_isend_irecv(ops) if w is not None] if ops else []
+
+
 def start_all_gather(x: torch.Tensor, group, kind: str = "all_gather") -> PendingExchange:
     """Post the all-gather of ``x`` ``[n, ...]`` (equal on every rank) over ``group``; ``wait()`` gives ``[P*n, ...]``
-    in rank order. Reports ``(P-1) x`` bytes of ``x`` (what this rank sends to the others)."""
+    in rank order. Reports ``(P-1) x`` bytes of ``x`` (what this rank sends to the others). CPU tensors: Note
+    [gloo collectives as point-to-point]."""
     x = x.contiguous()
     world = dist.get_world_size(group)
     recv = note_held(x.new_empty((world * x.shape[0],) + tuple(x.shape[1:])))
     record_bytes(kind, (world - 1) * x.numel() * x.element_size())
     try:
-        work = _ALL_GATHER(recv, x, group=group, async_op=True)
+        if x.device.type == "cpu":
+            parts = recv.chunk(world)
+            parts[dist.get_rank(group)].copy_(x)
+            works = _p2p_all(group, [x] * world, parts, "all_gather")
+        else:
+            works = [_ALL_GATHER(recv, x, group=group, async_op=True)]
     except RuntimeError as e:
         raise peer_failure(e, group, "the K/V all-gather") from e
-    return PendingExchange([work], recv, x, group, "the K/V all-gather")
+    return PendingExchange(works, recv, x, group, "the K/V all-gather")
 
 
 def start_reduce_scatter(x: torch.Tensor, group, kind: str = "reduce_scatter") -> PendingExchange:
     """Post the reduce-scatter (sum) of ``x`` ``[P*n, ...]`` over ``group``: ``wait()`` gives this rank's ``[n, ...]``
-    of the sum over ranks. Reports ``(P-1) x`` bytes of the result (the parts this rank sends on)."""
+    of the sum over ranks. Reports ``(P-1) x`` bytes of the result (the parts this rank sends on). CPU tensors: Note
+    [gloo collectives as point-to-point]."""
     x = x.contiguous()
-    world = dist.get_world_size(group)
-    recv = note_held(x.new_empty((x.shape[0] // world,) + tuple(x.shape[1:])))
-    record_bytes(kind, (world - 1) * recv.numel() * recv.element_size())
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    n = x.shape[0] // world
+    record_bytes(kind, (world - 1) * n * x[0].numel() * x.element_size())
     try:
-        work = _REDUCE_SCATTER(recv, x, group=group, async_op=True)
+        if x.device.type == "cpu":
+            recv = note_held(x.new_empty((world, n) + tuple(x.shape[1:])))
+            recv[me].copy_(x[me * n : (me + 1) * n])
+            works = _p2p_all(group, x.chunk(world), recv.unbind(0), "reduce_scatter")
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            finish = lambda parts: parts.sum(0, dtype=acc).to(x.dtype)  # noqa: E731 - rank order, one sum
+        else:
+            recv = note_held(x.new_empty((n,) + tuple(x.shape[1:])))
+            works, finish = [_REDUCE_SCATTER(recv, x, group=group, async_op=True)], None
     except RuntimeError as e:
         raise peer_failure(e, group, "the dK/dV reduce-scatter") from e
-    return PendingExchange([work], recv, x, group, "the dK/dV reduce-scatter")
+    return PendingExchange(works, recv, x, group, "the dK/dV reduce-scatter", finish)
 
 
 class RingExchanger:

@@ -20,28 +20,36 @@ Decisions
   Megatron/TE also allow: with it every rank computes exactly ``(2P-1) c^2 + c (c+1)`` causal pairs per head
   (``c = S/2P``), so no rank waits for a slower one at the reduce-scatter, and the batch split, RoPE positions,
   padding to any length and the per-document zigzag of packed documents are the ring's, unchanged.
-- Gathered K/V in global order (``[b, hk, S, d]``, placed by :func:`mindspeed_cp.layout.gather.gather_order` or the
-  documents' order): a tile's keys are one slice, so a causal chunk needs one full tile and one diagonal tile,
-  and so does each run of a packed document's chunk when every sample has the same layout (no mask at all);
-  layouts differing per sample: one range per row tile, masked by document ids.
+- Gathered K/V as delivered: every rank packs its K and V into one flat buffer (``[b, hg, s, d]`` then
+  ``[b, hg, s, dv]``, the kernels' layout), so after the gather rank j's K/V are views of row j - no reordering
+  copy. Causal and full attention compute on those blocks (:func:`mindspeed_cp.layout.gather.block_tiles`: the
+  rank's own block first, causal over its two chunks, then one tile per other rank, each ``2c^2`` pairs - the
+  ring's steps on keys gathered at once), and dK/dV accumulate in the same flat layout, which is what the
+  reduce-scatter sends. Packed documents and general masks need keys in global order (one contiguous range per
+  tile): those K/V are copied into ``[b, hg, S, d]`` once per group (:class:`_Keys`), runs of a packed document's
+  chunk then get one full tile per gap before them and one own tile (no mask at all) when every sample has the
+  same layout; layouts differing per sample: one range per row tile, masked by document ids.
 - A sliding window (``window_size``): the rank needs only the keys its windows reach - the halo exchange of
   :mod:`mindspeed_cp.window_ring` (each key from its owner, dK/dV straight back), which is what an all-gather
   restricted to the reach of the windows amounts to; the layer runs it on the same zigzag layout. Sinks
   (``softmax_offset``): one more term of every row's float32 merge, after the last tile (:func:`mindspeed_cp.
   blocks.add_sink`), its gradient summed over the rank's rows.
-- Overlap: the gather is split by KV heads into G groups (:meth:`KVAllGatherOptions.head_groups`: up to 4, a
-  divisor of hk); group g+1 travels while group g computes, and the tiles on the rank's own keys (the two diagonal
-  ones) run before the first group arrives. In backward, group g's dK/dV reduce-scatter travels while group g+1
-  computes. Async collectives (work handles): the same code overlaps on gloo's threads and on NCCL's stream.
-  ``overlap=False`` (``--no-cp-allgather-overlap``): one gather of every head waited for before any compute, one
-  reduce-scatter after it. One KV head (MQA at TP = hk) cannot be split: then it is one gather. (Transformer
-  Engine's and PyTorch's all-gather CP expose their gather; ring-flash-attn 0.1.8's splits it by
-  ``heads_k_stride`` and gathers the next stride during this one's compute, its reduce-scatters synchronous.)
+- Overlap: the tiles on the rank's own keys (its own block) run while the gather travels. On an accelerator the
+  gather is also split by KV heads into G groups (:meth:`KVAllGatherOptions.head_groups`: up to 4, a divisor of
+  hk; ``gather_groups`` sets it); group g+1 travels while group g computes, and in backward group g's dK/dV
+  reduce-scatter while group g+1 computes. Async collectives (work handles): the same code overlaps on gloo's
+  threads and on NCCL's stream. On a CPU one group: gloo's transfers are copies on the cores the kernels use, so a
+  split hides nothing and multiplies the calls (measured: 4 groups 1.05-1.21x the CPU time of one), and gloo's
+  all-gather / reduce-scatter become batches of isend/irecv (Note [gloo collectives as point-to-point] in
+  :mod:`mindspeed_cp.comm`). ``overlap=False`` (``--no-cp-allgather-overlap``): one group, one reduce-scatter
+  after the compute. One KV head (MQA at TP = hk) cannot be split: then it is one gather. (Transformer Engine's
+  and PyTorch's all-gather CP expose their gather; ring-flash-attn 0.1.8's splits it by ``heads_k_stride`` and
+  gathers the next stride during this one's compute, its reduce-scatters synchronous.)
 - KV-cache policies: none gathers K/V again in backward (what Transformer Engine, MindSpeed and ring-flash-attn
   do: autograd keeps only the local q/k/v/out/lse, as the ring's); ``"full"`` keeps the gathered K/V instead of the
   local ones (``(P-1)`` more blocks per layer); ``"half"`` keeps the gathered K and the local V.
 - dK/dV accumulate in float32 over the gathered positions and are reduce-scattered in the input dtype, as the
-  ring sends its dK/dV accumulators.
+  ring sends its dK/dV accumulators (on a CPU the P parts are summed in float32 in rank order, then cast).
 - General masks: every row tile against every key with its slice of the mask (columns are global) - no host
   synchronisation to find empty ranges. Fully masked rows follow ``dead_rows`` (:mod:`mindspeed_cp.local`).
 - Dropout: the masks of :mod:`mindspeed_cp.dropout`, keyed by global (documents: original) positions, so they
@@ -54,16 +62,16 @@ Every input check runs before the first collective and is agreed through one sma
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from .agreement import KVAllGatherError, agree_kvallgather
 from .blocks import add_sink, sink_input_grad, sink_logits
-from .comm import PendingExchange, start_all_gather, start_reduce_scatter
+from .comm import KVPair, PendingExchange, start_all_gather, start_reduce_scatter
 from .kernels import acc_dtype, get_kernel, merge_
-from .layout.gather import Tile, causal_tiles, document_span_tiles, document_tiles, full_tiles, gather_order
+from .layout.gather import Tile, block_tiles, document_span_tiles, document_tiles, full_tiles, zigzag_runs
 from .layout.sharding import zigzag_index
 from .local import add_uniform_grad, uniform_rows
 from .options import CallInputs, KVAllGatherOptions, RingOptions
@@ -93,9 +101,8 @@ class _Plan:
         n, hk = q.shape[2], k.shape[2]
         self.group, self.P, self.r, self.s, self.S = group, P, r, s, s * P
         self.d, self.dv, self.scale, self.kv_cache = q.shape[3], v.shape[3], scale, options.kv_cache_policy
-        self.G = options.head_groups(hk)
+        self.G = options.head_groups(hk, q.device.type)
         self.hg, self.ng = hk // self.G, n // self.G  # KV and query heads per group
-        self.early = options.overlap  # the tiles on the rank's own keys run before the first gather arrives
         self.kernel = get_kernel(options.kernel, q.device)
         self.dropout, self.documents, self.mask = inputs.dropout, inputs.documents, inputs.attention_mask
         self.device = q.device
@@ -103,23 +110,24 @@ class _Plan:
         docs = self.documents
         blocked = self.dropout is not None or getattr(self.kernel, "name", None) == "math"
         self.doc_masks = False  # documents laid out differently per sample: masked span tiles
+        # where the gathered rows go in global order (for tiles in global order only): runs (src, dst, n) of one
+        # order for the batch, or (per sample) an index
+        self.runs, self.order = None, None
         if docs is not None:
             self.qpos = docs.ring_positions(r)  # [b, s] padded positions of this rank's rows
             if docs.same_layout:  # one order, mask-free run tiles
-                self.tiles, self.order = document_tiles(docs, r, TILE if blocked else None), docs.order[0]
+                self.tiles, self.runs = document_tiles(docs, r, TILE if blocked else None), docs.gather_runs()
             else:
                 self.tiles, self.order, self.doc_masks = document_span_tiles(docs, r, TILE), docs.order, True
         else:
             self.qpos = zigzag_index(self.S, P, r, q.device)  # [s]
-            self.order = gather_order(self.S, P, q.device)
+            self.runs = zigzag_runs(self.S, P)
             if self.mask is not None:
                 if self.mask.shape[-2] != s:  # the full [.., S, S] mask: this rank's rows
                     self.mask = self.mask.index_select(-2, self.qpos)
                 self.tiles = full_tiles(s, self.S, TILE)
-            elif inputs.causal:
-                self.tiles = causal_tiles(P, r, s, TILE if blocked else None)
-            else:
-                self.tiles = full_tiles(s, self.S, TILE if blocked else None)
+            else:  # every rank's block as the gather delivers it
+                self.tiles = block_tiles(P, r, s, inputs.causal, TILE if blocked else None)
         self.dead = self.mask.all(-1) if self.mask is not None and options.dead_rows == "uniform" else None
         self.keyed = None  # the positions dropout is keyed by: global (documents: in the unpadded sample)
         if self.dropout is not None:
@@ -145,52 +153,144 @@ class _Plan:
     def tile_dropout(self, t: Tile, g: int, b: int):
         if self.dropout is None:
             return None
-        cols = torch.arange(*t.keys, device=self.device)
+        if t.own:
+            cols = self.qpos[..., t.key_slice]
+        elif t.block is not None:  # zigzag: rank j's positions
+            cols = zigzag_index(self.S, self.P, t.block, self.device)[t.key_slice]
+        else:
+            cols = torch.arange(*t.keys, device=self.device)
         if self.documents is not None:
-            cols = self.documents.original(cols.expand(b, -1))
+            cols = self.documents.original(cols if t.own else cols.expand(b, -1))
         return self.dropout.block(self.keyed[..., t.row_slice], cols, self.dropout.heads[self.q_heads(g)])
 
     def dead_rows(self, g: int) -> Optional[Tensor]:
         return self._heads(self.dead, g)
 
-    def place(self, gathered: Tensor, widths: Sequence[int]) -> List[Tensor]:
-        """``[P*s, b, hg, sum(widths)]`` in rank order -> one ``[b, hg, S, w]`` tensor per width, in global order."""
-        out, start = [], 0
-        for w in widths:
-            part = gathered[..., start : start + w].permute(1, 2, 0, 3)  # [P*s, b, hg, w] -> [b, hg, P*s, w]
-            whole = note_held(part.new_empty(part.shape))
-            if self.order.dim() == 1:
-                whole.index_copy_(2, self.order, part)
-            else:  # documents laid out differently per sample
-                for i in range(part.shape[0]):
-                    whole[i].index_copy_(1, self.order[i], part[i])
-            out.append(whole)
-            start += w
-        return out
+    # -------------------------------------------------------------- where K/V are: rank blocks, global order
+    def kv_pair(self, b: int) -> KVPair:
+        """One group's K and V in one flat buffer, each ``[b, hg, s, d|dv]`` (what one gather sends per rank)."""
+        return KVPair((self.s, b, self.hg, self.d), (self.s, b, self.hg, self.dv), True)
 
-    def rank_order(self, parts: Sequence[Tensor], dtype) -> Tensor:
-        """The inverse of :meth:`place`: ``[b, hg, S, w]`` tensors in global order -> ``[P*s, b, hg, sum(w)]`` in rank
-        order and ``dtype`` (what the reduce-scatter takes)."""
-        b, hg, S = parts[0].shape[:3]
-        out = note_held(torch.empty((S, b, hg, sum(p.shape[3] for p in parts)), dtype=dtype, device=parts[0].device))
-        start = 0
-        for p in parts:
-            dst = out[..., start : start + p.shape[3]].permute(1, 2, 0, 3)  # [b, hg, P*s, w] view
-            if self.order.dim() == 1:
-                dst.copy_(p.index_select(2, self.order))
-            else:
-                for i in range(b):
-                    dst[i].copy_(p[i].index_select(1, self.order[i]))
-            start += p.shape[3]
-        return out
+    def pack(self, k: Optional[Tensor], v: Tensor, g: int) -> Tensor:
+        """Group g's heads of this rank's ``[s, b, hk, .]`` K and V (``k`` None: V alone) -> one flat buffer."""
+        kv = self.kv_pair(v.shape[1])
+        if k is not None:
+            return note_held(kv.pack(k[:, :, self.kv_heads(g)], v[:, :, self.kv_heads(g)]))
+        return note_held(v[:, :, self.kv_heads(g)].permute(1, 2, 0, 3).contiguous().view(-1))
+
+    def blocks(self, kf: Tensor, vf: Tensor) -> "_Keys":
+        """Every rank's K and V of one group: ``kf`` ``[P, b*hg*s*d]`` and ``vf`` ``[P, b*hg*s*dv]`` (rows in rank
+        order, views of what the gather delivered or the KV-cache policy kept)."""
+        return _Keys(self, kf, vf)
+
+    def packed_blocks(self, flat: Tensor) -> "_Keys":
+        """:meth:`blocks` of a ``[P, numel]`` gather of packed K/V (each row K's elements, then V's)."""
+        nk = flat.shape[1] // (self.d + self.dv) * self.d
+        return _Keys(self, flat[:, :nk], flat[:, nk:])
+
+
+class _Keys:
+    """One group's K/V for the tiles: rank ``j``'s block ``[b, hg, s, d|dv]`` (a view, no copy) for the tiles in rank
+    blocks (own tiles: this rank's), and - built once, only for tiles in global order (documents, masks) - the whole
+    ``[b, hg, S, d|dv]`` in global order (:meth:`whole`: one strided copy per run of the gather order)."""
+
+    def __init__(self, plan: _Plan, kf: Tensor, vf: Tensor) -> None:
+        self.plan, self.kf, self.vf, self._whole = plan, kf, vf, None
+        b = kf.shape[1] // (plan.hg * plan.s * plan.d)
+        self.k_shape, self.v_shape = (b, plan.hg, plan.s, plan.d), (b, plan.hg, plan.s, plan.dv)
+
+    def block(self, j: int) -> Tuple[Tensor, Tensor]:
+        return self.kf[j].view(self.k_shape), self.vf[j].view(self.v_shape)
+
+    def whole(self) -> Tuple[Tensor, Tensor]:
+        if self._whole is None:
+            self._whole = tuple(_to_global(self.plan, [self.block(j)[i] for j in range(self.plan.P)]) for i in (0, 1))
+        return self._whole
+
+    def tile(self, t: Tile) -> Tuple[Tensor, Tensor]:
+        """The tile's (K, V) ``[b, hg, keys, d|dv]``."""
+        kv = self.block(self.plan.r if t.own else t.block) if t.own or t.block is not None else self.whole()
+        return tuple(x[:, :, t.key_slice] for x in kv)
+
+
+def _runs_by_block(plan: _Plan):
+    """The gather order's runs ``(src, dst, n)`` split at rank blocks: ``(j, local row, global position, n)``."""
+    for src, dst, n in plan.runs:
+        while n:
+            j, row = divmod(src, plan.s)
+            m = min(n, plan.s - row)
+            yield j, row, dst, m
+            src, dst, n = src + m, dst + m, n - m
+
+
+def _to_global(plan: _Plan, blocks: List[Tensor]) -> Tensor:
+    """Every rank's ``[b, hg, s, w]`` block -> ``[b, hg, S, w]`` in global order (a copy)."""
+    b, hg, s, w = blocks[0].shape
+    whole = note_held(blocks[0].new_empty((b, hg, plan.S, w)))
+    if plan.runs is not None:
+        for j, row, dst, n in _runs_by_block(plan):
+            whole[:, :, dst : dst + n].copy_(blocks[j][:, :, row : row + n])
+    else:  # documents laid out differently per sample
+        cat = torch.cat(blocks, 2)
+        for i in range(b):
+            whole[i].index_copy_(1, plan.order[i], cat[i])
+    return whole
+
+
+def _add_global(plan: _Plan, whole: Tensor, blocks: List[Tensor]) -> None:
+    """The inverse of :func:`_to_global`, accumulating: ``[b, hg, S, w]`` (global order) added into the blocks."""
+    if plan.runs is not None:
+        for j, row, dst, n in _runs_by_block(plan):
+            blocks[j][:, :, row : row + n] += whole[:, :, dst : dst + n]
+        return
+    for i in range(whole.shape[0]):
+        part = whole[i].index_select(1, plan.order[i])  # [hg, P*s, w] in rank order
+        for j in range(plan.P):
+            blocks[j][i] += part[:, j * plan.s : (j + 1) * plan.s]
+
+
+class _Grads:
+    """One group's dK/dV: float32 (float64) accumulators in the gather's flat layout ``[P, b*hg*s*(d+dv)]`` (what
+    the reduce-scatter sends, no reordering) for tiles in rank blocks; for tiles in global order a whole ``[b, hg,
+    S, d|dv]`` pair, added into the blocks once at the end."""
+
+    def __init__(self, plan: _Plan, b: int, dtype, device) -> None:
+        self.plan, self.kv = plan, plan.kv_pair(b)
+        self.flat = note_held(torch.zeros((plan.P, self.kv.numel), dtype=dtype, device=device))
+        self.whole = None
+        if any(not t.own and t.block is None for t in plan.tiles):
+            shape = (b, plan.hg, plan.S)
+            self.whole = tuple(
+                note_held(torch.zeros(shape + (w,), dtype=dtype, device=device)) for w in (plan.d, plan.dv)
+            )
+
+    def block(self, j: int) -> Tuple[Tensor, Tensor]:
+        return self.kv.views(self.flat[j])
+
+    def add(self, t: Tile, gk: Tensor, gv: Tensor) -> None:
+        own = t.own or t.block is not None
+        dk, dv = self.block(self.plan.r if t.own else t.block) if own else self.whole
+        dk[:, :, t.key_slice] += gk
+        dv[:, :, t.key_slice] += gv
+
+    def dv_whole(self) -> Tensor:
+        return self.whole[1]
+
+    def send(self, dtype) -> Tensor:
+        """``[P * numel]`` in ``dtype``: what the reduce-scatter takes."""
+        if self.whole is not None:
+            for i in (0, 1):
+                _add_global(self.plan, self.whole[i], [self.block(j)[i] for j in range(self.plan.P)])
+            self.whole = None
+        return self.flat.view(-1).to(dtype)
 
 
 class _Gathers:
     """The all-gathers of one pass, one per KV-head group, each posted one group ahead of the compute that needs
-    it: ``parts[g]`` ``[s, b, hg, sum(widths)]`` (this rank's), :meth:`get` -> ``[b, hg, S, w]`` per width."""
+    it: ``parts[g]`` this rank's flat buffer; :meth:`get` -> ``[P, numel]`` in rank order."""
 
-    def __init__(self, plan: _Plan, parts: List[Tensor], widths: Sequence[int]) -> None:
-        self.plan, self.parts, self.widths = plan, parts, widths
+    def __init__(self, plan: _Plan, parts: List[Tensor]) -> None:
+        self.plan, self.parts = plan, parts
         self.pending: dict = {}
         self._post(0)
 
@@ -199,35 +299,16 @@ class _Gathers:
             self.pending[g] = start_all_gather(self.parts[g], self.plan.group)
             self.parts[g] = None  # the pending gather holds it until it has left
 
-    def get(self, g: int) -> List[Tensor]:
+    def get(self, g: int) -> Tensor:
         self._post(g)
         self._post(g + 1)  # travels while group g computes
-        return self.plan.place(self.pending.pop(g).wait(), self.widths)
-
-
-def _pack(k: Tensor, v: Tensor, plan: _Plan) -> List[Tensor]:
-    """This rank's K and V per KV-head group, side by side: ``[s, b, hg, d + dv]`` each (what one gather sends)."""
-    return [note_held(torch.cat([k[:, :, plan.kv_heads(g)], v[:, :, plan.kv_heads(g)]], -1)) for g in range(plan.G)]
-
-
-def _gathered(t: Tile, kv: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
-    """The tile's (K, V) ``[b, hg, keys, d|dv]`` from its group's gathered ``[b, hg, S, d|dv]`` tensors."""
-    return tuple(x[:, :, t.key_slice] for x in kv)
-
-
-def _own(t: Tile, g: int, plan: _Plan, parts: Sequence[Tuple[Optional[Tensor], Optional[Tensor]]]):
-    """An own-key tile's (K, V) ``[b, hg, keys, d|dv]``, contiguous: per tensor from this rank's local ``[b, hk, s, .]``
-    one when given, else from the group's gathered one kept for backward. Contiguous copies (``c`` keys), so the
-    kernel sees the same layout whichever holds them: the KV-cache policies compute exactly the same."""
-    out = []
-    for local, gathered in parts:
-        x = local[:, plan.kv_heads(g), t.local_slice] if local is not None else gathered[:, :, t.key_slice]
-        out.append(x.contiguous())
-    return tuple(out)
+        return self.pending.pop(g).wait().view(self.plan.P, -1)
 
 
 # ------------------------------------------------------------------------------------------ forward
-def _forward_tile(plan: _Plan, t: Tile, g: int, qb: Tensor, kv: Tuple[Tensor, Tensor], out, lse) -> None:
+def _forward_tile(plan: _Plan, t: Tile, g: int, qb: Tensor, kv: Tuple[Tensor, Tensor], out, lse, first=False) -> None:
+    """One tile's attention merged into ``out`` / ``lse`` (``first``: the group's first tile, on all its rows:
+    written, not merged - the accumulators are empty)."""
     qs = plan.q_heads(g)
     b, q_ = qb.shape[0], qb[:, qs, t.row_slice]
     mask = plan.tile_mask(t, g, b)
@@ -235,33 +316,51 @@ def _forward_tile(plan: _Plan, t: Tile, g: int, qb: Tensor, kv: Tuple[Tensor, Te
     bo, bl = plan.kernel.forward(
         q_, *kv, scale=plan.scale, causal=t.causal, mask=mask, dropout=plan.tile_dropout(t, g, b)
     )
-    merge_(out[:, qs, t.row_slice], lse[:, qs, t.row_slice], bo, bl)
+    if first:
+        out[:, qs].copy_(bo)
+        lse[:, qs].copy_(bl)
+    else:
+        merge_(out[:, qs, t.row_slice], lse[:, qs, t.row_slice], bo, bl)
+
+
+def _own_keys(plan: _Plan, packed: Tensor, b: int) -> Tuple[Tensor, Tensor]:
+    """This rank's own K and V ``[b, hg, s, d|dv]`` of one group, views of its packed (sent) buffer."""
+    return plan.kv_pair(b).views(packed)
 
 
 def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, List[Tensor]]:
     """q/k ``[s, b, n|hk, d]``, v ``[s, b, hk, dv]`` -> out ``[b, n, s, dv]``, lse ``[b, n, s]`` (float32/float64) and
-    what the KV-cache policy keeps of the gathered K/V (per group: K and V for "full", K for "half")."""
+    what the KV-cache policy keeps of the gathered K/V (per group: ``[P, numel]`` for "full", its K columns for
+    "half")."""
     s, b, n = q.shape[:3]
     dt = acc_dtype(q.dtype)
     qb = q.permute(1, 2, 0, 3).contiguous()  # [s, b, n, d] -> [b, n, s, d], once
-    out = torch.zeros((b, n, s, plan.dv), dtype=dt, device=q.device)
-    lse = torch.full((b, n, s), -math.inf, dtype=dt, device=q.device)
-    gathers = _Gathers(plan, _pack(k, v, plan), (plan.d, plan.dv))
-    own = [t for t in plan.tiles if plan.early and t.local is not None]
-    local = ((k.permute(1, 2, 0, 3), None), (v.permute(1, 2, 0, 3), None))  # [s, b, hk, d] -> [b, hk, s, d] views
+    packed = [plan.pack(k, v, g) for g in range(plan.G)]  # [b*hg*s*(d+dv)] each, K then V
+    gathers = _Gathers(plan, list(packed))
+    own = [t for t in plan.tiles if t.own]
+    whole = bool(own) and own[0].rows == (0, s)  # the first own tile covers every row: it initialises the output
+    out = (torch.empty if whole else torch.zeros)((b, n, s, plan.dv), dtype=dt, device=q.device)
+    lse = (
+        torch.empty((b, n, s), dtype=dt, device=q.device)
+        if whole
+        else torch.full((b, n, s), -math.inf, dtype=dt, device=q.device)
+    )
     for g in range(plan.G):  # the rank's own keys while the first group travels
-        for t in own:
-            _forward_tile(plan, t, g, qb, _own(t, g, plan, local), out, lse)
+        kv = _own_keys(plan, packed[g], b)
+        for i, t in enumerate(own):
+            _forward_tile(plan, t, g, qb, tuple(x[:, :, t.key_slice] for x in kv), out, lse, whole and i == 0)
+    del packed
     kept: List[Tensor] = []
     for g in range(plan.G):
-        K, V = gathers.get(g)  # [b, hg, S, d], [b, hg, S, dv]
+        flat = gathers.get(g)  # [P, numel]
+        keys = plan.packed_blocks(flat)
         for t in plan.tiles:
-            if t not in own:
-                _forward_tile(plan, t, g, qb, _gathered(t, (K, V)), out, lse)
+            if not t.own:
+                _forward_tile(plan, t, g, qb, keys.tile(t), out, lse)
         qs = plan.q_heads(g)
         if plan.dead is not None:  # Megatron's mean of V over every key on fully masked rows
-            out[:, qs] = uniform_rows(out[:, qs], plan.dead_rows(g), V.sum(2), plan.S)
-        kept += {"full": [K, V], "half": [K]}.get(plan.kv_cache, [])
+            out[:, qs] = uniform_rows(out[:, qs], plan.dead_rows(g), keys.whole()[1].sum(2), plan.S)
+        kept += {"full": [flat], "half": [keys.kf.contiguous()]}.get(plan.kv_cache, [])
     if plan.sink is not None:  # the sink's term, once per row (mindspeed_cp.blocks)
         out, lse = add_sink(out, lse, plan.sink)
     return out, lse, kept
@@ -269,36 +368,46 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tens
 
 # ------------------------------------------------------------------------------------------ backward
 class _Source:
-    """Where backward finds each group's gathered K/V: kept by the KV-cache policy, or gathered again (one group
-    ahead of the compute); and the K/V of the tiles on the rank's own keys, which need no gather (:meth:`own`)."""
+    """Where backward finds each group's K/V: kept by the KV-cache policy, or gathered again (one group ahead of
+    the compute); this rank's own block (for its own tiles) before any gather arrives (:meth:`own`)."""
 
-    def __init__(self, plan: _Plan, saved: List[Tensor]) -> None:
-        self.plan, policy = plan, plan.kv_cache
-        bnsd = lambda x: x.permute(1, 2, 0, 3)  # noqa: E731 - [s, b, hk, d] -> [b, hk, s, d] view
-        if policy == "full":  # saved: K0, V0, K1, V1, ...
-            self.kept, self.gathers = [saved[2 * g : 2 * g + 2] for g in range(plan.G)], None
-            self.local = (None, None)
-        elif policy == "half":  # saved: v, K0, K1, ...
-            v, *ks = saved
-            self.kept = [[K] for K in ks]
-            self.gathers = _Gathers(plan, [v[:, :, plan.kv_heads(g)] for g in range(plan.G)], (plan.dv,))
-            self.local = (None, bnsd(v))
+    def __init__(self, plan: _Plan, saved: List[Tensor], b: int) -> None:
+        self.plan, self.b, policy = plan, b, plan.kv_cache
+        self.local: List[Optional[Tensor]] = [None] * plan.G
+        if policy == "full":  # saved: [P, numel] per group
+            self.kept, self.gathers = saved, None
+        elif policy == "half":  # saved: v, then [P, nk] per group; V gathered again
+            v, *self.kept = saved
+            self.local = [plan.pack(None, v, g) for g in range(plan.G)]
+            self.gathers = _Gathers(plan, list(self.local))
         else:  # saved: k, v
             k, v = saved
-            self.kept = [[] for _ in range(plan.G)]
-            self.gathers = _Gathers(plan, _pack(k, v, plan), (plan.d, plan.dv))
-            self.local = (bnsd(k), bnsd(v))
+            self.kept = None
+            self.local = [plan.pack(k, v, g) for g in range(plan.G)]
+            self.gathers = _Gathers(plan, list(self.local))
 
-    def get(self, g: int) -> Tuple[Tensor, Tensor]:
-        return tuple(self.kept[g] + (self.gathers.get(g) if self.gathers is not None else []))
+    def own(self, g: int) -> Tuple[Tensor, Tensor]:
+        """Group g's own K and V ``[b, hg, s, d|dv]``: views of this rank's packed buffer or of its row of the kept
+        ones - the same values in the same layout, so every KV-cache policy computes exactly the same."""
+        kv, r = self.plan.kv_pair(self.b), self.plan.r
+        if self.plan.kv_cache == "full":
+            return self.plan.packed_blocks(self.kept[g]).block(r)
+        if self.plan.kv_cache == "half":
+            return self.kept[g][r].view(kv.k_shape), self.local[g].view(kv.v_shape)
+        return _own_keys(self.plan, self.local[g], self.b)
 
-    def own(self, t: Tile, g: int) -> Tuple[Tensor, Tensor]:
-        kept = self.kept[g] + [None] * (2 - len(self.kept[g]))
-        return _own(t, g, self.plan, list(zip(self.local, kept)))
+    def get(self, g: int) -> _Keys:
+        self.local[g] = None
+        if self.plan.kv_cache == "full":
+            return self.plan.packed_blocks(self.kept[g])
+        flat = self.gathers.get(g)
+        if self.plan.kv_cache == "half":
+            return self.plan.blocks(self.kept[g], flat)
+        return self.plan.packed_blocks(flat)
 
 
-def _backward_tile(plan: _Plan, t: Tile, g: int, tensors, kv, dq: Tensor, dK: Tensor, dV: Tensor) -> None:
-    """Gradients of one tile: dq accumulated on its rows, dK / dV ``[b, hg, S, d|dv]`` on its keys."""
+def _backward_tile(plan: _Plan, t: Tile, g: int, tensors, kv, dq: Tensor, grads: _Grads) -> None:
+    """Gradients of one tile: dq accumulated on its rows, dK / dV on its keys."""
     qb, dob, ob, lse = tensors
     qs, rows, b = plan.q_heads(g), t.row_slice, qb.shape[0]
     mask = plan.tile_mask(t, g, b)
@@ -315,8 +424,7 @@ def _backward_tile(plan: _Plan, t: Tile, g: int, tensors, kv, dq: Tensor, dK: Te
         dropout=plan.tile_dropout(t, g, b),
     )
     dq[:, qs, rows] += gq
-    dK[:, :, t.key_slice] += gk
-    dV[:, :, t.key_slice] += gv
+    grads.add(t, gk, gv)
 
 
 def _backward(plan: _Plan, dout: Tensor, q: Tensor, out: Tensor, lse: Tensor, saved: List[Tensor]):
@@ -324,24 +432,26 @@ def _backward(plan: _Plan, dout: Tensor, q: Tensor, out: Tensor, lse: Tensor, sa
     s, b, n, d = q.shape
     tensors = tuple(x.permute(1, 2, 0, 3).contiguous() for x in (q, dout, out)) + (lse,)  # [b, n, s, .], once
     dq = torch.zeros((b, n, s, d), dtype=lse.dtype, device=q.device)
-    source = _Source(plan, saved)
-    own = [t for t in plan.tiles if plan.early and t.local is not None]
+    source = _Source(plan, saved, b)
+    own = [t for t in plan.tiles if t.own]
     scatters: List[PendingExchange] = []
     for g in range(plan.G):
-        dK = note_held(torch.zeros((b, plan.hg, plan.S, plan.d), dtype=lse.dtype, device=q.device))
-        dV = note_held(torch.zeros((b, plan.hg, plan.S, plan.dv), dtype=lse.dtype, device=q.device))
+        grads = _Grads(plan, b, lse.dtype, q.device)
+        kv = source.own(g)
         for t in own:  # the rank's own keys while the group's gather travels
-            _backward_tile(plan, t, g, tensors, source.own(t, g), dq, dK, dV)
-        K, V = source.get(g)
+            _backward_tile(plan, t, g, tensors, tuple(x[:, :, t.key_slice] for x in kv), dq, grads)
+        keys = source.get(g)
         for t in plan.tiles:
-            if t not in own:
-                _backward_tile(plan, t, g, tensors, _gathered(t, (K, V)), dq, dK, dV)
-        add_uniform_grad(dV, tensors[1][:, plan.q_heads(g)], plan.dead_rows(g), plan.S)
-        scatters.append(start_reduce_scatter(plan.rank_order((dK, dV), q.dtype), plan.group))  # travels meanwhile
-        del dK, dV
-    parts = [x.wait() for x in scatters]  # [s, b, hg, d + dv] each
-    dk = torch.cat([p[..., : plan.d] for p in parts], dim=2)
-    dv = torch.cat([p[..., plan.d :] for p in parts], dim=2)
+            if not t.own:
+                _backward_tile(plan, t, g, tensors, keys.tile(t), dq, grads)
+        if plan.dead is not None:
+            add_uniform_grad(grads.dv_whole(), tensors[1][:, plan.q_heads(g)], plan.dead_rows(g), plan.S)
+        scatters.append(start_reduce_scatter(grads.send(q.dtype), plan.group))  # travels meanwhile
+        del grads, keys
+    kv = plan.kv_pair(b)
+    parts = [x.wait() for x in scatters]  # [numel] each: this rank's dK then dV of group g, [b, hg, s, .]
+    dk = torch.cat([kv.unpack(p)[0] for p in parts], dim=2)  # [b, hg, s, d] -> [s, b, hg, d] per group -> hk
+    dv = torch.cat([kv.unpack(p)[1] for p in parts], dim=2)
     return dq, dk, dv
 
 
@@ -388,6 +498,7 @@ def kvallgather_attention(
     kv_cache_policy: Optional[str] = None,
     window_size=None,
     softmax_offset: Optional[Tensor] = None,
+    gather_groups: Optional[int] = None,
 ) -> Tensor:
     """Attention over the sequence shared by the ranks of ``group`` (zigzag layout), K/V all-gathered.
 
@@ -404,7 +515,8 @@ def kvallgather_attention(
     (document-causal attention, ``causal=True``, no mask). ``kv_cache_policy``: None, ``"full"`` or ``"half"``.
     ``window_size``: Megatron's ``(left, right)`` sliding window - only the keys the windows reach are gathered, from
     their owners (the halo exchange of :mod:`mindspeed_cp.window_ring`). ``softmax_offset``: ``[n]`` sink logits
-    (off-by-one: zeros; learnable: the parameter), one more term of every row's softmax.
+    (off-by-one: zeros; learnable: the parameter), one more term of every row's softmax. ``gather_groups``: the
+    KV-head groups of the gather (None: :meth:`KVAllGatherOptions.head_groups`' rule, by device).
     """
     inputs = CallInputs(
         causal=causal,
@@ -415,7 +527,13 @@ def kvallgather_attention(
         window_size=window_size,
         softmax_offset=softmax_offset,
     )
-    options = KVAllGatherOptions(overlap=overlap, kernel=kernel, dead_rows=dead_rows, kv_cache_policy=kv_cache_policy)
+    options = KVAllGatherOptions(
+        overlap=overlap,
+        kernel=kernel,
+        dead_rows=dead_rows,
+        kv_cache_policy=kv_cache_policy,
+        gather_groups=gather_groups,
+    )
     return kvallgather_attention_with(
         q, k, v, group, inputs, options, check_inputs=check_inputs, agree_group=agree_group
     )

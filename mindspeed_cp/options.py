@@ -113,29 +113,39 @@ class UlyssesOptions:
 class KVAllGatherOptions:
     """The all-gather level's options (``kvallgather_attention``'s keywords).
 
-    ``overlap``: split the gather by KV heads so that computing one group overlaps the gathering of the next (and,
-    in backward, the reduce-scatter of one group's dK/dV the computing of the next); False: one gather waited for
-    before any compute, one reduce-scatter after it (``--no-kv-allgather-overlap``). ``kernel``: a kernel name,
-    object or None (by device). ``dead_rows``: fully masked rows give ``"zero"`` or ``"uniform"`` (Megatron's local
-    attention). ``kv_cache_policy``: None gathers K/V again in backward, ``"full"`` keeps the gathered K/V,
-    ``"half"`` keeps the gathered K and gathers V again.
+    ``overlap``: compute on the rank's own keys while the gather travels, and on an accelerator split the gather by
+    KV heads so that computing one group overlaps the gathering of the next (in backward, the reduce-scatter of one
+    group's dK/dV the computing of the next); False: one gather, one reduce-scatter (``--no-cp-allgather-overlap``).
+    ``gather_groups``: the KV-head groups instead of that rule (a divisor of the KV heads; testing the split on a
+    CPU, or tuning it). ``kernel``: a kernel name, object or None (by device). ``dead_rows``: fully masked rows give
+    ``"zero"`` or ``"uniform"`` (Megatron's local attention). ``kv_cache_policy``: None gathers K/V again in
+    backward, ``"full"`` keeps the gathered K/V, ``"half"`` keeps the gathered K and gathers V again.
     """
 
     overlap: bool = True
     kernel: Any = None
     dead_rows: str = "zero"
     kv_cache_policy: Optional[str] = None
+    gather_groups: Optional[int] = None
 
     def __post_init__(self) -> None:
         check_policy(self.kv_cache_policy, "kvallgather_attention")
+        if self.gather_groups is not None and (not isinstance(self.gather_groups, int) or self.gather_groups < 1):
+            raise ValueError(f"kvallgather_attention: gather_groups must be a positive int, got {self.gather_groups!r}")
 
-    def head_groups(self, kv_heads: int) -> int:
-        """How many KV-head groups the gather is split into: with overlap the largest divisor of ``kv_heads`` up to
-        :data:`GATHER_GROUPS` (8 -> 4, 6 -> 3, 2 -> 2), else its smallest divisor (5 -> 5; one KV head cannot be
-        split: 1); without overlap 1. The first group's gather is exposed (but for the tiles on the rank's own
-        keys), each later one travels while the previous group computes: more groups hide more, each costs one
-        collective's latency and makes the kernel calls narrower."""
-        if not self.overlap or kv_heads < 2:
+    def head_groups(self, kv_heads: int, device: str = "cuda") -> int:
+        """How many KV-head groups the gather is split into: ``gather_groups`` when given (0 when it does not divide
+        ``kv_heads``: the input agreement refuses it on every rank); without overlap, or on a CPU device, 1; else the
+        largest divisor of ``kv_heads`` up to :data:`GATHER_GROUPS` (8 -> 4, 6 -> 3, 2 -> 2), or its smallest
+        divisor (5 -> 5; one KV head cannot be split: 1). The first group's gather is exposed (but for the tiles on
+        the rank's own keys), each later one travels while the previous group computes: more groups hide more,
+        each costs one collective's latency and makes the kernel calls narrower. On a CPU (gloo) the transfers are
+        copies on the same cores as the kernels, so a split hides nothing and only multiplies the calls: measured
+        at S = 2048, 8 KV heads, fp32, 2 cores, 4 groups cost 1.05x (CP 2) and 1.21x (CP 4) the CPU time of one
+        (Note [gloo collectives as point-to-point] in :mod:`mindspeed_cp.comm` for the transfers themselves)."""
+        if self.gather_groups is not None:
+            return self.gather_groups if kv_heads % self.gather_groups == 0 else 0
+        if not self.overlap or kv_heads < 2 or device == "cpu":
             return 1
         small = [g for g in range(2, min(kv_heads, GATHER_GROUPS) + 1) if kv_heads % g == 0]
         return small[-1] if small else next(g for g in range(2, kv_heads + 1) if kv_heads % g == 0)

@@ -272,6 +272,16 @@ class Documents:
             self._spans["same"] = bool((order == order[:1]).all()) and bool((ids == ids[:1]).all())
         return self._spans["same"]
 
+    def gather_runs(self) -> List[Tuple[int, int, int]]:
+        """Where the rows of a K/V all-gather in CP rank order go, as runs ``(src, dst, n)`` of consecutive padded
+        positions (:func:`mindspeed_cp.layout.gather.order_runs`; one order for the batch: :attr:`same_layout`),
+        from the CPU copy, once per batch."""
+        if "runs" not in self._spans:
+            from .gather import order_runs
+
+            self._spans["runs"] = order_runs(self._host[1][0].tolist())
+        return self._spans["runs"]
+
     def host_positions(self, j: int) -> Tuple[List[int], List[int], List[int]]:
         """Ring position ``j``'s padded positions (sample 0), each one's position inside its document and the
         layout's chunk of its document it lies in (``0 .. 2R-1``), as host lists (planning, once per batch)."""

@@ -572,10 +572,10 @@ def attention_time(
     return out
 
 
-def head_groups(kv_heads: float, overlap: bool) -> int:
+def head_groups(kv_heads: float, overlap: bool, cpu: bool = False) -> int:
     """The KV-head groups ``kvallgather_cp_algo`` splits its gather into: the runtime's rule
-    (:meth:`mindspeed_cp.options.KVAllGatherOptions.head_groups`)."""
-    return KVAllGatherOptions(overlap=overlap).head_groups(int(kv_heads))
+    (:meth:`mindspeed_cp.options.KVAllGatherOptions.head_groups`; ``cpu``: a CPU device)."""
+    return KVAllGatherOptions(overlap=overlap).head_groups(int(kv_heads), "cpu" if cpu else "cuda")
 
 
 def _kvallgather_time(dev: Device, S: int, b: int, a: Attention, shape, out: dict, forward_only: bool) -> dict:
@@ -586,7 +586,7 @@ def _kvallgather_time(dev: Device, S: int, b: int, a: Attention, shape, out: dic
     NCCL's ring algorithm: the bytes over the slowest hop of the group's ring, P-1 latencies. On a CPU device nothing
     is hidden (gloo's copies run on the same cores)."""
     h, hk, d, dv, e = shape
-    P, G = a.cp, head_groups(hk, a.overlap)
+    P, G = a.cp, head_groups(hk, a.overlap, bool(dev.cores))
     c = S // (2 * P)
     pairs, own = (2 * P - 1) * c * c + c * (c + 1), c * (c + 1)
     bw, lat = dev.link(ring_hops(a.ring_group or range(P), dev.domain))

@@ -385,7 +385,7 @@ def memory(
         kv = per_layer * (1 if recompute == "full" else model.num_layers)
     if gather and cp > 1:
         heads = S * b * hk * (model.head_dim + model.v_dim)
-        gathered = heads * e + heads * 4 / head_groups(hk, config.cp_allgather_overlap)
+        gathered = heads * e + heads * 4 / head_groups(hk, config.cp_allgather_overlap, bool(dev.cores))
     logits = 4 * tokens * b * model.vocab_size / tp  # fp32 logits of the last stage
     total = weights + act + kv + gathered + logits
     return {
