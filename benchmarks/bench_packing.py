@@ -17,8 +17,8 @@ hands its kernels (``mindspeed_cp.layout.packing.computed_scores``, row tiles of
 computed (the key columns each tile's documents reach) against the useful ones and against whole blocks,
 their imbalance over ranks, and the row tiles skipped because they reach no key of an owner; and the same for the
 all-gather (``kvallgather_cp_algo``, :func:`mindspeed_cp.layout.gather.document_scores`: one sample, so one
-layout: the run tiles of :func:`mindspeed_cp.layout.gather.document_tiles`, each run of a document's chunk against
-its document's keys before it and itself causally, no mask), with its kernel calls per rank against the ring's.
+layout: the tiles of :func:`mindspeed_cp.layout.gather.document_tiles`, per document its rows against themselves
+causally and against each gap of its keys before them, no mask), with its kernel calls per rank against the ring's.
 """
 
 from __future__ import annotations

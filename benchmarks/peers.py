@@ -1,7 +1,7 @@
 """``make bench-peers``: our algorithms next to what a user would pick instead, on the same gloo ranks and problems.
 
     python -m benchmarks.peers [--quick]   # -> benchmarks/results/peers.json, peers.md (quick: test-artifacts/)
-    python -m benchmarks.peers --algo kvallgather --out DIR   # one algorithm's systems only
+    python -m benchmarks.peers --algo kvallgather [--out DIR]   # one algorithm's systems (its rows replaced)
 
 Runs in its own venv (``.peers/venv``: torch 2.13.0 from the local CPU wheel, DeepSpeed with ``DS_BUILD_OPS=0``,
 yunchang without flash-attn), built on first use (:func:`ensure_venv`); our package comes from this checkout
@@ -294,9 +294,19 @@ def _timed(name: str, probed: dict) -> bool:
     return shipped is None or "failed" in probed.get(shipped, {"failed": "not run"})
 
 
+def _kept(out_dir: str, algos) -> List[dict]:
+    """With ``--algo``: the other algorithms' records already in ``out_dir/peers.json`` (a run of one algorithm
+    replaces its own rows and keeps the rest)."""
+    path = os.path.join(out_dir, "peers.json")
+    if not algos or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [r for r in json.load(f)["records"] if r["algo"] not in algos]
+
+
 def _inside(problems, rounds, out_dir, algos=None) -> int:
     sys.path[:0] = [ROOT]
-    records = []
+    kept, records = _kept(out_dir, algos), []
     for pb in problems:
         t0 = time.monotonic()
         reference(pb)  # once, here (2 threads), before any rank needs it
@@ -326,7 +336,7 @@ def _inside(problems, rounds, out_dir, algos=None) -> int:
             ),
             flush=True,
         )
-        _write(records, out_dir, rounds)  # after every problem: a stopped run keeps what it measured
+        _write(kept + records, out_dir, rounds)  # after every problem: a stopped run keeps what it measured
     print(markdown(records, rounds))
     return 0
 

@@ -61,6 +61,9 @@ class CPConfig:
     ``use_ulysses_allgather_kv``  Ulysses: K/V by all-gather (GQA with KV heads <= CP), Q by all-to-all.
     ``cp_allgather_overlap``    kvallgather: split the gather by KV heads, overlapped with compute (default True;
                                 ``--no-cp-allgather-overlap``: one gather waited for before any compute).
+    ``hybrid_outer_cp_algo``    hybrid only: the outer level over the ring group, ``megatron_cp_algo`` (the ring or
+                                Double Ring, default) or ``kvallgather_cp_algo`` (the K/V all-gather, on the KV
+                                heads each Ulysses rank holds after its all-to-all).
     ``window_attn_cp_algo``     the algorithm of the sliding-window layers (``--window-size``, the layers
                                 ``--window-attn-skip-freq`` leaves windowed); None (default): the same as the others.
                                 ``megatron_cp_algo`` runs the window-aware ring over the CP group on whatever layout
@@ -81,6 +84,7 @@ class CPConfig:
     use_ulysses_allgather_kv: bool = False
     cp_allgather_overlap: bool = True
     window_attn_cp_algo: Optional[str] = None
+    hybrid_outer_cp_algo: str = RING
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -146,6 +150,13 @@ class CPConfig:
     def layer_algo(self, windowed: bool) -> str:
         """The algorithm of a layer: a sliding-window one runs ``--window-attn-cp-algo`` when it is set."""
         return self.window_attn_cp_algo if windowed and self.window_attn_cp_algo else self.context_parallel_algo
+
+    @property
+    def gathers_kv(self) -> bool:
+        """The K/V all-gather runs: ``kvallgather_cp_algo``, or Hybrid with it as the outer level."""
+        return self.context_parallel_algo == KVALLGATHER or (
+            self.context_parallel_algo == HYBRID and self.hybrid_outer_cp_algo == KVALLGATHER
+        )
 
     @property
     def uses_zigzag(self) -> bool:
@@ -276,10 +287,24 @@ class CPConfig:
                 f"{', '.join(names)} only apply to the ring level (megatron_cp_algo or hybrid_cp_algo); "
                 f"--context-parallel-algo {algo} would ignore them"
             )
-        if cp > 1 and algo != KVALLGATHER and not self.cp_allgather_overlap:
+        outer = self.hybrid_outer_cp_algo
+        if outer not in (RING, KVALLGATHER):
+            raise CPConfigError(f"--hybrid-outer-cp-algo {outer!r} is not one of {RING}, {KVALLGATHER}")
+        if cp > 1 and outer != RING and algo != HYBRID:
             raise CPConfigError(
-                f"--no-cp-allgather-overlap only applies to --context-parallel-algo kvallgather_cp_algo "
+                f"--hybrid-outer-cp-algo {outer} only applies to --context-parallel-algo hybrid_cp_algo "
                 f"(got {algo}, which would ignore it)"
+            )
+        if cp > 1 and algo == HYBRID and outer == KVALLGATHER and (ring_only or k > 1):
+            names = [_flag(n) for n in ring_only] + ([f"--cp-window-size {k}"] if k > 1 else [])
+            raise CPConfigError(
+                f"{', '.join(names)} only apply to a ring; --hybrid-outer-cp-algo kvallgather_cp_algo has none "
+                f"at the outer level"
+            )
+        if cp > 1 and not self.gathers_kv and not self.cp_allgather_overlap:
+            raise CPConfigError(
+                f"--no-cp-allgather-overlap only applies to --context-parallel-algo kvallgather_cp_algo or "
+                f"hybrid_cp_algo with --hybrid-outer-cp-algo kvallgather_cp_algo (got {algo}, which would ignore it)"
             )
         if k > 1 and cp > 1:  # CP=1 runs no CP algorithm: its options are type-checked only (see the docstring)
             ring = self.ring_size
@@ -427,6 +452,8 @@ class CPConfig:
         for name in ("use_cp_send_recv_overlap", "megatron_cp_in_bnsd", "use_ulysses_allgather_kv"):
             if getattr(self, name):
                 parts.append(name)
+        if self.context_parallel_algo == HYBRID and self.hybrid_outer_cp_algo != RING:
+            parts.append(f"outer={self.hybrid_outer_cp_algo}")
         if not self.cp_allgather_overlap:
             parts.append("no_cp_allgather_overlap")
         if self.window_attn_cp_algo and self.window_attn_cp_algo != self.context_parallel_algo:
@@ -511,6 +538,16 @@ ARGUMENTS = (
             dest="cp_allgather_overlap",
             help="kvallgather_cp_algo: gather every KV head in one collective, waited for before any compute "
             "(default: the gather split by KV heads, each part overlapping the compute of the previous one)",
+        ),
+    ),
+    (
+        "--hybrid-outer-cp-algo",
+        dict(
+            type=str,
+            default=RING,
+            choices=(RING, KVALLGATHER),
+            help="hybrid_cp_algo: the level over the ring group - megatron_cp_algo (ring / Double Ring, default) or "
+            "kvallgather_cp_algo (the K/V all-gather on the KV heads each Ulysses rank holds)",
         ),
     ),
     (

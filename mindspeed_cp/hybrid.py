@@ -1,6 +1,8 @@
-"""Hybrid context parallelism (``hybrid_cp_algo``): Ulysses inside x Ring (or Double Ring) outside (USP).
+"""Hybrid context parallelism (``hybrid_cp_algo``): Ulysses inside x Ring (or Double Ring) outside (USP), or
+Ulysses inside x the K/V all-gather outside.
 
     out = hybrid_attention(q, k, v, ulysses_group, ring_group, causal=True)   # [s/CP, b, h, d] in and out
+    out = hybrid_attention(q, k, v, ulysses_group, ring_group, outer="kvallgather")   # the all-gather outside
 
 CP = U x R. Each CP rank holds ``S/CP`` tokens laid out by :func:`mindspeed_cp.layout.sharding.token_indices`:
 zigzag over the R ring ranks, then each ring rank's chunk pair split contiguously among its U Ulysses
@@ -9,9 +11,13 @@ ranks. So the Ulysses all-to-all inside a group re-assembles exactly one ring ra
     [S/CP, b, h, d] --a2a(ulysses)--> [S/R, b, h/U, d] --ring(ring)--> [S/R, b, h/U, d] --a2a--> [S/CP, b, h, d]
 
 The ring level is :func:`mindspeed_cp.ring.ring_attention` unchanged (causal zigzag or general mask,
-overlap, BNSD, Double Ring window); the Ulysses level is :class:`mindspeed_cp.ulysses.
-UlyssesContextAttention` unchanged (GQA replication rules apply within the Ulysses group). Nothing of
-either algorithm is re-implemented here.
+overlap, BNSD, Double Ring window), or with ``outer="kvallgather"`` (``--hybrid-outer-cp-algo
+kvallgather_cp_algo``) :func:`mindspeed_cp.kvallgather.kvallgather_attention` over the same ring group: the
+all-to-all leaves each ring rank exactly the zigzag pair the all-gather expects, on ``h/U`` heads and ``hk/U`` KV
+heads (so the gather moves ``1/U`` of the KV heads: with GQA the outer level sends ``P hk / (h + hk)``-fewer
+bytes than Ulysses would there, and, with ``kv_cache_policy="full"``, 2/3 of the ring's). The Ulysses level is
+:class:`mindspeed_cp.ulysses.UlyssesContextAttention` unchanged (GQA replication rules apply within the Ulysses
+group). Nothing of either algorithm is re-implemented here.
 
 Agreement: before the first all-to-all every CP rank's row - its Ulysses-level inputs, the ring-level
 inputs they imply (``[S/R, b, h/U, d]``) and the ring options - reaches every CP rank
@@ -28,8 +34,9 @@ import torch
 import torch.distributed as dist
 
 from .agreement import agree_hybrid
+from .kvallgather import kvallgather_attention_with
 from .layout.sharding import split_sizes
-from .options import CallInputs, DoubleRingWindow, RingOptions, UlyssesOptions, check_policy
+from .options import CallInputs, DoubleRingWindow, KVAllGatherOptions, RingOptions, UlyssesOptions, check_policy
 from .ring import ring_attention_with
 from .ulysses import UlyssesContextAttention
 
@@ -55,10 +62,14 @@ def gather_mask_rows(mask: Optional[Tensor], group, seq_len: int) -> Optional[Te
 
 
 class _RingLevel:
-    """The local attention that Ulysses calls: ring attention over the ring group on ``h/U`` heads."""
+    """The local attention that Ulysses calls: ring attention (or, with ``gather`` options, the K/V all-gather)
+    over the ring group on ``h/U`` heads."""
 
-    def __init__(self, ulysses_group, ring_group, inputs: CallInputs, options: RingOptions) -> None:
+    def __init__(
+        self, ulysses_group, ring_group, inputs: CallInputs, options: RingOptions, gather: KVAllGatherOptions = None
+    ) -> None:
         self.ulysses_group, self.ring_group, self.inputs, self.options = ulysses_group, ring_group, inputs, options
+        self.gather = gather
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         # [S/R, b, h/U, d]; the mask rows of the Ulysses group's tokens = this ring rank's pair (a full
@@ -71,6 +82,8 @@ class _RingLevel:
         if sink is not None:  # the sink logits of the same heads
             sink = sink.narrow(0, dist.get_rank(self.ulysses_group) * q.shape[2], q.shape[2])
         inputs = self.inputs.replace(attention_mask=mask, dropout=dropout, softmax_offset=sink)
+        if self.gather is not None:
+            return kvallgather_attention_with(q, k, v, self.ring_group, inputs, self.gather, check_inputs=False)
         return ring_attention_with(q, k, v, self.ring_group, inputs, self.options, check_inputs=False)
 
 
@@ -97,8 +110,10 @@ def hybrid_attention(
     ring_kv_cache_policy: Optional[str] = "same",
     window_size=None,
     softmax_offset: Optional[Tensor] = None,
+    outer: str = "ring",
 ) -> Tensor:
-    """Ulysses over ``ulysses_group`` around ring attention over ``ring_group``.
+    """Ulysses over ``ulysses_group`` around ring attention (``outer="kvallgather"``: the K/V all-gather) over
+    ``ring_group``.
 
     q ``[s/CP, b, h, d]``, k ``[s/CP, b, hk, d]``, v ``[s/CP, b, hk, dv]`` (MLA: ``dv`` its own) ->
     ``[s/CP, b, h, dv]``. ``attention_mask`` (general,
@@ -112,7 +127,8 @@ def hybrid_attention(
     ``kv_cache_policy``: None, ``"full"`` or ``"half"`` at the Ulysses level and, unless
     ``ring_kv_cache_policy`` says otherwise (default ``"same"``), at the ring level (:mod:`mindspeed_cp.kv_cache`).
     ``window_size``: a sliding window; the ring level runs the window-aware ring (:mod:`mindspeed_cp.window_ring`).
-    ``softmax_offset``: ``[h]`` sink logits; each Ulysses rank merges those of its heads.
+    ``softmax_offset``: ``[h]`` sink logits; each Ulysses rank merges those of its heads. ``outer``: ``"ring"`` or
+    ``"kvallgather"`` (then ``bnsd``, ``overlap_group`` and ``window`` - the ring's own options - are refused).
     """
     if ring_kv_cache_policy == "same":
         ring_kv_cache_policy = kv_cache_policy
@@ -135,6 +151,9 @@ def hybrid_attention(
         dead_rows=dead_rows,
         kv_cache_policy=ring_kv_cache_policy,
     )
+    gather = None
+    if outer == "kvallgather":
+        gather = KVAllGatherOptions(kernel=kernel, dead_rows=dead_rows, kv_cache_policy=ring_kv_cache_policy)
     return hybrid_attention_with(
         q,
         k,
@@ -146,7 +165,23 @@ def hybrid_attention(
         ring,
         check_inputs=check_inputs,
         agree_group=agree_group,
+        gather=_outer(outer, ring, gather),
     )
+
+
+def _outer(outer: str, ring: RingOptions, gather: Optional[KVAllGatherOptions]) -> Optional[KVAllGatherOptions]:
+    """The all-gather options of the outer level, or None (the ring); the ring's own options refused with it."""
+    if outer not in ("ring", "kvallgather"):
+        raise ValueError(f"hybrid_attention: outer must be 'ring' or 'kvallgather', got {outer!r}")
+    if gather is not None:
+        set_ = (("bnsd", ring.bnsd), ("overlap_group", ring.overlap_group is not None), ("window", ring.window))
+        used = [name for name, value in set_ if value]
+        if used:
+            raise ValueError(
+                f"hybrid_attention: {', '.join(used)} belong to the ring; the K/V all-gather outer level "
+                "(outer='kvallgather') has none"
+            )
+    return gather
 
 
 def hybrid_attention_with(
@@ -161,12 +196,15 @@ def hybrid_attention_with(
     *,
     check_inputs: bool = True,
     agree_group=None,
+    gather: Optional[KVAllGatherOptions] = None,
 ) -> Tensor:
-    """:func:`hybrid_attention` with its options as objects (what the Megatron glue calls)."""
+    """:func:`hybrid_attention` with its options as objects (what the Megatron glue calls). ``gather``: the outer
+    level is the K/V all-gather with these options (``ring`` then only carries what the agreement checks: kernel,
+    dead rows, KV-cache policy)."""
     inputs = inputs.replace(softmax_scale=inputs.scale(q.shape[-1]))
     if check_inputs:
         agree_hybrid(q, k, v, inputs, ulysses, ring, inputs.softmax_scale, ulysses_group, ring_group, agree_group)
-    level = _RingLevel(ulysses_group, ring_group, inputs.replace(attention_mask=None), ring)
+    level = _RingLevel(ulysses_group, ring_group, inputs.replace(attention_mask=None), ring, gather)
     attention = UlyssesContextAttention(
         level, ulysses_group, check_inputs=False, kv_cache_policy=ulysses.kv_cache_policy
     )

@@ -210,6 +210,36 @@ BAD = [
         dict(),
         r"^--cp-allgather-overlap must be True or False, got 'no'",
     ),
+    # --hybrid-outer-cp-algo: Hybrid's outer level; the all-gather there has no ring options
+    (
+        dict(context_parallel_size=4, context_parallel_algo=R, hybrid_outer_cp_algo=KV),
+        dict(),
+        r"^--hybrid-outer-cp-algo kvallgather_cp_algo only applies to --context-parallel-algo hybrid_cp_algo "
+        r"\(got megatron_cp_algo",
+    ),
+    (
+        dict(context_parallel_size=4, context_parallel_algo=H, ulysses_degree_in_cp=2, hybrid_outer_cp_algo=U),
+        dict(),
+        r"^--hybrid-outer-cp-algo 'ulysses_cp_algo' is not one of megatron_cp_algo, kvallgather_cp_algo",
+    ),
+    (
+        dict(
+            context_parallel_size=8,
+            context_parallel_algo=H,
+            ulysses_degree_in_cp=2,
+            hybrid_outer_cp_algo=KV,
+            cp_window_size=2,
+            use_cp_send_recv_overlap=True,
+        ),
+        dict(),
+        r"^--use-cp-send-recv-overlap, --cp-window-size 2 only apply to a ring; --hybrid-outer-cp-algo "
+        r"kvallgather_cp_algo has none",
+    ),
+    (
+        dict(context_parallel_size=4, context_parallel_algo=H, ulysses_degree_in_cp=2, cp_allgather_overlap=False),
+        dict(),
+        r"^--no-cp-allgather-overlap only applies to .* hybrid_cp_algo with --hybrid-outer-cp-algo kvallgather_cp_algo",
+    ),
 ]
 
 
@@ -258,6 +288,17 @@ GOOD = [
     ),
     (dict(context_parallel_size=4, context_parallel_algo=KV, cp_allgather_overlap=False), dict(num_attention_heads=3)),
     (dict(context_parallel_algo=R, cp_allgather_overlap=False), dict()),  # CP=1: type checks only
+    (
+        dict(
+            context_parallel_size=4,
+            context_parallel_algo=H,
+            ulysses_degree_in_cp=2,
+            hybrid_outer_cp_algo=KV,
+            cp_allgather_overlap=False,
+            context_parallel_kv_cache_policy="full",
+        ),
+        dict(num_attention_heads=8, num_query_groups=2, seq_length=100),
+    ),
 ]
 
 

@@ -59,6 +59,8 @@ def _hybrid_cases(cases):
                 bnsd=cfg.megatron_cp_in_bnsd,
                 overlap_group=STATE.overlap_group("ring") if cfg.use_cp_send_recv_overlap else None,
                 window=STATE.double_ring_window(),
+                outer=case.get("outer", "ring"),
+                kv_cache_policy=case.get("policy"),
             )
             o.backward(dout[idx].float())
         errs = {}
@@ -83,6 +85,8 @@ CASES_4 = [
     dict(cp=4, u=2, seq=32, heads=8, kv_heads=2),  # GQA: 1 KV head per Ulysses rank
     dict(cp=4, u=2, seq=32, heads=4, kv_heads=1, general=True),  # MQA, replicated to 2
     dict(cp=4, u=2, seq=16, heads=2, overlap=True, bnsd=True),
+    dict(cp=4, u=2, seq=32, heads=8, kv_heads=2, outer="kvallgather"),  # the K/V all-gather outside
+    dict(cp=4, u=2, seq=32, heads=4, kv_heads=1, general=True, outer="kvallgather", policy="full"),
 ]
 CASES_8 = [
     dict(cp=8, u=2, seq=32, heads=4),
@@ -90,6 +94,8 @@ CASES_8 = [
     dict(cp=8, u=2, seq=32, heads=4, window=2),
     dict(cp=8, u=2, seq=32, heads=4, window=2, general=True, overlap=True),
     dict(cp=8, u=4, seq=32, heads=8, kv_heads=2, general=True),
+    dict(cp=8, u=2, seq=32, heads=8, kv_heads=4, outer="kvallgather"),
+    dict(cp=8, u=2, seq=32, heads=4, general=True, outer="kvallgather", policy="half"),
 ]
 
 
@@ -101,5 +107,11 @@ def test_hybrid_matches_full_attention(world, cases):
             assert errs["finite"], (case, rank)
             for name in ("out", "dq", "dk", "dv"):
                 assert errs[name] <= TOL, (case, rank, name, errs[name])
-            # both levels really communicated
-            assert errs["bytes"].get("all_to_all", 0) > 0 and errs["bytes"].get("ring_kv", 0) > 0, errs["bytes"]
+            # both levels really communicated (the outer one by its own collectives)
+            outer = ("all_gather", "reduce_scatter") if case.get("outer") == "kvallgather" else ("ring_kv",)
+            assert errs["bytes"].get("all_to_all", 0) > 0 and all(errs["bytes"].get(x, 0) > 0 for x in outer), (
+                case,
+                errs["bytes"],
+            )
+            if case.get("outer") == "kvallgather":
+                assert "ring_kv" not in errs["bytes"], errs["bytes"]

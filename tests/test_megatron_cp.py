@@ -69,6 +69,7 @@ def _gpt_case(case):
             "context_parallel_cache_interval",
             "use_ulysses_allgather_kv",
             "cp_allgather_overlap",
+            "hybrid_outer_cp_algo",
         )
         if k in case
     }
@@ -206,6 +207,20 @@ HYBRID_CASES = [
 @pytest.mark.parametrize("world,case", HYBRID_CASES)
 def test_hybrid_gpt_matches_cp1(world, case):
     _check(world, dict(case, context_parallel_algo="hybrid_cp_algo"))
+
+
+@pytest.mark.parametrize(
+    "world,case",
+    [
+        pytest.param(4, dict(tp=1, cp=4, seq=32, heads=8, kv_heads=2), id="cp4-u2-gqa"),
+        pytest.param(8, dict(tp=2, cp=4, seq=32, cp_allgather_overlap=False, attention_mask_type="general"), id="tp2"),
+    ],
+)
+def test_hybrid_with_the_kv_allgather_outside_matches_cp1(world, case):
+    """``--hybrid-outer-cp-algo kvallgather_cp_algo``: Ulysses inside, the K/V all-gather over the ring group."""
+    case = dict(case, context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2)
+    results = _check(world, dict(case, hybrid_outer_cp_algo="kvallgather_cp_algo"))
+    assert all(set(r["sent"]) == {"metadata", "all_to_all", "all_gather", "reduce_scatter"} for r in results)
 
 
 KVALLGATHER_CASES = [

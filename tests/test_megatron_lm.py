@@ -524,6 +524,7 @@ def test_launcher_runs_real_pretrain_gpt_from_megatron_lm_path(megatron_lm, tmp_
         "--context-parallel-cache-interval",
         "--use-ulysses-allgather-kv",
         "--no-cp-allgather-overlap",
+        "--hybrid-outer-cp-algo {megatron_cp_algo,kvallgather_cp_algo}",
     ):
         assert flag in res.stdout, flag
     # Megatron's own --context-parallel-size, not registered a second time

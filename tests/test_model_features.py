@@ -46,6 +46,7 @@ FLAGS = (
     "use_ulysses_allgather_kv",
     "window_attn_cp_algo",
     "cp_allgather_overlap",
+    "hybrid_outer_cp_algo",
 )
 
 
@@ -401,6 +402,7 @@ WINDOW_VARIANTS = [
     dict(cp=4, context_parallel_algo=H, ulysses_degree_in_cp=2, window_attn_cp_algo=R),
     dict(cp=4, context_parallel_algo="kvallgather_cp_algo"),
     dict(cp=4, context_parallel_algo="kvallgather_cp_algo", window_attn_cp_algo=U, cp_allgather_overlap=False),
+    dict(cp=4, context_parallel_algo=H, ulysses_degree_in_cp=2, hybrid_outer_cp_algo="kvallgather_cp_algo"),
 ]
 WINDOWED = dict(heads=8, kv_heads=2, window_attn_skip_freq=2)  # layer 1 windowed, layer 2 full
 

@@ -311,6 +311,7 @@ class CPCoreAttention:
                 self.ulysses,
                 self.ring,
                 agree_group=self.agree_group,
+                gather=self.kvallgather if cfg.hybrid_outer_cp_algo == KVALLGATHER else None,
             )
         else:
             assert algo == ULYSSES

@@ -580,15 +580,16 @@ def head_groups(kv_heads: float, overlap: bool, cpu: bool = False) -> int:
 
 def _kvallgather_time(dev: Device, S: int, b: int, a: Attention, shape, out: dict, forward_only: bool) -> dict:
     """The all-gather K/V algorithm over P = cp ranks: every rank computes ``(2P-1) c^2 + c (c+1)`` causal pairs per
-    head (``c = S/2P``, the zigzag), the two diagonal tiles on its own keys among them. The gather of head group 1
-    of G hides behind those own-key tiles, group g+1's behind group g's compute; in backward group g's dK/dV
-    reduce-scatter behind group g+1's compute, the last one exposed. An all-gather / reduce-scatter is costed as
+    head (``c = S/2P``, the zigzag) in ``P`` kernel calls per head group, the causal tile on its own block (``c (2c +
+    1)`` pairs) among them. The gather of head group 1 of G hides behind that own tile (its K/V are local, or kept),
+    group g+1's behind group g's compute; in backward group g's dK/dV reduce-scatter behind group g+1's compute, the
+    last one exposed. An all-gather / reduce-scatter is costed as
     NCCL's ring algorithm: the bytes over the slowest hop of the group's ring, P-1 latencies. On a CPU device nothing
     is hidden (gloo's copies run on the same cores)."""
     h, hk, d, dv, e = shape
     P, G = a.cp, head_groups(hk, a.overlap, bool(dev.cores))
     c = S // (2 * P)
-    pairs, own = (2 * P - 1) * c * c + c * (c + 1), c * (c + 1)
+    pairs, own = (2 * P - 1) * c * c + c * (c + 1), c * (2 * c + 1)
     bw, lat = dev.link(ring_hops(a.ring_group or range(P), dev.domain))
     kv = kvallgather_kv_cache(S, P, b, hk, d, e, a.kv_cache, dv)
     first = (P - 1) * (S / P) * b * hk * (d + dv) * e  # the forward gather
@@ -597,9 +598,8 @@ def _kvallgather_time(dev: Device, S: int, b: int, a: Attention, shape, out: dic
     if forward_only:
         del phases["backward"]
     for phase, (gather, scatter) in phases.items():
-        comp = dev.compute_s(per_pair[phase] * pairs * h * b, 2 * c, calls=4 * G)
-        # the own-key tiles run before the first group arrives (backward: when the local K/V are what it kept)
-        early = comp * own / pairs if a.overlap and (phase == "forward" or a.kv_cache is None) else 0.0
+        comp = dev.compute_s(per_pair[phase] * pairs * h * b, 2 * c, calls=P * G)
+        early = comp * own / pairs  # the own tile runs before the first group arrives
         t_gather = gather / bw + (P - 1) * lat * G if gather else 0.0
         t_scatter = scatter / bw + (P - 1) * lat * G if scatter else 0.0
         rest = (comp - early) / G  # one group's compute
