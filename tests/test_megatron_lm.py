@@ -35,6 +35,7 @@ OUR_FLAGS = (
     "use_ulysses_allgather_kv",
     "cp_allgather_overlap",
     "window_attn_cp_algo",
+    "hybrid_outer_cp_algo",
 )
 # A tiny GPT that Megatron-LM 0.16.1 accepts on the CPU; cases append their own flags (argparse: last wins).
 BASE = [
@@ -358,6 +359,7 @@ def test_defaults(results):
         "use_ulysses_allgather_kv": False,
         "cp_allgather_overlap": True,
         "window_attn_cp_algo": None,
+        "hybrid_outer_cp_algo": "megatron_cp_algo",
     }
     assert r["configured"] == r["parsed"]  # configure(args) ran with the parsed namespace
 
@@ -378,6 +380,7 @@ def test_all_flags_together(results):
         "use_ulysses_allgather_kv": False,
         "cp_allgather_overlap": True,
         "window_attn_cp_algo": "megatron_cp_algo",
+        "hybrid_outer_cp_algo": "megatron_cp_algo",
     }
     assert r["parsed"] == want and r["configured"] == want
 

@@ -87,6 +87,10 @@ RUNS = {
     "docs_ring4_window2": (4, [*DOCS, "--context-parallel-size", "4", *RING, "--cp-window-size", "2"]),
     "docs_hybrid4": (4, [*DOCS, "--context-parallel-size", "4", *HYBRID]),
     "docs_kvallgather4": (4, [*DOCS, "--context-parallel-size", "4", *KVAG]),
+    "docs_hybrid4_outer_allgather": (
+        4,
+        [*DOCS, "--context-parallel-size", "4", *HYBRID, "--hybrid-outer-cp-algo", "kvallgather_cp_algo"],
+    ),
     "docs_ring4_eod": (
         4,
         [
@@ -197,6 +201,7 @@ def assert_same(got, want, iterations=None):
         ("docs_ring4_window2", "docs_cp1"),
         ("docs_hybrid4", "docs_cp1"),
         ("docs_kvallgather4", "docs_cp1"),
+        ("docs_hybrid4_outer_allgather", "docs_cp1"),
         ("docs_ring4_eod", "docs_cp1"),
         ("seq510_ring4", "seq510_cp1"),
         ("seq510_hybrid4", "seq510_cp1"),
