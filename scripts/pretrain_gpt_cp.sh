@@ -102,6 +102,7 @@ CP_FLAGS=(--context-parallel-size "$CP" --context-parallel-algo "$CP_ALGO" --cp-
 [[ -n ${CP_KV_CACHE_INTERVAL:-} ]] && CP_FLAGS+=(--context-parallel-cache-interval "$CP_KV_CACHE_INTERVAL")
 [[ ${ULYSSES_ALLGATHER_KV:-0} == 1 ]] && CP_FLAGS+=(--use-ulysses-allgather-kv)
 [[ ${CP_ALLGATHER_OVERLAP:-1} == 0 ]] && CP_FLAGS+=(--no-cp-allgather-overlap)  # kvallgather_cp_algo
+[[ -n ${HYBRID_OUTER_CP_ALGO:-} ]] && CP_FLAGS+=(--hybrid-outer-cp-algo "$HYBRID_OUTER_CP_ALGO")  # hybrid_cp_algo
 [[ -n ${WINDOW_CP_ALGO:-} ]] && CP_FLAGS+=(--window-attn-cp-algo "$WINDOW_CP_ALGO")  # the sliding-window layers'
 
 MODEL_FLAGS=(--num-attention-heads "$NUM_ATTENTION_HEADS" --seq-length "$SEQ_LENGTH")

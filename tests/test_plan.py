@@ -12,7 +12,7 @@ import torch
 
 from mindspeed_cp.config import CPConfig, CPConfigError
 from mindspeed_cp.planner import costmodel as cm
-from mindspeed_cp.planner.plan import cp_attention_time, device, plan, presets, read_conf
+from mindspeed_cp.planner.plan import cp_attention_time, device, flags, plan, preset, presets, read_conf
 from mindspeed_cp.tools.cli import main as cli_main
 
 from .dist import run_on_ranks
@@ -107,7 +107,8 @@ def _measured_bytes(algo, S, h, hk, d, U, policy):
         else:
             groups = [dist.new_group(list(range(i * U, (i + 1) * U))) for i in range(P // U)]
             rings = [dist.new_group(list(range(j, P, U))) for j in range(U)]
-            out = hybrid_attention(*leaves, groups[r // U], rings[r % U], kv_cache_policy=policy)
+            outer = "kvallgather" if algo == "hybrid-kvallgather" else "ring"
+            out = hybrid_attention(*leaves, groups[r // U], rings[r % U], kv_cache_policy=policy, outer=outer)
         out.sum().backward()
     return st.total - st.by_kind.get("metadata", 0)
 
@@ -125,6 +126,8 @@ def _measured_bytes(algo, S, h, hk, d, U, policy):
         ("kvallgather", 4, 1, None),
         ("kvallgather", 2, 1, "half"),
         ("kvallgather", 1, 1, "full"),
+        ("hybrid-kvallgather", 4, 2, None),
+        ("hybrid-kvallgather", 2, 2, "full"),
     ],
 )
 def test_the_bytes_the_model_charges_are_the_bytes_sent(algo, hk, U, policy):
@@ -134,6 +137,9 @@ def test_the_bytes_the_model_charges_are_the_bytes_sent(algo, hk, U, policy):
     model = cm.Model(num_layers=1, hidden_size=h * d, num_attention_heads=h, num_query_groups=hk)
     if algo == "kvallgather":
         t = cm.attention_time(device("h100"), model, S, 1, cm.Attention("kvallgather", P, kv_cache=policy), e=4)
+    elif algo == "hybrid-kvallgather":
+        a = cm.Attention("hybrid", P, ulysses=U, kv_cache=policy, outer="kvallgather")
+        t = cm.attention_time(device("h100"), model, S, 1, a, e=4)
     else:
         t = cp_attention_time(device("h100"), model, S, 1, P, P if algo == "ulysses" else U, kv_cache=policy, e=4)
     assert t["intra_bytes"] + t["inter_bytes"] == pytest.approx(sent, rel=1e-9)
@@ -164,6 +170,30 @@ def test_the_all_gather_against_ring_and_ulysses():
     assert (
         rows["full"]["memory"]["kv_cache"] > rows["half"]["memory"]["kv_cache"] > 0 == rows[None]["memory"]["kv_cache"]
     )
+
+
+def test_hybrid_with_the_all_gather_outside_is_planned():
+    """Hybrid is enumerated with each outer level; the all-gather outside is costed on ``hk/U`` KV heads over the
+    ring group (its bytes: Ulysses over U plus the all-gather over R), holds those heads' gathered K/V, and its rows
+    carry ``--hybrid-outer-cp-algo`` (flags and preset)."""
+    model = cm.Model(num_layers=24, hidden_size=4096, num_attention_heads=32, num_query_groups=8)
+    res = plan(model, device("h100"), 65536, 16, tp=1, cp=16, kv_policies=(None,))
+    rows = {}
+    for e in res["ranked"]:
+        c = e["config"]
+        if c.context_parallel_algo == "hybrid_cp_algo" and c.cp_window_size == 1 and not c.use_cp_send_recv_overlap:
+            rows[(c.ulysses_degree_in_cp, c.hybrid_outer_cp_algo)] = e
+    assert {u for u, o in rows if o == "kvallgather_cp_algo"} == {2, 4, 8}
+    for u in (2, 4, 8):
+        gather, ring = rows[(u, "kvallgather_cp_algo")], rows[(u, "megatron_cp_algo")]
+        sent = [r["predicted"]["intra_bytes"] + r["predicted"]["inter_bytes"] for r in (gather, ring)]
+        assert sent[0] == pytest.approx(sent[1])  # no policy: the all-gather sends the ring's bytes
+        hk = 8 // u  # one layer's gathered K/V of this rank's KV heads (bf16), one head group's fp32 dK/dV
+        want = 65536 * hk * 256 * 2 + 65536 * hk / cm.head_groups(hk, True) * 256 * 4
+        assert gather["memory"]["gathered_kv"] == pytest.approx(want)
+        assert "--hybrid-outer-cp-algo kvallgather_cp_algo" in flags(gather)
+        assert "--hybrid-outer-cp-algo" not in flags(ring)
+        assert "HYBRID_OUTER_CP_ALGO=kvallgather_cp_algo" in preset(gather, 16, 8, model, 65536)
 
 
 def test_link_classes_follow_the_rank_layout():

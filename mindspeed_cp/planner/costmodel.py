@@ -487,6 +487,7 @@ class Attention:
     ulysses: int = 1  # U (hybrid); Ulysses = cp, Ring = 1
     window: int = 1  # Double Ring inner window (ring level)
     overlap: bool = False
+    outer: str = "ring"  # hybrid: its level over the ring group, "ring" or "kvallgather" (--hybrid-outer-cp-algo)
     kv_cache: Optional[str] = None
     tp: int = 1
     ulysses_group: Sequence[int] = ()
@@ -515,8 +516,12 @@ def attention_time(
     }
     # ---- Ulysses level (U > 1): 4 all-to-alls forward, 4 backward, never overlapped
     if U > 1:
-        sent = ulysses_kv_cache(S // R, U, b, h, hk, d, e, a.kv_cache, dv=dv)["sent"]
-        calls = 8 + _AGAIN[a.kv_cache]
+        # under a policy the all-gather outer level keeps the gathered K/V, not the all-to-all's output: the
+        # Ulysses level then has nothing to rebuild in backward (mindspeed_cp.kv_cache: an output the local
+        # attention did not save is not kept either)
+        policy = None if a.outer == "kvallgather" else a.kv_cache
+        sent = ulysses_kv_cache(S // R, U, b, h, hk, d, e, policy, dv=dv)["sent"]
+        calls = 8 + _AGAIN[policy]
         if forward_only:
             sent, calls = ulysses_kv_cache(S // R, U, b, h, hk, d, e, dv=dv)["sent"] / 2, 4
         peers = link_classes(a.ulysses_group or range(U), G)
@@ -532,8 +537,8 @@ def attention_time(
         )
         out["total"] = out["compute"] + out["a2a"]
         return out
-    if a.algo == "kvallgather":
-        return _kvallgather_time(dev, S, b, a, (h, hk, d, dv, e), out, forward_only)
+    if a.algo == "kvallgather" or a.outer == "kvallgather":  # over the R ranks, on the heads of this Ulysses rank
+        return _kvallgather_time(dev, S, b, a, R, (hu, hku, d, dv, e), out, forward_only)
     # ---- ring level over R ranks (Double Ring: windows of K)
     K = a.window if a.window > 1 else R
     block = (S / R) * b * hku * (d + dv) * e  # one K+V block
@@ -578,16 +583,16 @@ def head_groups(kv_heads: float, overlap: bool, cpu: bool = False) -> int:
     return KVAllGatherOptions(overlap=overlap).head_groups(int(kv_heads), "cpu" if cpu else "cuda")
 
 
-def _kvallgather_time(dev: Device, S: int, b: int, a: Attention, shape, out: dict, forward_only: bool) -> dict:
-    """The all-gather K/V algorithm over P = cp ranks: every rank computes ``(2P-1) c^2 + c (c+1)`` causal pairs per
-    head (``c = S/2P``, the zigzag) in ``P`` kernel calls per head group, the causal tile on its own block (``c (2c +
-    1)`` pairs) among them. The gather of head group 1 of G hides behind that own tile (its K/V are local, or kept),
-    group g+1's behind group g's compute; in backward group g's dK/dV reduce-scatter behind group g+1's compute, the
-    last one exposed. An all-gather / reduce-scatter is costed as
-    NCCL's ring algorithm: the bytes over the slowest hop of the group's ring, P-1 latencies. On a CPU device nothing
-    is hidden (gloo's copies run on the same cores)."""
+def _kvallgather_time(dev: Device, S: int, b: int, a: Attention, P: int, shape, out: dict, forward_only: bool) -> dict:
+    """The all-gather K/V algorithm over P ranks (the CP group, or Hybrid's ring group on ``h/U`` heads): every rank
+    computes ``(2P-1) c^2 + c (c+1)`` causal pairs per head (``c = S/2P``, the zigzag) in ``P`` kernel calls per head
+    group, the causal tile on its own block (``c (2c + 1)`` pairs) among them. The gather of head group 1 of G hides
+    behind that own tile (its K/V are local, or kept), group g+1's behind group g's compute; in backward group g's
+    dK/dV reduce-scatter behind group g+1's compute, the last one exposed. An all-gather / reduce-scatter is costed
+    as NCCL's ring algorithm: the bytes over the slowest hop of the group's ring, P-1 latencies. On a CPU device
+    nothing is hidden (gloo's copies run on the same cores)."""
     h, hk, d, dv, e = shape
-    P, G = a.cp, head_groups(hk, a.overlap, bool(dev.cores))
+    G = head_groups(hk, a.overlap, bool(dev.cores))
     c = S // (2 * P)
     pairs, own = (2 * P - 1) * c * c + c * (c + 1), c * (2 * c + 1)
     bw, lat = dev.link(ring_hops(a.ring_group or range(P), dev.domain))

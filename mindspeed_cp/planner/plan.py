@@ -29,7 +29,8 @@ Decisions
   parallelism under TP, distributed optimizer, recomputation), so a written preset runs as planned.
 - Ring, Hybrid and the K/V all-gather are costed at the length they pad a batch to (the next multiple of 2 x CP).
 - ``kvallgather_cp_algo`` is enumerated with its gather overlapped (``--no-cp-allgather-overlap`` is never faster in
-  the model); its memory counts one layer's gathered K/V (:func:`memory`).
+  the model); its memory counts one layer's gathered K/V (:func:`memory`). Hybrid is enumerated with the ring and,
+  without a window or send/recv overlap, with the K/V all-gather as its outer level (``--hybrid-outer-cp-algo``).
 """
 
 from __future__ import annotations
@@ -277,6 +278,17 @@ def _layouts(model, S, world, gpus_per_node, tp, pp, kv_policies, fixed_cp):
                                         context_parallel_kv_cache_policy=policy,
                                     ),
                                 )
+                        if algo == HYBRID:  # the K/V all-gather as the outer level
+                            yield (
+                                t,
+                                CPConfig(
+                                    context_parallel_size=cp,
+                                    context_parallel_algo=HYBRID,
+                                    ulysses_degree_in_cp=u,
+                                    hybrid_outer_cp_algo=KVALLGATHER,
+                                    context_parallel_kv_cache_policy=policy,
+                                ),
+                            )
                 yield (
                     t,
                     CPConfig(
@@ -303,7 +315,8 @@ def _attention(config: CPConfig, tp: int, groups: Dict[str, List[int]]) -> Atten
         cp=config.cp,
         ulysses=config.ulysses_size,
         window=config.cp_window_size,
-        overlap=config.cp_allgather_overlap if algo == "kvallgather" else config.use_cp_send_recv_overlap,
+        overlap=config.cp_allgather_overlap if config.gathers_kv else config.use_cp_send_recv_overlap,
+        outer="kvallgather" if config.gathers_kv and algo == "hybrid" else "ring",
         kv_cache=config.context_parallel_kv_cache_policy,
         tp=tp,
         ulysses_group=uly,
@@ -378,7 +391,7 @@ def memory(
         act += activation_bytes_per_layer(tokens, b, model.hidden_size, tp, "none")
     kv, gathered = 0.0, 0.0
     hk = max(model.kv_heads / tp, config.ulysses_size) / config.ulysses_size
-    policy, gather = config.context_parallel_kv_cache_policy, config.context_parallel_algo == KVALLGATHER
+    policy, gather = config.context_parallel_kv_cache_policy, config.gathers_kv
     if policy and cp > 1 and config.ring_size > 1:
         cache = kvallgather_kv_cache if gather else ring_kv_cache
         per_layer = cache(S, config.ring_size, b, hk, model.head_dim, e, policy, dv=model.v_dim)["saved"]
@@ -504,6 +517,9 @@ def _settings(entry: dict) -> List[tuple]:
     out = [(f"--context-parallel-algo {c.context_parallel_algo}", f"CP_ALGO={c.context_parallel_algo}")]
     if c.context_parallel_algo == HYBRID:
         out.append((f"--ulysses-degree-in-cp {c.ulysses_degree_in_cp}", f"ULYSSES_DEGREE={c.ulysses_degree_in_cp}"))
+        if c.hybrid_outer_cp_algo != RING:
+            outer = c.hybrid_outer_cp_algo
+            out.append((f"--hybrid-outer-cp-algo {outer}", f"HYBRID_OUTER_CP_ALGO={outer}"))
     if c.cp_window_size > 1:
         out.append((f"--cp-window-size {c.cp_window_size}", f"CP_WINDOW={c.cp_window_size}"))
     if c.use_cp_send_recv_overlap:
