@@ -151,9 +151,6 @@ def hybrid_attention(
         dead_rows=dead_rows,
         kv_cache_policy=ring_kv_cache_policy,
     )
-    gather = None
-    if outer == "kvallgather":
-        gather = KVAllGatherOptions(kernel=kernel, dead_rows=dead_rows, kv_cache_policy=ring_kv_cache_policy)
     return hybrid_attention_with(
         q,
         k,
@@ -165,23 +162,25 @@ def hybrid_attention(
         ring,
         check_inputs=check_inputs,
         agree_group=agree_group,
-        gather=_outer(outer, ring, gather),
+        gather=_outer(outer, ring),
     )
 
 
-def _outer(outer: str, ring: RingOptions, gather: Optional[KVAllGatherOptions]) -> Optional[KVAllGatherOptions]:
-    """The all-gather options of the outer level, or None (the ring); the ring's own options refused with it."""
+def _outer(outer: str, ring: RingOptions) -> Optional[KVAllGatherOptions]:
+    """The all-gather options of the outer level (the ring's kernel, dead rows and KV-cache policy), or None (the
+    ring); the ring's own options are refused with it."""
     if outer not in ("ring", "kvallgather"):
         raise ValueError(f"hybrid_attention: outer must be 'ring' or 'kvallgather', got {outer!r}")
-    if gather is not None:
-        set_ = (("bnsd", ring.bnsd), ("overlap_group", ring.overlap_group is not None), ("window", ring.window))
-        used = [name for name, value in set_ if value]
-        if used:
-            raise ValueError(
-                f"hybrid_attention: {', '.join(used)} belong to the ring; the K/V all-gather outer level "
-                "(outer='kvallgather') has none"
-            )
-    return gather
+    if outer == "ring":
+        return None
+    set_ = (("bnsd", ring.bnsd), ("overlap_group", ring.overlap_group is not None), ("window", ring.window))
+    used = [name for name, value in set_ if value]
+    if used:
+        raise ValueError(
+            f"hybrid_attention: {', '.join(used)} belong to the ring; the K/V all-gather outer level "
+            "(outer='kvallgather') has none"
+        )
+    return KVAllGatherOptions(kernel=ring.kernel, dead_rows=ring.dead_rows, kv_cache_policy=ring.kv_cache_policy)
 
 
 def hybrid_attention_with(

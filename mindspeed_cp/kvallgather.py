@@ -150,6 +150,10 @@ class _Plan:
             return self.documents.block_mask(self.qpos[:, t.row_slice], keys)  # [b, 1, rows, keys]
         return self._heads(None if self.mask is None else self.mask[..., t.row_slice, t.key_slice], g)
 
+    def block_of(self, t: Tile) -> Optional[int]:
+        """The rank whose gathered block holds the tile's keys (its own: this rank), or None: global order."""
+        return self.r if t.own else t.block
+
     def tile_dropout(self, t: Tile, g: int, b: int):
         if self.dropout is None:
             return None
@@ -209,7 +213,8 @@ class _Keys:
 
     def tile(self, t: Tile) -> Tuple[Tensor, Tensor]:
         """The tile's (K, V) ``[b, hg, keys, d|dv]``."""
-        kv = self.block(self.plan.r if t.own else t.block) if t.own or t.block is not None else self.whole()
+        j = self.plan.block_of(t)
+        kv = self.whole() if j is None else self.block(j)
         return tuple(x[:, :, t.key_slice] for x in kv)
 
 
@@ -258,7 +263,7 @@ class _Grads:
         self.plan, self.kv = plan, plan.kv_pair(b)
         self.flat = note_held(torch.zeros((plan.P, self.kv.numel), dtype=dtype, device=device))
         self.whole = None
-        if any(not t.own and t.block is None for t in plan.tiles):
+        if any(plan.block_of(t) is None for t in plan.tiles):
             shape = (b, plan.hg, plan.S)
             self.whole = tuple(
                 note_held(torch.zeros(shape + (w,), dtype=dtype, device=device)) for w in (plan.d, plan.dv)
@@ -268,8 +273,8 @@ class _Grads:
         return self.kv.views(self.flat[j])
 
     def add(self, t: Tile, gk: Tensor, gv: Tensor) -> None:
-        own = t.own or t.block is not None
-        dk, dv = self.block(self.plan.r if t.own else t.block) if own else self.whole
+        j = self.plan.block_of(t)
+        dk, dv = self.whole if j is None else self.block(j)
         dk[:, :, t.key_slice] += gk
         dv[:, :, t.key_slice] += gv
 

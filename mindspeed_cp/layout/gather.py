@@ -33,8 +33,7 @@ against the keys between its chunks.
 * :func:`full_tiles` - every row tile against every key (a general mask: its columns are global, so a tile's mask
   is a slice of it; no mask and not causal: full attention).
 * :func:`gather_order` - where each rank's tokens go in the gathered sequence (rank order -> global positions);
-  :func:`order_runs` / :func:`zigzag_runs` - the same as runs of consecutive positions (one strided copy each), and
-  :func:`rank_runs` a rank's own rows as such runs (where its own tiles' keys are in the gathered sequence).
+  :func:`order_runs` / :func:`zigzag_runs` - the same as runs of consecutive positions (one strided copy each).
 
 A sliding window does not come here: a windowed layer gathers only what its windows reach, which is the halo
 exchange of :mod:`mindspeed_cp.window_ring` (its plan: :func:`mindspeed_cp.layout.window.plan_halo`); a sink is one
@@ -60,7 +59,6 @@ __all__ = [
     "full_tiles",
     "gather_order",
     "order_runs",
-    "rank_runs",
     "zigzag_runs",
     "tile_pairs",
     "document_scores",
@@ -135,8 +133,7 @@ def causal_tiles(P: int, r: int, s: int, rows: Optional[int] = None) -> List[Til
     """Causal attention of rank ``r`` of ``P`` holding ``s`` tokens in the zigzag layout (chunks ``r`` and
     ``2P-1-r`` of ``c = s/2``): all rows against the keys ``0 .. r c`` (rank 0: none), the second chunk's rows against
     ``(r+1) c .. (2P-1-r) c`` (the middle rank: none), and both chunks against themselves causally (own keys)."""
-    positions = [x for _, start, n in rank_runs(s * P, P, r) for x in range(start, start + n)]
-    return run_tiles(positions, [0] * s, rows)
+    return run_tiles(zigzag_index(s * P, P, r).tolist(), [0] * s, rows)
 
 
 def block_tiles(P: int, r: int, s: int, causal: bool = True, rows: Optional[int] = None) -> List[Tile]:
@@ -196,13 +193,6 @@ def order_runs(order: Sequence[int]) -> List[Tuple[int, int, int]]:
         else:
             runs.append((i, p, 1))
     return runs
-
-
-def rank_runs(S: int, P: int, r: int) -> List[Tuple[int, int, int]]:
-    """Rank ``r``'s zigzag tokens as runs ``(local row, global position, n)``: chunks ``r`` and ``2P-1-r`` (one run on
-    the middle rank, whose chunks meet)."""
-    c = S // (2 * P)
-    return _join_runs([(0, r * c, c), (c, (2 * P - 1 - r) * c, c)])
 
 
 def zigzag_runs(S: int, P: int) -> List[Tuple[int, int, int]]:
