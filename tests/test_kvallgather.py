@@ -402,6 +402,35 @@ def _covered(tiles, s, S, positions):
 
 
 @pytest.mark.parametrize("rows", [None, 1, 3])
+def test_block_tiles_compute_every_visible_pair_once(rows):
+    """The runtime's plan for causal and full attention (keys in rank blocks as the gather delivers them): every
+    (query, key) pair the attention may see, each once, nothing else; at most P kernel calls; the same pairs on
+    every rank."""
+    from mindspeed_cp.layout.gather import block_tiles, tile_pairs
+    from mindspeed_cp.layout.sharding import zigzag_index
+
+    for P, c in ((2, 4), (3, 2), (4, 3), (8, 1)):
+        S, pairs = 2 * P * c, []
+        pos = [zigzag_index(S, P, j) for j in range(P)]
+        for causal in (True, False):
+            for r in range(P):
+                want = (torch.arange(S)[None, :] <= pos[r][:, None]).int() if causal else torch.ones(2 * c, S).int()
+                seen = torch.zeros(2 * c, S, dtype=torch.int32)
+                tiles = block_tiles(P, r, 2 * c, causal, rows)
+                for t in tiles:
+                    n, m = t.rows[1] - t.rows[0], t.keys[1] - t.keys[0]
+                    block = torch.ones(n, m, dtype=torch.int32)
+                    seen[t.row_slice][:, pos[r if t.own else t.block][t.key_slice]] += (
+                        block.tril() if t.causal else block
+                    )
+                assert torch.equal(seen, want), (P, r, causal, rows)
+                assert rows is not None or len(tiles) <= P, tiles
+                if causal:
+                    pairs.append(tile_pairs(tiles))
+        assert len(set(pairs)) == 1
+
+
+@pytest.mark.parametrize("rows", [None, 1, 3])
 def test_tiles_compute_every_visible_pair_once(rows):
     """Causal zigzag and packed documents (one layout, and per-sample layouts through masked spans): the tiles of
     every rank cover exactly the (query, key) pairs the attention may see, each once, and nothing else where no
